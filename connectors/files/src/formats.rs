@@ -1,0 +1,341 @@
+//! CSV, JSON and JSON Lines into columns of text, with the source line of every row.
+
+use std::collections::HashMap;
+
+use arrow::array::{StringArray, StringBuilder};
+use serde_json::{Map, Value};
+
+/// An export file read as text columns, before typing.
+#[derive(Debug)]
+pub struct RawTable {
+    /// Column names in file order.
+    pub columns: Vec<String>,
+    /// One text array per column; NULL where a record lacks the field.
+    pub values: Vec<StringArray>,
+    /// Where each row starts: a line number (CSV, JSON Lines) or a record number (JSON).
+    pub locations: Vec<u64>,
+    /// What `locations` counts: "line" or "record".
+    pub location_unit: &'static str,
+}
+
+/// A row that could not be read; the rest of the file can.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowProblem {
+    /// Line (or record) number, 1-based.
+    pub location: u64,
+    /// 1-based column, where one is to blame.
+    pub column: Option<usize>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// The separators tried when none is configured, in order of preference on a tie.
+const SEPARATORS: [u8; 4] = [b',', b';', b'\t', b'|'];
+
+/// Picks the separator that occurs most often, outside quotes, in the header line.
+pub fn detect_separator(text: &str) -> u8 {
+    let mut counts = [0usize; SEPARATORS.len()];
+    let mut quoted = false;
+    for b in text.bytes() {
+        match b {
+            b'"' => quoted = !quoted,
+            b'\n' | b'\r' if !quoted => break,
+            _ if !quoted => {
+                if let Some(i) = SEPARATORS.iter().position(|&s| s == b) {
+                    counts[i] += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    let best = (0..SEPARATORS.len()).max_by_key(|&i| (counts[i], usize::MAX - i)).unwrap_or(0);
+    if counts[best] == 0 { b',' } else { SEPARATORS[best] }
+}
+
+/// Reads CSV text (RFC 4180 quoting, embedded separators and newlines, CRLF, LF or
+/// CR line ends) with a header row.
+///
+/// A file-level problem (no header, empty or duplicate column names) is an `Err`;
+/// rows with the wrong number of fields are returned as problems and left out.
+pub fn read_csv(text: &str, separator: u8) -> Result<(RawTable, Vec<RowProblem>), String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(separator)
+        .has_headers(true)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let headers = reader.headers().map_err(|e| format!("cannot read the header row: {e}"))?.clone();
+    if headers.is_empty() || headers.iter().all(|h| h.trim().is_empty()) {
+        return Err("the file has no header row; the first line must name the columns".into());
+    }
+    let columns = column_names(headers.iter())?;
+    let width = columns.len();
+    // Rough sizing from the file length avoids most reallocation on big dumps.
+    let estimated_rows = text.len() / (width * 12).max(1);
+    let mut builders: Vec<StringBuilder> = (0..width)
+        .map(|_| StringBuilder::with_capacity(estimated_rows, text.len() / width.max(1)))
+        .collect();
+    let mut locations = Vec::with_capacity(estimated_rows);
+    let mut problems = Vec::new();
+    let mut record = csv::StringRecord::new();
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                let line = record.position().map_or(0, |p| p.line());
+                if record.len() == 1 && record.get(0).is_some_and(|f| f.trim().is_empty()) {
+                    continue; // a blank line
+                }
+                if record.len() != width {
+                    problems.push(RowProblem {
+                        location: line,
+                        column: Some(record.len().min(width) + 1),
+                        message: format!(
+                            "expected {width} fields, found {}; check for an unquoted separator \
+                             or a missing field",
+                            record.len()
+                        ),
+                    });
+                    continue;
+                }
+                for (builder, field) in builders.iter_mut().zip(record.iter()) {
+                    builder.append_value(field);
+                }
+                locations.push(line);
+            }
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                return Err(format!("line {line}: {e}"));
+            }
+        }
+    }
+    Ok((
+        RawTable {
+            columns,
+            values: builders.iter_mut().map(StringBuilder::finish).collect(),
+            locations,
+            location_unit: "line",
+        },
+        problems,
+    ))
+}
+
+fn column_names<'a>(names: impl Iterator<Item = &'a str>) -> Result<Vec<String>, String> {
+    let mut seen = HashMap::new();
+    let mut columns = Vec::new();
+    for (i, name) in names.enumerate() {
+        let name = name.trim().to_string();
+        if name.is_empty() {
+            return Err(format!("column {} has no name in the header row", i + 1));
+        }
+        if let Some(first) = seen.insert(name.clone(), i) {
+            return Err(format!(
+                "column `{name}` appears twice in the header row (columns {} and {})",
+                first + 1,
+                i + 1
+            ));
+        }
+        columns.push(name);
+    }
+    Ok(columns)
+}
+
+/// A `records:` selector such as `meals[].courses[]`: each segment names a field,
+/// `[]` explodes an array. Every row carries the scalar fields of the objects above
+/// it, prefixed with their segment name (`meals.date`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordSelector {
+    segments: Vec<(String, bool)>,
+}
+
+impl RecordSelector {
+    /// Parses a selector; `None` or an empty text means the document itself (an
+    /// array of records, or one record).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut segments = Vec::new();
+        for part in text.split('.').filter(|p| !p.is_empty()) {
+            let (name, explode) = match part.strip_suffix("[]") {
+                Some(name) => (name, true),
+                None => (part, false),
+            };
+            if name.is_empty() || name.contains(['[', ']']) {
+                return Err(format!(
+                    "`{text}`: each segment is a field name, optionally followed by [] to \
+                     take every element of an array, e.g. meals[].courses[]"
+                ));
+            }
+            segments.push((name.to_string(), explode));
+        }
+        Ok(Self { segments })
+    }
+}
+
+/// Collects rows into columns, in order of first appearance.
+#[derive(Default)]
+struct Rows {
+    columns: Vec<String>,
+    index: HashMap<String, usize>,
+    cells: Vec<Vec<(usize, Option<String>)>>,
+    locations: Vec<u64>,
+}
+
+impl Rows {
+    fn push(&mut self, fields: Vec<(String, Option<String>)>, location: u64) {
+        let row = fields
+            .into_iter()
+            .map(|(name, value)| {
+                let next = self.columns.len();
+                let i = *self.index.entry(name.clone()).or_insert(next);
+                if i == next {
+                    self.columns.push(name);
+                }
+                (i, value)
+            })
+            .collect();
+        self.cells.push(row);
+        self.locations.push(location);
+    }
+
+    fn finish(self, unit: &'static str) -> RawTable {
+        let width = self.columns.len();
+        let mut builders: Vec<StringBuilder> = (0..width).map(|_| StringBuilder::new()).collect();
+        let mut row_values: Vec<Option<String>> = vec![None; width];
+        for row in self.cells {
+            row_values.iter_mut().for_each(|v| *v = None);
+            for (i, value) in row {
+                row_values[i] = value;
+            }
+            for (builder, value) in builders.iter_mut().zip(&row_values) {
+                builder.append_option(value.as_deref());
+            }
+        }
+        RawTable {
+            columns: self.columns,
+            values: builders.iter_mut().map(StringBuilder::finish).collect(),
+            locations: self.locations,
+            location_unit: unit,
+        }
+    }
+}
+
+fn scalar_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Array(_) | Value::Object(_) => Some(value.to_string()),
+    }
+}
+
+/// Flattens an object's fields: nested objects with `.`, arrays as JSON text.
+fn flatten(prefix: &str, object: &Map<String, Value>, skip: Option<&str>, out: &mut Vec<(String, Option<String>)>) {
+    for (name, value) in object {
+        if Some(name.as_str()) == skip {
+            continue;
+        }
+        let full = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+        match value {
+            Value::Object(inner) => flatten(&full, inner, None, out),
+            other => out.push((full, scalar_text(other))),
+        }
+    }
+}
+
+/// Walks `segments` down from `value`. `here` is the segment that led to `value`
+/// (None at the document root): fields of the objects passed on the way are
+/// carried to every row below, named `<segment>.<field>`. The root's own fields are
+/// not carried, as a document header rarely belongs on every row.
+fn select(
+    value: &Value,
+    here: Option<&str>,
+    segments: &[(String, bool)],
+    carried: &[(String, Option<String>)],
+    rows: &mut Rows,
+    location: u64,
+) -> Result<(), String> {
+    let Some(((name, explode), rest)) = segments.split_first() else {
+        let Value::Object(object) = value else {
+            return Err(format!("a record must be a JSON object, found {}", kind(value)));
+        };
+        let mut fields = Vec::with_capacity(object.len() + carried.len());
+        flatten("", object, None, &mut fields);
+        fields.extend(carried.iter().cloned());
+        rows.push(fields, location);
+        return Ok(());
+    };
+    let Value::Object(object) = value else {
+        return Err(format!("expected an object with field `{name}`, found {}", kind(value)));
+    };
+    let mut carried = carried.to_vec();
+    if let Some(here) = here {
+        flatten(here, object, Some(name), &mut carried);
+    }
+    match (explode, object.get(name).unwrap_or(&Value::Null)) {
+        (true, Value::Array(items)) => {
+            for item in items {
+                select(item, Some(name), rest, &carried, rows, location)?;
+            }
+            Ok(())
+        }
+        (_, Value::Null) => Ok(()),
+        (true, other) => Err(format!("`{name}` should be an array, found {}", kind(other))),
+        (false, child) => select(child, Some(name), rest, &carried, rows, location),
+    }
+}
+
+/// Reads a JSON document: with a selector, the records it selects; without one, the
+/// document's array of objects (or the single object).
+pub fn read_json(text: &str, selector: &RecordSelector) -> Result<RawTable, String> {
+    let document: Value = serde_json::from_str(text)
+        .map_err(|e| format!("line {}, column {}: invalid JSON: {e}", e.line(), e.column()))?;
+    let mut rows = Rows::default();
+    if selector.segments.is_empty() {
+        match &document {
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    select(item, None, &[], &[], &mut rows, i as u64 + 1)
+                        .map_err(|e| format!("record {}: {e}", i + 1))?;
+                }
+            }
+            other => select(other, None, &[], &[], &mut rows, 1)?,
+        }
+    } else {
+        select(&document, None, &selector.segments, &[], &mut rows, 1)?;
+        // Number the selected records, so problems can point at one.
+        rows.locations.iter_mut().enumerate().for_each(|(i, l)| *l = i as u64 + 1);
+    }
+    Ok(rows.finish("record"))
+}
+
+/// Reads JSON Lines: one JSON value per line, each giving records through the selector.
+/// A line that is not valid JSON is a problem for that line; the others are read.
+pub fn read_jsonl(text: &str, selector: &RecordSelector) -> (RawTable, Vec<RowProblem>) {
+    let mut rows = Rows::default();
+    let mut problems = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let number = i as u64 + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let result = serde_json::from_str::<Value>(line)
+            .map_err(|e| (Some(e.column()), format!("invalid JSON: {e}")))
+            .and_then(|v| {
+                select(&v, None, &selector.segments, &[], &mut rows, number).map_err(|e| (None, e))
+            });
+        if let Err((column, message)) = result {
+            problems.push(RowProblem { location: number, column, message });
+        }
+    }
+    (rows.finish("line"), problems)
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,555 @@
+//! The export-drop connector: a folder where a system drops periodic CSV, JSON or
+//! JSON Lines exports.
+//!
+//! Files are processed in name order, each once. In `full_dump` mode each file is
+//! the complete table and is emitted as a [`BatchKind::Snapshot`], which the engine
+//! diffs against the published state by key; in `append` mode every row is an
+//! upsert. A file that cannot be read is moved to the dead-letter folder with a
+//! reason file beside it, and the connector goes on with the next file.
+
+pub mod decode;
+pub mod formats;
+pub mod typing;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use encoding_rs::Encoding;
+use oppen_connector_api::{
+    BatchKind, ChangeBatch, ColumnType, Error, Op, Position, Rejection, Result, Source,
+    SourceEvent, SourceHints,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::formats::{RawTable, RecordSelector, RowProblem};
+
+/// Rows per emitted batch: big enough for vectorised work, small enough to pipeline.
+pub const BATCH_ROWS: usize = 64 * 1024;
+/// How long a file must stay unchanged before it is read, so a file still being
+/// copied into the folder is not read half-written.
+pub const DEFAULT_SETTLE_SECONDS: u64 = 2;
+/// Local time zone for timestamps without an offset.
+pub const DEFAULT_TIMEZONE: &str = "Europe/Stockholm";
+/// At most this many row problems are spelled out in a reason file.
+const MAX_PROBLEMS_LISTED: usize = 50;
+
+/// The export file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// Comma-, semicolon-, tab- or pipe-separated values with a header row.
+    Csv,
+    /// One JSON document per file.
+    Json,
+    /// One JSON value per line.
+    Jsonl,
+}
+
+/// What a new file means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Each file is the complete table; changes are found by diffing on the key.
+    #[default]
+    FullDump,
+    /// Each file adds (or replaces, by key) rows.
+    Append,
+}
+
+/// `source: files:` in a pipeline file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    /// The folder the exports are dropped in (the engine resolves relative paths).
+    pub path: PathBuf,
+    /// Which files in the folder to read (a glob on the file name).
+    #[serde(default = "default_pattern")]
+    pub pattern: String,
+    /// csv | json | jsonl
+    pub format: Format,
+    /// full_dump | append
+    #[serde(default)]
+    pub mode: Mode,
+    /// The columns that identify a row.
+    pub key: Vec<String>,
+    /// The text encoding (any WHATWG label); detected when absent.
+    #[serde(default)]
+    pub encoding: Option<String>,
+    /// The CSV separator: `,` `;` `|` or `tab`; detected when absent.
+    #[serde(default)]
+    pub separator: Option<String>,
+    /// For JSON: which records to read, e.g. `meals[].courses[]`.
+    #[serde(default)]
+    pub records: Option<String>,
+    /// Where unreadable files go; default `<path>/dead-letter`.
+    #[serde(default)]
+    pub dead_letter: Option<PathBuf>,
+    /// Time zone for timestamps without an offset (IANA name).
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// Seconds a file must stay unchanged before it is read.
+    #[serde(default = "default_settle")]
+    pub settle_seconds: u64,
+}
+
+fn default_pattern() -> String {
+    "*".into()
+}
+fn default_timezone() -> String {
+    DEFAULT_TIMEZONE.into()
+}
+fn default_settle() -> u64 {
+    DEFAULT_SETTLE_SECONDS
+}
+
+impl FilesConfig {
+    /// Checks the settings without touching the disk; returns every problem.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = glob::Pattern::new(&self.pattern) {
+            problems.push(format!("pattern `{}` is not a valid glob: {e}", self.pattern));
+        }
+        if self.key.is_empty() {
+            problems.push("key must name at least one column: without a key there is no change data".into());
+        }
+        if let Some(label) = &self.encoding {
+            if decode::encoding_for_label(label).is_none() {
+                problems.push(format!(
+                    "encoding `{label}` is unknown; use utf-8, utf-16le, utf-16be, latin1 or windows-1252"
+                ));
+            }
+        }
+        if let Some(separator) = &self.separator {
+            if parse_separator(separator).is_none() {
+                problems.push(format!("separator `{separator}` must be one character, or `tab`"));
+            }
+            if self.format != Format::Csv {
+                problems.push("separator applies to csv only".into());
+            }
+        }
+        match (&self.records, self.format) {
+            (Some(_), Format::Csv) => problems.push("records applies to json and jsonl only".into()),
+            (Some(records), _) => {
+                if let Err(e) = RecordSelector::parse(records) {
+                    problems.push(format!("records {e}"));
+                }
+            }
+            _ => {}
+        }
+        if self.timezone.parse::<chrono_tz::Tz>().is_err() {
+            problems.push(format!("timezone `{}` is not an IANA zone such as Europe/Stockholm", self.timezone));
+        }
+        problems
+    }
+
+    fn dead_letter_dir(&self) -> PathBuf {
+        self.dead_letter.clone().unwrap_or_else(|| self.path.join("dead-letter"))
+    }
+}
+
+fn parse_separator(text: &str) -> Option<u8> {
+    match text {
+        "tab" | "\\t" | "\t" => Some(b'\t'),
+        s if s.len() == 1 && s.is_ascii() => s.bytes().next(),
+        _ => None,
+    }
+}
+
+/// One export file found in the folder.
+#[derive(Debug, Clone)]
+struct Candidate {
+    name: String,
+    size: u64,
+    modified: SystemTime,
+}
+
+/// The export-drop source.
+#[derive(Debug)]
+pub struct FilesSource {
+    config: FilesConfig,
+    pattern: glob::Pattern,
+    encoding: Option<&'static Encoding>,
+    separator: Option<u8>,
+    selector: RecordSelector,
+    timezone: chrono_tz::Tz,
+    hints: SourceHints,
+    settle: Duration,
+    last: Option<String>,
+    pending: VecDeque<SourceEvent>,
+    schema: Option<SchemaRef>,
+}
+
+impl FilesSource {
+    /// A source for `config`. Fails on settings that [`FilesConfig::validate`] rejects.
+    pub fn new(config: FilesConfig, hints: SourceHints) -> Result<Self> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            return Err(Error::Config(problems.join("; ")));
+        }
+        let pattern = glob::Pattern::new(&config.pattern).map_err(|e| Error::Config(e.to_string()))?;
+        let encoding = config.encoding.as_deref().and_then(decode::encoding_for_label);
+        let separator = config.separator.as_deref().and_then(parse_separator);
+        let selector = RecordSelector::parse(config.records.as_deref().unwrap_or(""))
+            .map_err(Error::Config)?;
+        let timezone = config.timezone.parse().map_err(|_| Error::Config("bad timezone".into()))?;
+        let settle = Duration::from_secs(config.settle_seconds);
+        Ok(Self {
+            config,
+            pattern,
+            encoding,
+            separator,
+            selector,
+            timezone,
+            hints,
+            settle,
+            last: None,
+            pending: VecDeque::new(),
+            schema: None,
+        })
+    }
+
+    /// Reads files as soon as they are seen (for `--once` runs over a folder that
+    /// is not being written to).
+    pub fn without_settling(mut self) -> Self {
+        self.settle = Duration::ZERO;
+        self
+    }
+
+    /// The files waiting in the folder, in processing order.
+    fn candidates(&self) -> Result<Vec<Candidate>> {
+        let dir = &self.config.path;
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Config(format!(
+                    "export folder {} does not exist; create it or fix source.files.path",
+                    dir.display()
+                ))
+            } else {
+                Error::io(dir.display(), e)
+            }
+        })?;
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(dir.display(), e))?;
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() || !self.pattern.matches(&name) || name.starts_with('.') {
+                continue;
+            }
+            if self.last.as_ref().is_some_and(|last| name.as_str() <= last.as_str()) {
+                continue;
+            }
+            found.push(Candidate {
+                name,
+                size: meta.len(),
+                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+
+    fn settled(&self, candidate: &Candidate) -> bool {
+        self.settle.is_zero()
+            || candidate.modified.elapsed().is_ok_and(|age| age >= self.settle)
+    }
+
+    /// Reads one file into events; the file is then behind `self.last`.
+    fn process(&mut self, candidate: &Candidate) -> Result<()> {
+        let path = self.config.path.join(&candidate.name);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(path.display(), e))?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let position = Position::File { name: candidate.name.clone(), sha256 };
+        self.last = Some(candidate.name.clone());
+        match self.parse(&bytes) {
+            Ok((batch, problems)) if problems.is_empty() => self.emit(batch, position),
+            Ok((batch, problems)) if self.config.mode == Mode::Append && batch.num_rows() > 0 => {
+                let reason = describe_problems(&candidate.name, &problems, "The other rows were loaded. Fix these rows and drop them in a new file");
+                let moved_to = self.dead_letter(&path, &candidate.name, &reason, true)?;
+                self.emit(batch, position);
+                self.pending.push_back(SourceEvent::Rejected(Rejection {
+                    what: format!("{} ({} rows)", candidate.name, problems.len()),
+                    reason,
+                    moved_to: Some(moved_to),
+                }));
+            }
+            Ok((_, problems)) => {
+                let reason = describe_problems(
+                    &candidate.name,
+                    &problems,
+                    "Nothing from this file was loaded (a full dump with rows missing would \
+                     delete them). Fix the export and drop it again under a name that sorts \
+                     after this one",
+                );
+                self.reject(&path, &candidate.name, reason)?;
+            }
+            Err(message) => {
+                let reason = format!(
+                    "{}: {message}\nNothing from this file was loaded. Fix the export and drop it \
+                     again under a name that sorts after this one.",
+                    candidate.name
+                );
+                self.reject(&path, &candidate.name, reason)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reject(&mut self, path: &Path, name: &str, reason: String) -> Result<()> {
+        let moved_to = self.dead_letter(path, name, &reason, false)?;
+        self.pending.push_back(SourceEvent::Rejected(Rejection {
+            what: name.to_string(),
+            reason,
+            moved_to: Some(moved_to),
+        }));
+        Ok(())
+    }
+
+    /// Moves (or, with `copy`, copies) a file to the dead-letter folder and writes
+    /// `<name>.reason.txt` beside it.
+    fn dead_letter(&self, path: &Path, name: &str, reason: &str, copy: bool) -> Result<String> {
+        let dir = self.config.dead_letter_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
+        let target = dir.join(name);
+        let moved = if copy {
+            std::fs::copy(path, &target).map(|_| ())
+        } else {
+            // A rename fails across file systems; fall back to copy and remove.
+            std::fs::rename(path, &target).or_else(|_| {
+                std::fs::copy(path, &target).and_then(|_| std::fs::remove_file(path))
+            })
+        };
+        moved.map_err(|e| Error::io(target.display(), e))?;
+        let reason_path = dir.join(format!("{name}.reason.txt"));
+        std::fs::write(&reason_path, format!("{reason}\n")).map_err(|e| Error::io(reason_path.display(), e))?;
+        Ok(target.display().to_string())
+    }
+
+    /// Decodes, parses and types a file. `Err` is a file-level problem.
+    fn parse(&mut self, bytes: &[u8]) -> std::result::Result<(RecordBatch, Vec<RowProblem>), String> {
+        let (text, _decoded) = decode::decode(bytes, self.encoding);
+        let (raw, mut problems) = match self.config.format {
+            Format::Csv => {
+                let separator = self.separator.unwrap_or_else(|| formats::detect_separator(&text));
+                formats::read_csv(&text, separator)?
+            }
+            Format::Json => (formats::read_json(&text, &self.selector)?, Vec::new()),
+            Format::Jsonl => formats::read_jsonl(&text, &self.selector),
+        };
+        drop(text);
+        for key in &self.config.key {
+            if !raw.columns.contains(key) {
+                return Err(format!(
+                    "key column `{key}` is not in the file (columns: {}); fix source.files.key",
+                    raw.columns.join(", ")
+                ));
+            }
+        }
+        let (batch, typing_problems) = self.type_columns(raw)?;
+        problems.extend(typing_problems);
+        problems.sort_by_key(|p| (p.location, p.column));
+        Ok((batch, problems))
+    }
+
+    /// Converts text columns to their types, checks keys, and leaves out bad rows.
+    fn type_columns(&mut self, raw: RawTable) -> std::result::Result<(RecordBatch, Vec<RowProblem>), String> {
+        let RawTable { columns, values, locations, location_unit } = raw;
+        let mut problems = Vec::new();
+        let mut bad_rows = HashSet::new();
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len());
+        let mut fields = Vec::with_capacity(columns.len());
+        for (i, (name, text)) in columns.iter().zip(&values).enumerate() {
+            let steward_type = self.hints.column_types.get(name).copied();
+            let ty = steward_type
+                .or_else(|| self.hints.known_types.get(name).copied())
+                .unwrap_or_else(|| typing::infer(text));
+            let (mut array, errors) = typing::convert(text, ty, self.timezone);
+            if !errors.is_empty() {
+                if steward_type.is_some() {
+                    for e in errors {
+                        bad_rows.insert(e.row);
+                        problems.push(RowProblem {
+                            location: locations[e.row],
+                            column: Some(i + 1),
+                            message: format!("column `{name}`: {}, as the rules say it is {ty}", e.message),
+                        });
+                    }
+                } else {
+                    // The type inferred from earlier files no longer fits: infer afresh,
+                    // and let the engine reconcile the published type.
+                    let inferred = typing::infer(text);
+                    tracing::warn!(column = %name, was = %ty, now = %inferred, "column type changed between exports");
+                    array = typing::convert(text, inferred, self.timezone).0;
+                }
+            }
+            if let Some(actual) = ColumnType::from_arrow(array.data_type()) {
+                self.hints.known_types.insert(name.clone(), actual);
+            }
+            fields.push(Field::new(name, array.data_type().clone(), true));
+            arrays.push(array);
+        }
+        let key_indices: Vec<usize> = self
+            .config
+            .key
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| c == k))
+            .collect();
+        let key_text: Vec<&arrow::array::StringArray> = key_indices.iter().map(|&i| &values[i]).collect();
+        let mut seen: HashMap<Vec<&str>, u64> = HashMap::with_capacity(locations.len());
+        for (row, &location) in locations.iter().enumerate() {
+            let mut key = Vec::with_capacity(key_text.len());
+            for (k, array) in key_indices.iter().zip(&key_text) {
+                let value = if array.is_valid(row) { array.value(row).trim() } else { "" };
+                if value.is_empty() {
+                    bad_rows.insert(row);
+                    problems.push(RowProblem {
+                        location,
+                        column: Some(k + 1),
+                        message: format!("key column `{}` is empty", columns[*k]),
+                    });
+                }
+                key.push(value);
+            }
+            if let Some(first) = seen.insert(key, location) {
+                bad_rows.insert(row);
+                problems.push(RowProblem {
+                    location,
+                    column: key_indices.first().map(|k| k + 1),
+                    message: format!(
+                        "the key is the same as on {location_unit} {first}; the key must identify one row"
+                    ),
+                });
+            }
+        }
+        let schema = Arc::new(Schema::new(fields));
+        let mut batch = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| e.to_string())?;
+        if !bad_rows.is_empty() {
+            let keep: arrow::array::BooleanArray = (0..batch.num_rows()).map(|r| Some(!bad_rows.contains(&r))).collect();
+            batch = arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| e.to_string())?;
+        }
+        if location_unit == "record" {
+            for p in &mut problems {
+                p.message = format!("record {}: {}", p.location, p.message);
+            }
+        }
+        self.schema = Some(schema);
+        Ok((batch, problems))
+    }
+
+    fn emit(&mut self, batch: RecordBatch, position: Position) {
+        let (kind, op) = match self.config.mode {
+            Mode::FullDump => (BatchKind::Snapshot, Op::Read),
+            Mode::Append => (BatchKind::Changes, Op::Insert),
+        };
+        let rows = batch.num_rows();
+        let commit_time = Some(chrono::Utc::now());
+        if rows == 0 {
+            // An empty full dump is still a complete image: it empties the table.
+            self.pending.push_back(SourceEvent::Batch(ChangeBatch {
+                data: batch,
+                ops: Vec::new(),
+                kind,
+                position,
+                commit_time,
+                end_of_transaction: true,
+            }));
+            return;
+        }
+        let mut offset = 0;
+        while offset < rows {
+            let len = BATCH_ROWS.min(rows - offset);
+            self.pending.push_back(SourceEvent::Batch(ChangeBatch {
+                data: batch.slice(offset, len),
+                ops: vec![op; len],
+                kind,
+                position: position.clone(),
+                commit_time,
+                end_of_transaction: offset + len == rows,
+            }));
+            offset += len;
+        }
+    }
+}
+
+fn describe_problems(name: &str, problems: &[RowProblem], consequence: &str) -> String {
+    let mut text = format!("{name}: {} row(s) could not be read.\n", problems.len());
+    for p in problems.iter().take(MAX_PROBLEMS_LISTED) {
+        let _ = match p.column {
+            Some(c) => writeln!(text, "  {name}:{}:{c}: {}", p.location, p.message),
+            None => writeln!(text, "  {name}:{}: {}", p.location, p.message),
+        };
+    }
+    if problems.len() > MAX_PROBLEMS_LISTED {
+        let _ = writeln!(text, "  ... and {} more", problems.len() - MAX_PROBLEMS_LISTED);
+    }
+    let _ = write!(text, "{consequence}.");
+    text
+}
+
+impl Source for FilesSource {
+    fn key(&self) -> &[String] {
+        &self.config.key
+    }
+
+    async fn start(&mut self, resume: Option<Position>) -> Result<()> {
+        self.last = match resume {
+            None => None,
+            Some(Position::File { name, .. }) => Some(name),
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "the committed version was made by another kind of source (position {other}); \
+                     publish this pipeline to a new store or state location"
+                )));
+            }
+        };
+        // Fail early on a missing folder.
+        self.candidates().map(|_| ())
+    }
+
+    async fn next(&mut self) -> Result<SourceEvent> {
+        if let Some(event) = self.pending.pop_front() {
+            return Ok(event);
+        }
+        let candidates = self.candidates()?;
+        let Some(candidate) = candidates.into_iter().next() else {
+            return Ok(SourceEvent::Idle);
+        };
+        if !self.settled(&candidate) {
+            return Ok(SourceEvent::Idle);
+        }
+        tracing::debug!(file = %candidate.name, bytes = candidate.size, "reading export");
+        // Parsing is CPU work: keep it off the async workers where the runtime allows.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| self.process(&candidate))?;
+        } else {
+            self.process(&candidate)?;
+        }
+        Ok(self.pending.pop_front().unwrap_or(SourceEvent::Idle))
+    }
+
+    async fn ack(&mut self, _position: &Position) -> Result<()> {
+        // The committed version records the file; nothing to do at the folder.
+        Ok(())
+    }
+
+    fn schema(&self) -> Option<SchemaRef> {
+        self.schema.clone()
+    }
+}
+
+/// Known types from a published schema, keyed by column name.
+pub fn known_types(schema: &Schema) -> BTreeMap<String, ColumnType> {
+    schema
+        .fields()
+        .iter()
+        .filter_map(|f| ColumnType::from_arrow(f.data_type()).map(|t| (f.name().clone(), t)))
+        .collect()
+}
