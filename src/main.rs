@@ -1,1 +1,118 @@
-fn main() {}
+//! The `oppen` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use oppen::commands;
+use tracing_subscriber::EnvFilter;
+
+/// Change-data pipeline that keeps municipal open data current: captures changes,
+/// applies the data stewards' classification rules, and publishes versioned
+/// Parquet and CSV files.
+#[derive(Debug, Parser)]
+#[command(name = "oppen", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format: human-readable, or JSON lines for collectors.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run pipelines: capture, classify and publish until stopped (Ctrl-C or SIGTERM).
+    Run {
+        /// Pipeline files.
+        #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+        /// Process what is available now, commit, and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Validate pipeline and rules files without connecting to any source.
+    /// Exits 1 if anything is wrong; every problem is listed with file:line:column.
+    Check {
+        /// Pipeline files.
+        #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+    },
+    /// Show source rows beside their classified form, with what each rule did.
+    Preview {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// How many rows to show.
+        #[arg(long, default_value_t = 5)]
+        rows: usize,
+        /// Read this export file (name in the export folder) instead of the newest.
+        #[arg(long)]
+        file: Option<String>,
+    },
+    /// Show versions, rows, last commit, processed files and unclassified columns.
+    Status {
+        /// Pipeline files.
+        #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+    },
+    /// Run the example pipelines on their sample data, with new exports arriving
+    /// at a steady pace. No setup needed.
+    Demo {
+        /// Where the demo writes its files.
+        #[arg(long, default_value = "oppen-demo")]
+        dir: PathBuf,
+        /// Stop after the first round of exports.
+        #[arg(long)]
+        once: bool,
+        /// Seconds between new export drops.
+        #[arg(long, default_value_t = 5.0)]
+        pace: f64,
+        /// Stop after this many drops (default: run until Ctrl-C).
+        #[arg(long)]
+        drops: Option<usize>,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { pipelines, once } => commands::run(&pipelines, once).await,
+            Command::Check { pipelines } => commands::check(&pipelines),
+            Command::Preview { pipeline, rows, file } => commands::preview(&pipeline, rows, file.as_deref()).await,
+            Command::Status { pipelines } => commands::status(&pipelines).await,
+            Command::Demo { dir, once, pace, drops } => oppen::demo::run(&dir, once, pace, drops).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

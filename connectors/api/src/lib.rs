@@ -237,7 +237,7 @@ impl std::str::FromStr for ColumnType {
                 )
             })?;
         let (p, s_) = args
-            .split_once(',')
+            .split_once([',', ' '])
             .ok_or_else(|| format!("`{s}`: decimal needs a precision and a scale, e.g. decimal(18,2)"))?;
         let precision: u8 = p
             .trim()

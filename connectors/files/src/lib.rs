@@ -221,8 +221,28 @@ impl FilesSource {
         self
     }
 
+    /// Export files in the folder matching the pattern, in name order, whether
+    /// processed or not.
+    pub fn files(&self) -> Result<Vec<String>> {
+        Ok(self.scan(None)?.into_iter().map(|c| c.name).collect())
+    }
+
+    /// Reads and types one export file without side effects (nothing is moved or
+    /// remembered): for `oppen check` and `oppen preview`. `Err` is a file-level
+    /// problem; row problems come with the rows that could be read.
+    pub fn read_file(&mut self, name: &str) -> Result<std::result::Result<(RecordBatch, Vec<RowProblem>), String>> {
+        let path = self.config.path.join(name);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(path.display(), e))?;
+        Ok(self.parse(&bytes))
+    }
+
     /// The files waiting in the folder, in processing order.
     fn candidates(&self) -> Result<Vec<Candidate>> {
+        self.scan(self.last.as_deref())
+    }
+
+    /// Matching files whose names sort after `after`, in name order.
+    fn scan(&self, after: Option<&str>) -> Result<Vec<Candidate>> {
         let dir = &self.config.path;
         let entries = std::fs::read_dir(dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -242,7 +262,7 @@ impl FilesSource {
             if !meta.is_file() || !self.pattern.matches(&name) || name.starts_with('.') {
                 continue;
             }
-            if self.last.as_ref().is_some_and(|last| name.as_str() <= last.as_str()) {
+            if after.is_some_and(|last| name.as_str() <= last) {
                 continue;
             }
             found.push(Candidate {

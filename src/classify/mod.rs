@@ -1,0 +1,303 @@
+//! Classification: every source column gets exactly one action, rows are
+//! suppressed by the steward's row rules, each row is keyed by `_key` (an
+//! HMAC-SHA-256 of its source key), and the egress guard blocks any identity
+//! number left in a published column. Works on whole Arrow arrays.
+//!
+//! Nothing here knows about storage or sources: input is a [`ChangeBatch`],
+//! output a [`Classified`] batch that is safe to leave the connector.
+
+pub mod detect;
+mod keys;
+mod transform;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+pub use keys::{KEY_COLUMN, Keyer, PseudonymKey};
+use oppen_connector_api::{ChangeBatch, Op};
+
+use crate::config::rules::{Detected, RowRule};
+use crate::config::{Action, Diagnostic, Diagnostics, Pipeline, Place, Unclassified};
+
+/// Errors while classifying a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifyError {
+    /// A published value looks like a personal identity number. The version is
+    /// blocked: nothing is published until a steward acts.
+    #[error(
+        "egress guard: published column `{column}` holds a {kind} (row {row} of the batch read at {position}); \
+         nothing was published. Classify the column with redact or drop, suppress such rows, or, if \
+         identity numbers may be published here, add `allow: personal_identity_number` with a reason"
+    )]
+    Guard { column: String, kind: &'static str, row: usize, position: String },
+    /// An Arrow kernel failed (a bug or an unsupported type).
+    #[error("classifying column `{column}`: {source}")]
+    Arrow {
+        column: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+}
+
+/// How one published column is made.
+#[derive(Debug, Clone)]
+struct ColumnPlan {
+    source_index: usize,
+    source_name: String,
+    action: Action,
+    guarded: bool,
+}
+
+#[derive(Debug, Clone)]
+enum RowTest {
+    Detected(Detected),
+    In(HashSet<String>),
+}
+
+#[derive(Debug, Clone)]
+struct RowPlan {
+    source_index: usize,
+    test: RowTest,
+}
+
+/// A classified batch: safe to leave the connector.
+#[derive(Debug, Clone)]
+pub struct Classified {
+    /// `_key` first, then the published columns. Rows that are deletes (at the
+    /// source, or suppressed) hold only `_key`; every other value is NULL.
+    pub data: RecordBatch,
+    /// One operation per row; suppressed rows are deletes.
+    pub ops: Vec<Op>,
+    /// For each row, the index of the row rule that suppressed it.
+    pub suppressed_by: Vec<Option<u16>>,
+    /// Values `redact` changed.
+    pub values_redacted: u64,
+}
+
+impl Classified {
+    /// Rows suppressed by each row rule, in rule order.
+    pub fn suppressed_counts(&self, rules: usize) -> Vec<u64> {
+        let mut counts = vec![0u64; rules];
+        for i in self.suppressed_by.iter().flatten() {
+            counts[usize::from(*i)] += 1;
+        }
+        counts
+    }
+}
+
+/// Rules compiled against one source schema.
+#[derive(Debug)]
+pub struct Classifier {
+    source_schema: SchemaRef,
+    output_schema: SchemaRef,
+    columns: Vec<ColumnPlan>,
+    key_indices: Vec<usize>,
+    rows: Vec<RowPlan>,
+    keyer: Keyer,
+    /// Source columns no rule names (dropped, with a warning).
+    pub unclassified: Vec<String>,
+}
+
+impl Classifier {
+    /// Compiles the pipeline's rules for `source_schema`. Reports every problem:
+    /// rules for absent columns, actions that do not fit a column's type,
+    /// unclassified columns under `halt`.
+    pub fn compile(pipeline: &Pipeline, source_schema: SchemaRef, key: &PseudonymKey) -> Result<Self, Diagnostics> {
+        let names: Vec<String> = source_schema.fields().iter().map(|f| f.name().clone()).collect();
+        let mut problems = crate::config::check_against_columns(pipeline, &names);
+        let rules_file = &pipeline.rules_file;
+        let mut columns = Vec::new();
+        let mut fields = vec![Field::new(KEY_COLUMN, DataType::FixedSizeBinary(keys::KEY_BYTES as i32), false)];
+        let mut unclassified = Vec::new();
+        for (index, field) in source_schema.fields().iter().enumerate() {
+            let Some((rule_name, rule)) = pipeline.rules.columns.0.iter().find(|(n, _)| &n.value == field.name()) else {
+                if pipeline.rules.unclassified == Unclassified::Drop {
+                    unclassified.push(field.name().clone());
+                }
+                continue;
+            };
+            let r = &rule.value;
+            if r.action == Action::Drop {
+                continue;
+            }
+            let output_type = match transform::output_type(&r.action, field.data_type()) {
+                Ok(t) => t,
+                Err(message) => {
+                    problems.push(Diagnostic::new(Place::of(rules_file, rule), format!("column `{}`: {message}", rule_name.value)));
+                    continue;
+                }
+            };
+            let output_name = r.rename.clone().unwrap_or_else(|| field.name().clone());
+            // Hash tokens are hex and cannot hold an identity number; allowed columns
+            // are the steward's explicit decision.
+            let guarded = !r.allow_identity_numbers && r.action != Action::Hash;
+            fields.push(Field::new(output_name, output_type, true));
+            columns.push(ColumnPlan {
+                source_index: index,
+                source_name: field.name().clone(),
+                action: r.action.clone(),
+                guarded,
+            });
+        }
+        let key_indices: Vec<usize> = crate::config::source_key(pipeline)
+            .iter()
+            .filter_map(|k| names.iter().position(|n| n == k))
+            .collect();
+        let mut rows = Vec::new();
+        for rule in &pipeline.rules.rows {
+            let RowRule::Suppress(s) = &rule.value;
+            let Some(source_index) = names.iter().position(|n| n == &s.column) else { continue };
+            let test = match (&s.is, &s.in_, &s.equals) {
+                (Some(d), _, _) => RowTest::Detected(*d),
+                (None, Some(list), _) => RowTest::In(list.0.iter().cloned().collect()),
+                (None, None, Some(v)) => RowTest::In(HashSet::from([v.0.clone()])),
+                (None, None, None) => continue, // reported by validation
+            };
+            rows.push(RowPlan { source_index, test });
+        }
+        problems.into_result(())?;
+        Ok(Self {
+            source_schema,
+            output_schema: Arc::new(Schema::new(fields)),
+            columns,
+            key_indices,
+            rows,
+            keyer: Keyer::new(key),
+            unclassified,
+        })
+    }
+
+    /// The schema this classifier was compiled for.
+    pub fn source_schema(&self) -> &SchemaRef {
+        &self.source_schema
+    }
+
+    /// `_key` and the published columns.
+    pub fn output_schema(&self) -> &SchemaRef {
+        &self.output_schema
+    }
+
+    /// The source column each published column comes from, with its action.
+    pub fn column_actions(&self) -> impl Iterator<Item = (&str, &str, &Action)> {
+        self.columns
+            .iter()
+            .zip(self.output_schema.fields().iter().skip(1))
+            .map(|(c, f)| (c.source_name.as_str(), f.name().as_str(), &c.action))
+    }
+
+    /// Classifies one batch (which must have this classifier's source schema).
+    pub fn classify(&self, batch: &ChangeBatch) -> Result<Classified, ClassifyError> {
+        let data = &batch.data;
+        let n = data.num_rows();
+        let (suppressed_by, removed) = self.suppression(data, &batch.ops)?;
+        let key = self.keyer.keys(data, &self.key_indices).map_err(|source| ClassifyError::Arrow {
+            column: KEY_COLUMN.into(),
+            source,
+        })?;
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.columns.len() + 1);
+        arrays.push(Arc::new(key));
+        let mut values_redacted = 0;
+        for plan in &self.columns {
+            let input = data.column(plan.source_index);
+            let arrow_err = |source| ClassifyError::Arrow { column: plan.source_name.clone(), source };
+            let (mut out, redacted) = transform::apply(&plan.action, input, &self.keyer).map_err(arrow_err)?;
+            values_redacted += redacted;
+            if let Some(removed) = &removed {
+                out = arrow::compute::nullif(&out, removed).map_err(arrow_err)?;
+            }
+            arrays.push(out);
+        }
+        let ops: Vec<Op> = batch
+            .ops
+            .iter()
+            .zip(&suppressed_by)
+            .map(|(op, s)| if s.is_some() { Op::Delete } else { *op })
+            .collect();
+        let out = RecordBatch::try_new(self.output_schema.clone(), arrays)
+            .map_err(|source| ClassifyError::Arrow { column: "(batch)".into(), source })?;
+        self.guard(&out, &batch.position.to_string())?;
+        debug_assert_eq!(out.num_rows(), n);
+        Ok(Classified { data: out, ops, suppressed_by, values_redacted })
+    }
+
+    /// Which rows each row rule suppresses, and the mask of rows whose values must
+    /// not leave (suppressed rows and source deletes).
+    fn suppression(&self, data: &RecordBatch, ops: &[Op]) -> Result<(Vec<Option<u16>>, Option<BooleanArray>), ClassifyError> {
+        let n = data.num_rows();
+        let mut by: Vec<Option<u16>> = vec![None; n];
+        for (rule_index, plan) in self.rows.iter().enumerate() {
+            let column = data.column(plan.source_index);
+            let text = cast(column, &DataType::Utf8).map_err(|source| ClassifyError::Arrow {
+                column: self.source_schema.field(plan.source_index).name().clone(),
+                source,
+            })?;
+            let text = text.as_any().downcast_ref::<StringArray>().ok_or_else(|| ClassifyError::Arrow {
+                column: self.source_schema.field(plan.source_index).name().clone(),
+                source: arrow::error::ArrowError::CastError("not text".into()),
+            })?;
+            for (row, value) in text.iter().enumerate() {
+                let Some(value) = value else { continue };
+                if by[row].is_some() {
+                    continue;
+                }
+                let hit = match &plan.test {
+                    RowTest::In(set) => set.contains(value.trim()),
+                    RowTest::Detected(Detected::PersonalIdentityNumber) => detect::is_personal_identity_number(value),
+                    RowTest::Detected(Detected::Personnummer) => {
+                        detect::identity_number(value) == Some(detect::IdKind::Personnummer)
+                    }
+                    RowTest::Detected(Detected::Samordningsnummer) => {
+                        detect::identity_number(value) == Some(detect::IdKind::Samordningsnummer)
+                    }
+                    RowTest::Detected(Detected::EmailAddress) => {
+                        let mut email = false;
+                        detect::scan(value, |f, r| email |= f == detect::Found::Email && r.len() == value.trim().len());
+                        email
+                    }
+                };
+                if hit {
+                    by[row] = Some(rule_index as u16);
+                }
+            }
+        }
+        let any = by.iter().any(Option::is_some) || ops.iter().any(|o| *o == Op::Delete);
+        let removed = any.then(|| {
+            by.iter().zip(ops).map(|(s, op)| Some(s.is_some() || *op == Op::Delete)).collect::<BooleanArray>()
+        });
+        Ok((by, removed))
+    }
+
+    /// The egress guard: no published value may look like a personal identity
+    /// number unless its column allows it.
+    fn guard(&self, out: &RecordBatch, position: &str) -> Result<(), ClassifyError> {
+        for (plan, (column, field)) in self.columns.iter().zip(out.columns().iter().zip(out.schema().fields()).skip(1)) {
+            if !plan.guarded {
+                continue;
+            }
+            let hit = match column.data_type() {
+                DataType::Utf8 => column
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .and_then(|a| a.iter().position(|v| v.is_some_and(detect::contains_personal_identity_number))),
+                DataType::Int64 => column.as_any().downcast_ref::<arrow::array::Int64Array>().and_then(|a| {
+                    a.iter().position(|v| {
+                        v.is_some_and(|v| (1_000_000_000..1_000_000_000_000).contains(&v) && detect::is_personal_identity_number(&v.to_string()))
+                    })
+                }),
+                _ => None,
+            };
+            if let Some(row) = hit {
+                return Err(ClassifyError::Guard {
+                    column: field.name().clone(),
+                    kind: "personal identity number",
+                    row: row + 1,
+                    position: position.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}

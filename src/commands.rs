@@ -1,0 +1,332 @@
+//! The CLI commands: run, check, preview, status.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use arrow::array::{Array, RecordBatch};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use oppen_connector_api::{BatchKind, ChangeBatch, Op, Position};
+use tokio::sync::watch;
+
+use crate::classify::{Classifier, PseudonymKey};
+use crate::config::rules::RowRule;
+use crate::config::{self, Diagnostics, Pipeline};
+use crate::publish::manifest::StateManifest;
+use crate::runtime::{self, RunError, RunOptions};
+
+/// Errors that end a command.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// A pipeline failed.
+    #[error("{0}")]
+    Run(#[from] RunError),
+    /// Configuration problems.
+    #[error("{0}")]
+    Config(#[from] Diagnostics),
+    /// Anything else, said plainly.
+    #[error("{0}")]
+    Message(String),
+}
+
+type Result<T> = std::result::Result<T, CommandError>;
+
+/// Loads every pipeline, reporting all problems of all files at once.
+pub fn load_all(files: &[PathBuf]) -> Result<Vec<Pipeline>> {
+    let mut pipelines = Vec::new();
+    let mut problems = Diagnostics::default();
+    for file in files {
+        match config::load(file) {
+            Ok(p) => pipelines.push(p),
+            Err(d) => problems.0.extend(d.0),
+        }
+    }
+    problems.into_result(pipelines).map_err(CommandError::Config)
+}
+
+/// Turns SIGINT/SIGTERM into a stop signal; a second signal exits at once
+/// (safe: commits are atomic).
+pub fn stop_on_signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut signals = 0;
+        loop {
+            wait_for_signal().await;
+            signals += 1;
+            if signals == 1 {
+                tracing::info!("stopping: committing what is held; signal again to exit at once");
+                let _ = tx.send(true);
+            } else {
+                tracing::warn!("second signal: exiting now (nothing partial is published)");
+                std::process::exit(130);
+            }
+        }
+    });
+    rx
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `oppen run`: every pipeline runs on its own; one failing does not stop the others.
+pub async fn run(files: &[PathBuf], once: bool) -> Result<ExitCode> {
+    let pipelines = load_all(files)?;
+    let stop = stop_on_signals();
+    let options = RunOptions { once, progress: true };
+    let tasks: Vec<_> = pipelines
+        .into_iter()
+        .map(|pipeline| {
+            let (stop, options) = (stop.clone(), options.clone());
+            tokio::spawn(async move {
+                let result = runtime::run(&pipeline, &options, stop).await;
+                (pipeline, result)
+            })
+        })
+        .collect();
+    let mut failed = false;
+    for task in tasks {
+        match task.await {
+            Ok((pipeline, Ok(summary))) => {
+                let newest = summary.versions.last().map_or_else(|| "no new version".to_string(), |v| format!("version {}, {} rows", v.version, v.rows));
+                println!(
+                    "{}: {} rows read, {} versions published ({newest}), {} inputs rejected; published in {}",
+                    pipeline.id(),
+                    summary.rows_read,
+                    summary.versions.len(),
+                    summary.rejected,
+                    pipeline.store
+                );
+            }
+            Ok((pipeline, Err(e))) => {
+                failed = true;
+                tracing::error!(dataset = pipeline.id(), error = %e, "pipeline stopped");
+                eprintln!("{}: stopped: {e}", pipeline.id());
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("a pipeline task failed: {e}");
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// The newest export file's columns, read without side effects.
+fn peek_columns(pipeline: &Pipeline) -> Option<(String, std::result::Result<RecordBatch, String>)> {
+    let mut source = runtime::files_source(pipeline, Default::default(), true).ok()?;
+    let newest = source.files().ok()?.pop()?;
+    let read = match source.read_file(&newest) {
+        Ok(Ok((batch, _))) => Ok(batch),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(e.to_string()),
+    };
+    Some((newest, read))
+}
+
+/// `oppen check`: validates files; with export files present, checks the rules
+/// against the newest file's columns too.
+pub fn check(files: &[PathBuf]) -> Result<ExitCode> {
+    let mut ok = true;
+    for file in files {
+        let pipeline = match config::load(file) {
+            Ok(p) => p,
+            Err(d) => {
+                eprintln!("{d}");
+                ok = false;
+                continue;
+            }
+        };
+        let mut line = format!("{}: ok, dataset {}", file.display(), pipeline.id());
+        if let Some((name, read)) = peek_columns(&pipeline) {
+            match read {
+                Ok(batch) => {
+                    let columns: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+                    let problems = config::check_against_columns(&pipeline, &columns);
+                    if !problems.is_empty() {
+                        eprintln!("{problems}");
+                        eprintln!("  (checked against the columns of {name})");
+                        ok = false;
+                        continue;
+                    }
+                    let unclassified: Vec<&String> = columns.iter().filter(|c| pipeline.rule(c).is_none()).collect();
+                    let _ = write!(line, "; {} source columns in {name}", columns.len());
+                    if !unclassified.is_empty() {
+                        let names: Vec<&str> = unclassified.iter().map(|s| s.as_str()).collect();
+                        let _ = write!(line, "; not published (no rule): {}", names.join(", "));
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{}: warning: the newest export {name} cannot be read: {e}", file.display());
+                }
+            }
+        }
+        println!("{line}");
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn format_value(array: &dyn Array, row: usize) -> String {
+    if array.is_null(row) {
+        return "∅".into();
+    }
+    let options = FormatOptions::default();
+    ArrayFormatter::try_new(array, &options).map(|f| f.value(row).to_string()).unwrap_or_default()
+}
+
+fn clip(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        text.to_string()
+    } else {
+        let mut s: String = text.chars().take(width.saturating_sub(1)).collect();
+        s.push('…');
+        s
+    }
+}
+
+/// `oppen preview`: source rows beside their classified form.
+pub async fn preview(file: &Path, rows: usize, name: Option<&str>) -> Result<ExitCode> {
+    let pipeline = config::load(file)?;
+    let mut source = runtime::files_source(&pipeline, Default::default(), true)?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => source
+            .files()
+            .map_err(RunError::from)?
+            .pop()
+            .ok_or_else(|| CommandError::Message("no export file in the folder to preview".into()))?,
+    };
+    let batch = match source.read_file(&name).map_err(RunError::from)? {
+        Ok((batch, problems)) => {
+            for p in problems.iter().take(5) {
+                eprintln!("{name}:{}: {}", p.location, p.message);
+            }
+            batch
+        }
+        Err(e) => return Err(CommandError::Message(format!("{name}: {e}"))),
+    };
+    let key = preview_key(&pipeline).await;
+    let classifier = Classifier::compile(&pipeline, batch.schema(), &key)?;
+    let sample = batch.slice(0, rows.min(batch.num_rows()));
+    let change = ChangeBatch {
+        ops: vec![Op::Read; sample.num_rows()],
+        data: sample.clone(),
+        kind: BatchKind::Snapshot,
+        position: Position::File { name: name.clone(), sha256: String::new() },
+        commit_time: None,
+        end_of_transaction: true,
+    };
+    let classified = classifier.classify(&change).map_err(RunError::from)?;
+    let mut out = String::new();
+    let _ = writeln!(out, "{} — {} of {} rows from {name}\n", pipeline.id(), sample.num_rows(), batch.num_rows());
+    let published = classified.data.schema();
+    for row in 0..sample.num_rows() {
+        let _ = writeln!(out, "row {}", row + 1);
+        let _ = writeln!(out, "  {:<22} {:<34} {:<34} rule", "column", "source", "published");
+        for (i, field) in sample.schema().fields().iter().enumerate() {
+            let source_value = format_value(sample.column(i).as_ref(), row);
+            let (published_value, rule) = match classifier.column_actions().find(|(s, _, _)| *s == field.name()) {
+                Some((_, out_name, action)) => {
+                    let index = published.index_of(out_name).unwrap_or(0);
+                    let value = format_value(classified.data.column(index).as_ref(), row);
+                    let renamed = if out_name == field.name() { String::new() } else { format!(" → {out_name}") };
+                    (value, format!("{}{renamed}", action.name()))
+                }
+                None => match pipeline.rule(field.name()) {
+                    Some(_) => ("—".to_string(), "drop".to_string()),
+                    None => ("—".to_string(), "no rule: not published".to_string()),
+                },
+            };
+            let _ = writeln!(out, "  {:<22} {:<34} {:<34} {rule}", clip(field.name(), 22), clip(&source_value, 34), clip(&published_value, 34));
+        }
+        if let Some(i) = classified.suppressed_by[row] {
+            let RowRule::Suppress(s) = &pipeline.rules.rows[usize::from(i)].value;
+            let _ = writeln!(out, "  → row suppressed by row rule {} (column {}): not published", usize::from(i) + 1, s.column);
+        }
+        out.push('\n');
+    }
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The key preview shows pseudonyms with: the pipeline's, else the generated one
+/// if it exists, else a throwaway key (preview writes nothing).
+async fn preview_key(pipeline: &Pipeline) -> PseudonymKey {
+    if pipeline.spec.pseudonym_key.is_some() || pipeline.state.root().join(runtime::GENERATED_KEY_FILE).exists() {
+        if let Ok(state) = pipeline.state.open() {
+            if let Ok(key) = runtime::pseudonym_key(pipeline, &state).await {
+                return key;
+            }
+        }
+    }
+    PseudonymKey::generate().unwrap_or_else(|_| {
+        PseudonymKey::from_bytes(vec![0x5a; 32]).unwrap_or_else(|_| unreachable!("32 bytes is long enough"))
+    })
+}
+
+/// `oppen status`: what is published and what is pending.
+pub async fn status(files: &[PathBuf]) -> Result<ExitCode> {
+    let pipelines = load_all(files)?;
+    for pipeline in pipelines {
+        let store = pipeline.store.open().map_err(RunError::from)?;
+        let dataset = pipeline.id();
+        println!("{dataset} ({})", pipeline.file.display());
+        let newest = crate::publish::newest_version(&store, dataset).await.map_err(RunError::from)?;
+        let Some(version) = newest else {
+            println!("  no version published yet in {}", pipeline.store);
+            continue;
+        };
+        let versions = store.list(&format!("{dataset}/versions")).await.map_err(|e| CommandError::Message(e.to_string()))?.len();
+        println!("  version         {} ({versions} kept)", version.version);
+        println!("  rows            {}", version.rows);
+        println!("  last commit     {}", version.created.to_rfc3339());
+        println!("  partitions      {}", version.partitions.len());
+        println!(
+            "  last changes    {} inserts, {} updates, {} deletes",
+            version.changes.inserts, version.changes.updates, version.changes.deletes
+        );
+        if let Some(position) = &version.source_position {
+            println!("  source position {position}");
+        }
+        if let Some(Position::File { name, .. }) = &version.source_position {
+            if let Ok(source) = runtime::files_source(&pipeline, Default::default(), true) {
+                let files = source.files().unwrap_or_default();
+                let (done, waiting): (Vec<&String>, Vec<&String>) = files.iter().partition(|f| f.as_str() <= name.as_str());
+                println!("  files processed {}", done.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
+                if !waiting.is_empty() {
+                    println!("  files waiting   {}", waiting.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
+                }
+            }
+        }
+        let state = pipeline.state.open().map_err(RunError::from)?;
+        let state_path = format!("{dataset}/versions/{}.json", crate::publish::manifest::version_name(version.version));
+        if let Ok(Some(bytes)) = state.get(&state_path).await {
+            if let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes) {
+                if s.unclassified.is_empty() {
+                    println!("  unclassified    none");
+                } else {
+                    println!("  unclassified    {} (not published; classify them in {})", s.unclassified.join(", "), pipeline.rules_file.display());
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

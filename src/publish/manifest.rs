@@ -1,0 +1,140 @@
+//! Persisted formats: the public version manifest and the private state manifest.
+//! Both are versioned by a `format` tag so that later releases can read them.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use oppen_connector_api::Position;
+use serde::{Deserialize, Serialize};
+
+use crate::config::OutputFormat;
+
+/// One immutable file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// Path relative to the dataset's folder.
+    pub path: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// SHA-256 of the content, hex.
+    pub sha256: String,
+}
+
+/// The files of one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionFiles {
+    /// Rows in the partition.
+    pub rows: u64,
+    /// One file per published format.
+    pub files: BTreeMap<OutputFormat, FileRef>,
+}
+
+/// A published column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnInfo {
+    /// Published name.
+    pub name: String,
+    /// Arrow type, as text (e.g. `Decimal128(18, 2)`, `Utf8`, `Date32`).
+    #[serde(rename = "type")]
+    pub type_: String,
+}
+
+/// What a version changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeSummary {
+    /// New rows.
+    pub inserts: u64,
+    /// Changed rows.
+    pub updates: u64,
+    /// Removed rows (deleted at the source, or newly suppressed).
+    pub deletes: u64,
+    /// The changed rows with an `op` column, one file per format.
+    pub files: BTreeMap<OutputFormat, FileRef>,
+}
+
+/// An immutable version manifest: `versions/<v:020>.json`. A version exists
+/// exactly when this object does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "format")]
+pub enum VersionManifest {
+    /// The first format.
+    #[serde(rename = "oppen.version/1")]
+    V1(Version),
+}
+
+impl VersionManifest {
+    /// The version's content.
+    pub fn version(&self) -> &Version {
+        match self {
+            VersionManifest::V1(v) => v,
+        }
+    }
+}
+
+/// The content of a version manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Version {
+    /// The dataset id.
+    pub dataset: String,
+    /// The version number, counting from 1.
+    pub version: u64,
+    /// When the version was committed.
+    pub created: DateTime<Utc>,
+    /// Rows in the whole dataset.
+    pub rows: u64,
+    /// The published columns.
+    pub schema: Vec<ColumnInfo>,
+    /// Files per partition.
+    pub partitions: BTreeMap<String, PartitionFiles>,
+    /// What changed since the previous version.
+    pub changes: ChangeSummary,
+    /// SHA-256 of the rules file that classified this version.
+    pub rules_digest: String,
+    /// The source position the version holds every change up to.
+    pub source_position: Option<Position>,
+    /// When the source committed the newest change in the version.
+    pub source_time: Option<DateTime<Utc>>,
+}
+
+impl Version {
+    /// Every file the version references, relative to the dataset folder.
+    pub fn files(&self) -> impl Iterator<Item = &FileRef> {
+        self.partitions.values().flat_map(|p| p.files.values()).chain(self.changes.files.values())
+    }
+}
+
+/// The private state of a version: `<state>/<dataset>/versions/<v:020>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "format")]
+pub enum StateManifest {
+    /// The first format.
+    #[serde(rename = "oppen.state/1")]
+    V1(State),
+}
+
+/// The content of a state manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// The dataset id.
+    pub dataset: String,
+    /// The version this state belongs to.
+    pub version: u64,
+    /// The state file (Arrow IPC, with `_key`) of every partition.
+    pub partitions: BTreeMap<String, FileRef>,
+    /// Identifies the pseudonym key that made the `_key`s (not the key itself).
+    pub key_fingerprint: String,
+    /// Source columns no rule classified when this version was made.
+    pub unclassified: Vec<String>,
+    /// The source's column types, to keep inferred types stable across restarts.
+    pub source_types: BTreeMap<String, oppen_connector_api::ColumnType>,
+}
+
+/// The zero-padded name of a version, so names sort by number.
+pub fn version_name(version: u64) -> String {
+    format!("{version:020}")
+}
+
+/// Parses the version number from `versions/<v>.json`.
+pub fn parse_version_path(path: &str) -> Option<u64> {
+    path.rsplit('/').next()?.strip_suffix(".json")?.parse().ok()
+}

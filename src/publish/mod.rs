@@ -1,0 +1,858 @@
+//! The publisher: keyed state, partitions, versions, Parquet/CSV files, manifests,
+//! `latest/`, retention, and recovery from the newest committed version.
+//!
+//! Commit order (DESIGN.md "Guarantees"): private state files and the state
+//! manifest, then immutable data and change files under unique names, then the
+//! version manifest with a conditional create (the commit point), then the
+//! `manifest.json` pointer and `latest/`. A crash before the commit point leaves
+//! only unreferenced files, which retention removes; a crash after it is repaired
+//! on the next start.
+
+pub mod manifest;
+pub mod state;
+pub mod store;
+pub mod writer;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use arrow::array::{Array, RecordBatch};
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use oppen_connector_api::{BatchKind, ColumnType, Op, Position};
+use sha2::{Digest, Sha256};
+
+use crate::classify::{Classified, KEY_COLUMN};
+use crate::config::{OutputFormat, PartitionGrain};
+use manifest::{
+    ChangeSummary, ColumnInfo, FileRef, PartitionFiles, State, StateManifest, Version, VersionManifest,
+    parse_version_path, version_name,
+};
+use state::{Entry, Key, Partitions};
+use store::Store;
+
+/// Files written to a store at once.
+const UPLOAD_CONCURRENCY: usize = 8;
+
+/// Errors while publishing.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The store failed (retryable where the store says so).
+    #[error("store {store}: {source}")]
+    Store {
+        store: String,
+        #[source]
+        source: object_store::Error,
+    },
+    /// Another publisher committed this version first.
+    #[error("version {version} of {dataset} was committed by another publisher")]
+    Conflict { dataset: String, version: u64 },
+    /// Encoding or a kernel failed.
+    #[error("{0}")]
+    Arrow(#[from] ArrowError),
+    /// A file could not be encoded.
+    #[error("{0}")]
+    Encode(#[from] writer::EncodeError),
+    /// A manifest or state file is unreadable.
+    #[error("{path}: {message}")]
+    Corrupt { path: String, message: String },
+    /// The private state for the newest version is missing or made with another key.
+    #[error("{0}")]
+    State(String),
+}
+
+impl PublishError {
+    /// Whether retrying may help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, PublishError::Store { .. } | PublishError::Conflict { .. })
+    }
+}
+
+type Result<T, E = PublishError> = std::result::Result<T, E>;
+
+/// How a dataset is published.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Dataset id: the folder in the store and the state location.
+    pub dataset: String,
+    /// Which files to write.
+    pub formats: Vec<OutputFormat>,
+    /// The published column and grain to partition by.
+    pub partition_by: Option<(String, PartitionGrain)>,
+    /// Versions to keep.
+    pub keep_versions: u32,
+    /// SHA-256 of the rules file.
+    pub rules_digest: String,
+    /// Identifies the pseudonym key.
+    pub key_fingerprint: String,
+}
+
+/// A committed partition in memory.
+#[derive(Debug, Clone)]
+struct Partition {
+    rows: RecordBatch,
+    state_file: FileRef,
+    files: PartitionFiles,
+}
+
+/// Changes staged for the next version.
+#[derive(Debug, Default)]
+struct Pending {
+    batches: Vec<RecordBatch>,
+    /// The newest staged change of each key: (batch, row, is delete).
+    latest: HashMap<Key, (u32, u32, bool)>,
+    /// Keys seen in the snapshot under way (full export or re-snapshot).
+    snapshot_seen: Option<HashSet<Key>>,
+    /// A complete snapshot ended: keys it lacks are deleted at the next commit.
+    snapshot_complete: bool,
+    /// Inside a source transaction (a version must not end here).
+    open_transaction: bool,
+    position: Option<Position>,
+    source_time: Option<DateTime<Utc>>,
+    rows: usize,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The new version number.
+    pub version: u64,
+    /// Rows in the dataset.
+    pub rows: u64,
+    /// What changed.
+    pub inserts: u64,
+    /// What changed.
+    pub updates: u64,
+    /// What changed.
+    pub deletes: u64,
+    /// Partitions rewritten.
+    pub partitions_written: usize,
+    /// Bytes written per format.
+    pub bytes: BTreeMap<OutputFormat, u64>,
+    /// The source position the version holds.
+    pub position: Option<Position>,
+}
+
+/// What recovery found.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// The newest committed version, 0 when none.
+    pub version: u64,
+    /// Where the source resumes.
+    pub position: Option<Position>,
+    /// Source column types recorded with the version.
+    pub source_types: BTreeMap<String, ColumnType>,
+    /// Rows in the dataset.
+    pub rows: u64,
+}
+
+/// Publishes versions of one dataset.
+#[derive(Debug)]
+pub struct Publisher {
+    settings: Settings,
+    store: Store,
+    state_store: Store,
+    schema: Option<SchemaRef>,
+    partitions: BTreeMap<String, Partition>,
+    index: HashMap<Key, Entry>,
+    names: Partitions,
+    version: u64,
+    pending: Pending,
+    unclassified: Vec<String>,
+    source_types: BTreeMap<String, ColumnType>,
+}
+
+fn store_err(store: &Store) -> impl Fn(object_store::Error) -> PublishError + '_ {
+    move |source| PublishError::Store { store: store.location().to_string(), source }
+}
+
+fn file_ref(path: String, bytes: &Bytes) -> FileRef {
+    FileRef { path, bytes: bytes.len() as u64, sha256: hex::encode(Sha256::digest(bytes)) }
+}
+
+impl Publisher {
+    /// Opens the dataset: reads the newest committed version and its private
+    /// state, repairs a stale pointer, and removes files a crash left behind.
+    pub async fn open(settings: Settings, store: Store, state_store: Store) -> Result<(Self, Recovered)> {
+        let mut publisher = Self {
+            settings,
+            store,
+            state_store,
+            schema: None,
+            partitions: BTreeMap::new(),
+            index: HashMap::new(),
+            names: Partitions::default(),
+            version: 0,
+            pending: Pending::default(),
+            unclassified: Vec::new(),
+            source_types: BTreeMap::new(),
+        };
+        let recovered = publisher.recover().await?;
+        Ok((publisher, recovered))
+    }
+
+    fn path(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.settings.dataset)
+    }
+
+    /// Committed version numbers, ascending.
+    pub async fn versions(&self) -> Result<Vec<u64>> {
+        let mut versions: Vec<u64> = self
+            .store
+            .list(&self.path("versions"))
+            .await
+            .map_err(store_err(&self.store))?
+            .iter()
+            .filter_map(|p| parse_version_path(p))
+            .collect();
+        versions.sort_unstable();
+        Ok(versions)
+    }
+
+    /// Reads a committed version's manifest.
+    pub async fn read_version(&self, version: u64) -> Result<Version> {
+        read_version(&self.store, &self.settings.dataset, version).await
+    }
+
+    async fn recover(&mut self) -> Result<Recovered> {
+        let Some(&newest) = self.versions().await?.last() else {
+            self.collect_garbage(&[]).await?;
+            return Ok(Recovered::default());
+        };
+        let version = self.read_version(newest).await?;
+        let state_path = self.path(&format!("versions/{}.json", version_name(newest)));
+        let state_bytes = self.state_store.get(&state_path).await.map_err(store_err(&self.state_store))?.ok_or_else(|| {
+            PublishError::State(format!(
+                "version {newest} of {} is published, but its private state ({} in {}) is missing. The \
+                 state location was lost or changed: restore it, or publish to a new store location \
+                 so the dataset is rebuilt from the source",
+                self.settings.dataset,
+                state_path,
+                self.state_store.location()
+            ))
+        })?;
+        let StateManifest::V1(state) = serde_json::from_slice(&state_bytes)
+            .map_err(|e| PublishError::Corrupt { path: state_path.clone(), message: e.to_string() })?;
+        if state.key_fingerprint != self.settings.key_fingerprint {
+            return Err(PublishError::State(format!(
+                "the pseudonym key differs from the one that built {}'s state; use the original key \
+                 (pseudonym_key in the pipeline, or {}/pseudonym.key in the state location)",
+                self.settings.dataset,
+                self.state_store.location()
+            )));
+        }
+        let loads: Vec<_> = state.partitions.iter().map(|(name, file)| {
+            let store = self.state_store.clone();
+            let path = self.path(&file.path);
+            async move {
+                let bytes = store.get(&path).await.map_err(store_err(&store))?.ok_or_else(|| PublishError::State(format!(
+                    "state file {path} of the newest version is missing in {}; restore the state location",
+                    store.location()
+                )))?;
+                let batch = tokio::task::spawn_blocking(move || state::decode_state(bytes))
+                    .await
+                    .map_err(|e| PublishError::State(e.to_string()))??;
+                Ok::<_, PublishError>((name.clone(), batch))
+            }
+        }).collect();
+        let loaded: Vec<(String, RecordBatch)> = futures::stream::iter(loads).buffered(UPLOAD_CONCURRENCY).try_collect().await?;
+        for (name, rows) in loaded {
+            let id = self.names.id(&name);
+            let keys = state::keys(&rows)?;
+            for (row, hash) in state::row_hashes(&rows)?.into_iter().enumerate() {
+                self.index.insert(state::key_at(keys, row), Entry { partition: id, hash });
+            }
+            self.schema.get_or_insert_with(|| rows.schema());
+            let files = version.partitions.get(&name).cloned().ok_or_else(|| PublishError::Corrupt {
+                path: state_path.clone(),
+                message: format!("partition {name} is in the state but not in the version"),
+            })?;
+            let state_file = state.partitions.get(&name).cloned().ok_or_else(|| PublishError::Corrupt {
+                path: state_path.clone(),
+                message: format!("partition {name} has no state file"),
+            })?;
+            self.partitions.insert(name, Partition { rows, state_file, files });
+        }
+        self.version = newest;
+        self.unclassified = state.unclassified.clone();
+        self.source_types = state.source_types.clone();
+        self.repair_pointer(&version).await?;
+        let kept = self.kept_versions().await?;
+        self.collect_garbage(&kept).await?;
+        Ok(Recovered {
+            version: newest,
+            position: version.source_position.clone(),
+            source_types: state.source_types,
+            rows: version.rows,
+        })
+    }
+
+    /// Rewrites `manifest.json` and `latest/` if a crash came between the commit
+    /// point and their update.
+    async fn repair_pointer(&self, version: &Version) -> Result<()> {
+        let pointer = self.store.get(&self.path("manifest.json")).await.map_err(store_err(&self.store))?;
+        let current = pointer
+            .and_then(|b| serde_json::from_slice::<VersionManifest>(&b).ok())
+            .map(|m| m.version().version);
+        if current == Some(version.version) {
+            return Ok(());
+        }
+        tracing::warn!(dataset = %self.settings.dataset, version = version.version, "repairing manifest.json and latest/ after an interrupted commit");
+        for (name, files) in &version.partitions {
+            for (format, file) in &files.files {
+                if let Some(bytes) = self.store.get(&self.path(&file.path)).await.map_err(store_err(&self.store))? {
+                    self.store
+                        .put(&self.path(&format!("latest/{name}.{}", format.extension())), bytes)
+                        .await
+                        .map_err(store_err(&self.store))?;
+                }
+            }
+        }
+        let bytes = Bytes::from(serde_json::to_vec_pretty(&VersionManifest::V1(version.clone())).unwrap_or_default());
+        self.store.put(&self.path("manifest.json"), bytes).await.map_err(store_err(&self.store))
+    }
+
+    /// The newest committed version (0 before the first).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Rows in the committed dataset.
+    pub fn rows(&self) -> u64 {
+        self.partitions.values().map(|p| p.rows.num_rows() as u64).sum()
+    }
+
+    /// Staged changes waiting for a version.
+    pub fn pending_rows(&self) -> usize {
+        self.pending.rows
+    }
+
+    /// Whether a version may end now (not inside a source transaction or snapshot).
+    pub fn at_boundary(&self) -> bool {
+        !self.pending.open_transaction && self.pending.snapshot_seen.is_none()
+    }
+
+    /// Whether a complete snapshot is staged (a version should end after it).
+    pub fn snapshot_complete(&self) -> bool {
+        self.pending.snapshot_complete
+    }
+
+    /// Records the source's column types and unclassified columns for the next version.
+    pub fn set_source_info(&mut self, source_types: BTreeMap<String, ColumnType>, unclassified: Vec<String>) {
+        self.source_types = source_types;
+        self.unclassified = unclassified;
+    }
+
+    /// Stages a classified batch.
+    pub fn stage(
+        &mut self,
+        batch: Classified,
+        kind: BatchKind,
+        end_of_transaction: bool,
+        position: Position,
+        commit_time: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        let Classified { data, ops, .. } = batch;
+        let index = self.pending.batches.len() as u32;
+        let keys = state::keys(&data)?;
+        if kind == BatchKind::Snapshot && self.pending.snapshot_seen.is_none() {
+            self.pending.snapshot_seen = Some(HashSet::with_capacity(self.index.len()));
+        }
+        for (row, op) in ops.iter().enumerate() {
+            let key = state::key_at(keys, row);
+            let delete = *op == Op::Delete;
+            if !delete {
+                if let Some(seen) = &mut self.pending.snapshot_seen {
+                    seen.insert(key);
+                }
+            }
+            self.pending.latest.insert(key, (index, row as u32, delete));
+        }
+        self.pending.rows += data.num_rows();
+        self.pending.batches.push(data);
+        self.pending.open_transaction = !end_of_transaction;
+        self.pending.position = Some(position);
+        self.pending.source_time = commit_time.or(self.pending.source_time);
+        if kind == BatchKind::Snapshot && end_of_transaction {
+            // The snapshot is whole: remember which keys it had for the commit.
+            self.pending.snapshot_complete = true;
+            let seen = self.pending.snapshot_seen.take().unwrap_or_default();
+            for key in self.index.keys() {
+                if !seen.contains(key) {
+                    self.pending.latest.entry(*key).or_insert((u32::MAX, 0, true));
+                }
+            }
+            for (key, change) in &mut self.pending.latest {
+                if !change.2 && !seen.contains(key) {
+                    // Staged earlier but absent from the newer complete image.
+                    *change = (u32::MAX, 0, true);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops staged changes (after a failed commit that will be retried from the source).
+    pub fn discard_pending(&mut self) {
+        self.pending = Pending::default();
+    }
+
+    /// Commits staged changes as a new version. Returns `None` (and commits
+    /// nothing) when they change nothing published; the source position still
+    /// moves on in memory.
+    pub async fn commit(&mut self) -> Result<Option<Committed>> {
+        if self.pending.batches.is_empty() && self.pending.latest.is_empty() {
+            return Ok(None);
+        }
+        if !self.at_boundary() {
+            return Ok(None);
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let target = pending.batches.last().map(RecordBatch::schema).or_else(|| self.schema.clone());
+        let Some(target) = target else { return Ok(None) };
+        let result = match self.plan(&pending, &target) {
+            Ok(Some(plan)) => self.write(plan, &pending, target).await.map(Some),
+            Ok(None) => {
+                tracing::debug!(dataset = %self.settings.dataset, "staged changes publish nothing new; no version");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            // Keep what was staged, so a retry commits exactly the same changes.
+            self.pending = pending;
+        }
+        result
+    }
+}
+
+/// A version worked out in memory, not yet written.
+struct Plan {
+    /// New content of every rewritten partition (empty ones are removed).
+    partitions: BTreeMap<String, RecordBatch>,
+    /// Changed rows with ops, for the change files.
+    changes: Option<RecordBatch>,
+    summary: (u64, u64, u64),
+    /// Index changes to apply after the commit.
+    removed: Vec<Key>,
+    added: Vec<(Key, Entry)>,
+    /// Every partition was realigned to a new schema.
+    schema_changed: bool,
+}
+
+impl Publisher {
+    fn plan(&mut self, pending: &Pending, target: &SchemaRef) -> Result<Option<Plan>> {
+        let schema_changed = self.schema.as_ref().is_some_and(|s| s != target);
+        let batches = pending.batches.iter().map(|b| state::align(b, target)).collect::<Result<Vec<_>, _>>()?;
+        let single = self.settings.dataset.clone();
+        let mut part_of: Vec<Vec<u32>> = Vec::with_capacity(batches.len());
+        let mut hash_of: Vec<Vec<u64>> = Vec::with_capacity(batches.len());
+        for b in &batches {
+            let names = state::partition_names(b, self.settings.partition_by.as_ref(), &single)?;
+            part_of.push(names.iter().map(|n| self.names.id(n)).collect());
+            hash_of.push(state::row_hashes(b)?);
+        }
+        // With a new schema every old row's fingerprint is recomputed on the aligned rows.
+        let mut old: BTreeMap<u32, RecordBatch> = BTreeMap::new();
+        let mut rehashed: HashMap<Key, Entry> = HashMap::new();
+        for (name, p) in &self.partitions {
+            let id = self.names.id(name);
+            let rows = if schema_changed { state::align(&p.rows, target)? } else { p.rows.clone() };
+            if schema_changed {
+                let keys = state::keys(&rows)?;
+                for (row, hash) in state::row_hashes(&rows)?.into_iter().enumerate() {
+                    rehashed.insert(state::key_at(keys, row), Entry { partition: id, hash });
+                }
+            }
+            old.insert(id, rows);
+        }
+        let index = if schema_changed { &rehashed } else { &self.index };
+
+        let mut removed_from: HashMap<u32, HashSet<Key>> = HashMap::new();
+        let mut added_to: BTreeMap<u32, Vec<(usize, usize)>> = BTreeMap::new();
+        let mut deleted: HashSet<Key> = HashSet::new();
+        let mut change_rows: Vec<(usize, usize, &'static str)> = Vec::new();
+        let (mut inserts, mut updates, mut deletes) = (0u64, 0u64, 0u64);
+        let mut removed = Vec::new();
+        let mut added = Vec::new();
+        for (key, &(b, r, delete)) in &pending.latest {
+            let previous = index.get(key);
+            if delete {
+                if let Some(e) = previous {
+                    removed_from.entry(e.partition).or_default().insert(*key);
+                    deleted.insert(*key);
+                    removed.push(*key);
+                    deletes += 1;
+                }
+                continue;
+            }
+            let (b, r) = (b as usize, r as usize);
+            let entry = Entry { partition: part_of[b][r], hash: hash_of[b][r] };
+            match previous {
+                Some(e) if *e == entry => continue,
+                Some(e) => {
+                    removed_from.entry(e.partition).or_default().insert(*key);
+                    updates += 1;
+                    change_rows.push((b, r, "update"));
+                }
+                None => {
+                    inserts += 1;
+                    change_rows.push((b, r, "insert"));
+                }
+            }
+            added_to.entry(entry.partition).or_default().push((b, r));
+            removed.push(*key);
+            added.push((*key, entry));
+        }
+        if inserts + updates + deletes == 0 && !schema_changed {
+            // Nothing published changes, but the source moved on.
+            return Ok(None);
+        }
+        // Deterministic order in files: by batch and row.
+        change_rows.sort_unstable_by_key(|&(b, r, _)| (b, r));
+        let touched: HashSet<u32> = if schema_changed {
+            old.keys().copied().chain(added_to.keys().copied()).collect()
+        } else {
+            removed_from.keys().chain(added_to.keys()).copied().collect()
+        };
+        let batch_refs: Vec<&RecordBatch> = batches.iter().collect();
+        let mut partitions = BTreeMap::new();
+        let mut deleted_rows = Vec::new();
+        let empty = RecordBatch::new_empty(target.clone());
+        for id in touched {
+            let old_rows = old.get(&id).unwrap_or(&empty);
+            let kept = match removed_from.get(&id) {
+                Some(gone) if !gone.is_empty() => {
+                    let keys = state::keys(old_rows)?;
+                    let keep: arrow::array::BooleanArray =
+                        (0..old_rows.num_rows()).map(|r| Some(!gone.contains(&state::key_at(keys, r)))).collect();
+                    let dropped: arrow::array::BooleanArray = (0..old_rows.num_rows())
+                        .map(|r| Some(deleted.contains(&state::key_at(keys, r))))
+                        .collect();
+                    if dropped.true_count() > 0 {
+                        deleted_rows.push(arrow::compute::filter_record_batch(old_rows, &dropped)?);
+                    }
+                    arrow::compute::filter_record_batch(old_rows, &keep)?
+                }
+                _ => old_rows.clone(),
+            };
+            let new_rows = match added_to.get(&id) {
+                Some(indices) => Some(take_rows(&batch_refs, indices, target)?),
+                None => None,
+            };
+            let rows = match new_rows {
+                Some(n) => arrow::compute::concat_batches(target, [&kept, &n])?,
+                None => kept,
+            };
+            partitions.insert(self.names.name(id).to_string(), rows);
+        }
+        let mut change_parts = Vec::new();
+        if !change_rows.is_empty() {
+            let indices: Vec<(usize, usize)> = change_rows.iter().map(|&(b, r, _)| (b, r)).collect();
+            let rows = take_rows(&batch_refs, &indices, target)?;
+            change_parts.push(state::with_ops(&state::without_key(&rows), change_rows.iter().map(|c| c.2).collect())?);
+        }
+        for rows in deleted_rows {
+            let n = rows.num_rows();
+            change_parts.push(state::with_ops(&state::without_key(&rows), vec!["delete"; n])?);
+        }
+        let changes = match change_parts.first() {
+            Some(first) => Some(arrow::compute::concat_batches(&first.schema(), &change_parts)?),
+            None => None,
+        };
+        Ok(Some(Plan {
+            partitions,
+            changes,
+            summary: (inserts, updates, deletes),
+            removed,
+            added,
+            schema_changed,
+        }))
+    }
+
+    async fn write(&mut self, plan: Plan, pending: &Pending, target: SchemaRef) -> Result<Committed> {
+        let version = self.version + 1;
+        let vname = version_name(version);
+        let formats = self.settings.formats.clone();
+        // Encode every file off the async workers, partitions in parallel.
+        let jobs: Vec<_> = plan.partitions.iter().filter(|(_, rows)| rows.num_rows() > 0).map(|(name, rows)| {
+            let (name, rows, formats) = (name.clone(), rows.clone(), formats.clone());
+            tokio::task::spawn_blocking(move || -> Result<(String, u64, Bytes, Vec<(OutputFormat, Bytes)>)> {
+                let state_bytes = state::encode_state(&rows)?;
+                let public = state::without_key(&rows);
+                let files = formats.iter().map(|f| Ok((*f, writer::encode(*f, &public)?))).collect::<Result<Vec<_>>>()?;
+                Ok((name, rows.num_rows() as u64, state_bytes, files))
+            })
+        }).collect();
+        let encoded = futures::future::try_join_all(jobs).await.map_err(|e| PublishError::State(format!("encoder task failed: {e}")))?;
+        let mut uploads_state = Vec::new();
+        let mut uploads_public = Vec::new();
+        let mut new_partitions: BTreeMap<String, (FileRef, PartitionFiles)> = BTreeMap::new();
+        let mut bytes_by_format: BTreeMap<OutputFormat, u64> = BTreeMap::new();
+        let mut latest_files = Vec::new();
+        for result in encoded {
+            let (name, rows, state_bytes, files) = result?;
+            let unique = uuid::Uuid::new_v4();
+            let state_path = format!("partitions/{name}/{vname}-{unique}.arrow");
+            let state_file = file_ref(state_path.clone(), &state_bytes);
+            uploads_state.push((self.path(&state_path), state_bytes));
+            let mut refs = BTreeMap::new();
+            for (format, bytes) in files {
+                let path = format!("data/{name}/{vname}-{unique}.{}", format.extension());
+                *bytes_by_format.entry(format).or_default() += bytes.len() as u64;
+                refs.insert(format, file_ref(path.clone(), &bytes));
+                latest_files.push((self.path(&format!("latest/{name}.{}", format.extension())), bytes.clone()));
+                uploads_public.push((self.path(&path), bytes));
+            }
+            new_partitions.insert(name, (state_file, PartitionFiles { rows, files: refs }));
+        }
+        let mut change_files = BTreeMap::new();
+        if let Some(changes) = &plan.changes {
+            for format in &formats {
+                let bytes = writer::encode(*format, changes)?;
+                let path = format!("changes/{vname}.{}", format.extension());
+                change_files.insert(*format, file_ref(path.clone(), &bytes));
+                *bytes_by_format.entry(*format).or_default() += bytes.len() as u64;
+                uploads_public.push((self.path(&path), bytes));
+            }
+        }
+        // Partitions after this version: untouched ones referenced again, not copied.
+        let mut all: BTreeMap<String, (FileRef, PartitionFiles)> = self
+            .partitions
+            .iter()
+            .filter(|(name, _)| !plan.partitions.contains_key(*name))
+            .map(|(name, p)| (name.clone(), (p.state_file.clone(), p.files.clone())))
+            .collect();
+        all.extend(new_partitions.clone());
+        let partitions_written = plan.partitions.len();
+        let emptied: Vec<String> = plan
+            .partitions
+            .iter()
+            .filter(|(_, rows)| rows.num_rows() == 0)
+            .map(|(name, _)| name.clone())
+            .collect();
+
+        put_all(&self.state_store, uploads_state).await?;
+        let state_manifest = StateManifest::V1(State {
+            dataset: self.settings.dataset.clone(),
+            version,
+            partitions: all.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect(),
+            key_fingerprint: self.settings.key_fingerprint.clone(),
+            unclassified: self.unclassified.clone(),
+            source_types: self.source_types.clone(),
+        });
+        let json = serde_json::to_vec_pretty(&state_manifest).map_err(|e| PublishError::State(e.to_string()))?;
+        self.state_store
+            .put(&self.path(&format!("versions/{vname}.json")), Bytes::from(json))
+            .await
+            .map_err(store_err(&self.state_store))?;
+        put_all(&self.store, uploads_public).await?;
+        crate::runtime::failpoint("before-version-manifest");
+
+        let (inserts, updates, deletes) = plan.summary;
+        let rows: u64 = all.values().map(|(_, p)| p.rows).sum();
+        let manifest = Version {
+            dataset: self.settings.dataset.clone(),
+            version,
+            created: Utc::now(),
+            rows,
+            schema: target
+                .fields()
+                .iter()
+                .filter(|f| f.name() != KEY_COLUMN)
+                .map(|f| ColumnInfo { name: f.name().clone(), type_: f.data_type().to_string() })
+                .collect(),
+            partitions: all.iter().map(|(n, (_, p))| (n.clone(), p.clone())).collect(),
+            changes: ChangeSummary { inserts, updates, deletes, files: change_files },
+            rules_digest: self.settings.rules_digest.clone(),
+            source_position: pending.position.clone(),
+            source_time: pending.source_time,
+        };
+        let json = Bytes::from(
+            serde_json::to_vec_pretty(&VersionManifest::V1(manifest.clone())).map_err(|e| PublishError::State(e.to_string()))?,
+        );
+        // The commit point.
+        match self.store.create(&self.path(&format!("versions/{vname}.json")), json.clone()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(PublishError::Conflict { dataset: self.settings.dataset.clone(), version }),
+            Err(e) => return Err(store_err(&self.store)(e)),
+        }
+        crate::runtime::failpoint("after-version-manifest");
+
+        // Committed: now the in-memory state follows.
+        for key in &plan.removed {
+            self.index.remove(key);
+        }
+        if plan.schema_changed {
+            for (name, p) in &mut self.partitions {
+                if !plan.partitions.contains_key(name) {
+                    p.rows = state::align(&p.rows, &target)?;
+                }
+            }
+            self.index.clear();
+            for (name, p) in &self.partitions {
+                if plan.partitions.contains_key(name) {
+                    continue;
+                }
+                let id = self.names.id(name);
+                let keys = state::keys(&p.rows)?;
+                for (row, hash) in state::row_hashes(&p.rows)?.into_iter().enumerate() {
+                    self.index.insert(state::key_at(keys, row), Entry { partition: id, hash });
+                }
+            }
+            for (name, rows) in &plan.partitions {
+                let id = self.names.id(name);
+                let keys = state::keys(rows)?;
+                for (row, hash) in state::row_hashes(rows)?.into_iter().enumerate() {
+                    self.index.insert(state::key_at(keys, row), Entry { partition: id, hash });
+                }
+            }
+        } else {
+            for (key, entry) in plan.added {
+                self.index.insert(key, entry);
+            }
+        }
+        for (name, rows) in plan.partitions {
+            match new_partitions.remove(&name) {
+                Some((state_file, files)) => {
+                    self.partitions.insert(name, Partition { rows, state_file, files });
+                }
+                None => {
+                    self.partitions.remove(&name);
+                }
+            }
+        }
+        self.schema = Some(target);
+        self.version = version;
+
+        // The version is committed: what follows only tidies up. A failure here is
+        // repaired at the next start (pointer, latest/) or the next retention run.
+        if let Err(e) = self.after_commit(json, latest_files, emptied).await {
+            tracing::warn!(dataset = %self.settings.dataset, version, error = %e, "version committed, but updating manifest.json, latest/ or retention failed");
+        }
+        Ok(Committed {
+            version,
+            rows,
+            inserts,
+            updates,
+            deletes,
+            partitions_written,
+            bytes: bytes_by_format,
+            position: pending.position.clone(),
+        })
+    }
+
+    async fn after_commit(&self, pointer: Bytes, latest: Vec<(String, Bytes)>, emptied: Vec<String>) -> Result<()> {
+        self.store.put(&self.path("manifest.json"), pointer).await.map_err(store_err(&self.store))?;
+        put_all(&self.store, latest).await?;
+        for name in emptied {
+            for format in &self.settings.formats {
+                let path = self.path(&format!("latest/{name}.{}", format.extension()));
+                self.store.delete(&path).await.map_err(store_err(&self.store))?;
+            }
+        }
+        self.apply_retention().await
+    }
+
+    async fn kept_versions(&self) -> Result<Vec<u64>> {
+        let versions = self.versions().await?;
+        let keep = self.settings.keep_versions as usize;
+        Ok(versions[versions.len().saturating_sub(keep)..].to_vec())
+    }
+
+    /// Deletes versions beyond `keep_versions`, then every file no kept version
+    /// references.
+    async fn apply_retention(&self) -> Result<()> {
+        let versions = self.versions().await?;
+        let keep = self.settings.keep_versions as usize;
+        if versions.len() <= keep {
+            return Ok(());
+        }
+        let (old, kept) = versions.split_at(versions.len() - keep);
+        for v in old {
+            let name = format!("versions/{}.json", version_name(*v));
+            self.store.delete(&self.path(&name)).await.map_err(store_err(&self.store))?;
+            self.state_store.delete(&self.path(&name)).await.map_err(store_err(&self.state_store))?;
+        }
+        self.collect_garbage(kept).await
+    }
+
+    /// Deletes data, change and state files that no kept version references,
+    /// sparing any newer than the newest version (a commit may be under way).
+    async fn collect_garbage(&self, kept: &[u64]) -> Result<()> {
+        let mut public: HashSet<String> = HashSet::new();
+        let mut private: HashSet<String> = HashSet::new();
+        for v in kept {
+            public.extend(self.read_version(*v).await?.files().map(|f| self.path(&f.path)));
+            let path = self.path(&format!("versions/{}.json", version_name(*v)));
+            if let Some(bytes) = self.state_store.get(&path).await.map_err(store_err(&self.state_store))? {
+                if let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes) {
+                    private.extend(s.partitions.values().map(|f| self.path(&f.path)));
+                }
+            }
+        }
+        let newest = kept.last().copied().unwrap_or(0);
+        let collectable = |path: &str| {
+            let file = path.rsplit('/').next().unwrap_or_default();
+            file.get(..20).and_then(|v| v.parse::<u64>().ok()).is_some_and(|v| v <= newest)
+        };
+        for (store, prefixes, referenced) in [
+            (&self.store, vec!["data", "changes"], &public),
+            (&self.state_store, vec!["partitions"], &private),
+        ] {
+            for prefix in prefixes {
+                for path in store.list(&self.path(prefix)).await.map_err(store_err(store))? {
+                    if !referenced.contains(&path) && collectable(&path) {
+                        tracing::debug!(path, "removing unreferenced file");
+                        store.delete(&path).await.map_err(store_err(store))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Gathers rows `(batch, row)` from several batches into one.
+fn take_rows(batches: &[&RecordBatch], indices: &[(usize, usize)], schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    let columns = (0..schema.fields().len())
+        .map(|c| {
+            let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
+            arrow::compute::interleave(&arrays, indices)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+async fn put_all(store: &Store, files: Vec<(String, Bytes)>) -> Result<()> {
+    let puts: Vec<_> = files.into_iter().map(|(path, bytes)| async move { store.put(&path, bytes).await }).collect();
+    futures::stream::iter(puts)
+        .buffer_unordered(UPLOAD_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await
+        .map_err(store_err(store))?;
+    Ok(())
+}
+
+/// Reads `versions/<v>.json` of a dataset.
+pub async fn read_version(store: &Store, dataset: &str, version: u64) -> Result<Version> {
+    let path = format!("{dataset}/versions/{}.json", version_name(version));
+    let bytes = store.get(&path).await.map_err(store_err(store))?.ok_or_else(|| PublishError::Corrupt {
+        path: path.clone(),
+        message: "version manifest not found".into(),
+    })?;
+    let manifest: VersionManifest =
+        serde_json::from_slice(&bytes).map_err(|e| PublishError::Corrupt { path, message: e.to_string() })?;
+    Ok(manifest.version().clone())
+}
+
+/// Reads the newest version of a dataset (by listing, not trusting the pointer).
+pub async fn newest_version(store: &Store, dataset: &str) -> Result<Option<Version>> {
+    let listed = store.list(&format!("{dataset}/versions")).await.map_err(store_err(store))?;
+    match listed.iter().filter_map(|p| parse_version_path(p)).max() {
+        Some(v) => read_version(store, dataset, v).await.map(Some),
+        None => Ok(None),
+    }
+}

@@ -1,0 +1,201 @@
+//! Keyed state: the published rows of every partition with their `_key`, and an
+//! index from `_key` to partition and row fingerprint.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, FixedSizeBinaryArray, RecordBatch, StringArray, new_null_array};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::error::ArrowError;
+use arrow::row::{RowConverter, SortField};
+use bytes::Bytes;
+use chrono::{DateTime, Datelike};
+
+use crate::classify::KEY_COLUMN;
+use crate::config::PartitionGrain;
+
+/// A row's `_key`.
+pub type Key = [u8; 32];
+
+/// Where a key's row is, and what it looked like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Partition id (see [`Partitions`]).
+    pub partition: u32,
+    /// Fingerprint of the published values.
+    pub hash: u64,
+}
+
+/// Partition names interned as small ids.
+#[derive(Debug, Default, Clone)]
+pub struct Partitions {
+    names: Vec<String>,
+    ids: HashMap<String, u32>,
+}
+
+impl Partitions {
+    /// The id of a name, adding it if new.
+    pub fn id(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(name.to_string());
+        self.ids.insert(name.to_string(), id);
+        id
+    }
+
+    /// The name of an id.
+    pub fn name(&self, id: u32) -> &str {
+        &self.names[id as usize]
+    }
+}
+
+/// The `_key` column of a classified batch.
+pub fn keys(batch: &RecordBatch) -> Result<&FixedSizeBinaryArray, ArrowError> {
+    batch
+        .column_by_name(KEY_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+        .ok_or_else(|| ArrowError::SchemaError(format!("batch has no {KEY_COLUMN} column")))
+}
+
+/// A key as a fixed array.
+pub fn key_at(keys: &FixedSizeBinaryArray, row: usize) -> Key {
+    let mut k = [0u8; 32];
+    k.copy_from_slice(keys.value(row));
+    k
+}
+
+/// Fingerprints of the published values (every column but `_key`) of each row.
+pub fn row_hashes(batch: &RecordBatch) -> Result<Vec<u64>, ArrowError> {
+    let schema = batch.schema();
+    let (fields, columns): (Vec<SortField>, Vec<ArrayRef>) = schema
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .filter(|(f, _)| f.name() != KEY_COLUMN)
+        .map(|(f, c)| (SortField::new(f.data_type().clone()), c.clone()))
+        .unzip();
+    if columns.is_empty() {
+        return Ok(vec![0; batch.num_rows()]);
+    }
+    let converter = RowConverter::new(fields)?;
+    let rows = converter.convert_columns(&columns)?;
+    Ok(rows.iter().map(|r| xxhash_rust::xxh3::xxh3_64(r.as_ref())).collect())
+}
+
+/// The partition name of every row.
+pub fn partition_names(
+    batch: &RecordBatch,
+    by: Option<&(String, PartitionGrain)>,
+    single: &str,
+) -> Result<Vec<String>, ArrowError> {
+    let Some((column, grain)) = by else {
+        return Ok(vec![single.to_string(); batch.num_rows()]);
+    };
+    let array = batch
+        .column_by_name(column)
+        .ok_or_else(|| ArrowError::SchemaError(format!("partition column `{column}` is not published")))?;
+    let names: Vec<String> = match (array.data_type(), grain) {
+        (DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _), grain) if *grain != PartitionGrain::Value => {
+            let micros = cast(array, &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None))?;
+            let ts = micros
+                .as_any()
+                .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
+                .ok_or_else(|| ArrowError::CastError("timestamp".into()))?;
+            ts.iter()
+                .map(|t| match t.and_then(DateTime::from_timestamp_micros) {
+                    None => NULL_PARTITION.to_string(),
+                    Some(t) => match grain {
+                        PartitionGrain::Year => format!("{:04}", t.year()),
+                        PartitionGrain::Month => format!("{:04}-{:02}", t.year(), t.month()),
+                        _ => format!("{:04}-{:02}-{:02}", t.year(), t.month(), t.day()),
+                    },
+                })
+                .collect()
+        }
+        _ => {
+            let text = cast(array, &DataType::Utf8)?;
+            let text = text
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .ok_or_else(|| ArrowError::CastError("text".into()))?;
+            text.iter().map(|v| v.map_or_else(|| NULL_PARTITION.to_string(), sanitize)).collect()
+        }
+    };
+    Ok(names)
+}
+
+/// The partition of rows whose partition value is NULL.
+pub const NULL_PARTITION: &str = "unknown";
+
+/// A value made safe as a path segment.
+fn sanitize(value: &str) -> String {
+    let s: String = value
+        .trim()
+        .chars()
+        .map(|c| if c.is_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .collect();
+    if s.is_empty() || s.starts_with('.') { format!("_{s}") } else { s }
+}
+
+/// A batch with exactly `target`'s columns: same-named columns cast to the target
+/// type, missing ones NULL. Used when the published schema changes.
+pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    if batch.schema().as_ref() == target.as_ref() {
+        return Ok(batch.clone());
+    }
+    let columns = target
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => cast(c, f.data_type()),
+            None => Ok(new_null_array(f.data_type(), batch.num_rows())),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(target.clone(), columns)
+}
+
+/// Encodes a state batch as Arrow IPC (LZ4): fast to write and to read back.
+pub fn encode_state(batch: &RecordBatch) -> Result<Bytes, ArrowError> {
+    let options = arrow::ipc::writer::IpcWriteOptions::default()
+        .try_with_compression(Some(arrow::ipc::CompressionType::LZ4_FRAME))?;
+    let mut out = Vec::with_capacity(batch.get_array_memory_size() / 2);
+    {
+        let mut writer = arrow::ipc::writer::FileWriter::try_new_with_options(&mut out, &batch.schema(), options)?;
+        writer.write(batch)?;
+        writer.finish()?;
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Decodes a state file.
+pub fn decode_state(bytes: Bytes) -> Result<RecordBatch, ArrowError> {
+    let reader = arrow::ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), None)?;
+    let schema = reader.schema();
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    arrow::compute::concat_batches(&schema, &batches)
+}
+
+/// Removes `_key` for publishing.
+pub fn without_key(batch: &RecordBatch) -> RecordBatch {
+    match batch.schema().index_of(KEY_COLUMN) {
+        Ok(i) => {
+            let mut b = batch.clone();
+            b.remove_column(i);
+            b
+        }
+        Err(_) => batch.clone(),
+    }
+}
+
+/// Adds an `op` column in front (for change files).
+pub fn with_ops(batch: &RecordBatch, ops: Vec<&'static str>) -> Result<RecordBatch, ArrowError> {
+    let mut fields = vec![Arc::new(arrow::datatypes::Field::new("op", DataType::Utf8, false))];
+    fields.extend(batch.schema().fields().iter().cloned());
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from(ops))];
+    columns.extend(batch.columns().iter().cloned());
+    RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)
+}

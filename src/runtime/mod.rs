@@ -1,0 +1,304 @@
+//! Wiring of a pipeline: source → classify → publisher, version cuts, source
+//! acknowledgement after commit, retries, and shutdown.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use oppen_connector_api::{Source, SourceEvent, SourceHints};
+use oppen_connector_files::FilesSource;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::classify::{Classifier, Keyer, PseudonymKey};
+use crate::config::pipeline::KeySource;
+use crate::config::{Pipeline, SourceConfig};
+use crate::publish::store::Store;
+use crate::publish::{self, Publisher, Settings};
+
+/// How long an idle source waits before it is asked again.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// The file in the state location that holds a generated pseudonym key.
+pub const GENERATED_KEY_FILE: &str = "pseudonym.key";
+
+/// Errors that stop a pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The pipeline's configuration does not fit its source.
+    #[error("{0}")]
+    Config(String),
+    /// The source failed and retrying did not help.
+    #[error("source: {0}")]
+    Source(#[from] oppen_connector_api::Error),
+    /// Classification refused the data (egress guard).
+    #[error("{0}")]
+    Classify(#[from] crate::classify::ClassifyError),
+    /// Publishing failed and retrying did not help.
+    #[error("{0}")]
+    Publish(#[from] publish::PublishError),
+    /// A store could not be opened.
+    #[error("{0}")]
+    Store(#[from] object_store::Error),
+}
+
+/// How a pipeline runs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Process what is there, commit, and return.
+    pub once: bool,
+    /// Show a progress bar (only drawn on a terminal).
+    pub progress: bool,
+}
+
+/// What a run did, for the caller and for tests.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// Versions committed.
+    pub versions: Vec<publish::Committed>,
+    /// Rows read from the source.
+    pub rows_read: u64,
+    /// Inputs set aside by the source.
+    pub rejected: u64,
+    /// Rows suppressed, per row rule.
+    pub suppressed: Vec<u64>,
+    /// Values changed by redact.
+    pub values_redacted: u64,
+    /// Source columns dropped because no rule names them.
+    pub unclassified: Vec<String>,
+}
+
+/// Aborts the process at a named point when `OPPEN_FAILPOINT` names it: the
+/// crash tests use this to kill a publisher between two steps of a commit.
+pub fn failpoint(name: &str) {
+    static FAILPOINT: OnceLock<Option<String>> = OnceLock::new();
+    if FAILPOINT.get_or_init(|| std::env::var("OPPEN_FAILPOINT").ok()).as_deref() == Some(name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+
+/// SHA-256 of a file's bytes, hex.
+pub fn digest_file(path: &std::path::Path) -> String {
+    std::fs::read(path).map(|b| hex::encode(Sha256::digest(b))).unwrap_or_default()
+}
+
+/// Loads the pseudonym key: from the environment or a file when the pipeline
+/// names one, else the key generated once in the state location.
+pub async fn pseudonym_key(pipeline: &Pipeline, state: &Store) -> Result<PseudonymKey, RunError> {
+    match pipeline.spec.pseudonym_key.as_ref().map(|k| &k.value) {
+        Some(KeySource::Env(name)) => {
+            let value = std::env::var(name).map_err(|_| RunError::Config(format!("environment variable {name} (pseudonym_key) is not set")))?;
+            PseudonymKey::from_text(&value).map_err(|e| RunError::Config(format!("{name}: {e}")))
+        }
+        Some(KeySource::File(path)) => {
+            let path = pipeline.file.parent().unwrap_or(std::path::Path::new(".")).join(path);
+            let text = std::fs::read_to_string(&path).map_err(|e| RunError::Config(format!("pseudonym key file {}: {e}", path.display())))?;
+            PseudonymKey::from_text(&text).map_err(|e| RunError::Config(format!("{}: {e}", path.display())))
+        }
+        None => {
+            if let Some(bytes) = state.get(GENERATED_KEY_FILE).await.map_err(|e| RunError::Config(e.to_string()))? {
+                return PseudonymKey::from_text(&String::from_utf8_lossy(&bytes)).map_err(RunError::Config);
+            }
+            let key = PseudonymKey::generate().map_err(RunError::Config)?;
+            // Two pipelines sharing a state location may race here: the first wins,
+            // the other reads the winner's key.
+            match state.create(GENERATED_KEY_FILE, key.to_hex().into_bytes().into()).await? {
+                Ok(()) => {
+                    tracing::info!(location = %state.location(), "generated a pseudonym key in the state location; back it up with the state");
+                    Ok(key)
+                }
+                Err(_) => {
+                    let bytes = state.get(GENERATED_KEY_FILE).await?.unwrap_or_default();
+                    PseudonymKey::from_text(&String::from_utf8_lossy(&bytes)).map_err(RunError::Config)
+                }
+            }
+        }
+    }
+}
+
+/// The publisher settings of a pipeline.
+pub fn settings(pipeline: &Pipeline, keyer: &Keyer) -> Settings {
+    let publish = &pipeline.spec.publish;
+    let partition_by = publish.partition_by.as_ref().map(|p| {
+        let column = &p.value.column;
+        let published = pipeline.rule(column).and_then(|r| r.rename.clone()).unwrap_or_else(|| column.clone());
+        (published, p.value.by)
+    });
+    Settings {
+        dataset: pipeline.id().to_string(),
+        formats: publish.formats.value.clone(),
+        partition_by,
+        keep_versions: publish.keep_versions.value,
+        rules_digest: digest_file(&pipeline.rules_file),
+        key_fingerprint: keyer.fingerprint(),
+    }
+}
+
+/// Opens the stores, the pseudonym key and the publisher of a pipeline.
+pub async fn open(pipeline: &Pipeline) -> Result<(Publisher, publish::Recovered, Keyer, PseudonymKey), RunError> {
+    let store = pipeline.store.open()?;
+    let state = pipeline.state.open()?;
+    let key = pseudonym_key(pipeline, &state).await?;
+    let keyer = Keyer::new(&key);
+    let settings = settings(pipeline, &keyer);
+    let (publisher, recovered) = Publisher::open(settings, store, state).await?;
+    Ok((publisher, recovered, keyer, key))
+}
+
+/// The source of a pipeline, before start.
+pub fn files_source(pipeline: &Pipeline, known: BTreeMap<String, oppen_connector_api::ColumnType>, once: bool) -> Result<FilesSource, RunError> {
+    let SourceConfig::Files(config) = &pipeline.spec.source.value;
+    let hints = SourceHints { column_types: pipeline.column_types(), known_types: known };
+    let source = FilesSource::new(config.clone(), hints)?;
+    Ok(if once { source.without_settling() } else { source })
+}
+
+fn retry_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_max_times(8)
+        .with_jitter()
+}
+
+/// Runs one pipeline until the source is done (`once`) or `stop` turns true.
+pub async fn run(pipeline: &Pipeline, options: &RunOptions, mut stop: watch::Receiver<bool>) -> Result<RunSummary, RunError> {
+    let dataset = pipeline.id().to_string();
+    let (mut publisher, recovered, _keyer, key) = open(pipeline).await?;
+    if recovered.version > 0 {
+        tracing::info!(dataset, version = recovered.version, rows = recovered.rows, position = ?recovered.position.as_ref().map(ToString::to_string), "resuming from committed version");
+    }
+    let mut source = files_source(pipeline, recovered.source_types.clone(), options.once)?;
+    source.start(recovered.position.clone()).await?;
+    let progress = progress_bar(options.progress, &dataset);
+    let mut summary = RunSummary { suppressed: vec![0; pipeline.rules.rows.len()], ..RunSummary::default() };
+    let mut classifier: Option<Classifier> = None;
+    let interval = Duration::from_secs_f64(pipeline.spec.publish.interval_seconds);
+    let max_changes = pipeline.spec.publish.max_changes;
+    let mut first_pending: Option<Instant> = None;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let event = next_event(&mut source, &dataset).await?;
+        match event {
+            SourceEvent::Batch(batch) => {
+                let schema = batch.data.schema();
+                if classifier.as_ref().is_none_or(|c| c.source_schema() != &schema) {
+                    let compiled = Classifier::compile(pipeline, schema.clone(), &key)
+                        .map_err(|d| RunError::Config(format!("{d}")))?;
+                    for column in &compiled.unclassified {
+                        tracing::warn!(dataset, column, "column has no rule and is not published (unclassified: drop)");
+                    }
+                    classifier = Some(compiled);
+                }
+                let Some(c) = classifier.as_ref() else { continue };
+                let classified = tokio::task::block_in_place(|| c.classify(&batch))?;
+                summary.rows_read += batch.num_rows() as u64;
+                for (total, n) in summary.suppressed.iter_mut().zip(classified.suppressed_counts(pipeline.rules.rows.len())) {
+                    *total += n;
+                }
+                summary.values_redacted += classified.values_redacted;
+                summary.unclassified.clone_from(&c.unclassified);
+                let source_types = source.schema().map(|s| oppen_connector_files::known_types(&s)).unwrap_or_default();
+                publisher.set_source_info(source_types, c.unclassified.clone());
+                publisher.stage(classified, batch.kind, batch.end_of_transaction, batch.position, batch.commit_time)?;
+                first_pending.get_or_insert_with(Instant::now);
+                if let Some(p) = &progress {
+                    p.inc(batch.data.num_rows() as u64);
+                }
+                let due = publisher.snapshot_complete()
+                    || publisher.pending_rows() >= max_changes
+                    || first_pending.is_some_and(|t| t.elapsed() >= interval);
+                if due && publisher.at_boundary() {
+                    commit(&mut publisher, &mut source, &mut summary, &dataset).await?;
+                    first_pending = None;
+                }
+            }
+            SourceEvent::Rejected(rejection) => {
+                summary.rejected += 1;
+                tracing::error!(dataset, what = rejection.what, moved_to = rejection.moved_to.as_deref().unwrap_or("-"), reason = rejection.reason, "input rejected; the pipeline goes on");
+            }
+            SourceEvent::Idle => {
+                if publisher.pending_rows() > 0 && publisher.at_boundary() {
+                    commit(&mut publisher, &mut source, &mut summary, &dataset).await?;
+                    first_pending = None;
+                }
+                if options.once {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+    // Shutdown (or the end of a --once run): commit what is held, if whole.
+    if publisher.pending_rows() > 0 && publisher.at_boundary() {
+        commit(&mut publisher, &mut source, &mut summary, &dataset).await?;
+    }
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
+    Ok(summary)
+}
+
+/// The source's next event, retrying transient failures with backoff and jitter.
+async fn next_event(source: &mut FilesSource, dataset: &str) -> Result<SourceEvent, RunError> {
+    let mut delays = retry_policy().build();
+    loop {
+        match source.next().await {
+            Ok(event) => return Ok(event),
+            Err(e) if e.is_retryable() => {
+                let Some(delay) = delays.next() else { return Err(e.into()) };
+                tracing::warn!(dataset, error = %e, retry_in = ?delay, "source failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn commit(publisher: &mut Publisher, source: &mut FilesSource, summary: &mut RunSummary, dataset: &str) -> Result<(), RunError> {
+    let started = Instant::now();
+    let mut delays = retry_policy().build();
+    let committed = loop {
+        match publisher.commit().await {
+            Ok(c) => break c,
+            // A conflict means another publisher writes this dataset: not ours to retry.
+            Err(e) if e.is_retryable() && !matches!(e, publish::PublishError::Conflict { .. }) => {
+                let Some(delay) = delays.next() else { return Err(e.into()) };
+                tracing::warn!(dataset, error = %e, retry_in = ?delay, "commit failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if let Some(c) = committed {
+        tracing::info!(
+            dataset, version = c.version, rows = c.rows, inserts = c.inserts, updates = c.updates, deletes = c.deletes,
+            partitions = c.partitions_written, ms = started.elapsed().as_millis() as u64, "published version"
+        );
+        if let Some(position) = &c.position {
+            source.ack(position).await?;
+        }
+        summary.versions.push(c);
+    }
+    Ok(())
+}
+
+fn progress_bar(enabled: bool, dataset: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    let style = indicatif::ProgressStyle::with_template("{spinner} {prefix}: {human_pos} rows ({per_sec}) {elapsed}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+    bar.set_style(style);
+    bar.set_prefix(dataset.to_string());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    Some(bar)
+}
