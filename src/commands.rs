@@ -31,11 +31,22 @@ pub enum CommandError {
 
 type Result<T> = std::result::Result<T, CommandError>;
 
+/// Whether a path names a rules file (`*.rules.yaml`), which is read through its
+/// pipeline: `oppen run pipelines/*.yaml` then does the right thing.
+pub fn is_rules_file(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".rules.yaml") || n.ends_with(".rules.yml"))
+}
+
+/// The pipeline files among `files`.
+fn pipeline_files(files: &[PathBuf]) -> impl Iterator<Item = &PathBuf> {
+    files.iter().filter(|f| !is_rules_file(f))
+}
+
 /// Loads every pipeline, reporting all problems of all files at once.
 pub fn load_all(files: &[PathBuf]) -> Result<Vec<Pipeline>> {
     let mut pipelines = Vec::new();
     let mut problems = Diagnostics::default();
-    for file in files {
+    for file in pipeline_files(files) {
         match config::load(file) {
             Ok(p) => pipelines.push(p),
             Err(d) => problems.0.extend(d.0),
@@ -91,7 +102,7 @@ async fn wait_for_signal() {
 pub async fn run(files: &[PathBuf], once: bool) -> Result<ExitCode> {
     let pipelines = load_all(files)?;
     let stop = stop_on_signals();
-    let options = RunOptions { once, progress: true };
+    let options = RunOptions { once, progress: true, settle: None };
     let tasks: Vec<_> = pipelines
         .into_iter()
         .map(|pipeline| {
@@ -146,7 +157,7 @@ fn peek_columns(pipeline: &Pipeline) -> Option<(String, std::result::Result<Reco
 /// against the newest file's columns too.
 pub fn check(files: &[PathBuf]) -> Result<ExitCode> {
     let mut ok = true;
-    for file in files {
+    for file in pipeline_files(files) {
         let pipeline = match config::load(file) {
             Ok(p) => p,
             Err(d) => {

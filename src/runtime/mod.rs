@@ -49,6 +49,9 @@ pub struct RunOptions {
     pub once: bool,
     /// Show a progress bar (only drawn on a terminal).
     pub progress: bool,
+    /// How long export files must be unchanged before they are read; `None`
+    /// keeps the pipeline's setting (and `once` reads at once).
+    pub settle: Option<Duration>,
 }
 
 /// What a run did, for the caller and for tests.
@@ -147,11 +150,11 @@ pub async fn open(pipeline: &Pipeline) -> Result<(Publisher, publish::Recovered,
 }
 
 /// The source of a pipeline, before start.
-pub fn files_source(pipeline: &Pipeline, known: BTreeMap<String, oppen_connector_api::ColumnType>, once: bool) -> Result<FilesSource, RunError> {
+pub fn files_source(pipeline: &Pipeline, known: BTreeMap<String, oppen_connector_api::ColumnType>, settle_now: bool) -> Result<FilesSource, RunError> {
     let SourceConfig::Files(config) = &pipeline.spec.source.value;
     let hints = SourceHints { column_types: pipeline.column_types(), known_types: known };
     let source = FilesSource::new(config.clone(), hints)?;
-    Ok(if once { source.without_settling() } else { source })
+    Ok(if settle_now { source.without_settling() } else { source })
 }
 
 fn retry_policy() -> ExponentialBuilder {
@@ -169,7 +172,8 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions, mut stop: watch::Rec
     if recovered.version > 0 {
         tracing::info!(dataset, version = recovered.version, rows = recovered.rows, position = ?recovered.position.as_ref().map(ToString::to_string), "resuming from committed version");
     }
-    let mut source = files_source(pipeline, recovered.source_types.clone(), options.once)?;
+    let settle_now = options.once || options.settle.is_some_and(|d| d.is_zero());
+    let mut source = files_source(pipeline, recovered.source_types.clone(), settle_now)?;
     source.start(recovered.position.clone()).await?;
     let progress = progress_bar(options.progress, &dataset);
     let mut summary = RunSummary { suppressed: vec![0; pipeline.rules.rows.len()], ..RunSummary::default() };
