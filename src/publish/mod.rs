@@ -162,6 +162,11 @@ pub struct Publisher {
     pending: Pending,
     unclassified: Vec<String>,
     source_types: BTreeMap<String, ColumnType>,
+    /// Files each kept version references: (public, private), full paths.
+    references: BTreeMap<u64, (Vec<String>, Vec<String>)>,
+    /// The highest version named by an unreferenced file newer than the newest
+    /// version (left by a crashed commit), to remove once that version exists.
+    orphans_up_to: Option<u64>,
 }
 
 fn store_err(store: &Store) -> impl Fn(object_store::Error) -> PublishError + '_ {
@@ -188,6 +193,8 @@ impl Publisher {
             pending: Pending::default(),
             unclassified: Vec::new(),
             source_types: BTreeMap::new(),
+            references: BTreeMap::new(),
+            orphans_up_to: None,
         };
         let recovered = publisher.recover().await?;
         Ok((publisher, recovered))
@@ -218,7 +225,7 @@ impl Publisher {
 
     async fn recover(&mut self) -> Result<Recovered> {
         let Some(&newest) = self.versions().await?.last() else {
-            self.collect_garbage(&[]).await?;
+            self.collect_garbage().await?;
             return Ok(Recovered::default());
         };
         let version = self.read_version(newest).await?;
@@ -280,7 +287,8 @@ impl Publisher {
         self.source_types = state.source_types.clone();
         self.repair_pointer(&version).await?;
         let kept = self.kept_versions().await?;
-        self.collect_garbage(&kept).await?;
+        self.load_references(&kept).await?;
+        self.collect_garbage().await?;
         Ok(Recovered {
             version: newest,
             position: version.source_position.clone(),
@@ -510,8 +518,12 @@ impl Publisher {
             // Nothing published changes, but the source moved on.
             return Ok(None);
         }
-        // Deterministic order in files: by batch and row.
+        // Deterministic order in files (the same input gives the same bytes): new
+        // rows in source order.
         change_rows.sort_unstable_by_key(|&(b, r, _)| (b, r));
+        for rows in added_to.values_mut() {
+            rows.sort_unstable();
+        }
         let touched: HashSet<u32> = if schema_changed {
             old.keys().copied().chain(added_to.keys().copied()).collect()
         } else {
@@ -726,6 +738,9 @@ impl Publisher {
         }
         self.schema = Some(target);
         self.version = version;
+        let public_refs = manifest.files().map(|f| self.path(&f.path)).collect();
+        let private_refs = all.values().map(|(state_file, _)| self.path(&state_file.path)).collect();
+        self.references.insert(version, (public_refs, private_refs));
 
         // The version is committed: what follows only tidies up. A failure here is
         // repaired at the next start (pointer, latest/) or the next retention run.
@@ -744,7 +759,7 @@ impl Publisher {
         })
     }
 
-    async fn after_commit(&self, pointer: Bytes, latest: Vec<(String, Bytes)>, emptied: Vec<String>) -> Result<()> {
+    async fn after_commit(&mut self, pointer: Bytes, latest: Vec<(String, Bytes)>, emptied: Vec<String>) -> Result<()> {
         self.store.put(&self.path("manifest.json"), pointer).await.map_err(store_err(&self.store))?;
         put_all(&self.store, latest).await?;
         for name in emptied {
@@ -753,7 +768,12 @@ impl Publisher {
                 self.store.delete(&path).await.map_err(store_err(&self.store))?;
             }
         }
-        self.apply_retention().await
+        let removed = self.apply_retention().await?;
+        // Files of a crashed attempt at this version (or earlier) are garbage now.
+        if removed || self.orphans_up_to.is_some_and(|v| v <= self.version) {
+            self.collect_garbage().await?;
+        }
+        Ok(())
     }
 
     async fn kept_versions(&self) -> Result<Vec<u64>> {
@@ -762,55 +782,69 @@ impl Publisher {
         Ok(versions[versions.len().saturating_sub(keep)..].to_vec())
     }
 
-    /// Deletes versions beyond `keep_versions`, then every file no kept version
-    /// references.
-    async fn apply_retention(&self) -> Result<()> {
-        let versions = self.versions().await?;
-        let keep = self.settings.keep_versions as usize;
-        if versions.len() <= keep {
-            return Ok(());
-        }
-        let (old, kept) = versions.split_at(versions.len() - keep);
-        for v in old {
-            let name = format!("versions/{}.json", version_name(*v));
-            self.store.delete(&self.path(&name)).await.map_err(store_err(&self.store))?;
-            self.state_store.delete(&self.path(&name)).await.map_err(store_err(&self.state_store))?;
-        }
-        self.collect_garbage(kept).await
-    }
-
-    /// Deletes data, change and state files that no kept version references,
-    /// sparing any newer than the newest version (a commit may be under way).
-    async fn collect_garbage(&self, kept: &[u64]) -> Result<()> {
-        let mut public: HashSet<String> = HashSet::new();
-        let mut private: HashSet<String> = HashSet::new();
+    /// Remembers which files kept versions reference, reading their manifests.
+    async fn load_references(&mut self, kept: &[u64]) -> Result<()> {
         for v in kept {
-            public.extend(self.read_version(*v).await?.files().map(|f| self.path(&f.path)));
+            let public = self.read_version(*v).await?.files().map(|f| self.path(&f.path)).collect();
             let path = self.path(&format!("versions/{}.json", version_name(*v)));
+            let mut private = Vec::new();
             if let Some(bytes) = self.state_store.get(&path).await.map_err(store_err(&self.state_store))? {
                 if let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes) {
                     private.extend(s.partitions.values().map(|f| self.path(&f.path)));
                 }
             }
+            self.references.insert(*v, (public, private));
         }
-        let newest = kept.last().copied().unwrap_or(0);
-        let collectable = |path: &str| {
-            let file = path.rsplit('/').next().unwrap_or_default();
-            file.get(..20).and_then(|v| v.parse::<u64>().ok()).is_some_and(|v| v <= newest)
-        };
+        Ok(())
+    }
+
+    /// Deletes versions beyond `keep_versions`. Returns whether any went.
+    async fn apply_retention(&mut self) -> Result<bool> {
+        let versions = self.versions().await?;
+        let keep = self.settings.keep_versions as usize;
+        if versions.len() <= keep {
+            return Ok(false);
+        }
+        let (old, _) = versions.split_at(versions.len() - keep);
+        for v in old {
+            let name = format!("versions/{}.json", version_name(*v));
+            self.store.delete(&self.path(&name)).await.map_err(store_err(&self.store))?;
+            self.state_store.delete(&self.path(&name)).await.map_err(store_err(&self.state_store))?;
+            self.references.remove(v);
+        }
+        Ok(true)
+    }
+
+    /// Deletes data, change and state files that no kept version references,
+    /// sparing any named for a version after the newest (a commit may be under
+    /// way); those are remembered and removed once that version is committed.
+    async fn collect_garbage(&mut self) -> Result<()> {
+        let public: HashSet<&String> = self.references.values().flat_map(|(p, _)| p).collect();
+        let private: HashSet<&String> = self.references.values().flat_map(|(_, p)| p).collect();
+        let newest = self.version;
+        let mut later: Option<u64> = None;
         for (store, prefixes, referenced) in [
-            (&self.store, vec!["data", "changes"], &public),
-            (&self.state_store, vec!["partitions"], &private),
+            (&self.store, ["data", "changes"].as_slice(), &public),
+            (&self.state_store, ["partitions"].as_slice(), &private),
         ] {
             for prefix in prefixes {
                 for path in store.list(&self.path(prefix)).await.map_err(store_err(store))? {
-                    if !referenced.contains(&path) && collectable(&path) {
-                        tracing::debug!(path, "removing unreferenced file");
-                        store.delete(&path).await.map_err(store_err(store))?;
+                    if referenced.contains(&path) {
+                        continue;
+                    }
+                    let file = path.rsplit('/').next().unwrap_or_default();
+                    match file.get(..20).and_then(|v| v.parse::<u64>().ok()) {
+                        Some(v) if v <= newest => {
+                            tracing::debug!(path, "removing unreferenced file");
+                            store.delete(&path).await.map_err(store_err(store))?;
+                        }
+                        Some(v) => later = later.max(Some(v)),
+                        None => {}
                     }
                 }
             }
         }
+        self.orphans_up_to = later;
         Ok(())
     }
 }

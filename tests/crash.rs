@@ -1,0 +1,115 @@
+//! Crash recovery: a publisher killed between writing data files and creating the
+//! version manifest (and just after creating it), then restarted, publishes every
+//! change exactly once, and a reader never sees a partial version.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use support::Workspace;
+
+const EXPORTS: [&str; 3] = ["export-2025-01.csv", "export-2025-02.csv", "export-2025-03.csv"];
+
+/// Polls the store while a test runs and records the first partial version seen.
+struct Reader {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<(usize, Option<String>)>,
+}
+
+impl Reader {
+    fn start(published: std::path::PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut checks = 0;
+            while !flag.load(Ordering::Relaxed) {
+                if let Err(e) = support::check_whole(&published) {
+                    return (checks, Some(e));
+                }
+                checks += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            (checks, None)
+        });
+        Self { stop, handle }
+    }
+
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let (checks, problem) = self.handle.join().unwrap();
+        assert_eq!(problem, None, "a reader saw a partial version");
+        checks
+    }
+}
+
+/// (version, inserts, updates, deletes, rows) of every version.
+fn history(ws: &Workspace) -> Vec<(u64, u64, u64, u64, u64)> {
+    ws.versions()
+        .into_iter()
+        .map(|v| {
+            let m = ws.version(v);
+            (v, m.changes.inserts, m.changes.updates, m.changes.deletes, m.rows)
+        })
+        .collect()
+}
+
+fn clean_history() -> (Vec<(u64, u64, u64, u64, u64)>, Vec<u8>) {
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    for f in EXPORTS {
+        ws.drop_export("leverantorsfakturor", f);
+    }
+    let out = ws.oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (history(&ws), std::fs::read(ws.published().join("latest/2025-03.csv")).unwrap())
+}
+
+fn crash_and_recover(failpoint: &str) {
+    let (expected, expected_latest) = clean_history();
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    // Same pseudonym key as nothing else matters for published content.
+    for f in EXPORTS {
+        ws.drop_export("leverantorsfakturor", f);
+    }
+    let reader = Reader::start(ws.published());
+    let mut crashes = 0;
+    // Each run crashes at its first commit; with the failpoint off, the rest goes through.
+    for _ in 0..3 {
+        let out = ws.oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[("OPPEN_FAILPOINT", failpoint)]);
+        assert!(!out.status.success(), "the failpoint did not fire");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("failpoint {failpoint}")));
+        crashes += 1;
+        assert!(support::check_whole(&ws.published()).is_ok());
+    }
+    let out = ws.oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(reader.finish() > 0);
+    assert_eq!(crashes, 3);
+    // Exactly the versions and changes of a run that never crashed.
+    assert_eq!(history(&ws), expected);
+    let latest = std::fs::read(ws.published().join("latest/2025-03.csv")).unwrap();
+    assert!(latest == expected_latest, "latest/2025-03.csv differs from a run without crashes");
+    // The pointer names the newest version, and no file is left unreferenced.
+    let pointer = support::read_manifest(&ws.published().join("manifest.json")).unwrap();
+    assert_eq!(pointer.version, 3);
+    let referenced: std::collections::HashSet<String> = ws
+        .versions()
+        .into_iter()
+        .flat_map(|v| ws.version(v).files().map(|f| f.path.clone()).collect::<Vec<_>>())
+        .collect();
+    for file in support::walk(&ws.published().join("data")).into_iter().chain(support::walk(&ws.published().join("changes"))) {
+        let relative = file.strip_prefix(ws.published()).unwrap().to_string_lossy().to_string();
+        assert!(referenced.contains(&relative), "{relative} is left behind");
+    }
+}
+
+#[test]
+fn killed_before_the_version_manifest() {
+    crash_and_recover("before-version-manifest");
+}
+
+#[test]
+fn killed_after_the_version_manifest() {
+    crash_and_recover("after-version-manifest");
+}

@@ -1,0 +1,150 @@
+//! The supplier-invoice exports (three encodings) through the example pipeline.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Int64Type;
+use support::Workspace;
+
+const EXPORTS: [&str; 3] = ["export-2025-01.csv", "export-2025-02.csv", "export-2025-03.csv"];
+
+/// The rows a correct pipeline publishes from the final dump, computed from the
+/// planted truth (not from oppen's detectors): every row whose supplier id is not
+/// a planted personal number and whose account is not 4690.
+fn expected_keys() -> Vec<i64> {
+    let truth = support::planted_identifiers();
+    let bytes = std::fs::read(support::examples().join("data/leverantorsfakturor/export-2025-03.csv")).unwrap();
+    let text: String = bytes.iter().map(|&b| b as char).collect(); // Latin-1
+    let mut reader = csv::ReaderBuilder::new().delimiter(b';').from_reader(text.as_bytes());
+    let header: Vec<String> = reader.headers().unwrap().iter().map(str::to_string).collect();
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let (id, supplier, account) = (col("verifikationsnummer"), col("leverantor_id"), col("konto_nr"));
+    let mut keys: Vec<i64> = reader
+        .records()
+        .map(Result::unwrap)
+        .filter(|r| !truth.contains(&r[supplier].to_string()) && &r[account] != "4690")
+        .map(|r| r[id].parse().unwrap())
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+fn published_keys(ws: &Workspace, version: u64, format: &str) -> Vec<i64> {
+    let rows = ws.rows(version, format);
+    let ids = rows.column_by_name("verifikationsnummer").unwrap();
+    let ids = arrow::compute::cast(ids, &arrow::datatypes::DataType::Int64).unwrap();
+    let mut keys: Vec<i64> = ids.as_primitive::<Int64Type>().iter().map(Option::unwrap).collect();
+    keys.sort_unstable();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_encodings_publish_exactly_the_expected_rows() {
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    for file in EXPORTS {
+        ws.drop_export("leverantorsfakturor", file);
+    }
+    let summary = ws.run_once().await.unwrap();
+
+    // One version per export file, each recording its file.
+    assert_eq!(ws.versions(), vec![1, 2, 3]);
+    assert_eq!(summary.versions.len(), 3);
+    for (v, file) in EXPORTS.iter().enumerate() {
+        let version = ws.version(v as u64 + 1);
+        match version.source_position {
+            Some(oppen_connector_api::Position::File { name, sha256 }) => {
+                assert_eq!(&name, file);
+                assert_eq!(sha256.len(), 64);
+            }
+            other => panic!("version {} has position {other:?}", v + 1),
+        }
+    }
+
+    let expected = expected_keys();
+    let counts: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(support::examples().join("data/leverantorsfakturor/EXPECTED.json")).unwrap()).unwrap();
+    assert_eq!(counts["rows_in_final_dump"], 3528);
+    // The planted truth and EXPECTED.json agree; suppressed rows overlap (sole traders on 4690).
+    let final_version = ws.version(3);
+    assert_eq!(final_version.rows as usize, expected.len());
+    assert_eq!(published_keys(&ws, 3, "csv"), expected);
+    assert_eq!(published_keys(&ws, 3, "parquet"), expected);
+
+    // The Parquet file is typed as the rules say; the CSV is plain UTF-8 with a comma.
+    let parquet = ws.rows(3, "parquet");
+    let schema = parquet.schema();
+    assert_eq!(schema.field_with_name("belopp").unwrap().data_type(), &arrow::datatypes::DataType::Decimal128(18, 2));
+    assert_eq!(schema.field_with_name("bokforingsdatum").unwrap().data_type(), &arrow::datatypes::DataType::Date32);
+    assert!(schema.field_with_name("handlaggare_epost").is_err(), "dropped column published");
+    assert!(schema.field_with_name("_key").is_err(), "private key published");
+    let csv = std::fs::read_to_string(ws.published().join("latest/2025-01.csv")).unwrap();
+    assert!(csv.starts_with("verifikationsnummer,fakturanummer,bokforingsdatum,organisationsenhet,"));
+    assert!(!csv.contains('\r'));
+
+    // No planted identifier anywhere in what is published.
+    let published = ws.all_published_bytes();
+    let text = String::from_utf8_lossy(&published);
+    for id in support::planted_identifiers() {
+        assert!(!text.contains(&id), "{id} is published");
+        let digits: String = id.chars().filter(char::is_ascii_digit).collect();
+        if digits.len() >= 10 {
+            assert!(!text.contains(&digits), "{id} is published without separator");
+        }
+    }
+
+    // Partitions by month; latest/ holds each one.
+    assert_eq!(final_version.partitions.keys().cloned().collect::<Vec<_>>(), vec!["2025-01", "2025-02", "2025-03"]);
+    for p in ["2025-01", "2025-02", "2025-03"] {
+        assert!(ws.published().join(format!("latest/{p}.parquet")).exists());
+    }
+    assert_eq!(support::check_whole(&ws.published()), Ok(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processed_file_is_not_read_again_and_unchanged_data_makes_no_version() {
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    ws.drop_export("leverantorsfakturor", EXPORTS[0]);
+    ws.run_once().await.unwrap();
+    assert_eq!(ws.versions(), vec![1]);
+    // Restart: nothing new.
+    let summary = ws.run_once().await.unwrap();
+    assert_eq!(summary.rows_read, 0);
+    assert_eq!(ws.versions(), vec![1]);
+    // The same content under a later name: read, but nothing changes, so no version.
+    let bytes = std::fs::read(ws.inbox.join(EXPORTS[0])).unwrap();
+    ws.write_export("export-2025-01b.csv", &bytes);
+    let summary = ws.run_once().await.unwrap();
+    assert!(summary.rows_read > 0);
+    assert_eq!(ws.versions(), vec![1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_dump_rewrites_only_the_changed_partitions() {
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    ws.drop_export("leverantorsfakturor", EXPORTS[2]);
+    ws.run_once().await.unwrap();
+    let before = ws.version(1);
+    // Correct one amount in a March posting: only the March partition changes.
+    let bytes = std::fs::read(ws.inbox.join(EXPORTS[2])).unwrap();
+    let text: String = bytes.iter().map(|&b| b as char).collect();
+    let line = text.lines().find(|l| l.contains(";2025-03-") && !l.contains(";4690;")).unwrap().to_string();
+    let mut fields: Vec<&str> = line.split(';').collect();
+    fields[8] = "12345,67";
+    let changed = text.replacen(&line, &fields.join(";"), 1);
+    ws.write_export("export-2025-04.csv", changed.as_bytes());
+    let summary = ws.run_once().await.unwrap();
+    let c = &summary.versions[0];
+    let after = ws.version(2);
+    assert_eq!((c.inserts, c.updates, c.deletes), (0, 1, 0));
+    assert_eq!(c.partitions_written, 1);
+    assert_eq!(after.partitions["2025-01"], before.partitions["2025-01"]);
+    assert_eq!(after.partitions["2025-02"], before.partitions["2025-02"]);
+    assert_ne!(after.partitions["2025-03"], before.partitions["2025-03"]);
+    // The change file holds the one update.
+    let changes = support::read_file(&ws.published().join(&after.changes.files.values().next().unwrap().path));
+    assert_eq!(changes.num_rows(), 1);
+    let op = changes.column_by_name("op").unwrap().as_string::<i32>();
+    assert_eq!(op.value(0), "update");
+    assert!(op.is_valid(0));
+}

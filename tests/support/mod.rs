@@ -1,0 +1,194 @@
+//! Test harness: example pipelines copied into a temporary folder, helpers to run
+//! them in process or as the `oppen` binary, and readers for what they publish.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use arrow::array::RecordBatch;
+use oppen::publish::manifest::{Version, VersionManifest, parse_version_path};
+
+/// The repository's `pipelines/` folder.
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines")
+}
+
+/// A temporary copy of one example pipeline with its rules and an empty export
+/// folder; exports are added with [`Workspace::drop_export`].
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    pub pipeline: PathBuf,
+    pub inbox: PathBuf,
+    pub dataset: String,
+}
+
+impl Workspace {
+    /// Copies `<name>.yaml` and `<name>.rules.yaml`; the export folder is empty.
+    pub fn new(name: &str, data_folder: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for file in [format!("{name}.yaml"), format!("{name}.rules.yaml")] {
+            std::fs::copy(examples().join(&file), dir.path().join(&file)).unwrap();
+        }
+        let inbox = dir.path().join("data").join(data_folder);
+        std::fs::create_dir_all(&inbox).unwrap();
+        Self { pipeline: dir.path().join(format!("{name}.yaml")), inbox, dataset: name.to_string(), dir }
+    }
+
+    /// Copies a sample export into the export folder.
+    pub fn drop_export(&self, data_folder: &str, file: &str) {
+        std::fs::copy(examples().join("data").join(data_folder).join(file), self.inbox.join(file)).unwrap();
+    }
+
+    /// Writes an export with the given content.
+    pub fn write_export(&self, file: &str, content: &[u8]) {
+        std::fs::write(self.inbox.join(file), content).unwrap();
+    }
+
+    pub fn published(&self) -> PathBuf {
+        self.dir.path().join("published").join(&self.dataset)
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Replaces text in the rules file.
+    pub fn edit_rules(&self, from: &str, to: &str) {
+        let path = self.dir.path().join(format!("{}.rules.yaml", self.dataset));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "rules do not contain {from:?}");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+    }
+
+    /// Runs the pipeline once in process.
+    pub async fn run_once(&self) -> Result<oppen::runtime::RunSummary, oppen::runtime::RunError> {
+        let pipeline = oppen::config::load(&self.pipeline).unwrap_or_else(|d| panic!("{d}"));
+        let options = oppen::runtime::RunOptions { once: true, progress: false, settle: None };
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        oppen::runtime::run(&pipeline, &options, rx).await
+    }
+
+    /// Runs `oppen` as a process in this folder.
+    pub fn oppen(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"));
+        command.args(args).current_dir(self.dir.path()).env("RUST_LOG", "warn");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().unwrap()
+    }
+
+    /// Committed version numbers.
+    pub fn versions(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = std::fs::read_dir(self.published().join("versions"))
+            .map(|d| d.filter_map(|e| parse_version_path(&e.ok()?.file_name().into_string().ok()?)).collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn version(&self, v: u64) -> Version {
+        read_manifest(&self.published().join(format!("versions/{v:020}.json"))).unwrap()
+    }
+
+    /// Every row of a version in one format, read back from the published files.
+    pub fn rows(&self, v: u64, format: &str) -> RecordBatch {
+        let version = self.version(v);
+        let batches: Vec<RecordBatch> = version
+            .partitions
+            .values()
+            .map(|p| {
+                let file = p.files.iter().find(|(f, _)| format!("{f:?}").eq_ignore_ascii_case(format)).unwrap().1;
+                read_file(&self.published().join(&file.path))
+            })
+            .collect();
+        arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+    }
+
+    /// All bytes of every published file, concatenated (to search for leaks).
+    pub fn all_published_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for entry in walk(&self.dir.path().join("published")) {
+            out.extend(std::fs::read(entry).unwrap());
+        }
+        out
+    }
+}
+
+/// Files below a folder.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out
+}
+
+pub fn read_manifest(path: &Path) -> Option<Version> {
+    let bytes = std::fs::read(path).ok()?;
+    let m: VersionManifest = serde_json::from_slice(&bytes).ok()?;
+    Some(m.version().clone())
+}
+
+/// Reads a published Parquet or CSV file.
+pub fn read_file(path: &Path) -> RecordBatch {
+    let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+    if path.extension().is_some_and(|e| e == "parquet") {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1 << 20).unwrap();
+        let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+        arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+    } else {
+        let format = arrow::csv::reader::Format::default().with_header(true);
+        let (schema, _) = format.infer_schema(std::io::Cursor::new(&bytes), None).unwrap();
+        let schema = std::sync::Arc::new(schema);
+        let reader = arrow::csv::ReaderBuilder::new(schema.clone()).with_header(true).build(std::io::Cursor::new(bytes)).unwrap();
+        let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+        arrow::compute::concat_batches(&schema, &batches).unwrap()
+    }
+}
+
+/// Every identifier planted in the sample data.
+pub fn planted_identifiers() -> Vec<String> {
+    let truth: serde_json::Value = serde_json::from_slice(&std::fs::read(examples().join("data/truth.json")).unwrap()).unwrap();
+    truth
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|v| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// Checks that every visible version is whole: its manifest parses and every
+/// file it names exists with the recorded size and checksum, and that
+/// `manifest.json` names a whole version. Returns a description of the first
+/// problem.
+pub fn check_whole(published: &Path) -> Result<usize, String> {
+    use sha2::Digest;
+    let mut seen = 0;
+    let Ok(entries) = std::fs::read_dir(published.join("versions")) else { return Ok(0) };
+    for e in entries.flatten() {
+        let path = e.path();
+        // Only `<v>.json` names are versions (the local store stages writes under
+        // other names, which its listing hides).
+        if e.file_name().to_str().and_then(parse_version_path).is_none() {
+            continue;
+        }
+        let Some(version) = read_manifest(&path) else {
+            return Err(format!("{} does not parse", path.display()));
+        };
+        for f in version.files() {
+            let bytes = std::fs::read(published.join(&f.path)).map_err(|err| format!("version {} names {}: {err}", version.version, f.path))?;
+            if bytes.len() as u64 != f.bytes || hex::encode(sha2::Sha256::digest(&bytes)) != f.sha256 {
+                return Err(format!("version {}: {} differs from its manifest", version.version, f.path));
+            }
+        }
+        seen += 1;
+    }
+    if let Some(pointer) = read_manifest(&published.join("manifest.json")) {
+        if !published.join(format!("versions/{:020}.json", pointer.version)).exists() {
+            return Err(format!("manifest.json points to version {} which does not exist", pointer.version));
+        }
+    }
+    Ok(seen)
+}
