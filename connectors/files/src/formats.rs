@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use arrow::array::{StringArray, StringBuilder};
+use arrow::array::{Array, StringArray, StringBuilder};
 use serde_json::{Map, Value};
 
 /// An export file read as text columns, before typing.
@@ -77,11 +77,21 @@ pub fn read_csv(text: &str, separator: u8) -> Result<(RawTable, Vec<RowProblem>)
     let mut locations = Vec::with_capacity(estimated_rows);
     let mut problems = Vec::new();
     let mut record = csv::StringRecord::new();
+    let lines = LineIndex::new(text);
+    // The reader leaves a record's position on the line end before it.
+    let line_of = |p: &csv::Position| {
+        let mut byte = p.byte() as usize;
+        let b = text.as_bytes();
+        while byte < b.len() && (b[byte] == b'\n' || b[byte] == b'\r') {
+            byte += 1;
+        }
+        lines.line(byte as u64)
+    };
     loop {
         match reader.read_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {
-                let line = record.position().map_or(0, |p| p.line());
+                let line = record.position().map_or(0, line_of);
                 if record.len() == 1 && record.get(0).is_some_and(|f| f.trim().is_empty()) {
                     continue; // a blank line
                 }
@@ -103,7 +113,7 @@ pub fn read_csv(text: &str, separator: u8) -> Result<(RawTable, Vec<RowProblem>)
                 locations.push(line);
             }
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
+                let line = e.position().map_or(0, line_of);
                 return Err(format!("line {line}: {e}"));
             }
         }
@@ -117,6 +127,32 @@ pub fn read_csv(text: &str, separator: u8) -> Result<(RawTable, Vec<RowProblem>)
         },
         problems,
     ))
+}
+
+/// Line numbers from byte offsets, with `\n`, `\r\n` and a lone `\r` all
+/// ending a line (the CSV reader itself counts only `\n`).
+struct LineIndex {
+    starts: Vec<u64>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let bytes = text.as_bytes();
+        let mut starts = vec![0u64];
+        for i in memchr::memchr2_iter(b'\n', b'\r', bytes) {
+            let crlf = bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n');
+            if !crlf {
+                starts.push(i as u64 + 1);
+            }
+        }
+        Self { starts }
+    }
+
+    /// The 1-based line of a byte offset; a record that starts right after a
+    /// line end counts on the next line.
+    fn line(&self, byte: u64) -> u64 {
+        self.starts.partition_point(|&s| s <= byte) as u64
+    }
 }
 
 fn column_names<'a>(names: impl Iterator<Item = &'a str>) -> Result<Vec<String>, String> {
@@ -337,5 +373,67 @@ fn kind(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> (RawTable, Vec<RowProblem>) {
+        read_csv(text, detect_separator(text)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn line_numbers_with_every_line_end() {
+        for end in ["\n", "\r\n", "\r"] {
+            let text = ["a;b", "1;2", "3", "\"x\ny\";4", "5"].join(end);
+            let (table, problems) = read(&text);
+            assert_eq!(table.columns, vec!["a", "b"]);
+            assert_eq!(table.locations, vec![2, 4], "{end:?}");
+            let lines: Vec<u64> = problems.iter().map(|p| p.location).collect();
+            // The quoted field holds a newline, so the last record starts on line 6
+            // (with CR or LF ends alike).
+            assert_eq!(lines, vec![3, 6], "{end:?}");
+        }
+    }
+
+    #[test]
+    fn separators_and_quotes() {
+        assert_eq!(detect_separator("a,b;c;d\n"), b';');
+        assert_eq!(detect_separator("\"a;b\",c\n"), b',');
+        assert_eq!(detect_separator("a\tb\n"), b'\t');
+        assert_eq!(detect_separator("single\n"), b',');
+        let (table, problems) = read("id,text\n1,\"semi; colon, comma\"\n");
+        assert!(problems.is_empty());
+        assert_eq!(table.values[1].value(0), "semi; colon, comma");
+    }
+
+    #[test]
+    fn header_problems_are_file_level() {
+        assert!(read_csv("a,a\n1,2\n", b',').unwrap_err().contains("appears twice"));
+        assert!(read_csv("a,,b\n1,2,3\n", b',').unwrap_err().contains("column 2 has no name"));
+    }
+
+    #[test]
+    fn json_records_explode_and_carry_parents() {
+        let text = r#"{"meals":[{"date":"2025-03-03","distributorId":"sk-01","courses":[{"id":"c1","name":"Soppa","allergens":[{"name":"gluten"}]},{"id":"c2","name":"Sallad"}]},{"date":"2025-03-04","courses":[]}]}"#;
+        let table = read_json(text, &RecordSelector::parse("meals[].courses[]").unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(table.columns, vec!["id", "name", "allergens", "meals.date", "meals.distributorId"]);
+        assert_eq!(table.values[0].len(), 2);
+        assert_eq!(table.values[3].value(1), "2025-03-03");
+        assert_eq!(table.values[2].value(0), r#"[{"name":"gluten"}]"#);
+        assert!(table.values[2].is_null(1));
+        assert!(read_json("{\"meals\": 3}", &RecordSelector::parse("meals[]").unwrap_or_else(|e| panic!("{e}"))).unwrap_err().contains("should be an array"));
+        assert!(RecordSelector::parse("meals[x]").is_err());
+    }
+
+    #[test]
+    fn jsonl_bad_lines_are_problems() {
+        let (table, problems) = read_jsonl("{\"id\":1}\nnot json\n{\"id\":2,\"x\":{\"y\":true}}\n", &RecordSelector::parse("").unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(table.columns, vec!["id", "x.y"]);
+        assert_eq!(table.locations, vec![1, 3]);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].location, 2);
     }
 }
