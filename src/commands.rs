@@ -34,7 +34,9 @@ type Result<T> = std::result::Result<T, CommandError>;
 /// Whether a path names a rules file (`*.rules.yaml`), which is read through its
 /// pipeline: `oppen run pipelines/*.yaml` then does the right thing.
 pub fn is_rules_file(path: &Path) -> bool {
-    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".rules.yaml") || n.ends_with(".rules.yml"))
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".rules.yaml") || n.ends_with(".rules.yml"))
 }
 
 /// The pipeline files among `files`.
@@ -52,7 +54,9 @@ pub fn load_all(files: &[PathBuf]) -> Result<Vec<Pipeline>> {
             Err(d) => problems.0.extend(d.0),
         }
     }
-    problems.into_result(pipelines).map_err(CommandError::Config)
+    problems
+        .into_result(pipelines)
+        .map_err(CommandError::Config)
 }
 
 /// Turns SIGINT/SIGTERM into a stop signal; a second signal exits at once
@@ -102,7 +106,11 @@ async fn wait_for_signal() {
 pub async fn run(files: &[PathBuf], once: bool) -> Result<ExitCode> {
     let pipelines = load_all(files)?;
     let stop = stop_on_signals();
-    let options = RunOptions { once, progress: true, settle: None };
+    let options = RunOptions {
+        once,
+        progress: true,
+        settle: None,
+    };
     let tasks: Vec<_> = pipelines
         .into_iter()
         .map(|pipeline| {
@@ -117,7 +125,10 @@ pub async fn run(files: &[PathBuf], once: bool) -> Result<ExitCode> {
     for task in tasks {
         match task.await {
             Ok((pipeline, Ok(summary))) => {
-                let newest = summary.versions.last().map_or_else(|| "no new version".to_string(), |v| format!("version {}, {} rows", v.version, v.rows));
+                let newest = summary.versions.last().map_or_else(
+                    || "no new version".to_string(),
+                    |v| format!("version {}, {} rows", v.version, v.rows),
+                );
                 println!(
                     "{}: {} rows read, {} versions published ({newest}), {} inputs rejected; published in {}",
                     pipeline.id(),
@@ -138,7 +149,11 @@ pub async fn run(files: &[PathBuf], once: bool) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// The newest export file's columns, read without side effects.
@@ -170,7 +185,12 @@ pub fn check(files: &[PathBuf]) -> Result<ExitCode> {
         if let Some((name, read)) = peek_columns(&pipeline) {
             match read {
                 Ok(batch) => {
-                    let columns: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+                    let columns: Vec<String> = batch
+                        .schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect();
                     let problems = config::check_against_columns(&pipeline, &columns);
                     if !problems.is_empty() {
                         eprintln!("{problems}");
@@ -178,7 +198,10 @@ pub fn check(files: &[PathBuf]) -> Result<ExitCode> {
                         ok = false;
                         continue;
                     }
-                    let unclassified: Vec<&String> = columns.iter().filter(|c| pipeline.rule(c).is_none()).collect();
+                    let unclassified: Vec<&String> = columns
+                        .iter()
+                        .filter(|c| pipeline.rule(c).is_none())
+                        .collect();
                     let _ = write!(line, "; {} source columns in {name}", columns.len());
                     if !unclassified.is_empty() {
                         let names: Vec<&str> = unclassified.iter().map(|s| s.as_str()).collect();
@@ -186,13 +209,20 @@ pub fn check(files: &[PathBuf]) -> Result<ExitCode> {
                     }
                 }
                 Err(e) => {
-                    eprintln!("{}: warning: the newest export {name} cannot be read: {e}", file.display());
+                    eprintln!(
+                        "{}: warning: the newest export {name} cannot be read: {e}",
+                        file.display()
+                    );
                 }
             }
         }
         println!("{line}");
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn format_value(array: &dyn Array, row: usize) -> String {
@@ -200,7 +230,9 @@ fn format_value(array: &dyn Array, row: usize) -> String {
         return "∅".into();
     }
     let options = FormatOptions::default();
-    ArrayFormatter::try_new(array, &options).map(|f| f.value(row).to_string()).unwrap_or_default()
+    ArrayFormatter::try_new(array, &options)
+        .map(|f| f.value(row).to_string())
+        .unwrap_or_default()
 }
 
 fn clip(text: &str, width: usize) -> String {
@@ -223,7 +255,9 @@ pub async fn preview(file: &Path, rows: usize, name: Option<&str>) -> Result<Exi
             .files()
             .map_err(RunError::from)?
             .pop()
-            .ok_or_else(|| CommandError::Message("no export file in the folder to preview".into()))?,
+            .ok_or_else(|| {
+                CommandError::Message("no export file in the folder to preview".into())
+            })?,
     };
     let batch = match source.read_file(&name).map_err(RunError::from)? {
         Ok((batch, problems)) => {
@@ -241,24 +275,44 @@ pub async fn preview(file: &Path, rows: usize, name: Option<&str>) -> Result<Exi
         ops: vec![Op::Read; sample.num_rows()],
         data: sample.clone(),
         kind: BatchKind::Snapshot,
-        position: Position::File { name: name.clone(), sha256: String::new() },
+        position: Position::File {
+            name: name.clone(),
+            sha256: String::new(),
+        },
         commit_time: None,
         end_of_transaction: true,
     };
     let classified = classifier.classify(&change).map_err(RunError::from)?;
     let mut out = String::new();
-    let _ = writeln!(out, "{} — {} of {} rows from {name}\n", pipeline.id(), sample.num_rows(), batch.num_rows());
+    let _ = writeln!(
+        out,
+        "{} — {} of {} rows from {name}\n",
+        pipeline.id(),
+        sample.num_rows(),
+        batch.num_rows()
+    );
     let published = classified.data.schema();
     for row in 0..sample.num_rows() {
         let _ = writeln!(out, "row {}", row + 1);
-        let _ = writeln!(out, "  {:<22} {:<34} {:<34} rule", "column", "source", "published");
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<34} {:<34} rule",
+            "column", "source", "published"
+        );
         for (i, field) in sample.schema().fields().iter().enumerate() {
             let source_value = format_value(sample.column(i).as_ref(), row);
-            let (published_value, rule) = match classifier.column_actions().find(|(s, _, _)| *s == field.name()) {
+            let (published_value, rule) = match classifier
+                .column_actions()
+                .find(|(s, _, _)| *s == field.name())
+            {
                 Some((_, out_name, action)) => {
                     let index = published.index_of(out_name).unwrap_or(0);
                     let value = format_value(classified.data.column(index).as_ref(), row);
-                    let renamed = if out_name == field.name() { String::new() } else { format!(" → {out_name}") };
+                    let renamed = if out_name == field.name() {
+                        String::new()
+                    } else {
+                        format!(" → {out_name}")
+                    };
                     (value, format!("{}{renamed}", action.name()))
                 }
                 None => match pipeline.rule(field.name()) {
@@ -266,11 +320,22 @@ pub async fn preview(file: &Path, rows: usize, name: Option<&str>) -> Result<Exi
                     None => ("—".to_string(), "no rule: not published".to_string()),
                 },
             };
-            let _ = writeln!(out, "  {:<22} {:<34} {:<34} {rule}", clip(field.name(), 22), clip(&source_value, 34), clip(&published_value, 34));
+            let _ = writeln!(
+                out,
+                "  {:<22} {:<34} {:<34} {rule}",
+                clip(field.name(), 22),
+                clip(&source_value, 34),
+                clip(&published_value, 34)
+            );
         }
         if let Some(i) = classified.suppressed_by[row] {
             let RowRule::Suppress(s) = &pipeline.rules.rows[usize::from(i)].value;
-            let _ = writeln!(out, "  → row suppressed by row rule {} (column {}): not published", usize::from(i) + 1, s.column);
+            let _ = writeln!(
+                out,
+                "  → row suppressed by row rule {} (column {}): not published",
+                usize::from(i) + 1,
+                s.column
+            );
         }
         out.push('\n');
     }
@@ -281,15 +346,20 @@ pub async fn preview(file: &Path, rows: usize, name: Option<&str>) -> Result<Exi
 /// The key preview shows pseudonyms with: the pipeline's, else the generated one
 /// if it exists, else a throwaway key (preview writes nothing).
 async fn preview_key(pipeline: &Pipeline) -> PseudonymKey {
-    if pipeline.spec.pseudonym_key.is_some() || pipeline.state.root().join(runtime::GENERATED_KEY_FILE).exists() {
-        if let Ok(state) = pipeline.state.open() {
-            if let Ok(key) = runtime::pseudonym_key(pipeline, &state).await {
-                return key;
-            }
-        }
+    if (pipeline.spec.pseudonym_key.is_some()
+        || pipeline
+            .state
+            .root()
+            .join(runtime::GENERATED_KEY_FILE)
+            .exists())
+        && let Ok(state) = pipeline.state.open()
+        && let Ok(key) = runtime::pseudonym_key(pipeline, &state).await
+    {
+        return key;
     }
     PseudonymKey::generate().unwrap_or_else(|_| {
-        PseudonymKey::from_bytes(vec![0x5a; 32]).unwrap_or_else(|_| unreachable!("32 bytes is long enough"))
+        PseudonymKey::from_bytes(vec![0x5a; 32])
+            .unwrap_or_else(|_| unreachable!("32 bytes is long enough"))
     })
 }
 
@@ -300,12 +370,18 @@ pub async fn status(files: &[PathBuf]) -> Result<ExitCode> {
         let store = pipeline.store.open().map_err(RunError::from)?;
         let dataset = pipeline.id();
         println!("{dataset} ({})", pipeline.file.display());
-        let newest = crate::publish::newest_version(&store, dataset).await.map_err(RunError::from)?;
+        let newest = crate::publish::newest_version(&store, dataset)
+            .await
+            .map_err(RunError::from)?;
         let Some(version) = newest else {
             println!("  no version published yet in {}", pipeline.store);
             continue;
         };
-        let versions = store.list(&format!("{dataset}/versions")).await.map_err(|e| CommandError::Message(e.to_string()))?.len();
+        let versions = store
+            .list(&format!("{dataset}/versions"))
+            .await
+            .map_err(|e| CommandError::Message(e.to_string()))?
+            .len();
         println!("  version         {} ({versions} kept)", version.version);
         println!("  rows            {}", version.rows);
         println!("  last commit     {}", version.created.to_rfc3339());
@@ -317,25 +393,46 @@ pub async fn status(files: &[PathBuf]) -> Result<ExitCode> {
         if let Some(position) = &version.source_position {
             println!("  source position {position}");
         }
-        if let Some(Position::File { name, .. }) = &version.source_position {
-            if let Ok(source) = runtime::files_source(&pipeline, Default::default(), true) {
-                let files = source.files().unwrap_or_default();
-                let (done, waiting): (Vec<&String>, Vec<&String>) = files.iter().partition(|f| f.as_str() <= name.as_str());
-                println!("  files processed {}", done.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
-                if !waiting.is_empty() {
-                    println!("  files waiting   {}", waiting.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
-                }
+        if let Some(Position::File { name, .. }) = &version.source_position
+            && let Ok(source) = runtime::files_source(&pipeline, Default::default(), true)
+        {
+            let files = source.files().unwrap_or_default();
+            let (done, waiting): (Vec<&String>, Vec<&String>) =
+                files.iter().partition(|f| f.as_str() <= name.as_str());
+            println!(
+                "  files processed {}",
+                done.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if !waiting.is_empty() {
+                println!(
+                    "  files waiting   {}",
+                    waiting
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
         }
         let state = pipeline.state.open().map_err(RunError::from)?;
-        let state_path = format!("{dataset}/versions/{}.json", crate::publish::manifest::version_name(version.version));
-        if let Ok(Some(bytes)) = state.get(&state_path).await {
-            if let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes) {
-                if s.unclassified.is_empty() {
-                    println!("  unclassified    none");
-                } else {
-                    println!("  unclassified    {} (not published; classify them in {})", s.unclassified.join(", "), pipeline.rules_file.display());
-                }
+        let state_path = format!(
+            "{dataset}/versions/{}.json",
+            crate::publish::manifest::version_name(version.version)
+        );
+        if let Ok(Some(bytes)) = state.get(&state_path).await
+            && let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes)
+        {
+            if s.unclassified.is_empty() {
+                println!("  unclassified    none");
+            } else {
+                println!(
+                    "  unclassified    {} (not published; classify them in {})",
+                    s.unclassified.join(", "),
+                    pipeline.rules_file.display()
+                );
             }
         }
     }

@@ -24,7 +24,10 @@ struct Asset {
 
 macro_rules! asset {
     ($path:literal) => {
-        Asset { path: $path, bytes: include_bytes!(concat!("../pipelines/", $path)) }
+        Asset {
+            path: $path,
+            bytes: include_bytes!(concat!("../pipelines/", $path)),
+        }
     };
 }
 
@@ -42,7 +45,10 @@ const INVOICES: [Asset; 3] = [
     asset!("data/leverantorsfakturor/export-2025-02.csv"),
     asset!("data/leverantorsfakturor/export-2025-03.csv"),
 ];
-const MENUS: [Asset; 2] = [asset!("data/skolmat/meals-2025-W10.json"), asset!("data/skolmat/meals-2025-W11.json")];
+const MENUS: [Asset; 2] = [
+    asset!("data/skolmat/meals-2025-W10.json"),
+    asset!("data/skolmat/meals-2025-W11.json"),
+];
 const BATHING_SITES: Asset = asset!("data/register/badplatser.csv");
 
 /// One export arriving in an inbox folder.
@@ -66,7 +72,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CommandError> {
 fn prepare(dir: &Path) -> Result<(), CommandError> {
     if dir.exists() {
         let ours = dir.join(MARKER).exists();
-        let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let empty = std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         if !ours && !empty {
             return Err(CommandError::Message(format!(
                 "{} exists and is not a demo folder; choose another with --dir",
@@ -75,11 +83,20 @@ fn prepare(dir: &Path) -> Result<(), CommandError> {
         }
         std::fs::remove_dir_all(dir).map_err(|e| io_error(dir, &e))?;
     }
-    for sub in ["pipelines", "inbox/leverantorsfakturor", "inbox/skolmat", "inbox/register"] {
+    for sub in [
+        "pipelines",
+        "inbox/leverantorsfakturor",
+        "inbox/skolmat",
+        "inbox/register",
+    ] {
         let path = dir.join(sub);
         std::fs::create_dir_all(&path).map_err(|e| io_error(&path, &e))?;
     }
-    std::fs::write(dir.join(MARKER), b"made by oppen demo; removed on the next run\n").map_err(|e| io_error(dir, &e))?;
+    std::fs::write(
+        dir.join(MARKER),
+        b"made by oppen demo; removed on the next run\n",
+    )
+    .map_err(|e| io_error(dir, &e))?;
     for asset in &PIPELINES {
         let text = String::from_utf8_lossy(asset.bytes)
             .replace("path: data/", "path: ../inbox/")
@@ -92,15 +109,32 @@ fn prepare(dir: &Path) -> Result<(), CommandError> {
 }
 
 fn file_name(asset: &Asset) -> String {
-    asset.path.rsplit('/').next().unwrap_or(asset.path).to_string()
+    asset
+        .path
+        .rsplit('/')
+        .next()
+        .unwrap_or(asset.path)
+        .to_string()
 }
 
 /// The exports dropped before the first run.
 fn first_round() -> Vec<Drop> {
     vec![
-        Drop { folder: "leverantorsfakturor", name: file_name(&INVOICES[0]), bytes: INVOICES[0].bytes.to_vec() },
-        Drop { folder: "skolmat", name: file_name(&MENUS[0]), bytes: MENUS[0].bytes.to_vec() },
-        Drop { folder: "register", name: "badplatser-0001.csv".into(), bytes: BATHING_SITES.bytes.to_vec() },
+        Drop {
+            folder: "leverantorsfakturor",
+            name: file_name(&INVOICES[0]),
+            bytes: INVOICES[0].bytes.to_vec(),
+        },
+        Drop {
+            folder: "skolmat",
+            name: file_name(&MENUS[0]),
+            bytes: MENUS[0].bytes.to_vec(),
+        },
+        Drop {
+            folder: "register",
+            name: "badplatser-0001.csv".into(),
+            bytes: BATHING_SITES.bytes.to_vec(),
+        },
     ]
 }
 
@@ -116,14 +150,25 @@ struct Generator {
 }
 
 fn read_rows(text: &str, separator: u8) -> (Vec<String>, Vec<Vec<String>>) {
-    let mut reader = csv::ReaderBuilder::new().delimiter(separator).from_reader(text.as_bytes());
-    let header = reader.headers().map(|h| h.iter().map(str::to_string).collect()).unwrap_or_default();
-    let rows = reader.records().filter_map(Result::ok).map(|r| r.iter().map(str::to_string).collect()).collect();
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(separator)
+        .from_reader(text.as_bytes());
+    let header = reader
+        .headers()
+        .map(|h| h.iter().map(str::to_string).collect())
+        .unwrap_or_default();
+    let rows = reader
+        .records()
+        .filter_map(Result::ok)
+        .map(|r| r.iter().map(str::to_string).collect())
+        .collect();
     (header, rows)
 }
 
 fn write_rows(header: &[String], rows: &[Vec<String>], separator: u8) -> Vec<u8> {
-    let mut writer = csv::WriterBuilder::new().delimiter(separator).from_writer(Vec::new());
+    let mut writer = csv::WriterBuilder::new()
+        .delimiter(separator)
+        .from_writer(Vec::new());
     let _ = writer.write_record(header);
     for row in rows {
         let _ = writer.write_record(row);
@@ -135,9 +180,22 @@ impl Generator {
     fn new() -> Self {
         let (latin1, _) = encoding_rs::WINDOWS_1252.decode_without_bom_handling(INVOICES[2].bytes);
         let (invoice_header, invoices) = read_rows(&latin1, b';');
-        let next_id = invoices.iter().filter_map(|r| r.first()?.parse::<u64>().ok()).max().unwrap_or(9_000_000) + 1;
+        let next_id = invoices
+            .iter()
+            .filter_map(|r| r.first()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(9_000_000)
+            + 1;
         let (sites_header, sites) = read_rows(&String::from_utf8_lossy(BATHING_SITES.bytes), b',');
-        Self { invoices, invoice_header, month: 3, next_id, sites, sites_header, round: 1 }
+        Self {
+            invoices,
+            invoice_header,
+            month: 3,
+            next_id,
+            sites,
+            sites_header,
+            round: 1,
+        }
     }
 
     /// A later monthly full dump: about 1% of amounts corrected, a few postings
@@ -145,8 +203,16 @@ impl Generator {
     fn next_invoices(&mut self) -> Drop {
         self.month += 1;
         let (year, month) = (2025 + (self.month - 1) / 12, (self.month - 1) % 12 + 1);
-        let amount = self.invoice_header.iter().position(|h| h == "belopp").unwrap_or(8);
-        let date = self.invoice_header.iter().position(|h| h == "bokforingsdatum").unwrap_or(2);
+        let amount = self
+            .invoice_header
+            .iter()
+            .position(|h| h == "belopp")
+            .unwrap_or(8);
+        let date = self
+            .invoice_header
+            .iter()
+            .position(|h| h == "bokforingsdatum")
+            .unwrap_or(2);
         let n = self.invoices.len();
         for i in (0..n).step_by(97) {
             if let Some(v) = self.invoices[i].get_mut(amount) {
@@ -158,7 +224,8 @@ impl Generator {
             credited += 1;
             credited % 211 != 0
         });
-        let templates: Vec<Vec<String>> = self.invoices.iter().step_by(37).take(60).cloned().collect();
+        let templates: Vec<Vec<String>> =
+            self.invoices.iter().step_by(37).take(60).cloned().collect();
         for (i, mut row) in templates.into_iter().enumerate() {
             row[0] = self.next_id.to_string();
             self.next_id += 1;
@@ -175,11 +242,19 @@ impl Generator {
     /// A new registry export with fresh water temperatures at some sites.
     fn next_sites(&mut self) -> Drop {
         self.round += 1;
-        let temp = self.sites_header.iter().position(|h| h == "vattentemp_senast").unwrap_or(5);
-        let updated = self.sites_header.iter().position(|h| h == "uppdaterad").unwrap_or(6);
+        let temp = self
+            .sites_header
+            .iter()
+            .position(|h| h == "vattentemp_senast")
+            .unwrap_or(5);
+        let updated = self
+            .sites_header
+            .iter()
+            .position(|h| h == "uppdaterad")
+            .unwrap_or(6);
         let round = self.round as usize;
         for (i, row) in self.sites.iter_mut().enumerate() {
-            if (i + round) % 5 == 0 {
+            if (i + round).is_multiple_of(5) {
                 row[temp] = format!("{}.{}", 14 + (i + round) % 9, (i * round) % 10);
                 row[updated] = format!("2025-07-{:02}", 1 + round % 28);
             }
@@ -195,34 +270,69 @@ impl Generator {
 /// The drops after the first round, in order; endless.
 fn later_drops() -> impl Iterator<Item = Drop> {
     let real = vec![
-        Drop { folder: "leverantorsfakturor", name: file_name(&INVOICES[1]), bytes: INVOICES[1].bytes.to_vec() },
-        Drop { folder: "skolmat", name: file_name(&MENUS[1]), bytes: MENUS[1].bytes.to_vec() },
-        Drop { folder: "leverantorsfakturor", name: file_name(&INVOICES[2]), bytes: INVOICES[2].bytes.to_vec() },
+        Drop {
+            folder: "leverantorsfakturor",
+            name: file_name(&INVOICES[1]),
+            bytes: INVOICES[1].bytes.to_vec(),
+        },
+        Drop {
+            folder: "skolmat",
+            name: file_name(&MENUS[1]),
+            bytes: MENUS[1].bytes.to_vec(),
+        },
+        Drop {
+            folder: "leverantorsfakturor",
+            name: file_name(&INVOICES[2]),
+            bytes: INVOICES[2].bytes.to_vec(),
+        },
     ];
     let mut generator = Generator::new();
     let mut turn = 0u64;
     real.into_iter().chain(std::iter::from_fn(move || {
         turn += 1;
-        Some(if turn % 2 == 1 { generator.next_invoices() } else { generator.next_sites() })
+        Some(if turn % 2 == 1 {
+            generator.next_invoices()
+        } else {
+            generator.next_sites()
+        })
     }))
 }
 
 fn drop_file(dir: &Path, drop: &Drop) -> Result<(), CommandError> {
-    write_atomically(&dir.join("inbox").join(drop.folder).join(&drop.name), &drop.bytes)
+    write_atomically(
+        &dir.join("inbox").join(drop.folder).join(&drop.name),
+        &drop.bytes,
+    )
 }
 
 fn pipeline_files(dir: &Path) -> Vec<PathBuf> {
-    ["leverantorsfakturor.yaml", "skolmat.yaml", "badplatser.yaml"].iter().map(|f| dir.join("pipelines").join(f)).collect()
+    [
+        "leverantorsfakturor.yaml",
+        "skolmat.yaml",
+        "badplatser.yaml",
+    ]
+    .iter()
+    .map(|f| dir.join("pipelines").join(f))
+    .collect()
 }
 
 /// Runs the demo.
-pub async fn run(dir: &Path, once: bool, pace: f64, drops: Option<usize>) -> Result<ExitCode, CommandError> {
+pub async fn run(
+    dir: &Path,
+    once: bool,
+    pace: f64,
+    drops: Option<usize>,
+) -> Result<ExitCode, CommandError> {
     prepare(dir)?;
     for drop in first_round() {
         drop_file(dir, &drop)?;
     }
     let pipelines = crate::commands::load_all(&pipeline_files(dir))?;
-    println!("oppen demo: {} pipelines in {}", pipelines.len(), dir.join("pipelines").display());
+    println!(
+        "oppen demo: {} pipelines in {}",
+        pipelines.len(),
+        dir.join("pipelines").display()
+    );
     // One stop signal for the pipelines: Ctrl-C/SIGTERM, or the last drop published.
     let (stop_tx, stop) = watch::channel(false);
     let stop_tx = std::sync::Arc::new(stop_tx);
@@ -235,7 +345,11 @@ pub async fn run(dir: &Path, once: bool, pace: f64, drops: Option<usize>) -> Res
             }
         });
     }
-    let options = RunOptions { once, progress: false, settle: Some(Duration::ZERO) };
+    let options = RunOptions {
+        once,
+        progress: false,
+        settle: Some(Duration::ZERO),
+    };
     let mut tasks = Vec::new();
     for pipeline in pipelines {
         let (options, stop) = (options.clone(), stop.clone());
@@ -272,7 +386,12 @@ pub async fn run(dir: &Path, once: bool, pace: f64, drops: Option<usize>) -> Res
     for task in tasks {
         match task.await {
             Ok((pipeline, Ok(summary))) => {
-                println!("{}: {} versions published, {} rows read", pipeline.id(), summary.versions.len(), summary.rows_read);
+                println!(
+                    "{}: {} versions published, {} rows read",
+                    pipeline.id(),
+                    summary.versions.len(),
+                    summary.rows_read
+                );
             }
             Ok((pipeline, Err(e))) => {
                 failed = true;
@@ -287,8 +406,22 @@ pub async fn run(dir: &Path, once: bool, pace: f64, drops: Option<usize>) -> Res
     let published = dir.join("published");
     println!("\npublished files: {}", published.display());
     for dataset in ["leverantorsfakturor", "skolmat", "badplatser"] {
-        println!("  {dataset}: {}", published.join(dataset).join("latest").display());
+        println!(
+            "  {dataset}: {}",
+            published.join(dataset).join("latest").display()
+        );
     }
-    println!("see what is published: oppen status {}", pipeline_files(dir).iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "));
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    println!(
+        "see what is published: oppen status {}",
+        pipeline_files(dir)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

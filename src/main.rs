@@ -82,7 +82,9 @@ enum Command {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.with_target(false).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -92,7 +94,10 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -103,9 +108,18 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { pipelines, once } => commands::run(&pipelines, once).await,
             Command::Check { pipelines } => commands::check(&pipelines),
-            Command::Preview { pipeline, rows, file } => commands::preview(&pipeline, rows, file.as_deref()).await,
+            Command::Preview {
+                pipeline,
+                rows,
+                file,
+            } => commands::preview(&pipeline, rows, file.as_deref()).await,
             Command::Status { pipelines } => commands::status(&pipelines).await,
-            Command::Demo { dir, once, pace, drops } => oppen::demo::run(&dir, once, pace, drops).await,
+            Command::Demo {
+                dir,
+                once,
+                pace,
+                drops,
+            } => oppen::demo::run(&dir, once, pace, drops).await,
         }
     });
     match result {

@@ -23,19 +23,28 @@ fn an_unknown_action_is_located() {
     let out = ws.oppen(&["check", "leverantorsfakturor.yaml"], &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("leverantorsfakturor.rules.yaml:13:3: error: unknown variant `scramble`"), "{err}");
+    assert!(
+        err.contains("leverantorsfakturor.rules.yaml:13:3: error: unknown variant `scramble`"),
+        "{err}"
+    );
     assert!(err.contains("hint:"), "{err}");
 }
 
 #[test]
 fn a_rule_for_a_column_the_source_lacks_is_located() {
     let ws = invoices();
-    ws.edit_rules("  beskrivning: redact", "  beskrivning: redact\n  kundnummer: keep");
+    ws.edit_rules(
+        "  beskrivning: redact",
+        "  beskrivning: redact\n  kundnummer: keep",
+    );
     let out = ws.oppen(&["check", "leverantorsfakturor.yaml"], &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("leverantorsfakturor.rules.yaml:14:3: error: rule for column `kundnummer`, which the source does not have"), "{err}");
-    assert!(err.contains("the source has: verifikationsnummer, fakturanummer"), "{err}");
+    assert!(
+        err.contains("the source has: verifikationsnummer, fakturanummer"),
+        "{err}"
+    );
     // Running refuses too, and publishes nothing.
     let out = ws.oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[]);
     assert!(!out.status.success());
@@ -57,25 +66,43 @@ fn a_yaml_syntax_error_is_located() {
 #[test]
 fn every_problem_is_reported_at_once() {
     let ws = invoices();
-    ws.edit_rules("  belopp: { keep: { type: decimal(18,2) } }", "  belopp: { keep: { type: money } }");
+    ws.edit_rules(
+        "  belopp: { keep: { type: decimal(18,2) } }",
+        "  belopp: { keep: { type: money } }",
+    );
     ws.edit_rules("  leverantor: keep", "  leverantor: hash");
     let out = ws.oppen(&["check", "leverantorsfakturor.yaml"], &[]);
     let err = stderr(&out);
-    assert!(err.contains(":12:11: error: column `belopp`: unknown type `money`"), "{err}");
-    assert!(err.contains(":8:15: error: column `leverantor`: hash is refused for open data"), "{err}");
+    assert!(
+        err.contains(":12:11: error: column `belopp`: unknown type `money`"),
+        "{err}"
+    );
+    assert!(
+        err.contains(":8:15: error: column `leverantor`: hash is refused for open data"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_missing_environment_variable_is_named() {
     let ws = invoices();
     let path = &ws.pipeline;
-    let text = std::fs::read_to_string(path).unwrap().replace("file://published", "${OPPEN_TEST_UNSET_STORE}");
+    let text = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("file://published", "${OPPEN_TEST_UNSET_STORE}");
     std::fs::write(path, text).unwrap();
     let out = ws.oppen(&["check", "leverantorsfakturor.yaml"], &[]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("OPPEN_TEST_UNSET_STORE"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("OPPEN_TEST_UNSET_STORE"),
+        "{}",
+        stderr(&out)
+    );
     // Set, it is substituted (and the value is used, not printed).
-    let out = ws.oppen(&["check", "leverantorsfakturor.yaml"], &[("OPPEN_TEST_UNSET_STORE", "file://elsewhere")]);
+    let out = ws.oppen(
+        &["check", "leverantorsfakturor.yaml"],
+        &[("OPPEN_TEST_UNSET_STORE", "file://elsewhere")],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -85,7 +112,9 @@ async fn a_malformed_export_is_set_aside_and_nothing_published_is_lost() {
     ws.run_once().await.unwrap();
     let first = ws.version(1);
     // A later dump with a row that has a field too few (line 3).
-    let good = std::fs::read(support::examples().join("data/leverantorsfakturor/export-2025-03.csv")).unwrap();
+    let good =
+        std::fs::read(support::examples().join("data/leverantorsfakturor/export-2025-03.csv"))
+            .unwrap();
     let text: String = good.iter().map(|&b| b as char).collect();
     let mut lines: Vec<String> = text.split("\r\n").map(str::to_string).collect();
     let broken = lines[2].rsplit_once(';').unwrap().0.to_string();
@@ -100,8 +129,14 @@ async fn a_malformed_export_is_set_aside_and_nothing_published_is_lost() {
     assert!(dead.join("export-2025-02.csv").exists());
     assert!(!ws.inbox.join("export-2025-02.csv").exists());
     let reason = std::fs::read_to_string(dead.join("export-2025-02.csv.reason.txt")).unwrap();
-    assert!(reason.contains("export-2025-02.csv:3:11: expected 11 fields, found 10"), "{reason}");
-    assert!(reason.contains("Nothing from this file was loaded"), "{reason}");
+    assert!(
+        reason.contains("export-2025-02.csv:3:11: expected 11 fields, found 10"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("Nothing from this file was loaded"),
+        "{reason}"
+    );
     assert_eq!(ws.versions(), vec![1, 2]);
     assert_eq!(ws.version(1), first);
     assert_eq!(support::check_whole(&ws.published()), Ok(2));
@@ -114,7 +149,9 @@ async fn unreadable_files_are_rejected_whole() {
     ws.drop_export("skolmat", "meals-2025-W10.json");
     let summary = ws.run_once().await.unwrap();
     assert_eq!(summary.rejected, 1);
-    let reason = std::fs::read_to_string(ws.inbox.join("dead-letter/meals-2025-W09.json.reason.txt")).unwrap();
+    let reason =
+        std::fs::read_to_string(ws.inbox.join("dead-letter/meals-2025-W09.json.reason.txt"))
+            .unwrap();
     assert!(reason.contains("line 1, column"), "{reason}");
     assert_eq!(ws.versions(), vec![1]);
 }
@@ -137,16 +174,26 @@ async fn the_egress_guard_blocks_identity_numbers_in_published_columns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_unclassified_column_is_dropped_or_halts() {
     let ws = Workspace::new("badplatser", "register");
-    let original = std::fs::read_to_string(support::examples().join("data/register/badplatser.csv")).unwrap();
+    let original =
+        std::fs::read_to_string(support::examples().join("data/register/badplatser.csv")).unwrap();
     let with_new: String = original
         .lines()
         .enumerate()
-        .map(|(i, l)| if i == 0 { format!("{l},agare_epost\n") } else { format!("{l},someone@example.se\n") })
+        .map(|(i, l)| {
+            if i == 0 {
+                format!("{l},agare_epost\n")
+            } else {
+                format!("{l},someone@example.se\n")
+            }
+        })
         .collect();
     ws.write_export("badplatser.csv", with_new.as_bytes());
     // The registry's rules say halt: nothing is published until a steward decides.
     let err = ws.run_once().await.unwrap_err().to_string();
-    assert!(err.contains("column `agare_epost` has no rule, and unclassified is halt"), "{err}");
+    assert!(
+        err.contains("column `agare_epost` has no rule, and unclassified is halt"),
+        "{err}"
+    );
     assert!(ws.versions().is_empty());
     // With drop, it is left out with a warning.
     ws.edit_rules("unclassified: halt", "unclassified: drop");

@@ -10,7 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use support::Workspace;
 
-const EXPORTS: [&str; 3] = ["export-2025-01.csv", "export-2025-02.csv", "export-2025-03.csv"];
+const EXPORTS: [&str; 3] = [
+    "export-2025-01.csv",
+    "export-2025-02.csv",
+    "export-2025-03.csv",
+];
 
 /// Polls the store while a test runs and records the first partial version seen.
 struct Reader {
@@ -45,24 +49,39 @@ impl Reader {
 }
 
 /// (version, inserts, updates, deletes, rows) of every version.
-fn history(ws: &Workspace) -> Vec<(u64, u64, u64, u64, u64)> {
+type History = Vec<(u64, u64, u64, u64, u64)>;
+
+fn history(ws: &Workspace) -> History {
     ws.versions()
         .into_iter()
         .map(|v| {
             let m = ws.version(v);
-            (v, m.changes.inserts, m.changes.updates, m.changes.deletes, m.rows)
+            (
+                v,
+                m.changes.inserts,
+                m.changes.updates,
+                m.changes.deletes,
+                m.rows,
+            )
         })
         .collect()
 }
 
-fn clean_history() -> (Vec<(u64, u64, u64, u64, u64)>, Vec<u8>) {
+fn clean_history() -> (History, Vec<u8>) {
     let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
     for f in EXPORTS {
         ws.drop_export("leverantorsfakturor", f);
     }
     let out = ws.oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    (history(&ws), std::fs::read(ws.published().join("latest/2025-03.csv")).unwrap())
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        history(&ws),
+        std::fs::read(ws.published().join("latest/2025-03.csv")).unwrap(),
+    )
 }
 
 fn crash_and_recover(failpoint: &str) {
@@ -76,30 +95,52 @@ fn crash_and_recover(failpoint: &str) {
     let mut crashes = 0;
     // Each run crashes at its first commit; with the failpoint off, the rest goes through.
     for _ in 0..3 {
-        let out = ws.oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[("OPPEN_FAILPOINT", failpoint)]);
+        let out = ws.oppen(
+            &["run", "--once", "leverantorsfakturor.yaml"],
+            &[("OPPEN_FAILPOINT", failpoint)],
+        );
         assert!(!out.status.success(), "the failpoint did not fire");
         assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("failpoint {failpoint}")));
         crashes += 1;
         assert!(support::check_whole(&ws.published()).is_ok());
     }
     let out = ws.oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(reader.finish() > 0);
     assert_eq!(crashes, 3);
     // Exactly the versions and changes of a run that never crashed.
     assert_eq!(history(&ws), expected);
     let latest = std::fs::read(ws.published().join("latest/2025-03.csv")).unwrap();
-    assert!(latest == expected_latest, "latest/2025-03.csv differs from a run without crashes");
+    assert!(
+        latest == expected_latest,
+        "latest/2025-03.csv differs from a run without crashes"
+    );
     // The pointer names the newest version, and no file is left unreferenced.
     let pointer = support::read_manifest(&ws.published().join("manifest.json")).unwrap();
     assert_eq!(pointer.version, 3);
     let referenced: std::collections::HashSet<String> = ws
         .versions()
         .into_iter()
-        .flat_map(|v| ws.version(v).files().map(|f| f.path.clone()).collect::<Vec<_>>())
+        .flat_map(|v| {
+            ws.version(v)
+                .files()
+                .map(|f| f.path.clone())
+                .collect::<Vec<_>>()
+        })
         .collect();
-    for file in support::walk(&ws.published().join("data")).into_iter().chain(support::walk(&ws.published().join("changes"))) {
-        let relative = file.strip_prefix(ws.published()).unwrap().to_string_lossy().to_string();
+    for file in support::walk(&ws.published().join("data"))
+        .into_iter()
+        .chain(support::walk(&ws.published().join("changes")))
+    {
+        let relative = file
+            .strip_prefix(ws.published())
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         assert!(referenced.contains(&relative), "{relative} is left behind");
     }
 }

@@ -7,19 +7,36 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use support::Workspace;
 
-const EXPORTS: [&str; 3] = ["export-2025-01.csv", "export-2025-02.csv", "export-2025-03.csv"];
+const EXPORTS: [&str; 3] = [
+    "export-2025-01.csv",
+    "export-2025-02.csv",
+    "export-2025-03.csv",
+];
 
 /// The rows a correct pipeline publishes from the final dump, computed from the
 /// planted truth (not from oppen's detectors): every row whose supplier id is not
 /// a planted personal number and whose account is not 4690.
 fn expected_keys() -> Vec<i64> {
     let truth = support::planted_identifiers();
-    let bytes = std::fs::read(support::examples().join("data/leverantorsfakturor/export-2025-03.csv")).unwrap();
+    let bytes =
+        std::fs::read(support::examples().join("data/leverantorsfakturor/export-2025-03.csv"))
+            .unwrap();
     let text: String = bytes.iter().map(|&b| b as char).collect(); // Latin-1
-    let mut reader = csv::ReaderBuilder::new().delimiter(b';').from_reader(text.as_bytes());
-    let header: Vec<String> = reader.headers().unwrap().iter().map(str::to_string).collect();
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(b';')
+        .from_reader(text.as_bytes());
+    let header: Vec<String> = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .map(str::to_string)
+        .collect();
     let col = |name: &str| header.iter().position(|h| h == name).unwrap();
-    let (id, supplier, account) = (col("verifikationsnummer"), col("leverantor_id"), col("konto_nr"));
+    let (id, supplier, account) = (
+        col("verifikationsnummer"),
+        col("leverantor_id"),
+        col("konto_nr"),
+    );
     let mut keys: Vec<i64> = reader
         .records()
         .map(Result::unwrap)
@@ -34,7 +51,11 @@ fn published_keys(ws: &Workspace, version: u64, format: &str) -> Vec<i64> {
     let rows = ws.rows(version, format);
     let ids = rows.column_by_name("verifikationsnummer").unwrap();
     let ids = arrow::compute::cast(ids, &arrow::datatypes::DataType::Int64).unwrap();
-    let mut keys: Vec<i64> = ids.as_primitive::<Int64Type>().iter().map(Option::unwrap).collect();
+    let mut keys: Vec<i64> = ids
+        .as_primitive::<Int64Type>()
+        .iter()
+        .map(Option::unwrap)
+        .collect();
     keys.sort_unstable();
     keys
 }
@@ -62,8 +83,10 @@ async fn three_encodings_publish_exactly_the_expected_rows() {
     }
 
     let expected = expected_keys();
-    let counts: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(support::examples().join("data/leverantorsfakturor/EXPECTED.json")).unwrap()).unwrap();
+    let counts: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(support::examples().join("data/leverantorsfakturor/EXPECTED.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(counts["rows_in_final_dump"], 3528);
     // The planted truth and EXPECTED.json agree; suppressed rows overlap (sole traders on 4690).
     let final_version = ws.version(3);
@@ -74,12 +97,29 @@ async fn three_encodings_publish_exactly_the_expected_rows() {
     // The Parquet file is typed as the rules say; the CSV is plain UTF-8 with a comma.
     let parquet = ws.rows(3, "parquet");
     let schema = parquet.schema();
-    assert_eq!(schema.field_with_name("belopp").unwrap().data_type(), &arrow::datatypes::DataType::Decimal128(18, 2));
-    assert_eq!(schema.field_with_name("bokforingsdatum").unwrap().data_type(), &arrow::datatypes::DataType::Date32);
-    assert!(schema.field_with_name("handlaggare_epost").is_err(), "dropped column published");
-    assert!(schema.field_with_name("_key").is_err(), "private key published");
+    assert_eq!(
+        schema.field_with_name("belopp").unwrap().data_type(),
+        &arrow::datatypes::DataType::Decimal128(18, 2)
+    );
+    assert_eq!(
+        schema
+            .field_with_name("bokforingsdatum")
+            .unwrap()
+            .data_type(),
+        &arrow::datatypes::DataType::Date32
+    );
+    assert!(
+        schema.field_with_name("handlaggare_epost").is_err(),
+        "dropped column published"
+    );
+    assert!(
+        schema.field_with_name("_key").is_err(),
+        "private key published"
+    );
     let csv = std::fs::read_to_string(ws.published().join("latest/2025-01.csv")).unwrap();
-    assert!(csv.starts_with("verifikationsnummer,fakturanummer,bokforingsdatum,organisationsenhet,"));
+    assert!(
+        csv.starts_with("verifikationsnummer,fakturanummer,bokforingsdatum,organisationsenhet,")
+    );
     assert!(!csv.contains('\r'));
 
     // No planted identifier anywhere in what is published.
@@ -89,12 +129,18 @@ async fn three_encodings_publish_exactly_the_expected_rows() {
         assert!(!text.contains(&id), "{id} is published");
         let digits: String = id.chars().filter(char::is_ascii_digit).collect();
         if digits.len() >= 10 {
-            assert!(!text.contains(&digits), "{id} is published without separator");
+            assert!(
+                !text.contains(&digits),
+                "{id} is published without separator"
+            );
         }
     }
 
     // Partitions by month; latest/ holds each one.
-    assert_eq!(final_version.partitions.keys().cloned().collect::<Vec<_>>(), vec!["2025-01", "2025-02", "2025-03"]);
+    assert_eq!(
+        final_version.partitions.keys().cloned().collect::<Vec<_>>(),
+        vec!["2025-01", "2025-02", "2025-03"]
+    );
     for p in ["2025-01", "2025-02", "2025-03"] {
         assert!(ws.published().join(format!("latest/{p}.parquet")).exists());
     }
@@ -128,7 +174,11 @@ async fn a_later_dump_rewrites_only_the_changed_partitions() {
     // Correct one amount in a March posting: only the March partition changes.
     let bytes = std::fs::read(ws.inbox.join(EXPORTS[2])).unwrap();
     let text: String = bytes.iter().map(|&b| b as char).collect();
-    let line = text.lines().find(|l| l.contains(";2025-03-") && !l.contains(";4690;")).unwrap().to_string();
+    let line = text
+        .lines()
+        .find(|l| l.contains(";2025-03-") && !l.contains(";4690;"))
+        .unwrap()
+        .to_string();
     let mut fields: Vec<&str> = line.split(';').collect();
     fields[8] = "12345,67";
     let changed = text.replacen(&line, &fields.join(";"), 1);
@@ -142,7 +192,10 @@ async fn a_later_dump_rewrites_only_the_changed_partitions() {
     assert_eq!(after.partitions["2025-02"], before.partitions["2025-02"]);
     assert_ne!(after.partitions["2025-03"], before.partitions["2025-03"]);
     // The change file holds the one update.
-    let changes = support::read_file(&ws.published().join(&after.changes.files.values().next().unwrap().path));
+    let changes = support::read_file(
+        &ws.published()
+            .join(&after.changes.files.values().next().unwrap().path),
+    );
     assert_eq!(changes.num_rows(), 1);
     let op = changes.column_by_name("op").unwrap().as_string::<i32>();
     assert_eq!(op.value(0), "update");

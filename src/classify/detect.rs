@@ -72,10 +72,12 @@ fn luhn_ok(digits: &[u8; 10]) -> bool {
 pub fn luhn_digit(nine: &[u8; 9]) -> u8 {
     let mut with = [0u8; 10];
     with[..9].copy_from_slice(nine);
-    (0..10).find(|&c| {
-        with[9] = c;
-        luhn_ok(&with)
-    }).unwrap_or(0)
+    (0..10)
+        .find(|&c| {
+            with[9] = c;
+            luhn_ok(&with)
+        })
+        .unwrap_or(0)
 }
 
 /// Classifies the ten significant digits (YYMMDDNNNC) with an optional century.
@@ -253,34 +255,39 @@ pub fn scan(text: &str, mut found: impl FnMut(Found, Range<usize>)) {
     while i < b.len() {
         let c = b[i];
         let after_boundary = i == 0 || !b[i - 1].is_ascii_alphanumeric();
-        if c.is_ascii_digit() && after_boundary {
-            if let Some((kind, len)) = match_id(&b[i..]) {
-                if kind.is_personal() {
-                    let f = if kind == IdKind::Samordningsnummer { Found::Samordningsnummer } else { Found::Personnummer };
-                    found(f, i..i + len);
-                    emitted = i + len;
-                }
-                i += len;
-                continue;
+        if c.is_ascii_digit()
+            && after_boundary
+            && let Some((kind, len)) = match_id(&b[i..])
+        {
+            if kind.is_personal() {
+                let f = if kind == IdKind::Samordningsnummer {
+                    Found::Samordningsnummer
+                } else {
+                    Found::Personnummer
+                };
+                found(f, i..i + len);
+                emitted = i + len;
             }
+            i += len;
+            continue;
         }
-        if (c == b'0' || c == b'+') && after_boundary {
-            if let Some(end) = match_phone(b, i) {
-                found(Found::Phone, i..end);
-                emitted = end;
-                i = end;
-                continue;
-            }
+        if (c == b'0' || c == b'+')
+            && after_boundary
+            && let Some(end) = match_phone(b, i)
+        {
+            found(Found::Phone, i..end);
+            emitted = end;
+            i = end;
+            continue;
         }
-        if c == b'@' {
-            if let Some(range) = match_email(b, i) {
-                if range.start >= emitted {
-                    emitted = range.end;
-                    i = range.end;
-                    found(Found::Email, range);
-                    continue;
-                }
-            }
+        if c == b'@'
+            && let Some(range) = match_email(b, i)
+            && range.start >= emitted
+        {
+            emitted = range.end;
+            i = range.end;
+            found(Found::Email, range);
+            continue;
         }
         // Skip the rest of a digit run so numbers inside numbers never match.
         if c.is_ascii_alphanumeric() {
@@ -296,7 +303,9 @@ pub fn scan(text: &str, mut found: impl FnMut(Found, Range<usize>)) {
 /// Whether text holds a personnummer or samordningsnummer anywhere.
 pub fn contains_personal_identity_number(text: &str) -> bool {
     let mut any = false;
-    scan(text, |f, _| any |= matches!(f, Found::Personnummer | Found::Samordningsnummer));
+    scan(text, |f, _| {
+        any |= matches!(f, Found::Personnummer | Found::Samordningsnummer)
+    });
     any
 }
 
@@ -325,7 +334,13 @@ pub mod tests {
     /// A valid personnummer (or samordningsnummer with `coordination`), `YYMMDD-NNNC`.
     pub fn make_id(year: u32, month: u32, day: u32, serial: u32, coordination: bool) -> String {
         let day = if coordination { day + 60 } else { day };
-        let s = format!("{:02}{:02}{:02}{:03}", year % 100, month, day, serial % 1000);
+        let s = format!(
+            "{:02}{:02}{:02}{:03}",
+            year % 100,
+            month,
+            day,
+            serial % 1000
+        );
         let nine: Vec<u8> = s.bytes().map(|b| b - b'0').collect();
         let nine: [u8; 9] = nine.try_into().unwrap_or([0; 9]);
         format!("{}-{}{}", &s[..6], &s[6..], luhn_digit(&nine))
@@ -338,9 +353,18 @@ pub mod tests {
         assert_eq!(identity_number("19910220-0459"), Some(IdKind::Personnummer));
         assert_eq!(identity_number("199102200459"), Some(IdKind::Personnummer));
         assert_eq!(identity_number(" 910220+0459 "), Some(IdKind::Personnummer));
-        assert_eq!(identity_number("660961-5197"), Some(IdKind::Samordningsnummer));
-        assert_eq!(identity_number("212000-0142"), Some(IdKind::Organisationsnummer));
-        assert_eq!(identity_number("16212000-0142"), Some(IdKind::Organisationsnummer));
+        assert_eq!(
+            identity_number("660961-5197"),
+            Some(IdKind::Samordningsnummer)
+        );
+        assert_eq!(
+            identity_number("212000-0142"),
+            Some(IdKind::Organisationsnummer)
+        );
+        assert_eq!(
+            identity_number("16212000-0142"),
+            Some(IdKind::Organisationsnummer)
+        );
         // Wrong check digit, impossible date, too long, letters.
         assert_eq!(identity_number("910220-0458"), None);
         assert_eq!(identity_number(&make_id(91, 2, 30, 45, false)), None);
@@ -352,7 +376,10 @@ pub mod tests {
     #[test]
     fn leap_days_need_the_century() {
         let leap = make_id(0, 2, 29, 123, false);
-        assert_eq!(identity_number(&format!("20{leap}")), Some(IdKind::Personnummer));
+        assert_eq!(
+            identity_number(&format!("20{leap}")),
+            Some(IdKind::Personnummer)
+        );
         // 1900 was not a leap year.
         assert_eq!(identity_number(&format!("19{leap}")), None);
     }
@@ -360,24 +387,39 @@ pub mod tests {
     #[test]
     fn every_planted_identifier_is_found() {
         let truth: serde_json::Value =
-            serde_json::from_str(include_str!("../../pipelines/data/truth.json")).unwrap_or_default();
+            serde_json::from_str(include_str!("../../pipelines/data/truth.json"))
+                .unwrap_or_default();
         for list in ["personnummer", "personnummer_in_text"] {
             for v in truth[list].as_array().into_iter().flatten() {
                 let v = v.as_str().unwrap_or_default();
                 assert_eq!(identity_number(v), Some(IdKind::Personnummer), "{v}");
-                assert!(contains_personal_identity_number(&format!("Avser {v}, jan")), "{v}");
+                assert!(
+                    contains_personal_identity_number(&format!("Avser {v}, jan")),
+                    "{v}"
+                );
             }
         }
         for v in truth["samordningsnummer"].as_array().into_iter().flatten() {
-            assert_eq!(identity_number(v.as_str().unwrap_or_default()), Some(IdKind::Samordningsnummer));
+            assert_eq!(
+                identity_number(v.as_str().unwrap_or_default()),
+                Some(IdKind::Samordningsnummer)
+            );
         }
         for v in truth["emails"].as_array().into_iter().flatten() {
             let v = v.as_str().unwrap_or_default();
-            assert_eq!(redact(&format!("Kontakt: {v}.")), Some("Kontakt: [e-post].".to_string()), "{v}");
+            assert_eq!(
+                redact(&format!("Kontakt: {v}.")),
+                Some("Kontakt: [e-post].".to_string()),
+                "{v}"
+            );
         }
         for v in truth["phones"].as_array().into_iter().flatten() {
             let v = v.as_str().unwrap_or_default();
-            assert_eq!(redact(&format!("ring {v} idag")), Some("ring [telefon] idag".to_string()), "{v}");
+            assert_eq!(
+                redact(&format!("ring {v} idag")),
+                Some("ring [telefon] idag".to_string()),
+                "{v}"
+            );
         }
     }
 
@@ -387,10 +429,23 @@ pub mod tests {
             redact("Ersättning avser 990327-1485, jan"),
             Some("Ersättning avser [personnummer], jan".into())
         );
-        assert_eq!(redact("mejla åsa.öberg@kommun.exempel.se!"), Some("mejla [e-post]!".into()));
-        assert_eq!(redact("Ring 08-123 45 67 eller +46 70 857 01 37."), Some("Ring [telefon] eller [telefon].".into()));
+        assert_eq!(
+            redact("mejla åsa.öberg@kommun.exempel.se!"),
+            Some("mejla [e-post]!".into())
+        );
+        assert_eq!(
+            redact("Ring 08-123 45 67 eller +46 70 857 01 37."),
+            Some("Ring [telefon] eller [telefon].".into())
+        );
         // Organisation numbers, dates, amounts and invoice numbers stay.
-        for text in ["Org 212000-0142", "2025-01-27", "Belopp 2616,49 kr", "Faktura 9000001", "a@b", "Årsavgift 2025"] {
+        for text in [
+            "Org 212000-0142",
+            "2025-01-27",
+            "Belopp 2616,49 kr",
+            "Faktura 9000001",
+            "a@b",
+            "Årsavgift 2025",
+        ] {
             assert_eq!(redact(text), None, "{text}");
         }
         // Digits inside a longer number never match.

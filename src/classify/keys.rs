@@ -97,17 +97,27 @@ impl fmt::Debug for Keyer {
 impl Keyer {
     /// Keys derived from `key`.
     pub fn new(key: &PseudonymKey) -> Self {
-        Self { row_key: key.derive(b"oppen/_key/v1"), token: key.derive(b"oppen/hash/v1") }
+        Self {
+            row_key: key.derive(b"oppen/_key/v1"),
+            token: key.derive(b"oppen/hash/v1"),
+        }
     }
 
     /// The `_key` of every row: HMAC-SHA-256 over the key columns' text, joined by
     /// the unit separator.
-    pub fn keys(&self, batch: &RecordBatch, key_indices: &[usize]) -> Result<FixedSizeBinaryArray, ArrowError> {
+    pub fn keys(
+        &self,
+        batch: &RecordBatch,
+        key_indices: &[usize],
+    ) -> Result<FixedSizeBinaryArray, ArrowError> {
         let texts = key_indices
             .iter()
             .map(|&i| cast(batch.column(i), &DataType::Utf8))
             .collect::<Result<Vec<_>, _>>()?;
-        let texts: Vec<&StringArray> = texts.iter().filter_map(|a| a.as_any().downcast_ref::<StringArray>()).collect();
+        let texts: Vec<&StringArray> = texts
+            .iter()
+            .filter_map(|a| a.as_any().downcast_ref::<StringArray>())
+            .collect();
         let mut out = Vec::with_capacity(batch.num_rows() * KEY_BYTES);
         for row in 0..batch.num_rows() {
             let mut mac = self.row_key.clone();
@@ -146,13 +156,18 @@ mod tests {
 
     #[test]
     fn keys_are_stable_and_secret_dependent() {
-        let a = Keyer::new(&PseudonymKey::from_bytes(vec![1; 32]).unwrap_or_else(|e| panic!("{e}")));
-        let b = Keyer::new(&PseudonymKey::from_bytes(vec![2; 32]).unwrap_or_else(|e| panic!("{e}")));
+        let a =
+            Keyer::new(&PseudonymKey::from_bytes(vec![1; 32]).unwrap_or_else(|e| panic!("{e}")));
+        let b =
+            Keyer::new(&PseudonymKey::from_bytes(vec![2; 32]).unwrap_or_else(|e| panic!("{e}")));
         assert_eq!(a.token("x"), a.token("x"));
         assert_ne!(a.token("x"), b.token("x"));
         assert_eq!(a.token("x").len(), 32);
         assert!(PseudonymKey::from_bytes(vec![0; 8]).is_err());
-        assert_eq!(format!("{:?}", PseudonymKey::from_bytes(vec![7; 32])), "Ok(PseudonymKey(***))");
+        assert_eq!(
+            format!("{:?}", PseudonymKey::from_bytes(vec![7; 32])),
+            "Ok(PseudonymKey(***))"
+        );
         let k = PseudonymKey::generate().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(PseudonymKey::from_text(&k.to_hex()).map(|k| k.0), Ok(k.0));
     }

@@ -32,7 +32,12 @@ pub enum ClassifyError {
          nothing was published. Classify the column with redact or drop, suppress such rows, or, if \
          identity numbers may be published here, add `allow: personal_identity_number` with a reason"
     )]
-    Guard { column: String, kind: &'static str, row: usize, position: String },
+    Guard {
+        column: String,
+        kind: &'static str,
+        row: usize,
+        position: String,
+    },
     /// An Arrow kernel failed (a bug or an unsupported type).
     #[error("classifying column `{column}`: {source}")]
     Arrow {
@@ -105,15 +110,33 @@ impl Classifier {
     /// Compiles the pipeline's rules for `source_schema`. Reports every problem:
     /// rules for absent columns, actions that do not fit a column's type,
     /// unclassified columns under `halt`.
-    pub fn compile(pipeline: &Pipeline, source_schema: SchemaRef, key: &PseudonymKey) -> Result<Self, Diagnostics> {
-        let names: Vec<String> = source_schema.fields().iter().map(|f| f.name().clone()).collect();
+    pub fn compile(
+        pipeline: &Pipeline,
+        source_schema: SchemaRef,
+        key: &PseudonymKey,
+    ) -> Result<Self, Diagnostics> {
+        let names: Vec<String> = source_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         let mut problems = crate::config::check_against_columns(pipeline, &names);
         let rules_file = &pipeline.rules_file;
         let mut columns = Vec::new();
-        let mut fields = vec![Field::new(KEY_COLUMN, DataType::FixedSizeBinary(keys::KEY_BYTES as i32), false)];
+        let mut fields = vec![Field::new(
+            KEY_COLUMN,
+            DataType::FixedSizeBinary(keys::KEY_BYTES as i32),
+            false,
+        )];
         let mut unclassified = Vec::new();
         for (index, field) in source_schema.fields().iter().enumerate() {
-            let Some((rule_name, rule)) = pipeline.rules.columns.0.iter().find(|(n, _)| &n.value == field.name()) else {
+            let Some((rule_name, rule)) = pipeline
+                .rules
+                .columns
+                .0
+                .iter()
+                .find(|(n, _)| &n.value == field.name())
+            else {
                 if pipeline.rules.unclassified == Unclassified::Drop {
                     unclassified.push(field.name().clone());
                 }
@@ -126,7 +149,10 @@ impl Classifier {
             let output_type = match transform::output_type(&r.action, field.data_type()) {
                 Ok(t) => t,
                 Err(message) => {
-                    problems.push(Diagnostic::new(Place::of(rules_file, rule), format!("column `{}`: {message}", rule_name.value)));
+                    problems.push(Diagnostic::new(
+                        Place::of(rules_file, rule),
+                        format!("column `{}`: {message}", rule_name.value),
+                    ));
                     continue;
                 }
             };
@@ -149,7 +175,9 @@ impl Classifier {
         let mut rows = Vec::new();
         for rule in &pipeline.rules.rows {
             let RowRule::Suppress(s) = &rule.value;
-            let Some(source_index) = names.iter().position(|n| n == &s.column) else { continue };
+            let Some(source_index) = names.iter().position(|n| n == &s.column) else {
+                continue;
+            };
             let test = match (&s.is, &s.in_, &s.equals) {
                 (Some(d), _, _) => RowTest::Detected(*d),
                 (None, Some(list), _) => RowTest::In(list.0.iter().cloned().collect()),
@@ -193,17 +221,24 @@ impl Classifier {
         let data = &batch.data;
         let n = data.num_rows();
         let (suppressed_by, removed) = self.suppression(data, &batch.ops)?;
-        let key = self.keyer.keys(data, &self.key_indices).map_err(|source| ClassifyError::Arrow {
-            column: KEY_COLUMN.into(),
-            source,
-        })?;
+        let key =
+            self.keyer
+                .keys(data, &self.key_indices)
+                .map_err(|source| ClassifyError::Arrow {
+                    column: KEY_COLUMN.into(),
+                    source,
+                })?;
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.columns.len() + 1);
         arrays.push(Arc::new(key));
         let mut values_redacted = 0;
         for plan in &self.columns {
             let input = data.column(plan.source_index);
-            let arrow_err = |source| ClassifyError::Arrow { column: plan.source_name.clone(), source };
-            let (mut out, redacted) = transform::apply(&plan.action, input, &self.keyer).map_err(arrow_err)?;
+            let arrow_err = |source| ClassifyError::Arrow {
+                column: plan.source_name.clone(),
+                source,
+            };
+            let (mut out, redacted) =
+                transform::apply(&plan.action, input, &self.keyer).map_err(arrow_err)?;
             values_redacted += redacted;
             if let Some(removed) = &removed {
                 out = arrow::compute::nullif(&out, removed).map_err(arrow_err)?;
@@ -216,16 +251,29 @@ impl Classifier {
             .zip(&suppressed_by)
             .map(|(op, s)| if s.is_some() { Op::Delete } else { *op })
             .collect();
-        let out = RecordBatch::try_new(self.output_schema.clone(), arrays)
-            .map_err(|source| ClassifyError::Arrow { column: "(batch)".into(), source })?;
+        let out = RecordBatch::try_new(self.output_schema.clone(), arrays).map_err(|source| {
+            ClassifyError::Arrow {
+                column: "(batch)".into(),
+                source,
+            }
+        })?;
         self.guard(&out, &batch.position.to_string())?;
         debug_assert_eq!(out.num_rows(), n);
-        Ok(Classified { data: out, ops, suppressed_by, values_redacted })
+        Ok(Classified {
+            data: out,
+            ops,
+            suppressed_by,
+            values_redacted,
+        })
     }
 
     /// Which rows each row rule suppresses, and the mask of rows whose values must
     /// not leave (suppressed rows and source deletes).
-    fn suppression(&self, data: &RecordBatch, ops: &[Op]) -> Result<(Vec<Option<u16>>, Option<BooleanArray>), ClassifyError> {
+    fn suppression(
+        &self,
+        data: &RecordBatch,
+        ops: &[Op],
+    ) -> Result<(Vec<Option<u16>>, Option<BooleanArray>), ClassifyError> {
         let n = data.num_rows();
         let mut by: Vec<Option<u16>> = vec![None; n];
         for (rule_index, plan) in self.rows.iter().enumerate() {
@@ -234,9 +282,11 @@ impl Classifier {
                 column: self.source_schema.field(plan.source_index).name().clone(),
                 source,
             })?;
-            let text = text.as_any().downcast_ref::<StringArray>().ok_or_else(|| ClassifyError::Arrow {
-                column: self.source_schema.field(plan.source_index).name().clone(),
-                source: arrow::error::ArrowError::CastError("not text".into()),
+            let text = text.as_any().downcast_ref::<StringArray>().ok_or_else(|| {
+                ClassifyError::Arrow {
+                    column: self.source_schema.field(plan.source_index).name().clone(),
+                    source: arrow::error::ArrowError::CastError("not text".into()),
+                }
             })?;
             for (row, value) in text.iter().enumerate() {
                 let Some(value) = value else { continue };
@@ -245,7 +295,9 @@ impl Classifier {
                 }
                 let hit = match &plan.test {
                     RowTest::In(set) => set.contains(value.trim()),
-                    RowTest::Detected(Detected::PersonalIdentityNumber) => detect::is_personal_identity_number(value),
+                    RowTest::Detected(Detected::PersonalIdentityNumber) => {
+                        detect::is_personal_identity_number(value)
+                    }
                     RowTest::Detected(Detected::Personnummer) => {
                         detect::identity_number(value) == Some(detect::IdKind::Personnummer)
                     }
@@ -254,7 +306,9 @@ impl Classifier {
                     }
                     RowTest::Detected(Detected::EmailAddress) => {
                         let mut email = false;
-                        detect::scan(value, |f, r| email |= f == detect::Found::Email && r.len() == value.trim().len());
+                        detect::scan(value, |f, r| {
+                            email |= f == detect::Found::Email && r.len() == value.trim().len()
+                        });
                         email
                     }
                 };
@@ -263,9 +317,12 @@ impl Classifier {
                 }
             }
         }
-        let any = by.iter().any(Option::is_some) || ops.iter().any(|o| *o == Op::Delete);
+        let any = by.iter().any(Option::is_some) || ops.contains(&Op::Delete);
         let removed = any.then(|| {
-            by.iter().zip(ops).map(|(s, op)| Some(s.is_some() || *op == Op::Delete)).collect::<BooleanArray>()
+            by.iter()
+                .zip(ops)
+                .map(|(s, op)| Some(s.is_some() || *op == Op::Delete))
+                .collect::<BooleanArray>()
         });
         Ok((by, removed))
     }
@@ -273,20 +330,30 @@ impl Classifier {
     /// The egress guard: no published value may look like a personal identity
     /// number unless its column allows it.
     fn guard(&self, out: &RecordBatch, position: &str) -> Result<(), ClassifyError> {
-        for (plan, (column, field)) in self.columns.iter().zip(out.columns().iter().zip(out.schema().fields()).skip(1)) {
+        for (plan, (column, field)) in self
+            .columns
+            .iter()
+            .zip(out.columns().iter().zip(out.schema().fields()).skip(1))
+        {
             if !plan.guarded {
                 continue;
             }
             let hit = match column.data_type() {
-                DataType::Utf8 => column
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .and_then(|a| a.iter().position(|v| v.is_some_and(detect::contains_personal_identity_number))),
-                DataType::Int64 => column.as_any().downcast_ref::<arrow::array::Int64Array>().and_then(|a| {
-                    a.iter().position(|v| {
-                        v.is_some_and(|v| (1_000_000_000..1_000_000_000_000).contains(&v) && detect::is_personal_identity_number(&v.to_string()))
-                    })
+                DataType::Utf8 => column.as_any().downcast_ref::<StringArray>().and_then(|a| {
+                    a.iter()
+                        .position(|v| v.is_some_and(detect::contains_personal_identity_number))
                 }),
+                DataType::Int64 => column
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .and_then(|a| {
+                        a.iter().position(|v| {
+                            v.is_some_and(|v| {
+                                (1_000_000_000..1_000_000_000_000).contains(&v)
+                                    && detect::is_personal_identity_number(&v.to_string())
+                            })
+                        })
+                    }),
                 _ => None,
             };
             if let Some(row) = hit {

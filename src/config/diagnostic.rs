@@ -19,7 +19,11 @@ pub struct Place {
 impl Place {
     /// A place from a YAML location.
     pub fn at(file: &Path, location: Location) -> Self {
-        Self { file: file.to_path_buf(), line: location.line(), column: location.column() }
+        Self {
+            file: file.to_path_buf(),
+            line: location.line(),
+            column: location.column(),
+        }
     }
 
     /// The place of a spanned value.
@@ -29,7 +33,11 @@ impl Place {
 
     /// A whole file.
     pub fn file(file: &Path) -> Self {
-        Self { file: file.to_path_buf(), line: 0, column: 0 }
+        Self {
+            file: file.to_path_buf(),
+            line: 0,
+            column: 0,
+        }
     }
 }
 
@@ -60,7 +68,11 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// A problem at `place`.
     pub fn new(place: Place, message: impl Into<String>) -> Self {
-        Self { place, message: message.into(), hint: None }
+        Self {
+            place,
+            message: message.into(),
+            hint: None,
+        }
     }
 
     /// Adds what to do.
@@ -98,7 +110,11 @@ impl Diagnostics {
 
     /// `Ok(value)` when nothing is wrong.
     pub fn into_result<T>(self, value: T) -> Result<T, Diagnostics> {
-        if self.is_empty() { Ok(value) } else { Err(self) }
+        if self.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
     }
 }
 
@@ -119,7 +135,9 @@ impl std::error::Error for Diagnostics {}
 /// Turns a YAML error into a diagnostic with its location, a message that never
 /// holds a substituted secret (the parser redacts those), and a hint.
 pub fn from_yaml_error(file: &Path, error: &serde_saphyr::Error) -> Diagnostic {
-    let place = error.location().map_or_else(|| Place::file(file), |l| Place::at(file, l));
+    let place = error
+        .location()
+        .map_or_else(|| Place::file(file), |l| Place::at(file, l));
     let message = yaml_message(error);
     let hint = if message.contains("unknown field") {
         Some("check the spelling; the README lists every field")
@@ -146,10 +164,10 @@ fn yaml_message(error: &serde_saphyr::Error) -> String {
     // The renderer adds "error: line X column Y: " or " at line X, column Y"; the
     // place says that already.
     first = first.strip_prefix("error: ").unwrap_or(first);
-    if let Some(rest) = first.strip_prefix("line ") {
-        if let Some((_, message)) = rest.split_once(": ") {
-            first = message;
-        }
+    if let Some(rest) = first.strip_prefix("line ")
+        && let Some((_, message)) = rest.split_once(": ")
+    {
+        first = message;
     }
     match first.rfind(" at line ") {
         Some(i) => first[..i].to_string(),

@@ -54,7 +54,12 @@ impl Pipeline {
 
     /// The rule for a source column, if any.
     pub fn rule(&self, column: &str) -> Option<&ColumnRule> {
-        self.rules.columns.0.iter().find(|(n, _)| n.value == column).map(|(_, r)| &r.value)
+        self.rules
+            .columns
+            .0
+            .iter()
+            .find(|(n, _)| n.value == column)
+            .map(|(_, r)| &r.value)
     }
 }
 
@@ -64,7 +69,8 @@ fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, Diagnos
     let text = &protect_decimal_types(text);
     let vars: HashMap<String, String> = std::env::vars().collect();
     let options = serde_saphyr::Options::default().with_properties(vars);
-    serde_saphyr::from_str_with_options(text, options).map_err(|e| diagnostic::from_yaml_error(file, &e))
+    serde_saphyr::from_str_with_options(text, options)
+        .map_err(|e| diagnostic::from_yaml_error(file, &e))
 }
 
 /// In a YAML flow mapping (`{ keep: { type: decimal(18,2) } }`) the comma in a
@@ -79,7 +85,11 @@ fn protect_decimal_types(text: &str) -> String {
         out.push_str(head);
         let close = tail.find(')').filter(|&c| c <= 12);
         match close {
-            Some(c) if tail[..c].bytes().all(|b| b.is_ascii_digit() || b == b',' || b == b' ') => {
+            Some(c)
+                if tail[..c]
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b == b',' || b == b' ') =>
+            {
                 out.push_str(&tail[..c].replace(',', " "));
                 rest = &tail[c..];
             }
@@ -113,8 +123,11 @@ pub fn load(file: &Path) -> Result<Pipeline, Diagnostics> {
         Ok(rules) => Some(rules),
         Err(d) => {
             let d = if d.place.line == 0 && !rules_file.exists() {
-                Diagnostic::new(Place::of(file, &spec.rules), format!("rules file {} does not exist", rules_file.display()))
-                    .hint("every pipeline needs a rules file that classifies each source column")
+                Diagnostic::new(
+                    Place::of(file, &spec.rules),
+                    format!("rules file {} does not exist", rules_file.display()),
+                )
+                .hint("every pipeline needs a rules file that classifies each source column")
             } else {
                 d
             };
@@ -127,10 +140,10 @@ pub fn load(file: &Path) -> Result<Pipeline, Diagnostics> {
             if files.path.is_relative() {
                 files.path = base.join(&files.path);
             }
-            if let Some(dl) = &mut files.dead_letter {
-                if dl.is_relative() {
-                    *dl = base.join(&*dl);
-                }
+            if let Some(dl) = &mut files.dead_letter
+                && dl.is_relative()
+            {
+                *dl = base.join(&*dl);
             }
         }
     }
@@ -142,20 +155,25 @@ pub fn load(file: &Path) -> Result<Pipeline, Diagnostics> {
     if let Some(rules) = &rules {
         validate_rules(&rules_file, rules, spec.dataset.access.value, &mut problems);
     }
-    if let (Ok(store), Ok(state)) = (&store, &state) {
-        if store.overlaps(state) {
-            problems.push(
+    if let (Ok(store), Ok(state)) = (&store, &state)
+        && store.overlaps(state)
+    {
+        problems.push(
                 Diagnostic::new(Place::of(file, &spec.publish.state), "the state location overlaps the public store")
                     .hint("state holds pseudonymised keys, which are personal data: put it in a private location outside the store"),
             );
-        }
     }
     let store = store.map_err(|d| problems.push(d)).ok();
     let state = state.map_err(|d| problems.push(d)).ok();
     match (rules, store, state) {
-        (Some(rules), Some(store), Some(state)) if problems.is_empty() => {
-            Ok(Pipeline { file: file.to_path_buf(), rules_file, spec, rules, store, state })
-        }
+        (Some(rules), Some(store), Some(state)) if problems.is_empty() => Ok(Pipeline {
+            file: file.to_path_buf(),
+            rules_file,
+            spec,
+            rules,
+            store,
+            state,
+        }),
         _ => Err(problems),
     }
 }
@@ -163,7 +181,10 @@ pub fn load(file: &Path) -> Result<Pipeline, Diagnostics> {
 fn validate_pipeline(file: &Path, spec: &PipelineFile, problems: &mut Diagnostics) {
     let id = &spec.dataset.id;
     if id.value.is_empty()
-        || !id.value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        || !id
+            .value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
     {
         problems.push(
             Diagnostic::new(Place::of(file, id), format!("dataset id `{}` is not valid", id.value))
@@ -174,39 +195,59 @@ fn validate_pipeline(file: &Path, spec: &PipelineFile, problems: &mut Diagnostic
     let digits: String = org.value.chars().filter(char::is_ascii_digit).collect();
     if digits.len() != 10 {
         problems.push(
-            Diagnostic::new(Place::of(file, org), format!("org_nr `{}` is not a Swedish organisation number", org.value))
-                .hint("write it as NNNNNN-NNNN, e.g. 212000-0000"),
+            Diagnostic::new(
+                Place::of(file, org),
+                format!(
+                    "org_nr `{}` is not a Swedish organisation number",
+                    org.value
+                ),
+            )
+            .hint("write it as NNNNNN-NNNN, e.g. 212000-0000"),
         );
     }
     match &spec.source.value {
         SourceConfig::Files(files) => {
             for problem in files.validate() {
-                problems.push(Diagnostic::new(Place::of(file, &spec.source), format!("source.files: {problem}")));
+                problems.push(Diagnostic::new(
+                    Place::of(file, &spec.source),
+                    format!("source.files: {problem}"),
+                ));
             }
         }
     }
     let publish = &spec.publish;
     if publish.formats.value.is_empty() {
-        problems.push(Diagnostic::new(Place::of(file, &publish.formats), "formats is empty").hint("list at least one of parquet, csv"));
+        problems.push(
+            Diagnostic::new(Place::of(file, &publish.formats), "formats is empty")
+                .hint("list at least one of parquet, csv"),
+        );
     }
     if publish.keep_versions.value == 0 {
-        problems.push(Diagnostic::new(Place::of(file, &publish.keep_versions), "keep_versions must be at least 1"));
+        problems.push(Diagnostic::new(
+            Place::of(file, &publish.keep_versions),
+            "keep_versions must be at least 1",
+        ));
     }
     if !(publish.interval_seconds.is_finite() && publish.interval_seconds > 0.0) {
-        problems.push(Diagnostic::new(Place::file(file), "publish.interval_seconds must be a positive number"));
+        problems.push(Diagnostic::new(
+            Place::file(file),
+            "publish.interval_seconds must be a positive number",
+        ));
     }
     if publish.max_changes == 0 {
-        problems.push(Diagnostic::new(Place::file(file), "publish.max_changes must be at least 1"));
+        problems.push(Diagnostic::new(
+            Place::file(file),
+            "publish.max_changes must be at least 1",
+        ));
     }
-    if let Some(key) = &spec.pseudonym_key {
-        if let pipeline::KeySource::Env(name) = &key.value {
-            if std::env::var_os(name).is_none() {
-                problems.push(
+    if let Some(key) = &spec.pseudonym_key
+        && let pipeline::KeySource::Env(name) = &key.value
+        && std::env::var_os(name).is_none()
+    {
+        problems.push(
                     Diagnostic::new(Place::of(file, key), format!("environment variable {name} is not set"))
                         .hint("set it to a random secret of at least 32 bytes, or remove pseudonym_key to have one generated in the state location"),
                 );
-            }
-        }
     }
 }
 
@@ -215,10 +256,13 @@ fn validate_rules(file: &Path, rules: &RulesFile, access: Access, problems: &mut
     for (name, rule) in &rules.columns.0 {
         let place = Place::of(file, rule);
         let r = &rule.value;
-        if let Some(t) = &r.type_ {
-            if let Err(e) = t.parse::<ColumnType>() {
-                problems.push(Diagnostic::new(place.clone(), format!("column `{}`: {e}", name.value)));
-            }
+        if let Some(t) = &r.type_
+            && let Err(e) = t.parse::<ColumnType>()
+        {
+            problems.push(Diagnostic::new(
+                place.clone(),
+                format!("column `{}`: {e}", name.value),
+            ));
         }
         if r.action == Action::Hash && access == Access::Open && r.reason.is_none() {
             problems.push(
@@ -228,30 +272,50 @@ fn validate_rules(file: &Path, rules: &RulesFile, access: Access, problems: &mut
         }
         if r.allow_identity_numbers && r.reason.is_none() {
             problems.push(
-                Diagnostic::new(place.clone(), format!("column `{}`: allow: personal_identity_number needs a reason", name.value))
-                    .hint("add `reason:` saying why identity numbers may be published here"),
+                Diagnostic::new(
+                    place.clone(),
+                    format!(
+                        "column `{}`: allow: personal_identity_number needs a reason",
+                        name.value
+                    ),
+                )
+                .hint("add `reason:` saying why identity numbers may be published here"),
             );
         }
         if r.action != Action::Drop {
             let out = r.rename.as_deref().unwrap_or(&name.value);
             if out.starts_with('_') {
-                problems.push(Diagnostic::new(place.clone(), format!("published column name `{out}` starts with `_`, which oppen reserves")));
+                problems.push(Diagnostic::new(
+                    place.clone(),
+                    format!("published column name `{out}` starts with `_`, which oppen reserves"),
+                ));
             }
             if let Some(other) = published.insert(out, &name.value) {
                 problems.push(
-                    Diagnostic::new(place, format!("columns `{other}` and `{}` would both be published as `{out}`", name.value))
-                        .hint("rename one of them"),
+                    Diagnostic::new(
+                        place,
+                        format!(
+                            "columns `{other}` and `{}` would both be published as `{out}`",
+                            name.value
+                        ),
+                    )
+                    .hint("rename one of them"),
                 );
             }
         }
     }
     for rule in &rules.rows {
         let rules::RowRule::Suppress(s) = &rule.value;
-        let tests = usize::from(s.is.is_some()) + usize::from(s.in_.is_some()) + usize::from(s.equals.is_some());
+        let tests = usize::from(s.is.is_some())
+            + usize::from(s.in_.is_some())
+            + usize::from(s.equals.is_some());
         if tests != 1 {
             problems.push(
-                Diagnostic::new(Place::of(file, rule), format!("suppress on `{}` needs exactly one test", s.column))
-                    .hint("use one of `is: personal_identity_number`, `in: [...]`, `equals: ...`"),
+                Diagnostic::new(
+                    Place::of(file, rule),
+                    format!("suppress on `{}` needs exactly one test", s.column),
+                )
+                .hint("use one of `is: personal_identity_number`, `in: [...]`, `equals: ...`"),
             );
         }
     }
@@ -267,8 +331,14 @@ pub fn check_against_columns(pipeline: &Pipeline, columns: &[String]) -> Diagnos
     for (name, _) in &pipeline.rules.columns.0 {
         if !known(&name.value) {
             problems.push(
-                Diagnostic::new(Place::of(file, name), format!("rule for column `{}`, which the source does not have", name.value))
-                    .hint(hint.clone()),
+                Diagnostic::new(
+                    Place::of(file, name),
+                    format!(
+                        "rule for column `{}`, which the source does not have",
+                        name.value
+                    ),
+                )
+                .hint(hint.clone()),
             );
         }
     }
@@ -276,8 +346,14 @@ pub fn check_against_columns(pipeline: &Pipeline, columns: &[String]) -> Diagnos
         let rules::RowRule::Suppress(s) = &rule.value;
         if !known(&s.column) {
             problems.push(
-                Diagnostic::new(Place::of(file, rule), format!("suppress rule on column `{}`, which the source does not have", s.column))
-                    .hint(hint.clone()),
+                Diagnostic::new(
+                    Place::of(file, rule),
+                    format!(
+                        "suppress rule on column `{}`, which the source does not have",
+                        s.column
+                    ),
+                )
+                .hint(hint.clone()),
             );
         }
     }
@@ -285,25 +361,41 @@ pub fn check_against_columns(pipeline: &Pipeline, columns: &[String]) -> Diagnos
         for c in columns {
             if pipeline.rule(c).is_none() {
                 problems.push(
-                    Diagnostic::new(Place::file(file), format!("column `{c}` has no rule, and unclassified is halt"))
-                        .hint(format!("add `{c}: drop` (or another action) under columns:")),
+                    Diagnostic::new(
+                        Place::file(file),
+                        format!("column `{c}` has no rule, and unclassified is halt"),
+                    )
+                    .hint(format!(
+                        "add `{c}: drop` (or another action) under columns:"
+                    )),
                 );
             }
         }
     }
     if let Some(partition) = &pipeline.spec.publish.partition_by {
         let column = &partition.value.column;
-        let published = pipeline.rule(column).is_some_and(|r| r.action != Action::Drop);
+        let published = pipeline
+            .rule(column)
+            .is_some_and(|r| r.action != Action::Drop);
         if !published {
             problems.push(
-                Diagnostic::new(Place::of(&pipeline.file, partition), format!("partition column `{column}` is not published"))
-                    .hint("partition by a column the rules keep or generalize"),
+                Diagnostic::new(
+                    Place::of(&pipeline.file, partition),
+                    format!("partition column `{column}` is not published"),
+                )
+                .hint("partition by a column the rules keep or generalize"),
             );
         }
     }
     for key in source_key(pipeline) {
         if !known(key) {
-            problems.push(Diagnostic::new(Place::of(&pipeline.file, &pipeline.spec.source), format!("key column `{key}` is not in the source")).hint(hint.clone()));
+            problems.push(
+                Diagnostic::new(
+                    Place::of(&pipeline.file, &pipeline.spec.source),
+                    format!("key column `{key}` is not in the source"),
+                )
+                .hint(hint.clone()),
+            );
         }
     }
     problems

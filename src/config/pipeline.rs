@@ -161,7 +161,11 @@ fn default_formats() -> Spanned<Vec<OutputFormat>> {
     )
 }
 fn default_keep_versions() -> Spanned<u32> {
-    Spanned::new(DEFAULT_KEEP_VERSIONS, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN)
+    Spanned::new(
+        DEFAULT_KEEP_VERSIONS,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
 }
 fn default_interval() -> f64 {
     DEFAULT_INTERVAL_SECONDS
@@ -171,7 +175,9 @@ fn default_max_changes() -> usize {
 }
 
 /// A published file format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputFormat {
     /// Apache Parquet, zstd-compressed, typed, with statistics.

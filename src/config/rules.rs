@@ -35,7 +35,9 @@ impl<'de> Deserialize<'de> for ColumnRules {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ColumnRules, A::Error> {
                 let mut rules: Vec<(Spanned<String>, Spanned<ColumnRule>)> = Vec::new();
-                while let Some((name, rule)) = map.next_entry::<Spanned<String>, Spanned<ColumnRule>>()? {
+                while let Some((name, rule)) =
+                    map.next_entry::<Spanned<String>, Spanned<ColumnRule>>()?
+                {
                     if rules.iter().any(|(n, _)| n.value == name.value) {
                         return Err(de::Error::custom(format!(
                             "column `{}` has two rules; give each column exactly one",
@@ -199,7 +201,13 @@ enum DateGrain {
 
 impl ColumnRule {
     fn simple(action: Action) -> Self {
-        Self { action, rename: None, type_: None, reason: None, allow_identity_numbers: false }
+        Self {
+            action,
+            rename: None,
+            type_: None,
+            reason: None,
+            allow_identity_numbers: false,
+        }
     }
 
     fn from_repr<E: de::Error>(repr: ActionRepr) -> Result<Self, E> {
@@ -212,14 +220,31 @@ impl ColumnRule {
                 reason: o.reason,
             },
             ActionRepr::Drop(NoOptions {}) => Self::simple(Action::Drop),
-            ActionRepr::Hash(o) => Self { rename: o.rename, type_: o.type_, reason: o.reason, ..Self::simple(Action::Hash) },
-            ActionRepr::Redact(o) => Self { rename: o.rename, type_: o.type_, reason: o.reason, ..Self::simple(Action::Redact) },
+            ActionRepr::Hash(o) => Self {
+                rename: o.rename,
+                type_: o.type_,
+                reason: o.reason,
+                ..Self::simple(Action::Hash)
+            },
+            ActionRepr::Redact(o) => Self {
+                rename: o.rename,
+                type_: o.type_,
+                reason: o.reason,
+                ..Self::simple(Action::Redact)
+            },
             ActionRepr::Mask(o) => {
                 let (keep_first, keep_last) = match (o.keep_first, o.keep_last) {
                     (None, None) => (0, DEFAULT_MASK_KEEP_LAST),
                     (first, last) => (first.unwrap_or(0), last.unwrap_or(0)),
                 };
-                Self { rename: o.rename, type_: o.type_, ..Self::simple(Action::Mask { keep_first, keep_last }) }
+                Self {
+                    rename: o.rename,
+                    type_: o.type_,
+                    ..Self::simple(Action::Mask {
+                        keep_first,
+                        keep_last,
+                    })
+                }
             }
             ActionRepr::Generalize(o) => {
                 let chosen: Vec<Generalize> = [
@@ -241,12 +266,16 @@ impl ColumnRule {
                          `prefix: N` (text such as postal codes)",
                     )
                 })?;
-                if let Generalize::Step(step) = how {
-                    if !(step.is_finite() && step > 0.0) {
-                        return Err(E::custom("generalize step must be a positive number"));
-                    }
+                if let Generalize::Step(step) = how
+                    && !(step.is_finite() && step > 0.0)
+                {
+                    return Err(E::custom("generalize step must be a positive number"));
                 }
-                Self { rename: o.rename, type_: o.type_, ..Self::simple(Action::Generalize(how)) }
+                Self {
+                    rename: o.rename,
+                    type_: o.type_,
+                    ..Self::simple(Action::Generalize(how))
+                }
             }
         })
     }
@@ -270,7 +299,10 @@ impl<'de> Deserialize<'de> for ColumnRule {
                     "drop" => Ok(ColumnRule::simple(Action::Drop)),
                     "hash" => Ok(ColumnRule::simple(Action::Hash)),
                     "redact" => Ok(ColumnRule::simple(Action::Redact)),
-                    "mask" => Ok(ColumnRule::simple(Action::Mask { keep_first: 0, keep_last: DEFAULT_MASK_KEEP_LAST })),
+                    "mask" => Ok(ColumnRule::simple(Action::Mask {
+                        keep_first: 0,
+                        keep_last: DEFAULT_MASK_KEEP_LAST,
+                    })),
                     "generalize" => Err(E::custom(
                         "generalize needs an option, e.g. `{ generalize: { to: month } }`",
                     )),

@@ -99,7 +99,10 @@ pub struct Version {
 impl Version {
     /// Every file the version references, relative to the dataset folder.
     pub fn files(&self) -> impl Iterator<Item = &FileRef> {
-        self.partitions.values().flat_map(|p| p.files.values()).chain(self.changes.files.values())
+        self.partitions
+            .values()
+            .flat_map(|p| p.files.values())
+            .chain(self.changes.files.values())
     }
 }
 

@@ -27,8 +27,8 @@ use sha2::{Digest, Sha256};
 use crate::classify::{Classified, KEY_COLUMN};
 use crate::config::{OutputFormat, PartitionGrain};
 use manifest::{
-    ChangeSummary, ColumnInfo, FileRef, PartitionFiles, State, StateManifest, Version, VersionManifest,
-    parse_version_path, version_name,
+    ChangeSummary, ColumnInfo, FileRef, PartitionFiles, State, StateManifest, Version,
+    VersionManifest, parse_version_path, version_name,
 };
 use state::{Entry, Key, Partitions};
 use store::Store;
@@ -66,7 +66,10 @@ pub enum PublishError {
 impl PublishError {
     /// Whether retrying may help.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, PublishError::Store { .. } | PublishError::Conflict { .. })
+        matches!(
+            self,
+            PublishError::Store { .. } | PublishError::Conflict { .. }
+        )
     }
 }
 
@@ -170,17 +173,28 @@ pub struct Publisher {
 }
 
 fn store_err(store: &Store) -> impl Fn(object_store::Error) -> PublishError + '_ {
-    move |source| PublishError::Store { store: store.location().to_string(), source }
+    move |source| PublishError::Store {
+        store: store.location().to_string(),
+        source,
+    }
 }
 
 fn file_ref(path: String, bytes: &Bytes) -> FileRef {
-    FileRef { path, bytes: bytes.len() as u64, sha256: hex::encode(Sha256::digest(bytes)) }
+    FileRef {
+        path,
+        bytes: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(bytes)),
+    }
 }
 
 impl Publisher {
     /// Opens the dataset: reads the newest committed version and its private
     /// state, repairs a stale pointer, and removes files a crash left behind.
-    pub async fn open(settings: Settings, store: Store, state_store: Store) -> Result<(Self, Recovered)> {
+    pub async fn open(
+        settings: Settings,
+        store: Store,
+        state_store: Store,
+    ) -> Result<(Self, Recovered)> {
         let mut publisher = Self {
             settings,
             store,
@@ -240,8 +254,11 @@ impl Publisher {
                 self.state_store.location()
             ))
         })?;
-        let StateManifest::V1(state) = serde_json::from_slice(&state_bytes)
-            .map_err(|e| PublishError::Corrupt { path: state_path.clone(), message: e.to_string() })?;
+        let StateManifest::V1(state) =
+            serde_json::from_slice(&state_bytes).map_err(|e| PublishError::Corrupt {
+                path: state_path.clone(),
+                message: e.to_string(),
+            })?;
         if state.key_fingerprint != self.settings.key_fingerprint {
             return Err(PublishError::State(format!(
                 "the pseudonym key differs from the one that built {}'s state; use the original key \
@@ -264,23 +281,49 @@ impl Publisher {
                 Ok::<_, PublishError>((name.clone(), batch))
             }
         }).collect();
-        let loaded: Vec<(String, RecordBatch)> = futures::stream::iter(loads).buffered(UPLOAD_CONCURRENCY).try_collect().await?;
+        let loaded: Vec<(String, RecordBatch)> = futures::stream::iter(loads)
+            .buffered(UPLOAD_CONCURRENCY)
+            .try_collect()
+            .await?;
         for (name, rows) in loaded {
             let id = self.names.id(&name);
             let keys = state::keys(&rows)?;
             for (row, hash) in state::row_hashes(&rows)?.into_iter().enumerate() {
-                self.index.insert(state::key_at(keys, row), Entry { partition: id, hash });
+                self.index.insert(
+                    state::key_at(keys, row),
+                    Entry {
+                        partition: id,
+                        hash,
+                    },
+                );
             }
             self.schema.get_or_insert_with(|| rows.schema());
-            let files = version.partitions.get(&name).cloned().ok_or_else(|| PublishError::Corrupt {
-                path: state_path.clone(),
-                message: format!("partition {name} is in the state but not in the version"),
-            })?;
-            let state_file = state.partitions.get(&name).cloned().ok_or_else(|| PublishError::Corrupt {
-                path: state_path.clone(),
-                message: format!("partition {name} has no state file"),
-            })?;
-            self.partitions.insert(name, Partition { rows, state_file, files });
+            let files =
+                version
+                    .partitions
+                    .get(&name)
+                    .cloned()
+                    .ok_or_else(|| PublishError::Corrupt {
+                        path: state_path.clone(),
+                        message: format!("partition {name} is in the state but not in the version"),
+                    })?;
+            let state_file =
+                state
+                    .partitions
+                    .get(&name)
+                    .cloned()
+                    .ok_or_else(|| PublishError::Corrupt {
+                        path: state_path.clone(),
+                        message: format!("partition {name} has no state file"),
+                    })?;
+            self.partitions.insert(
+                name,
+                Partition {
+                    rows,
+                    state_file,
+                    files,
+                },
+            );
         }
         self.version = newest;
         self.unclassified = state.unclassified.clone();
@@ -300,7 +343,11 @@ impl Publisher {
     /// Rewrites `manifest.json` and `latest/` if a crash came between the commit
     /// point and their update.
     async fn repair_pointer(&self, version: &Version) -> Result<()> {
-        let pointer = self.store.get(&self.path("manifest.json")).await.map_err(store_err(&self.store))?;
+        let pointer = self
+            .store
+            .get(&self.path("manifest.json"))
+            .await
+            .map_err(store_err(&self.store))?;
         let current = pointer
             .and_then(|b| serde_json::from_slice::<VersionManifest>(&b).ok())
             .map(|m| m.version().version);
@@ -310,16 +357,29 @@ impl Publisher {
         tracing::warn!(dataset = %self.settings.dataset, version = version.version, "repairing manifest.json and latest/ after an interrupted commit");
         for (name, files) in &version.partitions {
             for (format, file) in &files.files {
-                if let Some(bytes) = self.store.get(&self.path(&file.path)).await.map_err(store_err(&self.store))? {
+                if let Some(bytes) = self
+                    .store
+                    .get(&self.path(&file.path))
+                    .await
+                    .map_err(store_err(&self.store))?
+                {
                     self.store
-                        .put(&self.path(&format!("latest/{name}.{}", format.extension())), bytes)
+                        .put(
+                            &self.path(&format!("latest/{name}.{}", format.extension())),
+                            bytes,
+                        )
                         .await
                         .map_err(store_err(&self.store))?;
                 }
             }
         }
-        let bytes = Bytes::from(serde_json::to_vec_pretty(&VersionManifest::V1(version.clone())).unwrap_or_default());
-        self.store.put(&self.path("manifest.json"), bytes).await.map_err(store_err(&self.store))
+        let bytes = Bytes::from(
+            serde_json::to_vec_pretty(&VersionManifest::V1(version.clone())).unwrap_or_default(),
+        );
+        self.store
+            .put(&self.path("manifest.json"), bytes)
+            .await
+            .map_err(store_err(&self.store))
     }
 
     /// The newest committed version (0 before the first).
@@ -329,7 +389,10 @@ impl Publisher {
 
     /// Rows in the committed dataset.
     pub fn rows(&self) -> u64 {
-        self.partitions.values().map(|p| p.rows.num_rows() as u64).sum()
+        self.partitions
+            .values()
+            .map(|p| p.rows.num_rows() as u64)
+            .sum()
     }
 
     /// Staged changes waiting for a version.
@@ -348,7 +411,11 @@ impl Publisher {
     }
 
     /// Records the source's column types and unclassified columns for the next version.
-    pub fn set_source_info(&mut self, source_types: BTreeMap<String, ColumnType>, unclassified: Vec<String>) {
+    pub fn set_source_info(
+        &mut self,
+        source_types: BTreeMap<String, ColumnType>,
+        unclassified: Vec<String>,
+    ) {
         self.source_types = source_types;
         self.unclassified = unclassified;
     }
@@ -371,10 +438,8 @@ impl Publisher {
         for (row, op) in ops.iter().enumerate() {
             let key = state::key_at(keys, row);
             let delete = *op == Op::Delete;
-            if !delete {
-                if let Some(seen) = &mut self.pending.snapshot_seen {
-                    seen.insert(key);
-                }
+            if !delete && let Some(seen) = &mut self.pending.snapshot_seen {
+                seen.insert(key);
             }
             self.pending.latest.insert(key, (index, row as u32, delete));
         }
@@ -389,7 +454,10 @@ impl Publisher {
             let seen = self.pending.snapshot_seen.take().unwrap_or_default();
             for key in self.index.keys() {
                 if !seen.contains(key) {
-                    self.pending.latest.entry(*key).or_insert((u32::MAX, 0, true));
+                    self.pending
+                        .latest
+                        .entry(*key)
+                        .or_insert((u32::MAX, 0, true));
                 }
             }
             for (key, change) in &mut self.pending.latest {
@@ -418,8 +486,14 @@ impl Publisher {
             return Ok(None);
         }
         let pending = std::mem::take(&mut self.pending);
-        let target = pending.batches.last().map(RecordBatch::schema).or_else(|| self.schema.clone());
-        let Some(target) = target else { return Ok(None) };
+        let target = pending
+            .batches
+            .last()
+            .map(RecordBatch::schema)
+            .or_else(|| self.schema.clone());
+        let Some(target) = target else {
+            return Ok(None);
+        };
         let result = match self.plan(&pending, &target) {
             Ok(Some(plan)) => self.write(plan, &pending, target).await.map(Some),
             Ok(None) => {
@@ -435,6 +509,9 @@ impl Publisher {
         result
     }
 }
+
+/// One partition encoded: name, rows, state file, and a file per format.
+type Encoded = (String, u64, Bytes, Vec<(OutputFormat, Bytes)>);
 
 /// A version worked out in memory, not yet written.
 struct Plan {
@@ -453,7 +530,11 @@ struct Plan {
 impl Publisher {
     fn plan(&mut self, pending: &Pending, target: &SchemaRef) -> Result<Option<Plan>> {
         let schema_changed = self.schema.as_ref().is_some_and(|s| s != target);
-        let batches = pending.batches.iter().map(|b| state::align(b, target)).collect::<Result<Vec<_>, _>>()?;
+        let batches = pending
+            .batches
+            .iter()
+            .map(|b| state::align(b, target))
+            .collect::<Result<Vec<_>, _>>()?;
         let single = self.settings.dataset.clone();
         let mut part_of: Vec<Vec<u32>> = Vec::with_capacity(batches.len());
         let mut hash_of: Vec<Vec<u64>> = Vec::with_capacity(batches.len());
@@ -467,16 +548,30 @@ impl Publisher {
         let mut rehashed: HashMap<Key, Entry> = HashMap::new();
         for (name, p) in &self.partitions {
             let id = self.names.id(name);
-            let rows = if schema_changed { state::align(&p.rows, target)? } else { p.rows.clone() };
+            let rows = if schema_changed {
+                state::align(&p.rows, target)?
+            } else {
+                p.rows.clone()
+            };
             if schema_changed {
                 let keys = state::keys(&rows)?;
                 for (row, hash) in state::row_hashes(&rows)?.into_iter().enumerate() {
-                    rehashed.insert(state::key_at(keys, row), Entry { partition: id, hash });
+                    rehashed.insert(
+                        state::key_at(keys, row),
+                        Entry {
+                            partition: id,
+                            hash,
+                        },
+                    );
                 }
             }
             old.insert(id, rows);
         }
-        let index = if schema_changed { &rehashed } else { &self.index };
+        let index = if schema_changed {
+            &rehashed
+        } else {
+            &self.index
+        };
 
         let mut removed_from: HashMap<u32, HashSet<Key>> = HashMap::new();
         let mut added_to: BTreeMap<u32, Vec<(usize, usize)>> = BTreeMap::new();
@@ -497,7 +592,10 @@ impl Publisher {
                 continue;
             }
             let (b, r) = (b as usize, r as usize);
-            let entry = Entry { partition: part_of[b][r], hash: hash_of[b][r] };
+            let entry = Entry {
+                partition: part_of[b][r],
+                hash: hash_of[b][r],
+            };
             match previous {
                 Some(e) if *e == entry => continue,
                 Some(e) => {
@@ -525,9 +623,16 @@ impl Publisher {
             rows.sort_unstable();
         }
         let touched: HashSet<u32> = if schema_changed {
-            old.keys().copied().chain(added_to.keys().copied()).collect()
+            old.keys()
+                .copied()
+                .chain(added_to.keys().copied())
+                .collect()
         } else {
-            removed_from.keys().chain(added_to.keys()).copied().collect()
+            removed_from
+                .keys()
+                .chain(added_to.keys())
+                .copied()
+                .collect()
         };
         let batch_refs: Vec<&RecordBatch> = batches.iter().collect();
         let mut partitions = BTreeMap::new();
@@ -538,8 +643,9 @@ impl Publisher {
             let kept = match removed_from.get(&id) {
                 Some(gone) if !gone.is_empty() => {
                     let keys = state::keys(old_rows)?;
-                    let keep: arrow::array::BooleanArray =
-                        (0..old_rows.num_rows()).map(|r| Some(!gone.contains(&state::key_at(keys, r)))).collect();
+                    let keep: arrow::array::BooleanArray = (0..old_rows.num_rows())
+                        .map(|r| Some(!gone.contains(&state::key_at(keys, r))))
+                        .collect();
                     let dropped: arrow::array::BooleanArray = (0..old_rows.num_rows())
                         .map(|r| Some(deleted.contains(&state::key_at(keys, r))))
                         .collect();
@@ -562,16 +668,26 @@ impl Publisher {
         }
         let mut change_parts = Vec::new();
         if !change_rows.is_empty() {
-            let indices: Vec<(usize, usize)> = change_rows.iter().map(|&(b, r, _)| (b, r)).collect();
+            let indices: Vec<(usize, usize)> =
+                change_rows.iter().map(|&(b, r, _)| (b, r)).collect();
             let rows = take_rows(&batch_refs, &indices, target)?;
-            change_parts.push(state::with_ops(&state::without_key(&rows), change_rows.iter().map(|c| c.2).collect())?);
+            change_parts.push(state::with_ops(
+                &state::without_key(&rows),
+                change_rows.iter().map(|c| c.2).collect(),
+            )?);
         }
         for rows in deleted_rows {
             let n = rows.num_rows();
-            change_parts.push(state::with_ops(&state::without_key(&rows), vec!["delete"; n])?);
+            change_parts.push(state::with_ops(
+                &state::without_key(&rows),
+                vec!["delete"; n],
+            )?);
         }
         let changes = match change_parts.first() {
-            Some(first) => Some(arrow::compute::concat_batches(&first.schema(), &change_parts)?),
+            Some(first) => Some(arrow::compute::concat_batches(
+                &first.schema(),
+                &change_parts,
+            )?),
             None => None,
         };
         Ok(Some(Plan {
@@ -584,21 +700,36 @@ impl Publisher {
         }))
     }
 
-    async fn write(&mut self, plan: Plan, pending: &Pending, target: SchemaRef) -> Result<Committed> {
+    async fn write(
+        &mut self,
+        plan: Plan,
+        pending: &Pending,
+        target: SchemaRef,
+    ) -> Result<Committed> {
         let version = self.version + 1;
         let vname = version_name(version);
         let formats = self.settings.formats.clone();
         // Encode every file off the async workers, partitions in parallel.
-        let jobs: Vec<_> = plan.partitions.iter().filter(|(_, rows)| rows.num_rows() > 0).map(|(name, rows)| {
-            let (name, rows, formats) = (name.clone(), rows.clone(), formats.clone());
-            tokio::task::spawn_blocking(move || -> Result<(String, u64, Bytes, Vec<(OutputFormat, Bytes)>)> {
-                let state_bytes = state::encode_state(&rows)?;
-                let public = state::without_key(&rows);
-                let files = formats.iter().map(|f| Ok((*f, writer::encode(*f, &public)?))).collect::<Result<Vec<_>>>()?;
-                Ok((name, rows.num_rows() as u64, state_bytes, files))
+        let jobs: Vec<_> = plan
+            .partitions
+            .iter()
+            .filter(|(_, rows)| rows.num_rows() > 0)
+            .map(|(name, rows)| {
+                let (name, rows, formats) = (name.clone(), rows.clone(), formats.clone());
+                tokio::task::spawn_blocking(move || -> Result<Encoded> {
+                    let state_bytes = state::encode_state(&rows)?;
+                    let public = state::without_key(&rows);
+                    let files = formats
+                        .iter()
+                        .map(|f| Ok((*f, writer::encode(*f, &public)?)))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((name, rows.num_rows() as u64, state_bytes, files))
+                })
             })
-        }).collect();
-        let encoded = futures::future::try_join_all(jobs).await.map_err(|e| PublishError::State(format!("encoder task failed: {e}")))?;
+            .collect();
+        let encoded = futures::future::try_join_all(jobs)
+            .await
+            .map_err(|e| PublishError::State(format!("encoder task failed: {e}")))?;
         let mut uploads_state = Vec::new();
         let mut uploads_public = Vec::new();
         let mut new_partitions: BTreeMap<String, (FileRef, PartitionFiles)> = BTreeMap::new();
@@ -615,7 +746,10 @@ impl Publisher {
                 let path = format!("data/{name}/{vname}-{unique}.{}", format.extension());
                 *bytes_by_format.entry(format).or_default() += bytes.len() as u64;
                 refs.insert(format, file_ref(path.clone(), &bytes));
-                latest_files.push((self.path(&format!("latest/{name}.{}", format.extension())), bytes.clone()));
+                latest_files.push((
+                    self.path(&format!("latest/{name}.{}", format.extension())),
+                    bytes.clone(),
+                ));
                 uploads_public.push((self.path(&path), bytes));
             }
             new_partitions.insert(name, (state_file, PartitionFiles { rows, files: refs }));
@@ -650,14 +784,21 @@ impl Publisher {
         let state_manifest = StateManifest::V1(State {
             dataset: self.settings.dataset.clone(),
             version,
-            partitions: all.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect(),
+            partitions: all
+                .iter()
+                .map(|(n, (s, _))| (n.clone(), s.clone()))
+                .collect(),
             key_fingerprint: self.settings.key_fingerprint.clone(),
             unclassified: self.unclassified.clone(),
             source_types: self.source_types.clone(),
         });
-        let json = serde_json::to_vec_pretty(&state_manifest).map_err(|e| PublishError::State(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&state_manifest)
+            .map_err(|e| PublishError::State(e.to_string()))?;
         self.state_store
-            .put(&self.path(&format!("versions/{vname}.json")), Bytes::from(json))
+            .put(
+                &self.path(&format!("versions/{vname}.json")),
+                Bytes::from(json),
+            )
             .await
             .map_err(store_err(&self.state_store))?;
         put_all(&self.store, uploads_public).await?;
@@ -674,21 +815,42 @@ impl Publisher {
                 .fields()
                 .iter()
                 .filter(|f| f.name() != KEY_COLUMN)
-                .map(|f| ColumnInfo { name: f.name().clone(), type_: f.data_type().to_string() })
+                .map(|f| ColumnInfo {
+                    name: f.name().clone(),
+                    type_: f.data_type().to_string(),
+                })
                 .collect(),
-            partitions: all.iter().map(|(n, (_, p))| (n.clone(), p.clone())).collect(),
-            changes: ChangeSummary { inserts, updates, deletes, files: change_files },
+            partitions: all
+                .iter()
+                .map(|(n, (_, p))| (n.clone(), p.clone()))
+                .collect(),
+            changes: ChangeSummary {
+                inserts,
+                updates,
+                deletes,
+                files: change_files,
+            },
             rules_digest: self.settings.rules_digest.clone(),
             source_position: pending.position.clone(),
             source_time: pending.source_time,
         };
         let json = Bytes::from(
-            serde_json::to_vec_pretty(&VersionManifest::V1(manifest.clone())).map_err(|e| PublishError::State(e.to_string()))?,
+            serde_json::to_vec_pretty(&VersionManifest::V1(manifest.clone()))
+                .map_err(|e| PublishError::State(e.to_string()))?,
         );
         // The commit point.
-        match self.store.create(&self.path(&format!("versions/{vname}.json")), json.clone()).await {
+        match self
+            .store
+            .create(&self.path(&format!("versions/{vname}.json")), json.clone())
+            .await
+        {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(PublishError::Conflict { dataset: self.settings.dataset.clone(), version }),
+            Ok(Err(_)) => {
+                return Err(PublishError::Conflict {
+                    dataset: self.settings.dataset.clone(),
+                    version,
+                });
+            }
             Err(e) => return Err(store_err(&self.store)(e)),
         }
         crate::runtime::failpoint("after-version-manifest");
@@ -711,14 +873,26 @@ impl Publisher {
                 let id = self.names.id(name);
                 let keys = state::keys(&p.rows)?;
                 for (row, hash) in state::row_hashes(&p.rows)?.into_iter().enumerate() {
-                    self.index.insert(state::key_at(keys, row), Entry { partition: id, hash });
+                    self.index.insert(
+                        state::key_at(keys, row),
+                        Entry {
+                            partition: id,
+                            hash,
+                        },
+                    );
                 }
             }
             for (name, rows) in &plan.partitions {
                 let id = self.names.id(name);
                 let keys = state::keys(rows)?;
                 for (row, hash) in state::row_hashes(rows)?.into_iter().enumerate() {
-                    self.index.insert(state::key_at(keys, row), Entry { partition: id, hash });
+                    self.index.insert(
+                        state::key_at(keys, row),
+                        Entry {
+                            partition: id,
+                            hash,
+                        },
+                    );
                 }
             }
         } else {
@@ -729,7 +903,14 @@ impl Publisher {
         for (name, rows) in plan.partitions {
             match new_partitions.remove(&name) {
                 Some((state_file, files)) => {
-                    self.partitions.insert(name, Partition { rows, state_file, files });
+                    self.partitions.insert(
+                        name,
+                        Partition {
+                            rows,
+                            state_file,
+                            files,
+                        },
+                    );
                 }
                 None => {
                     self.partitions.remove(&name);
@@ -739,7 +920,10 @@ impl Publisher {
         self.schema = Some(target);
         self.version = version;
         let public_refs = manifest.files().map(|f| self.path(&f.path)).collect();
-        let private_refs = all.values().map(|(state_file, _)| self.path(&state_file.path)).collect();
+        let private_refs = all
+            .values()
+            .map(|(state_file, _)| self.path(&state_file.path))
+            .collect();
         self.references.insert(version, (public_refs, private_refs));
 
         // The version is committed: what follows only tidies up. A failure here is
@@ -759,13 +943,24 @@ impl Publisher {
         })
     }
 
-    async fn after_commit(&mut self, pointer: Bytes, latest: Vec<(String, Bytes)>, emptied: Vec<String>) -> Result<()> {
-        self.store.put(&self.path("manifest.json"), pointer).await.map_err(store_err(&self.store))?;
+    async fn after_commit(
+        &mut self,
+        pointer: Bytes,
+        latest: Vec<(String, Bytes)>,
+        emptied: Vec<String>,
+    ) -> Result<()> {
+        self.store
+            .put(&self.path("manifest.json"), pointer)
+            .await
+            .map_err(store_err(&self.store))?;
         put_all(&self.store, latest).await?;
         for name in emptied {
             for format in &self.settings.formats {
                 let path = self.path(&format!("latest/{name}.{}", format.extension()));
-                self.store.delete(&path).await.map_err(store_err(&self.store))?;
+                self.store
+                    .delete(&path)
+                    .await
+                    .map_err(store_err(&self.store))?;
             }
         }
         let removed = self.apply_retention().await?;
@@ -785,13 +980,22 @@ impl Publisher {
     /// Remembers which files kept versions reference, reading their manifests.
     async fn load_references(&mut self, kept: &[u64]) -> Result<()> {
         for v in kept {
-            let public = self.read_version(*v).await?.files().map(|f| self.path(&f.path)).collect();
+            let public = self
+                .read_version(*v)
+                .await?
+                .files()
+                .map(|f| self.path(&f.path))
+                .collect();
             let path = self.path(&format!("versions/{}.json", version_name(*v)));
             let mut private = Vec::new();
-            if let Some(bytes) = self.state_store.get(&path).await.map_err(store_err(&self.state_store))? {
-                if let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes) {
-                    private.extend(s.partitions.values().map(|f| self.path(&f.path)));
-                }
+            if let Some(bytes) = self
+                .state_store
+                .get(&path)
+                .await
+                .map_err(store_err(&self.state_store))?
+                && let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes)
+            {
+                private.extend(s.partitions.values().map(|f| self.path(&f.path)));
             }
             self.references.insert(*v, (public, private));
         }
@@ -808,8 +1012,14 @@ impl Publisher {
         let (old, _) = versions.split_at(versions.len() - keep);
         for v in old {
             let name = format!("versions/{}.json", version_name(*v));
-            self.store.delete(&self.path(&name)).await.map_err(store_err(&self.store))?;
-            self.state_store.delete(&self.path(&name)).await.map_err(store_err(&self.state_store))?;
+            self.store
+                .delete(&self.path(&name))
+                .await
+                .map_err(store_err(&self.store))?;
+            self.state_store
+                .delete(&self.path(&name))
+                .await
+                .map_err(store_err(&self.state_store))?;
             self.references.remove(v);
         }
         Ok(true)
@@ -828,7 +1038,11 @@ impl Publisher {
             (&self.state_store, ["partitions"].as_slice(), &private),
         ] {
             for prefix in prefixes {
-                for path in store.list(&self.path(prefix)).await.map_err(store_err(store))? {
+                for path in store
+                    .list(&self.path(prefix))
+                    .await
+                    .map_err(store_err(store))?
+                {
                     if referenced.contains(&path) {
                         continue;
                     }
@@ -850,7 +1064,11 @@ impl Publisher {
 }
 
 /// Gathers rows `(batch, row)` from several batches into one.
-fn take_rows(batches: &[&RecordBatch], indices: &[(usize, usize)], schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+fn take_rows(
+    batches: &[&RecordBatch],
+    indices: &[(usize, usize)],
+    schema: &SchemaRef,
+) -> Result<RecordBatch, ArrowError> {
     let columns = (0..schema.fields().len())
         .map(|c| {
             let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
@@ -861,7 +1079,10 @@ fn take_rows(batches: &[&RecordBatch], indices: &[(usize, usize)], schema: &Sche
 }
 
 async fn put_all(store: &Store, files: Vec<(String, Bytes)>) -> Result<()> {
-    let puts: Vec<_> = files.into_iter().map(|(path, bytes)| async move { store.put(&path, bytes).await }).collect();
+    let puts: Vec<_> = files
+        .into_iter()
+        .map(|(path, bytes)| async move { store.put(&path, bytes).await })
+        .collect();
     futures::stream::iter(puts)
         .buffer_unordered(UPLOAD_CONCURRENCY)
         .try_collect::<Vec<()>>()
@@ -873,18 +1094,28 @@ async fn put_all(store: &Store, files: Vec<(String, Bytes)>) -> Result<()> {
 /// Reads `versions/<v>.json` of a dataset.
 pub async fn read_version(store: &Store, dataset: &str, version: u64) -> Result<Version> {
     let path = format!("{dataset}/versions/{}.json", version_name(version));
-    let bytes = store.get(&path).await.map_err(store_err(store))?.ok_or_else(|| PublishError::Corrupt {
-        path: path.clone(),
-        message: "version manifest not found".into(),
-    })?;
+    let bytes = store
+        .get(&path)
+        .await
+        .map_err(store_err(store))?
+        .ok_or_else(|| PublishError::Corrupt {
+            path: path.clone(),
+            message: "version manifest not found".into(),
+        })?;
     let manifest: VersionManifest =
-        serde_json::from_slice(&bytes).map_err(|e| PublishError::Corrupt { path, message: e.to_string() })?;
+        serde_json::from_slice(&bytes).map_err(|e| PublishError::Corrupt {
+            path,
+            message: e.to_string(),
+        })?;
     Ok(manifest.version().clone())
 }
 
 /// Reads the newest version of a dataset (by listing, not trusting the pointer).
 pub async fn newest_version(store: &Store, dataset: &str) -> Result<Option<Version>> {
-    let listed = store.list(&format!("{dataset}/versions")).await.map_err(store_err(store))?;
+    let listed = store
+        .list(&format!("{dataset}/versions"))
+        .await
+        .map_err(store_err(store))?;
     match listed.iter().filter_map(|p| parse_version_path(p)).max() {
         Some(v) => read_version(store, dataset, v).await.map(Some),
         None => Ok(None),

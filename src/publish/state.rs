@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, FixedSizeBinaryArray, RecordBatch, StringArray, new_null_array};
+use arrow::array::{
+    Array, ArrayRef, FixedSizeBinaryArray, RecordBatch, StringArray, new_null_array,
+};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::error::ArrowError;
@@ -82,7 +84,10 @@ pub fn row_hashes(batch: &RecordBatch) -> Result<Vec<u64>, ArrowError> {
     }
     let converter = RowConverter::new(fields)?;
     let rows = converter.convert_columns(&columns)?;
-    Ok(rows.iter().map(|r| xxhash_rust::xxh3::xxh3_64(r.as_ref())).collect())
+    Ok(rows
+        .iter()
+        .map(|r| xxhash_rust::xxh3::xxh3_64(r.as_ref()))
+        .collect())
 }
 
 /// The partition name of every row.
@@ -94,12 +99,17 @@ pub fn partition_names(
     let Some((column, grain)) = by else {
         return Ok(vec![single.to_string(); batch.num_rows()]);
     };
-    let array = batch
-        .column_by_name(column)
-        .ok_or_else(|| ArrowError::SchemaError(format!("partition column `{column}` is not published")))?;
+    let array = batch.column_by_name(column).ok_or_else(|| {
+        ArrowError::SchemaError(format!("partition column `{column}` is not published"))
+    })?;
     let names: Vec<String> = match (array.data_type(), grain) {
-        (DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _), grain) if *grain != PartitionGrain::Value => {
-            let micros = cast(array, &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None))?;
+        (DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _), grain)
+            if *grain != PartitionGrain::Value =>
+        {
+            let micros = cast(
+                array,
+                &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
+            )?;
             let ts = micros
                 .as_any()
                 .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
@@ -121,7 +131,9 @@ pub fn partition_names(
                 .as_any()
                 .downcast_ref::<StringArray>()
                 .ok_or_else(|| ArrowError::CastError("text".into()))?;
-            text.iter().map(|v| v.map_or_else(|| NULL_PARTITION.to_string(), sanitize)).collect()
+            text.iter()
+                .map(|v| v.map_or_else(|| NULL_PARTITION.to_string(), sanitize))
+                .collect()
         }
     };
     Ok(names)
@@ -135,9 +147,19 @@ fn sanitize(value: &str) -> String {
     let s: String = value
         .trim()
         .chars()
-        .map(|c| if c.is_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .map(|c| {
+            if c.is_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
-    if s.is_empty() || s.starts_with('.') { format!("_{s}") } else { s }
+    if s.is_empty() || s.starts_with('.') {
+        format!("_{s}")
+    } else {
+        s
+    }
 }
 
 /// A batch with exactly `target`'s columns: same-named columns cast to the target
@@ -164,7 +186,11 @@ pub fn encode_state(batch: &RecordBatch) -> Result<Bytes, ArrowError> {
         .try_with_compression(Some(arrow::ipc::CompressionType::LZ4_FRAME))?;
     let mut out = Vec::with_capacity(batch.get_array_memory_size() / 2);
     {
-        let mut writer = arrow::ipc::writer::FileWriter::try_new_with_options(&mut out, &batch.schema(), options)?;
+        let mut writer = arrow::ipc::writer::FileWriter::try_new_with_options(
+            &mut out,
+            &batch.schema(),
+            options,
+        )?;
         writer.write(batch)?;
         writer.finish()?;
     }
@@ -193,7 +219,11 @@ pub fn without_key(batch: &RecordBatch) -> RecordBatch {
 
 /// Adds an `op` column in front (for change files).
 pub fn with_ops(batch: &RecordBatch, ops: Vec<&'static str>) -> Result<RecordBatch, ArrowError> {
-    let mut fields = vec![Arc::new(arrow::datatypes::Field::new("op", DataType::Utf8, false))];
+    let mut fields = vec![Arc::new(arrow::datatypes::Field::new(
+        "op",
+        DataType::Utf8,
+        false,
+    ))];
     fields.extend(batch.schema().fields().iter().cloned());
     let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from(ops))];
     columns.extend(batch.columns().iter().cloned());

@@ -32,13 +32,21 @@ impl StoreLocation {
             return Err("the location is empty; write e.g. file://published".into());
         }
         let path = Path::new(path);
-        let root = if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
-        Ok(Self { root: normalize(&root) })
+        let root = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            base.join(path)
+        };
+        Ok(Self {
+            root: normalize(&root),
+        })
     }
 
     /// A local folder as a location.
     pub fn local(root: impl Into<PathBuf>) -> Self {
-        Self { root: normalize(&root.into()) }
+        Self {
+            root: normalize(&root.into()),
+        }
     }
 
     /// Whether one location lies inside the other (or they are the same).
@@ -58,7 +66,10 @@ impl StoreLocation {
             source: Box::new(e),
         })?;
         let local = LocalFileSystem::new_with_prefix(&self.root)?;
-        Ok(Store { inner: Arc::new(local), location: self.clone() })
+        Ok(Store {
+            inner: Arc::new(local),
+            location: self.clone(),
+        })
     }
 }
 
@@ -106,17 +117,34 @@ impl Store {
 
     /// Writes (or overwrites) an object.
     pub async fn put(&self, path: &str, bytes: Bytes) -> object_store::Result<()> {
-        self.inner.put(&ObjectPath::from(path), PutPayload::from(bytes)).await.map(|_| ())
+        self.inner
+            .put(&ObjectPath::from(path), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
     }
 
     /// Creates an object only if it does not exist.
-    pub async fn create(&self, path: &str, bytes: Bytes) -> Result<Result<(), Conflict>, object_store::Error> {
-        let options = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.inner.put_opts(&ObjectPath::from(path), PutPayload::from(bytes), options).await {
+    pub async fn create(
+        &self,
+        path: &str,
+        bytes: Bytes,
+    ) -> Result<Result<(), Conflict>, object_store::Error> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .inner
+            .put_opts(&ObjectPath::from(path), PutPayload::from(bytes), options)
+            .await
+        {
             Ok(_) => Ok(Ok(())),
-            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
-                Ok(Err(Conflict { path: path.to_string() }))
-            }
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(Err(Conflict {
+                path: path.to_string(),
+            })),
             Err(e) => Err(e),
         }
     }

@@ -75,7 +75,11 @@ pub struct RunSummary {
 /// crash tests use this to kill a publisher between two steps of a commit.
 pub fn failpoint(name: &str) {
     static FAILPOINT: OnceLock<Option<String>> = OnceLock::new();
-    if FAILPOINT.get_or_init(|| std::env::var("OPPEN_FAILPOINT").ok()).as_deref() == Some(name) {
+    if FAILPOINT
+        .get_or_init(|| std::env::var("OPPEN_FAILPOINT").ok())
+        .as_deref()
+        == Some(name)
+    {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
     }
@@ -83,7 +87,9 @@ pub fn failpoint(name: &str) {
 
 /// SHA-256 of a file's bytes, hex.
 pub fn digest_file(path: &std::path::Path) -> String {
-    std::fs::read(path).map(|b| hex::encode(Sha256::digest(b))).unwrap_or_default()
+    std::fs::read(path)
+        .map(|b| hex::encode(Sha256::digest(b)))
+        .unwrap_or_default()
 }
 
 /// Loads the pseudonym key: from the environment or a file when the pipeline
@@ -91,29 +97,49 @@ pub fn digest_file(path: &std::path::Path) -> String {
 pub async fn pseudonym_key(pipeline: &Pipeline, state: &Store) -> Result<PseudonymKey, RunError> {
     match pipeline.spec.pseudonym_key.as_ref().map(|k| &k.value) {
         Some(KeySource::Env(name)) => {
-            let value = std::env::var(name).map_err(|_| RunError::Config(format!("environment variable {name} (pseudonym_key) is not set")))?;
+            let value = std::env::var(name).map_err(|_| {
+                RunError::Config(format!(
+                    "environment variable {name} (pseudonym_key) is not set"
+                ))
+            })?;
             PseudonymKey::from_text(&value).map_err(|e| RunError::Config(format!("{name}: {e}")))
         }
         Some(KeySource::File(path)) => {
-            let path = pipeline.file.parent().unwrap_or(std::path::Path::new(".")).join(path);
-            let text = std::fs::read_to_string(&path).map_err(|e| RunError::Config(format!("pseudonym key file {}: {e}", path.display())))?;
-            PseudonymKey::from_text(&text).map_err(|e| RunError::Config(format!("{}: {e}", path.display())))
+            let path = pipeline
+                .file
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(path);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                RunError::Config(format!("pseudonym key file {}: {e}", path.display()))
+            })?;
+            PseudonymKey::from_text(&text)
+                .map_err(|e| RunError::Config(format!("{}: {e}", path.display())))
         }
         None => {
-            if let Some(bytes) = state.get(GENERATED_KEY_FILE).await.map_err(|e| RunError::Config(e.to_string()))? {
-                return PseudonymKey::from_text(&String::from_utf8_lossy(&bytes)).map_err(RunError::Config);
+            if let Some(bytes) = state
+                .get(GENERATED_KEY_FILE)
+                .await
+                .map_err(|e| RunError::Config(e.to_string()))?
+            {
+                return PseudonymKey::from_text(&String::from_utf8_lossy(&bytes))
+                    .map_err(RunError::Config);
             }
             let key = PseudonymKey::generate().map_err(RunError::Config)?;
             // Two pipelines sharing a state location may race here: the first wins,
             // the other reads the winner's key.
-            match state.create(GENERATED_KEY_FILE, key.to_hex().into_bytes().into()).await? {
+            match state
+                .create(GENERATED_KEY_FILE, key.to_hex().into_bytes().into())
+                .await?
+            {
                 Ok(()) => {
                     tracing::info!(location = %state.location(), "generated a pseudonym key in the state location; back it up with the state");
                     Ok(key)
                 }
                 Err(_) => {
                     let bytes = state.get(GENERATED_KEY_FILE).await?.unwrap_or_default();
-                    PseudonymKey::from_text(&String::from_utf8_lossy(&bytes)).map_err(RunError::Config)
+                    PseudonymKey::from_text(&String::from_utf8_lossy(&bytes))
+                        .map_err(RunError::Config)
                 }
             }
         }
@@ -125,7 +151,10 @@ pub fn settings(pipeline: &Pipeline, keyer: &Keyer) -> Settings {
     let publish = &pipeline.spec.publish;
     let partition_by = publish.partition_by.as_ref().map(|p| {
         let column = &p.value.column;
-        let published = pipeline.rule(column).and_then(|r| r.rename.clone()).unwrap_or_else(|| column.clone());
+        let published = pipeline
+            .rule(column)
+            .and_then(|r| r.rename.clone())
+            .unwrap_or_else(|| column.clone());
         (published, p.value.by)
     });
     Settings {
@@ -139,7 +168,9 @@ pub fn settings(pipeline: &Pipeline, keyer: &Keyer) -> Settings {
 }
 
 /// Opens the stores, the pseudonym key and the publisher of a pipeline.
-pub async fn open(pipeline: &Pipeline) -> Result<(Publisher, publish::Recovered, Keyer, PseudonymKey), RunError> {
+pub async fn open(
+    pipeline: &Pipeline,
+) -> Result<(Publisher, publish::Recovered, Keyer, PseudonymKey), RunError> {
     let store = pipeline.store.open()?;
     let state = pipeline.state.open()?;
     let key = pseudonym_key(pipeline, &state).await?;
@@ -150,11 +181,22 @@ pub async fn open(pipeline: &Pipeline) -> Result<(Publisher, publish::Recovered,
 }
 
 /// The source of a pipeline, before start.
-pub fn files_source(pipeline: &Pipeline, known: BTreeMap<String, oppen_connector_api::ColumnType>, settle_now: bool) -> Result<FilesSource, RunError> {
+pub fn files_source(
+    pipeline: &Pipeline,
+    known: BTreeMap<String, oppen_connector_api::ColumnType>,
+    settle_now: bool,
+) -> Result<FilesSource, RunError> {
     let SourceConfig::Files(config) = &pipeline.spec.source.value;
-    let hints = SourceHints { column_types: pipeline.column_types(), known_types: known };
+    let hints = SourceHints {
+        column_types: pipeline.column_types(),
+        known_types: known,
+    };
     let source = FilesSource::new(config.clone(), hints)?;
-    Ok(if settle_now { source.without_settling() } else { source })
+    Ok(if settle_now {
+        source.without_settling()
+    } else {
+        source
+    })
 }
 
 fn retry_policy() -> ExponentialBuilder {
@@ -166,7 +208,11 @@ fn retry_policy() -> ExponentialBuilder {
 }
 
 /// Runs one pipeline until the source is done (`once`) or `stop` turns true.
-pub async fn run(pipeline: &Pipeline, options: &RunOptions, mut stop: watch::Receiver<bool>) -> Result<RunSummary, RunError> {
+pub async fn run(
+    pipeline: &Pipeline,
+    options: &RunOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<RunSummary, RunError> {
     let dataset = pipeline.id().to_string();
     let (mut publisher, recovered, _keyer, key) = open(pipeline).await?;
     if recovered.version > 0 {
@@ -176,7 +222,10 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions, mut stop: watch::Rec
     let mut source = files_source(pipeline, recovered.source_types.clone(), settle_now)?;
     source.start(recovered.position.clone()).await?;
     let progress = progress_bar(options.progress, &dataset);
-    let mut summary = RunSummary { suppressed: vec![0; pipeline.rules.rows.len()], ..RunSummary::default() };
+    let mut summary = RunSummary {
+        suppressed: vec![0; pipeline.rules.rows.len()],
+        ..RunSummary::default()
+    };
     let mut classifier: Option<Classifier> = None;
     let interval = Duration::from_secs_f64(pipeline.spec.publish.interval_seconds);
     let max_changes = pipeline.spec.publish.max_changes;
@@ -189,25 +238,47 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions, mut stop: watch::Rec
         match event {
             SourceEvent::Batch(batch) => {
                 let schema = batch.data.schema();
-                if classifier.as_ref().is_none_or(|c| c.source_schema() != &schema) {
+                if classifier
+                    .as_ref()
+                    .is_none_or(|c| c.source_schema() != &schema)
+                {
                     let compiled = Classifier::compile(pipeline, schema.clone(), &key)
                         .map_err(|d| RunError::Config(format!("{d}")))?;
                     for column in &compiled.unclassified {
-                        tracing::warn!(dataset, column, "column has no rule and is not published (unclassified: drop)");
+                        tracing::warn!(
+                            dataset,
+                            column,
+                            "column has no rule and is not published (unclassified: drop)"
+                        );
                     }
                     classifier = Some(compiled);
                 }
-                let Some(c) = classifier.as_ref() else { continue };
+                let Some(c) = classifier.as_ref() else {
+                    continue;
+                };
                 let classified = tokio::task::block_in_place(|| c.classify(&batch))?;
                 summary.rows_read += batch.num_rows() as u64;
-                for (total, n) in summary.suppressed.iter_mut().zip(classified.suppressed_counts(pipeline.rules.rows.len())) {
+                for (total, n) in summary
+                    .suppressed
+                    .iter_mut()
+                    .zip(classified.suppressed_counts(pipeline.rules.rows.len()))
+                {
                     *total += n;
                 }
                 summary.values_redacted += classified.values_redacted;
                 summary.unclassified.clone_from(&c.unclassified);
-                let source_types = source.schema().map(|s| oppen_connector_files::known_types(&s)).unwrap_or_default();
+                let source_types = source
+                    .schema()
+                    .map(|s| oppen_connector_files::known_types(&s))
+                    .unwrap_or_default();
                 publisher.set_source_info(source_types, c.unclassified.clone());
-                publisher.stage(classified, batch.kind, batch.end_of_transaction, batch.position, batch.commit_time)?;
+                publisher.stage(
+                    classified,
+                    batch.kind,
+                    batch.end_of_transaction,
+                    batch.position,
+                    batch.commit_time,
+                )?;
                 first_pending.get_or_insert_with(Instant::now);
                 if let Some(p) = &progress {
                     p.inc(batch.data.num_rows() as u64);
@@ -222,7 +293,13 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions, mut stop: watch::Rec
             }
             SourceEvent::Rejected(rejection) => {
                 summary.rejected += 1;
-                tracing::error!(dataset, what = rejection.what, moved_to = rejection.moved_to.as_deref().unwrap_or("-"), reason = rejection.reason, "input rejected; the pipeline goes on");
+                tracing::error!(
+                    dataset,
+                    what = rejection.what,
+                    moved_to = rejection.moved_to.as_deref().unwrap_or("-"),
+                    reason = rejection.reason,
+                    "input rejected; the pipeline goes on"
+                );
             }
             SourceEvent::Idle => {
                 if publisher.pending_rows() > 0 && publisher.at_boundary() {
@@ -256,7 +333,9 @@ async fn next_event(source: &mut FilesSource, dataset: &str) -> Result<SourceEve
         match source.next().await {
             Ok(event) => return Ok(event),
             Err(e) if e.is_retryable() => {
-                let Some(delay) = delays.next() else { return Err(e.into()) };
+                let Some(delay) = delays.next() else {
+                    return Err(e.into());
+                };
                 tracing::warn!(dataset, error = %e, retry_in = ?delay, "source failed; retrying");
                 tokio::time::sleep(delay).await;
             }
@@ -265,7 +344,12 @@ async fn next_event(source: &mut FilesSource, dataset: &str) -> Result<SourceEve
     }
 }
 
-async fn commit(publisher: &mut Publisher, source: &mut FilesSource, summary: &mut RunSummary, dataset: &str) -> Result<(), RunError> {
+async fn commit(
+    publisher: &mut Publisher,
+    source: &mut FilesSource,
+    summary: &mut RunSummary,
+    dataset: &str,
+) -> Result<(), RunError> {
     let started = Instant::now();
     let mut delays = retry_policy().build();
     let committed = loop {
@@ -273,7 +357,9 @@ async fn commit(publisher: &mut Publisher, source: &mut FilesSource, summary: &m
             Ok(c) => break c,
             // A conflict means another publisher writes this dataset: not ours to retry.
             Err(e) if e.is_retryable() && !matches!(e, publish::PublishError::Conflict { .. }) => {
-                let Some(delay) = delays.next() else { return Err(e.into()) };
+                let Some(delay) = delays.next() else {
+                    return Err(e.into());
+                };
                 tracing::warn!(dataset, error = %e, retry_in = ?delay, "commit failed; retrying");
                 tokio::time::sleep(delay).await;
             }
@@ -282,8 +368,15 @@ async fn commit(publisher: &mut Publisher, source: &mut FilesSource, summary: &m
     };
     if let Some(c) = committed {
         tracing::info!(
-            dataset, version = c.version, rows = c.rows, inserts = c.inserts, updates = c.updates, deletes = c.deletes,
-            partitions = c.partitions_written, ms = started.elapsed().as_millis() as u64, "published version"
+            dataset,
+            version = c.version,
+            rows = c.rows,
+            inserts = c.inserts,
+            updates = c.updates,
+            deletes = c.deletes,
+            partitions = c.partitions_written,
+            ms = started.elapsed().as_millis() as u64,
+            "published version"
         );
         if let Some(position) = &c.position {
             source.ack(position).await?;
@@ -299,8 +392,10 @@ fn progress_bar(enabled: bool, dataset: &str) -> Option<indicatif::ProgressBar> 
         return None;
     }
     let bar = indicatif::ProgressBar::new_spinner();
-    let style = indicatif::ProgressStyle::with_template("{spinner} {prefix}: {human_pos} rows ({per_sec}) {elapsed}")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+    let style = indicatif::ProgressStyle::with_template(
+        "{spinner} {prefix}: {human_pos} rows ({per_sec}) {elapsed}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
     bar.set_style(style);
     bar.set_prefix(dataset.to_string());
     bar.enable_steady_tick(Duration::from_millis(120));

@@ -30,12 +30,21 @@ impl Workspace {
         }
         let inbox = dir.path().join("data").join(data_folder);
         std::fs::create_dir_all(&inbox).unwrap();
-        Self { pipeline: dir.path().join(format!("{name}.yaml")), inbox, dataset: name.to_string(), dir }
+        Self {
+            pipeline: dir.path().join(format!("{name}.yaml")),
+            inbox,
+            dataset: name.to_string(),
+            dir,
+        }
     }
 
     /// Copies a sample export into the export folder.
     pub fn drop_export(&self, data_folder: &str, file: &str) {
-        std::fs::copy(examples().join("data").join(data_folder).join(file), self.inbox.join(file)).unwrap();
+        std::fs::copy(
+            examples().join("data").join(data_folder).join(file),
+            self.inbox.join(file),
+        )
+        .unwrap();
     }
 
     /// Writes an export with the given content.
@@ -62,7 +71,11 @@ impl Workspace {
     /// Runs the pipeline once in process.
     pub async fn run_once(&self) -> Result<oppen::runtime::RunSummary, oppen::runtime::RunError> {
         let pipeline = oppen::config::load(&self.pipeline).unwrap_or_else(|d| panic!("{d}"));
-        let options = oppen::runtime::RunOptions { once: true, progress: false, settle: None };
+        let options = oppen::runtime::RunOptions {
+            once: true,
+            progress: false,
+            settle: None,
+        };
         let (_tx, rx) = tokio::sync::watch::channel(false);
         oppen::runtime::run(&pipeline, &options, rx).await
     }
@@ -70,7 +83,10 @@ impl Workspace {
     /// Runs `oppen` as a process in this folder.
     pub fn oppen(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"));
-        command.args(args).current_dir(self.dir.path()).env("RUST_LOG", "warn");
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "warn");
         for (k, v) in env {
             command.env(k, v);
         }
@@ -80,7 +96,10 @@ impl Workspace {
     /// Committed version numbers.
     pub fn versions(&self) -> Vec<u64> {
         let mut v: Vec<u64> = std::fs::read_dir(self.published().join("versions"))
-            .map(|d| d.filter_map(|e| parse_version_path(&e.ok()?.file_name().into_string().ok()?)).collect())
+            .map(|d| {
+                d.filter_map(|e| parse_version_path(&e.ok()?.file_name().into_string().ok()?))
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort_unstable();
         v
@@ -97,7 +116,12 @@ impl Workspace {
             .partitions
             .values()
             .map(|p| {
-                let file = p.files.iter().find(|(f, _)| format!("{f:?}").eq_ignore_ascii_case(format)).unwrap().1;
+                let file = p
+                    .files
+                    .iter()
+                    .find(|(f, _)| format!("{f:?}").eq_ignore_ascii_case(format))
+                    .unwrap()
+                    .1;
                 read_file(&self.published().join(&file.path))
             })
             .collect();
@@ -117,10 +141,16 @@ impl Workspace {
 /// Files below a folder.
 pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for e in entries.flatten() {
         let p = e.path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        if p.is_dir() {
+            out.extend(walk(&p))
+        } else {
+            out.push(p)
+        }
     }
     out
 }
@@ -135,14 +165,21 @@ pub fn read_manifest(path: &Path) -> Option<Version> {
 pub fn read_file(path: &Path) -> RecordBatch {
     let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
     if path.extension().is_some_and(|e| e == "parquet") {
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1 << 20).unwrap();
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1 << 20)
+                .unwrap();
         let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
         arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
     } else {
         let format = arrow::csv::reader::Format::default().with_header(true);
-        let (schema, _) = format.infer_schema(std::io::Cursor::new(&bytes), None).unwrap();
+        let (schema, _) = format
+            .infer_schema(std::io::Cursor::new(&bytes), None)
+            .unwrap();
         let schema = std::sync::Arc::new(schema);
-        let reader = arrow::csv::ReaderBuilder::new(schema.clone()).with_header(true).build(std::io::Cursor::new(bytes)).unwrap();
+        let reader = arrow::csv::ReaderBuilder::new(schema.clone())
+            .with_header(true)
+            .build(std::io::Cursor::new(bytes))
+            .unwrap();
         let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
         arrow::compute::concat_batches(&schema, &batches).unwrap()
     }
@@ -150,12 +187,19 @@ pub fn read_file(path: &Path) -> RecordBatch {
 
 /// Every identifier planted in the sample data.
 pub fn planted_identifiers() -> Vec<String> {
-    let truth: serde_json::Value = serde_json::from_slice(&std::fs::read(examples().join("data/truth.json")).unwrap()).unwrap();
+    let truth: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(examples().join("data/truth.json")).unwrap())
+            .unwrap();
     truth
         .as_object()
         .unwrap()
         .values()
-        .flat_map(|v| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()))
+        .flat_map(|v| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().to_string())
+        })
         .collect()
 }
 
@@ -166,29 +210,46 @@ pub fn planted_identifiers() -> Vec<String> {
 pub fn check_whole(published: &Path) -> Result<usize, String> {
     use sha2::Digest;
     let mut seen = 0;
-    let Ok(entries) = std::fs::read_dir(published.join("versions")) else { return Ok(0) };
+    let Ok(entries) = std::fs::read_dir(published.join("versions")) else {
+        return Ok(0);
+    };
     for e in entries.flatten() {
         let path = e.path();
         // Only `<v>.json` names are versions (the local store stages writes under
         // other names, which its listing hides).
-        if e.file_name().to_str().and_then(parse_version_path).is_none() {
+        if e.file_name()
+            .to_str()
+            .and_then(parse_version_path)
+            .is_none()
+        {
             continue;
         }
         let Some(version) = read_manifest(&path) else {
             return Err(format!("{} does not parse", path.display()));
         };
         for f in version.files() {
-            let bytes = std::fs::read(published.join(&f.path)).map_err(|err| format!("version {} names {}: {err}", version.version, f.path))?;
-            if bytes.len() as u64 != f.bytes || hex::encode(sha2::Sha256::digest(&bytes)) != f.sha256 {
-                return Err(format!("version {}: {} differs from its manifest", version.version, f.path));
+            let bytes = std::fs::read(published.join(&f.path))
+                .map_err(|err| format!("version {} names {}: {err}", version.version, f.path))?;
+            if bytes.len() as u64 != f.bytes
+                || hex::encode(sha2::Sha256::digest(&bytes)) != f.sha256
+            {
+                return Err(format!(
+                    "version {}: {} differs from its manifest",
+                    version.version, f.path
+                ));
             }
         }
         seen += 1;
     }
-    if let Some(pointer) = read_manifest(&published.join("manifest.json")) {
-        if !published.join(format!("versions/{:020}.json", pointer.version)).exists() {
-            return Err(format!("manifest.json points to version {} which does not exist", pointer.version));
-        }
+    if let Some(pointer) = read_manifest(&published.join("manifest.json"))
+        && !published
+            .join(format!("versions/{:020}.json", pointer.version))
+            .exists()
+    {
+        return Err(format!(
+            "manifest.json points to version {} which does not exist",
+            pointer.version
+        ));
     }
     Ok(seen)
 }

@@ -183,7 +183,10 @@ impl ColumnType {
             | DataType::UInt8
             | DataType::UInt16
             | DataType::UInt32 => ColumnType::Integer,
-            DataType::Decimal128(p, s) => ColumnType::Decimal { precision: *p, scale: *s },
+            DataType::Decimal128(p, s) => ColumnType::Decimal {
+                precision: *p,
+                scale: *s,
+            },
             DataType::Float32 | DataType::Float64 => ColumnType::Float,
             DataType::Date32 => ColumnType::Date,
             DataType::Timestamp(_, _) => ColumnType::Timestamp,
@@ -221,7 +224,10 @@ impl std::str::FromStr for ColumnType {
             "timestamp" => Some(ColumnType::Timestamp),
             "boolean" | "bool" => Some(ColumnType::Boolean),
             "text" | "string" => Some(ColumnType::Text),
-            "decimal" => Some(ColumnType::Decimal { precision: 38, scale: 2 }),
+            "decimal" => Some(ColumnType::Decimal {
+                precision: 38,
+                scale: 2,
+            }),
             _ => None,
         };
         if let Some(t) = simple {
@@ -236,9 +242,9 @@ impl std::str::FromStr for ColumnType {
                      boolean or text"
                 )
             })?;
-        let (p, s_) = args
-            .split_once([',', ' '])
-            .ok_or_else(|| format!("`{s}`: decimal needs a precision and a scale, e.g. decimal(18,2)"))?;
+        let (p, s_) = args.split_once([',', ' ']).ok_or_else(|| {
+            format!("`{s}`: decimal needs a precision and a scale, e.g. decimal(18,2)")
+        })?;
         let precision: u8 = p
             .trim()
             .parse()
@@ -307,7 +313,10 @@ impl Error {
 
     /// An I/O error on `path`.
     pub fn io(path: impl fmt::Display, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_string(), source }
+        Error::Io {
+            path: path.to_string(),
+            source,
+        }
     }
 }
 
@@ -349,11 +358,22 @@ mod tests {
 
     #[test]
     fn parses_column_types() {
-        assert_eq!("decimal(18,2)".parse::<ColumnType>(), Ok(ColumnType::Decimal { precision: 18, scale: 2 }));
+        assert_eq!(
+            "decimal(18,2)".parse::<ColumnType>(),
+            Ok(ColumnType::Decimal {
+                precision: 18,
+                scale: 2
+            })
+        );
         assert_eq!("Integer".parse::<ColumnType>(), Ok(ColumnType::Integer));
         assert!("decimal(18)".parse::<ColumnType>().is_err());
         assert!("decimal(40,2)".parse::<ColumnType>().is_err());
-        assert!("money".parse::<ColumnType>().unwrap_err().contains("unknown type"));
+        assert!(
+            "money"
+                .parse::<ColumnType>()
+                .unwrap_err()
+                .contains("unknown type")
+        );
     }
 
     #[test]

@@ -26,17 +26,41 @@ pub fn encoding_for_label(label: &str) -> Option<&'static Encoding> {
 pub fn decode(bytes: &[u8], forced: Option<&'static Encoding>) -> (String, Decoded) {
     if let Some(encoding) = forced {
         let (text, _had_errors) = encoding.decode_with_bom_removal(bytes);
-        return (text.into_owned(), Decoded { encoding, from_bom: false });
+        return (
+            text.into_owned(),
+            Decoded {
+                encoding,
+                from_bom: false,
+            },
+        );
     }
     if let Some((encoding, bom_len)) = Encoding::for_bom(bytes) {
         let (text, _) = encoding.decode_without_bom_handling(&bytes[bom_len..]);
-        return (text.into_owned(), Decoded { encoding, from_bom: true });
+        return (
+            text.into_owned(),
+            Decoded {
+                encoding,
+                from_bom: true,
+            },
+        );
     }
     match std::str::from_utf8(bytes) {
-        Ok(text) => (text.to_owned(), Decoded { encoding: UTF_8, from_bom: false }),
+        Ok(text) => (
+            text.to_owned(),
+            Decoded {
+                encoding: UTF_8,
+                from_bom: false,
+            },
+        ),
         Err(_) => {
             let (text, _) = WINDOWS_1252.decode_without_bom_handling(bytes);
-            (text.into_owned(), Decoded { encoding: WINDOWS_1252, from_bom: false })
+            (
+                text.into_owned(),
+                Decoded {
+                    encoding: WINDOWS_1252,
+                    from_bom: false,
+                },
+            )
         }
     }
 }
@@ -55,12 +79,18 @@ mod tests {
         let (t, d) = decode(b"\xEF\xBB\xBFa;\xC3\xB6", None);
         assert_eq!((t.as_str(), d.encoding, d.from_bom), ("a;ö", UTF_8, true));
 
-        let utf16: Vec<u8> = [0xFF, 0xFE].into_iter().chain("å,b".encode_utf16().flat_map(u16::to_le_bytes)).collect();
+        let utf16: Vec<u8> = [0xFF, 0xFE]
+            .into_iter()
+            .chain("å,b".encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
         let (t, d) = decode(&utf16, None);
         assert_eq!(t, "å,b");
         assert!(is_utf16(d.encoding));
 
-        let utf16be: Vec<u8> = [0xFE, 0xFF].into_iter().chain("ä".encode_utf16().flat_map(u16::to_be_bytes)).collect();
+        let utf16be: Vec<u8> = [0xFE, 0xFF]
+            .into_iter()
+            .chain("ä".encode_utf16().flat_map(u16::to_be_bytes))
+            .collect();
         assert_eq!(decode(&utf16be, None).0, "ä");
 
         let (t, d) = decode(b"Milj\xF6", None);

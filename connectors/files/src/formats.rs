@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use arrow::array::{Array, StringArray, StringBuilder};
+use arrow::array::{StringArray, StringBuilder};
 use serde_json::{Map, Value};
 
 /// An export file read as text columns, before typing.
@@ -48,8 +48,14 @@ pub fn detect_separator(text: &str) -> u8 {
             _ => {}
         }
     }
-    let best = (0..SEPARATORS.len()).max_by_key(|&i| (counts[i], usize::MAX - i)).unwrap_or(0);
-    if counts[best] == 0 { b',' } else { SEPARATORS[best] }
+    let best = (0..SEPARATORS.len())
+        .max_by_key(|&i| (counts[i], usize::MAX - i))
+        .unwrap_or(0);
+    if counts[best] == 0 {
+        b','
+    } else {
+        SEPARATORS[best]
+    }
 }
 
 /// Reads CSV text (RFC 4180 quoting, embedded separators and newlines, CRLF, LF or
@@ -63,7 +69,10 @@ pub fn read_csv(text: &str, separator: u8) -> Result<(RawTable, Vec<RowProblem>)
         .has_headers(true)
         .flexible(true)
         .from_reader(text.as_bytes());
-    let headers = reader.headers().map_err(|e| format!("cannot read the header row: {e}"))?.clone();
+    let headers = reader
+        .headers()
+        .map_err(|e| format!("cannot read the header row: {e}"))?
+        .clone();
     if headers.is_empty() || headers.iter().all(|h| h.trim().is_empty()) {
         return Err("the file has no header row; the first line must name the columns".into());
     }
@@ -264,12 +273,21 @@ fn scalar_text(value: &Value) -> Option<String> {
 }
 
 /// Flattens an object's fields: nested objects with `.`, arrays as JSON text.
-fn flatten(prefix: &str, object: &Map<String, Value>, skip: Option<&str>, out: &mut Vec<(String, Option<String>)>) {
+fn flatten(
+    prefix: &str,
+    object: &Map<String, Value>,
+    skip: Option<&str>,
+    out: &mut Vec<(String, Option<String>)>,
+) {
     for (name, value) in object {
         if Some(name.as_str()) == skip {
             continue;
         }
-        let full = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+        let full = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
         match value {
             Value::Object(inner) => flatten(&full, inner, None, out),
             other => out.push((full, scalar_text(other))),
@@ -291,7 +309,10 @@ fn select(
 ) -> Result<(), String> {
     let Some(((name, explode), rest)) = segments.split_first() else {
         let Value::Object(object) = value else {
-            return Err(format!("a record must be a JSON object, found {}", kind(value)));
+            return Err(format!(
+                "a record must be a JSON object, found {}",
+                kind(value)
+            ));
         };
         let mut fields = Vec::with_capacity(object.len() + carried.len());
         flatten("", object, None, &mut fields);
@@ -300,7 +321,10 @@ fn select(
         return Ok(());
     };
     let Value::Object(object) = value else {
-        return Err(format!("expected an object with field `{name}`, found {}", kind(value)));
+        return Err(format!(
+            "expected an object with field `{name}`, found {}",
+            kind(value)
+        ));
     };
     let mut carried = carried.to_vec();
     if let Some(here) = here {
@@ -314,7 +338,10 @@ fn select(
             Ok(())
         }
         (_, Value::Null) => Ok(()),
-        (true, other) => Err(format!("`{name}` should be an array, found {}", kind(other))),
+        (true, other) => Err(format!(
+            "`{name}` should be an array, found {}",
+            kind(other)
+        )),
         (false, child) => select(child, Some(name), rest, &carried, rows, location),
     }
 }
@@ -322,8 +349,13 @@ fn select(
 /// Reads a JSON document: with a selector, the records it selects; without one, the
 /// document's array of objects (or the single object).
 pub fn read_json(text: &str, selector: &RecordSelector) -> Result<RawTable, String> {
-    let document: Value = serde_json::from_str(text)
-        .map_err(|e| format!("line {}, column {}: invalid JSON: {e}", e.line(), e.column()))?;
+    let document: Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "line {}, column {}: invalid JSON: {e}",
+            e.line(),
+            e.column()
+        )
+    })?;
     let mut rows = Rows::default();
     if selector.segments.is_empty() {
         match &document {
@@ -338,7 +370,10 @@ pub fn read_json(text: &str, selector: &RecordSelector) -> Result<RawTable, Stri
     } else {
         select(&document, None, &selector.segments, &[], &mut rows, 1)?;
         // Number the selected records, so problems can point at one.
-        rows.locations.iter_mut().enumerate().for_each(|(i, l)| *l = i as u64 + 1);
+        rows.locations
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, l)| *l = i as u64 + 1);
     }
     Ok(rows.finish("record"))
 }
@@ -359,7 +394,11 @@ pub fn read_jsonl(text: &str, selector: &RecordSelector) -> (RawTable, Vec<RowPr
                 select(&v, None, &selector.segments, &[], &mut rows, number).map_err(|e| (None, e))
             });
         if let Err((column, message)) = result {
-            problems.push(RowProblem { location: number, column, message });
+            problems.push(RowProblem {
+                location: number,
+                column,
+                message,
+            });
         }
     }
     (rows.finish("line"), problems)
@@ -379,6 +418,7 @@ fn kind(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::Array;
 
     fn read(text: &str) -> (RawTable, Vec<RowProblem>) {
         read_csv(text, detect_separator(text)).unwrap_or_else(|e| panic!("{e}"))
@@ -411,26 +451,57 @@ mod tests {
 
     #[test]
     fn header_problems_are_file_level() {
-        assert!(read_csv("a,a\n1,2\n", b',').unwrap_err().contains("appears twice"));
-        assert!(read_csv("a,,b\n1,2,3\n", b',').unwrap_err().contains("column 2 has no name"));
+        assert!(
+            read_csv("a,a\n1,2\n", b',')
+                .unwrap_err()
+                .contains("appears twice")
+        );
+        assert!(
+            read_csv("a,,b\n1,2,3\n", b',')
+                .unwrap_err()
+                .contains("column 2 has no name")
+        );
     }
 
     #[test]
     fn json_records_explode_and_carry_parents() {
         let text = r#"{"meals":[{"date":"2025-03-03","distributorId":"sk-01","courses":[{"id":"c1","name":"Soppa","allergens":[{"name":"gluten"}]},{"id":"c2","name":"Sallad"}]},{"date":"2025-03-04","courses":[]}]}"#;
-        let table = read_json(text, &RecordSelector::parse("meals[].courses[]").unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(table.columns, vec!["id", "name", "allergens", "meals.date", "meals.distributorId"]);
+        let table = read_json(
+            text,
+            &RecordSelector::parse("meals[].courses[]").unwrap_or_else(|e| panic!("{e}")),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            table.columns,
+            vec![
+                "id",
+                "name",
+                "allergens",
+                "meals.date",
+                "meals.distributorId"
+            ]
+        );
         assert_eq!(table.values[0].len(), 2);
         assert_eq!(table.values[3].value(1), "2025-03-03");
         assert_eq!(table.values[2].value(0), r#"[{"name":"gluten"}]"#);
         assert!(table.values[2].is_null(1));
-        assert!(read_json("{\"meals\": 3}", &RecordSelector::parse("meals[]").unwrap_or_else(|e| panic!("{e}"))).unwrap_err().contains("should be an array"));
+        assert!(
+            read_json(
+                "{\"meals\": 3}",
+                &RecordSelector::parse("meals[]").unwrap_or_else(|e| panic!("{e}"))
+            )
+            .unwrap_err()
+            .contains("should be an array")
+        );
         assert!(RecordSelector::parse("meals[x]").is_err());
     }
 
     #[test]
     fn jsonl_bad_lines_are_problems() {
-        let (table, problems) = read_jsonl("{\"id\":1}\nnot json\n{\"id\":2,\"x\":{\"y\":true}}\n", &RecordSelector::parse("").unwrap_or_else(|e| panic!("{e}")));
+        let (table, problems) = read_jsonl(
+            "{\"id\":1}\nnot json\n{\"id\":2,\"x\":{\"y\":true}}\n",
+            &RecordSelector::parse("").unwrap_or_else(|e| panic!("{e}")),
+        );
         assert_eq!(table.columns, vec!["id", "x.y"]);
         assert_eq!(table.locations, vec![1, 3]);
         assert_eq!(problems.len(), 1);

@@ -113,28 +113,37 @@ impl FilesConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if let Err(e) = glob::Pattern::new(&self.pattern) {
-            problems.push(format!("pattern `{}` is not a valid glob: {e}", self.pattern));
+            problems.push(format!(
+                "pattern `{}` is not a valid glob: {e}",
+                self.pattern
+            ));
         }
         if self.key.is_empty() {
-            problems.push("key must name at least one column: without a key there is no change data".into());
+            problems.push(
+                "key must name at least one column: without a key there is no change data".into(),
+            );
         }
-        if let Some(label) = &self.encoding {
-            if decode::encoding_for_label(label).is_none() {
-                problems.push(format!(
+        if let Some(label) = &self.encoding
+            && decode::encoding_for_label(label).is_none()
+        {
+            problems.push(format!(
                     "encoding `{label}` is unknown; use utf-8, utf-16le, utf-16be, latin1 or windows-1252"
                 ));
-            }
         }
         if let Some(separator) = &self.separator {
             if parse_separator(separator).is_none() {
-                problems.push(format!("separator `{separator}` must be one character, or `tab`"));
+                problems.push(format!(
+                    "separator `{separator}` must be one character, or `tab`"
+                ));
             }
             if self.format != Format::Csv {
                 problems.push("separator applies to csv only".into());
             }
         }
         match (&self.records, self.format) {
-            (Some(_), Format::Csv) => problems.push("records applies to json and jsonl only".into()),
+            (Some(_), Format::Csv) => {
+                problems.push("records applies to json and jsonl only".into())
+            }
             (Some(records), _) => {
                 if let Err(e) = RecordSelector::parse(records) {
                     problems.push(format!("records {e}"));
@@ -143,13 +152,18 @@ impl FilesConfig {
             _ => {}
         }
         if self.timezone.parse::<chrono_tz::Tz>().is_err() {
-            problems.push(format!("timezone `{}` is not an IANA zone such as Europe/Stockholm", self.timezone));
+            problems.push(format!(
+                "timezone `{}` is not an IANA zone such as Europe/Stockholm",
+                self.timezone
+            ));
         }
         problems
     }
 
     fn dead_letter_dir(&self) -> PathBuf {
-        self.dead_letter.clone().unwrap_or_else(|| self.path.join("dead-letter"))
+        self.dead_letter
+            .clone()
+            .unwrap_or_else(|| self.path.join("dead-letter"))
     }
 }
 
@@ -192,12 +206,19 @@ impl FilesSource {
         if !problems.is_empty() {
             return Err(Error::Config(problems.join("; ")));
         }
-        let pattern = glob::Pattern::new(&config.pattern).map_err(|e| Error::Config(e.to_string()))?;
-        let encoding = config.encoding.as_deref().and_then(decode::encoding_for_label);
+        let pattern =
+            glob::Pattern::new(&config.pattern).map_err(|e| Error::Config(e.to_string()))?;
+        let encoding = config
+            .encoding
+            .as_deref()
+            .and_then(decode::encoding_for_label);
         let separator = config.separator.as_deref().and_then(parse_separator);
         let selector = RecordSelector::parse(config.records.as_deref().unwrap_or(""))
             .map_err(Error::Config)?;
-        let timezone = config.timezone.parse().map_err(|_| Error::Config("bad timezone".into()))?;
+        let timezone = config
+            .timezone
+            .parse()
+            .map_err(|_| Error::Config("bad timezone".into()))?;
         let settle = Duration::from_secs(config.settle_seconds);
         Ok(Self {
             config,
@@ -230,7 +251,10 @@ impl FilesSource {
     /// Reads and types one export file without side effects (nothing is moved or
     /// remembered): for `oppen check` and `oppen preview`. `Err` is a file-level
     /// problem; row problems come with the rows that could be read.
-    pub fn read_file(&mut self, name: &str) -> Result<std::result::Result<(RecordBatch, Vec<RowProblem>), String>> {
+    pub fn read_file(
+        &mut self,
+        name: &str,
+    ) -> Result<std::result::Result<(RecordBatch, Vec<RowProblem>), String>> {
         let path = self.config.path.join(name);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(path.display(), e))?;
         Ok(self.parse(&bytes))
@@ -257,7 +281,9 @@ impl FilesSource {
         let mut found = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(dir.display(), e))?;
-            let Ok(name) = entry.file_name().into_string() else { continue };
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
             let Ok(meta) = entry.metadata() else { continue };
             if !meta.is_file() || !self.pattern.matches(&name) || name.starts_with('.') {
                 continue;
@@ -277,7 +303,10 @@ impl FilesSource {
 
     fn settled(&self, candidate: &Candidate) -> bool {
         self.settle.is_zero()
-            || candidate.modified.elapsed().is_ok_and(|age| age >= self.settle)
+            || candidate
+                .modified
+                .elapsed()
+                .is_ok_and(|age| age >= self.settle)
     }
 
     /// Reads one file into events; the file is then behind `self.last`.
@@ -285,12 +314,19 @@ impl FilesSource {
         let path = self.config.path.join(&candidate.name);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(path.display(), e))?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
-        let position = Position::File { name: candidate.name.clone(), sha256 };
+        let position = Position::File {
+            name: candidate.name.clone(),
+            sha256,
+        };
         self.last = Some(candidate.name.clone());
         match self.parse(&bytes) {
             Ok((batch, problems)) if problems.is_empty() => self.emit(batch, position),
             Ok((batch, problems)) if self.config.mode == Mode::Append && batch.num_rows() > 0 => {
-                let reason = describe_problems(&candidate.name, &problems, "The other rows were loaded. Fix these rows and drop them in a new file");
+                let reason = describe_problems(
+                    &candidate.name,
+                    &problems,
+                    "The other rows were loaded. Fix these rows and drop them in a new file",
+                );
                 let moved_to = self.dead_letter(&path, &candidate.name, &reason, true)?;
                 self.emit(batch, position);
                 self.pending.push_back(SourceEvent::Rejected(Rejection {
@@ -341,22 +377,27 @@ impl FilesSource {
             std::fs::copy(path, &target).map(|_| ())
         } else {
             // A rename fails across file systems; fall back to copy and remove.
-            std::fs::rename(path, &target).or_else(|_| {
-                std::fs::copy(path, &target).and_then(|_| std::fs::remove_file(path))
-            })
+            std::fs::rename(path, &target)
+                .or_else(|_| std::fs::copy(path, &target).and_then(|_| std::fs::remove_file(path)))
         };
         moved.map_err(|e| Error::io(target.display(), e))?;
         let reason_path = dir.join(format!("{name}.reason.txt"));
-        std::fs::write(&reason_path, format!("{reason}\n")).map_err(|e| Error::io(reason_path.display(), e))?;
+        std::fs::write(&reason_path, format!("{reason}\n"))
+            .map_err(|e| Error::io(reason_path.display(), e))?;
         Ok(target.display().to_string())
     }
 
     /// Decodes, parses and types a file. `Err` is a file-level problem.
-    fn parse(&mut self, bytes: &[u8]) -> std::result::Result<(RecordBatch, Vec<RowProblem>), String> {
+    fn parse(
+        &mut self,
+        bytes: &[u8],
+    ) -> std::result::Result<(RecordBatch, Vec<RowProblem>), String> {
         let (text, _decoded) = decode::decode(bytes, self.encoding);
         let (raw, mut problems) = match self.config.format {
             Format::Csv => {
-                let separator = self.separator.unwrap_or_else(|| formats::detect_separator(&text));
+                let separator = self
+                    .separator
+                    .unwrap_or_else(|| formats::detect_separator(&text));
                 formats::read_csv(&text, separator)?
             }
             Format::Json => (formats::read_json(&text, &self.selector)?, Vec::new()),
@@ -378,8 +419,16 @@ impl FilesSource {
     }
 
     /// Converts text columns to their types, checks keys, and leaves out bad rows.
-    fn type_columns(&mut self, raw: RawTable) -> std::result::Result<(RecordBatch, Vec<RowProblem>), String> {
-        let RawTable { columns, values, locations, location_unit } = raw;
+    fn type_columns(
+        &mut self,
+        raw: RawTable,
+    ) -> std::result::Result<(RecordBatch, Vec<RowProblem>), String> {
+        let RawTable {
+            columns,
+            values,
+            locations,
+            location_unit,
+        } = raw;
         let mut problems = Vec::new();
         let mut bad_rows = HashSet::new();
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len());
@@ -397,7 +446,10 @@ impl FilesSource {
                         problems.push(RowProblem {
                             location: locations[e.row],
                             column: Some(i + 1),
-                            message: format!("column `{name}`: {}, as the rules say it is {ty}", e.message),
+                            message: format!(
+                                "column `{name}`: {}, as the rules say it is {ty}",
+                                e.message
+                            ),
                         });
                     }
                 } else {
@@ -420,12 +472,17 @@ impl FilesSource {
             .iter()
             .filter_map(|k| columns.iter().position(|c| c == k))
             .collect();
-        let key_text: Vec<&arrow::array::StringArray> = key_indices.iter().map(|&i| &values[i]).collect();
+        let key_text: Vec<&arrow::array::StringArray> =
+            key_indices.iter().map(|&i| &values[i]).collect();
         let mut seen: HashMap<Vec<&str>, u64> = HashMap::with_capacity(locations.len());
         for (row, &location) in locations.iter().enumerate() {
             let mut key = Vec::with_capacity(key_text.len());
             for (k, array) in key_indices.iter().zip(&key_text) {
-                let value = if array.is_valid(row) { array.value(row).trim() } else { "" };
+                let value = if array.is_valid(row) {
+                    array.value(row).trim()
+                } else {
+                    ""
+                };
                 if value.is_empty() {
                     bad_rows.insert(row);
                     problems.push(RowProblem {
@@ -450,8 +507,11 @@ impl FilesSource {
         let schema = Arc::new(Schema::new(fields));
         let mut batch = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| e.to_string())?;
         if !bad_rows.is_empty() {
-            let keep: arrow::array::BooleanArray = (0..batch.num_rows()).map(|r| Some(!bad_rows.contains(&r))).collect();
-            batch = arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| e.to_string())?;
+            let keep: arrow::array::BooleanArray = (0..batch.num_rows())
+                .map(|r| Some(!bad_rows.contains(&r)))
+                .collect();
+            batch =
+                arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| e.to_string())?;
         }
         if location_unit == "record" {
             for p in &mut problems {
@@ -506,7 +566,11 @@ fn describe_problems(name: &str, problems: &[RowProblem], consequence: &str) -> 
         };
     }
     if problems.len() > MAX_PROBLEMS_LISTED {
-        let _ = writeln!(text, "  ... and {} more", problems.len() - MAX_PROBLEMS_LISTED);
+        let _ = writeln!(
+            text,
+            "  ... and {} more",
+            problems.len() - MAX_PROBLEMS_LISTED
+        );
     }
     let _ = write!(text, "{consequence}.");
     text

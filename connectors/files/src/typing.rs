@@ -66,10 +66,18 @@ pub fn infer(values: &StringArray) -> ColumnType {
     } else if integer {
         ColumnType::Integer
     } else if decimal {
-        ColumnType::Decimal { precision: INFERRED_DECIMAL_PRECISION, scale: scale as i8 }
+        ColumnType::Decimal {
+            precision: INFERRED_DECIMAL_PRECISION,
+            scale: scale as i8,
+        }
     } else if date {
         ColumnType::Date
-    } else if timestamp && values.iter().flatten().all(|v| v.trim().is_empty() || parse_timestamp(v.trim(), chrono_tz::UTC).is_some()) {
+    } else if timestamp
+        && values
+            .iter()
+            .flatten()
+            .all(|v| v.trim().is_empty() || parse_timestamp(v.trim(), chrono_tz::UTC).is_some())
+    {
         ColumnType::Timestamp
     } else {
         ColumnType::Text
@@ -103,7 +111,11 @@ fn strict_decimal_scale(v: &str) -> Option<usize> {
 
 fn looks_like_timestamp(v: &str) -> bool {
     let b = v.as_bytes();
-    b.len() >= 16 && b[4] == b'-' && b[7] == b'-' && (b[10] == b'T' || b[10] == b' ') && b[13] == b':'
+    b.len() >= 16
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && (b[10] == b'T' || b[10] == b' ')
+        && b[13] == b':'
 }
 
 /// Parses `YYYY-MM-DD`.
@@ -113,7 +125,9 @@ pub fn parse_date(v: &str) -> Option<NaiveDate> {
         return None;
     }
     let num = |r: std::ops::Range<usize>| -> Option<u32> {
-        b[r].iter().try_fold(0u32, |acc, &c| c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0')))
+        b[r].iter().try_fold(0u32, |acc, &c| {
+            c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
+        })
     };
     NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)
 }
@@ -130,7 +144,10 @@ pub fn parse_timestamp(v: &str, tz: Tz) -> Option<DateTime<chrono::Utc>> {
     for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M"] {
         if let Ok(naive) = NaiveDateTime::parse_from_str(&normalized, format) {
             // In the autumn hour that occurs twice, the earlier reading is taken.
-            return tz.from_local_datetime(&naive).earliest().map(|t| t.with_timezone(&chrono::Utc));
+            return tz
+                .from_local_datetime(&naive)
+                .earliest()
+                .map(|t| t.with_timezone(&chrono::Utc));
         }
     }
     None
@@ -168,9 +185,13 @@ pub fn parse_decimal(v: &str, scale: i8) -> Result<i128, String> {
     }
     let scale = i32::from(scale);
     if frac_digits > scale {
-        return Err(format!("{frac_digits} decimals, but the column has {scale}"));
+        return Err(format!(
+            "{frac_digits} decimals, but the column has {scale}"
+        ));
     }
-    let factor = 10i128.checked_pow((scale - frac_digits) as u32).ok_or("scale too large")?;
+    let factor = 10i128
+        .checked_pow((scale - frac_digits) as u32)
+        .ok_or("scale too large")?;
     let unscaled = int.checked_mul(factor).ok_or("number too large")?;
     Ok(if negative { -unscaled } else { unscaled })
 }
@@ -210,18 +231,26 @@ pub fn convert(values: &StringArray, ty: ColumnType, tz: Tz) -> (ArrayRef, Vec<V
         ColumnType::Text => {
             // Empty text is NULL as for every other type: CSV cannot tell them apart.
             if values.iter().any(|v| v.is_some_and(str::is_empty)) {
-                let cleaned: StringArray = values.iter().map(|v| v.filter(|s| !s.is_empty())).collect();
+                let cleaned: StringArray =
+                    values.iter().map(|v| v.filter(|s| !s.is_empty())).collect();
                 Arc::new(cleaned) as ArrayRef
             } else {
                 Arc::new(values.clone()) as ArrayRef
             }
         }
         ColumnType::Integer => build!(Int64Builder::with_capacity(n), |v: &str| {
-            let cleaned: String = v.chars().filter(|c| !matches!(c, ' ' | '\u{a0}' | '\u{202f}')).collect();
-            cleaned.parse::<i64>().map_err(|_| "not an integer".to_string())
+            let cleaned: String = v
+                .chars()
+                .filter(|c| !matches!(c, ' ' | '\u{a0}' | '\u{202f}'))
+                .collect();
+            cleaned
+                .parse::<i64>()
+                .map_err(|_| "not an integer".to_string())
         }),
         ColumnType::Float => build!(Float64Builder::with_capacity(n), |v: &str| {
-            v.replace(',', ".").parse::<f64>().map_err(|_| "not a number".to_string())
+            v.replace(',', ".")
+                .parse::<f64>()
+                .map_err(|_| "not a number".to_string())
         }),
         ColumnType::Decimal { precision, scale } => {
             let max = 10i128.pow(u32::from(precision));
@@ -253,7 +282,10 @@ pub fn convert(values: &StringArray, ty: ColumnType, tz: Tz) -> (ArrayRef, Vec<V
             let array = build!(TimestampMicrosecondBuilder::with_capacity(n), |v: &str| {
                 parse_timestamp(v, tz)
                     .map(|t| t.timestamp_micros())
-                    .ok_or_else(|| "not a timestamp (expected ISO 8601, e.g. 2025-03-03T11:00:00+01:00)".to_string())
+                    .ok_or_else(|| {
+                        "not a timestamp (expected ISO 8601, e.g. 2025-03-03T11:00:00+01:00)"
+                            .to_string()
+                    })
             });
             let ts = array
                 .as_any()
@@ -283,10 +315,25 @@ mod tests {
     fn infers_types() {
         assert_eq!(infer(&arr(&["1", "42", "-7", ""])), ColumnType::Integer);
         assert_eq!(infer(&arr(&["0123", "4"])), ColumnType::Text);
-        assert_eq!(infer(&arr(&["2616,49", "5950,85", "12"])), ColumnType::Decimal { precision: 38, scale: 2 });
-        assert_eq!(infer(&arr(&["59.742588"])), ColumnType::Decimal { precision: 38, scale: 6 });
+        assert_eq!(
+            infer(&arr(&["2616,49", "5950,85", "12"])),
+            ColumnType::Decimal {
+                precision: 38,
+                scale: 2
+            }
+        );
+        assert_eq!(
+            infer(&arr(&["59.742588"])),
+            ColumnType::Decimal {
+                precision: 38,
+                scale: 6
+            }
+        );
         assert_eq!(infer(&arr(&["2025-01-27", ""])), ColumnType::Date);
-        assert_eq!(infer(&arr(&["2025-03-03T11:00:00+01:00"])), ColumnType::Timestamp);
+        assert_eq!(
+            infer(&arr(&["2025-03-03T11:00:00+01:00"])),
+            ColumnType::Timestamp
+        );
         assert_eq!(infer(&arr(&["299554-8324"])), ColumnType::Text);
         assert_eq!(infer(&arr(&["", ""])), ColumnType::Text);
         assert_eq!(infer(&arr(&["1.2.3"])), ColumnType::Text);
@@ -299,7 +346,11 @@ mod tests {
         assert_eq!(parse_decimal("2 616,49", 2), Ok(261_649));
         assert_eq!(parse_decimal("2\u{a0}616.4", 2), Ok(261_640));
         assert_eq!(parse_decimal("-5", 2), Ok(-500));
-        assert!(parse_decimal("1,234", 2).unwrap_err().contains("3 decimals"));
+        assert!(
+            parse_decimal("1,234", 2)
+                .unwrap_err()
+                .contains("3 decimals")
+        );
         assert!(parse_decimal("12kr", 2).is_err());
         assert!(parse_decimal("", 2).is_err());
     }
@@ -307,7 +358,14 @@ mod tests {
     #[test]
     fn converts_with_errors_per_row() {
         let values = arr(&["1,5", "x", ""]);
-        let (array, errors) = convert(&values, ColumnType::Decimal { precision: 18, scale: 2 }, chrono_tz::UTC);
+        let (array, errors) = convert(
+            &values,
+            ColumnType::Decimal {
+                precision: 18,
+                scale: 2,
+            },
+            chrono_tz::UTC,
+        );
         assert_eq!(array.null_count(), 2);
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].row, 1);
@@ -316,8 +374,14 @@ mod tests {
     #[test]
     fn local_times_use_the_zone() {
         let t = parse_timestamp("2025-03-03 11:00:00", chrono_tz::Europe::Stockholm);
-        assert_eq!(t.map(|t| t.to_rfc3339()), Some("2025-03-03T10:00:00+00:00".into()));
+        assert_eq!(
+            t.map(|t| t.to_rfc3339()),
+            Some("2025-03-03T10:00:00+00:00".into())
+        );
         let t = parse_timestamp("2025-07-01T11:00", chrono_tz::Europe::Stockholm);
-        assert_eq!(t.map(|t| t.to_rfc3339()), Some("2025-07-01T09:00:00+00:00".into()));
+        assert_eq!(
+            t.map(|t| t.to_rfc3339()),
+            Some("2025-07-01T09:00:00+00:00".into())
+        );
     }
 }

@@ -1,0 +1,198 @@
+//! Property: for random rows and random rules, no value of a dropped column and
+//! no planted identity number ever appears in what is published (CSV bytes, or
+//! Parquet values read back), whatever the actions: either it is removed, or the
+//! egress guard stops the version.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use arrow::array::Array;
+use proptest::prelude::*;
+
+const ACTIONS: [&str; 6] = [
+    "keep",
+    "drop",
+    "redact",
+    "hash",
+    "mask",
+    "{ hash: { reason: test } }",
+];
+const WORDS: [&str; 8] = [
+    "Årsavgift",
+    "faktura",
+    "avser",
+    "jan",
+    "ramavtal",
+    "kontor",
+    "el, vvs",
+    "\"citat\"",
+];
+
+fn luhn(nine: &str) -> u32 {
+    let sum: u32 = nine
+        .bytes()
+        .enumerate()
+        .map(|(i, b)| {
+            let v = u32::from(b - b'0') * if i % 2 == 0 { 2 } else { 1 };
+            if v > 9 { v - 9 } else { v }
+        })
+        .sum();
+    (10 - sum % 10) % 10
+}
+
+/// A valid personnummer, written with or without a separator.
+fn id_strategy() -> impl Strategy<Value = String> {
+    (40u32..99, 1u32..=12, 1u32..=28, 0u32..1000, any::<bool>()).prop_map(|(y, m, d, n, dash)| {
+        let nine = format!("{y:02}{m:02}{d:02}{n:03}");
+        let check = luhn(&nine);
+        if dash {
+            format!("{}-{}{check}", &nine[..6], &nine[6..])
+        } else {
+            format!("{nine}{check}")
+        }
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    actions: Vec<usize>,
+    cells: Vec<Vec<(usize, Option<String>)>>,
+    suppress: bool,
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    let cell = (
+        0usize..WORDS.len(),
+        proptest::option::weighted(0.3, id_strategy()),
+    );
+    (
+        proptest::collection::vec(0usize..ACTIONS.len(), 4),
+        proptest::collection::vec(proptest::collection::vec(cell, 4), 1..12),
+        any::<bool>(),
+    )
+        .prop_map(|(actions, cells, suppress)| Case {
+            actions,
+            cells,
+            suppress,
+        })
+}
+
+fn run_case(case: &Case) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let mut rules = String::from("columns:\n  id: keep\n");
+    for (c, a) in case.actions.iter().enumerate() {
+        rules.push_str(&format!("  c{c}: {}\n", ACTIONS[*a]));
+    }
+    if case.suppress {
+        rules.push_str("rows:\n  - suppress: { column: c0, is: personal_identity_number }\n");
+    }
+    std::fs::write(dir.path().join("p.rules.yaml"), rules).unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "dataset: { id: p, title: P, description: D, publisher: { name: K, org_nr: \"212000-0000\" }, contact: a@b.se, license: CC0-1.0, access: shared }\n\
+         source: { files: { path: in, format: csv, key: [id] } }\nrules: p.rules.yaml\n\
+         publish: { store: file://pub, state: file://state }\n",
+    )
+    .unwrap();
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    csv.write_record(["id", "c0", "c1", "c2", "c3"]).unwrap();
+    let mut secrets = Vec::new();
+    let mut planted = Vec::new();
+    for (r, row) in case.cells.iter().enumerate() {
+        let mut record = vec![format!("r{r}")];
+        for (c, (word, id)) in row.iter().enumerate() {
+            let mut value = format!("{} {}", WORDS[*word], if c % 2 == 0 { "a" } else { "b" });
+            if let Some(id) = id {
+                value = format!("{value} {id}");
+                planted.push(id.clone());
+            }
+            if ACTIONS[case.actions[c]] == "drop" {
+                let secret = format!("SECRET{r}x{c}");
+                value = format!("{value} {secret}");
+                secrets.push(secret);
+            }
+            record.push(value);
+        }
+        csv.write_record(&record).unwrap();
+    }
+    std::fs::write(inbox.join("export.csv"), csv.into_inner().unwrap()).unwrap();
+
+    let pipeline =
+        oppen::config::load(&dir.path().join("p.yaml")).unwrap_or_else(|d| panic!("{d}"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let options = oppen::runtime::RunOptions {
+        once: true,
+        progress: false,
+        settle: None,
+    };
+    let result = runtime.block_on(oppen::runtime::run(
+        &pipeline,
+        &options,
+        tokio::sync::watch::channel(false).1,
+    ));
+
+    // Everything published: CSV bytes as they are, Parquet values read back.
+    let mut text = String::new();
+    for file in support::walk(&dir.path().join("pub")) {
+        match file.extension().and_then(|e| e.to_str()) {
+            Some("parquet") => {
+                let batch = support::read_file(&file);
+                for column in batch.columns() {
+                    let strings =
+                        arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8).unwrap();
+                    let strings = strings
+                        .as_any()
+                        .downcast_ref::<arrow::array::StringArray>()
+                        .unwrap();
+                    for v in strings.iter().flatten() {
+                        text.push_str(v);
+                        text.push('\n');
+                    }
+                }
+            }
+            _ => text.push_str(&String::from_utf8_lossy(&std::fs::read(&file).unwrap())),
+        }
+    }
+    for secret in &secrets {
+        prop_assert!(
+            !text.contains(secret.as_str()),
+            "dropped value {} published",
+            secret
+        );
+    }
+    for id in &planted {
+        let digits: String = id.chars().filter(char::is_ascii_digit).collect();
+        prop_assert!(
+            !text.contains(id.as_str()) && !text.contains(&digits),
+            "identity number {} published",
+            id
+        );
+    }
+    // Planted numbers in a kept column must have stopped the version.
+    let kept_with_id = case.cells.iter().any(|row| {
+        row.iter().enumerate().any(|(c, (_, id))| {
+            id.is_some() && ACTIONS[case.actions[c]] == "keep" && !(c == 0 && case.suppress)
+        })
+    });
+    if kept_with_id {
+        prop_assert!(
+            result.is_err(),
+            "a kept identity number did not stop the version"
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn nothing_dropped_or_personal_is_ever_published(case in case_strategy()) {
+        run_case(&case)?;
+    }
+}
