@@ -108,15 +108,7 @@ pub fn apply(
 ) -> Result<(ArrayRef, u64), ArrowError> {
     match action {
         Action::Keep | Action::Drop => Ok((array.clone(), 0)),
-        Action::Redact => {
-            let text = as_text(array)?;
-            // Most values hold nothing to redact: only rebuild when one does.
-            let input = strings(&text)?;
-            if !input.iter().flatten().any(|v| detect::redact(v).is_some()) {
-                return Ok((text, 0));
-            }
-            map_text(&text, detect::redact)
-        }
+        Action::Redact => redact(array),
         Action::Hash => map_text(array, |v| Some(keyer.token(v))).map(|(a, _)| (a, 0)),
         Action::Mask {
             keep_first,
@@ -124,6 +116,36 @@ pub fn apply(
         } => map_text(array, |v| Some(mask(v, *keep_first, *keep_last))).map(|(a, _)| (a, 0)),
         Action::Generalize(g) => generalize(g, array).map(|a| (a, 0)),
     }
+}
+
+/// `redact` in one pass: most values hold nothing to redact, so the array is
+/// only rebuilt from the first value that changes.
+fn redact(array: &ArrayRef) -> Result<(ArrayRef, u64), ArrowError> {
+    let text = as_text(array)?;
+    let input = strings(&text)?;
+    let mut builder: Option<StringBuilder> = None;
+    let mut changed = 0;
+    for (row, value) in input.iter().enumerate() {
+        let redacted = value.and_then(detect::redact);
+        changed += u64::from(redacted.is_some());
+        if let Some(b) = builder.as_mut() {
+            match redacted {
+                Some(r) => b.append_value(r),
+                None => b.append_option(value),
+            }
+        } else if let Some(r) = redacted {
+            let mut b = StringBuilder::with_capacity(input.len(), input.value_data().len() + 64);
+            for earlier in 0..row {
+                b.append_option(input.is_valid(earlier).then(|| input.value(earlier)));
+            }
+            b.append_value(r);
+            builder = Some(b);
+        }
+    }
+    Ok(match builder {
+        Some(mut b) => (Arc::new(b.finish()), changed),
+        None => (text, 0),
+    })
 }
 
 fn mask(value: &str, keep_first: usize, keep_last: usize) -> String {

@@ -30,7 +30,7 @@ use manifest::{
     ChangeSummary, ColumnInfo, FileRef, PartitionFiles, State, StateManifest, Version,
     VersionManifest, parse_version_path, version_name,
 };
-use state::{Entry, Key, Partitions};
+use state::{Entry, Key, KeyHash, KeyMap, KeySet, Partitions};
 use store::Store;
 
 /// Files written to a store at once.
@@ -105,9 +105,9 @@ struct Partition {
 struct Pending {
     batches: Vec<RecordBatch>,
     /// The newest staged change of each key: (batch, row, is delete).
-    latest: HashMap<Key, (u32, u32, bool)>,
+    latest: KeyMap<(u32, u32, bool)>,
     /// Keys seen in the snapshot under way (full export or re-snapshot).
-    snapshot_seen: Option<HashSet<Key>>,
+    snapshot_seen: Option<KeySet>,
     /// A complete snapshot ended: keys it lacks are deleted at the next commit.
     snapshot_complete: bool,
     /// Inside a source transaction (a version must not end here).
@@ -159,7 +159,7 @@ pub struct Publisher {
     state_store: Store,
     schema: Option<SchemaRef>,
     partitions: BTreeMap<String, Partition>,
-    index: HashMap<Key, Entry>,
+    index: KeyMap<Entry>,
     names: Partitions,
     version: u64,
     pending: Pending,
@@ -201,7 +201,7 @@ impl Publisher {
             state_store,
             schema: None,
             partitions: BTreeMap::new(),
-            index: HashMap::new(),
+            index: KeyMap::default(),
             names: Partitions::default(),
             version: 0,
             pending: Pending::default(),
@@ -357,20 +357,11 @@ impl Publisher {
         tracing::warn!(dataset = %self.settings.dataset, version = version.version, "repairing manifest.json and latest/ after an interrupted commit");
         for (name, files) in &version.partitions {
             for (format, file) in &files.files {
-                if let Some(bytes) = self
-                    .store
-                    .get(&self.path(&file.path))
+                let latest = self.path(&format!("latest/{name}.{}", format.extension()));
+                self.store
+                    .copy(&self.path(&file.path), &latest)
                     .await
-                    .map_err(store_err(&self.store))?
-                {
-                    self.store
-                        .put(
-                            &self.path(&format!("latest/{name}.{}", format.extension())),
-                            bytes,
-                        )
-                        .await
-                        .map_err(store_err(&self.store))?;
-                }
+                    .map_err(store_err(&self.store))?;
             }
         }
         let bytes = Bytes::from(
@@ -433,7 +424,10 @@ impl Publisher {
         let index = self.pending.batches.len() as u32;
         let keys = state::keys(&data)?;
         if kind == BatchKind::Snapshot && self.pending.snapshot_seen.is_none() {
-            self.pending.snapshot_seen = Some(HashSet::with_capacity(self.index.len()));
+            self.pending.snapshot_seen = Some(KeySet::with_capacity_and_hasher(
+                self.index.len(),
+                KeyHash::default(),
+            ));
         }
         for (row, op) in ops.iter().enumerate() {
             let key = state::key_at(keys, row);
@@ -494,7 +488,10 @@ impl Publisher {
         let Some(target) = target else {
             return Ok(None);
         };
-        let result = match self.plan(&pending, &target) {
+        let started = std::time::Instant::now();
+        let planned = self.plan(&pending, &target);
+        tracing::debug!(dataset = %self.settings.dataset, ms = started.elapsed().as_millis() as u64, "planned version");
+        let result = match planned {
             Ok(Some(plan)) => self.write(plan, &pending, target).await.map(Some),
             Ok(None) => {
                 tracing::debug!(dataset = %self.settings.dataset, "staged changes publish nothing new; no version");
@@ -510,8 +507,65 @@ impl Publisher {
     }
 }
 
-/// One partition encoded: name, rows, state file, and a file per format.
-type Encoded = (String, u64, Bytes, Vec<(OutputFormat, Bytes)>);
+/// What a file of a version holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FileRole {
+    /// The private state of a partition (Arrow IPC with `_key`).
+    State { partition: String },
+    /// A published partition file.
+    Data {
+        partition: String,
+        format: OutputFormat,
+    },
+    /// The version's changed rows, with ops.
+    Changes { format: OutputFormat },
+}
+
+/// One file to encode and write.
+struct FileJob {
+    role: FileRole,
+    /// Path relative to the dataset folder.
+    path: String,
+    rows: RecordBatch,
+}
+
+/// Where and how file jobs write; cheap to clone.
+#[derive(Clone)]
+struct JobContext {
+    store: Store,
+    state_store: Store,
+    dataset: String,
+}
+
+impl JobContext {
+    /// Encodes off the async workers, then writes.
+    async fn run(self, job: FileJob) -> Result<(FileRole, FileRef)> {
+        let FileJob { role, path, rows } = job;
+        let encode_role = role.clone();
+        let bytes = tokio::task::spawn_blocking(move || -> Result<Bytes> {
+            match encode_role {
+                FileRole::State { .. } => Ok(state::encode_state(&rows)?),
+                FileRole::Data { format, .. } => {
+                    Ok(writer::encode(format, &state::without_key(&rows))?)
+                }
+                FileRole::Changes { format } => Ok(writer::encode(format, &rows)?),
+            }
+        })
+        .await
+        .map_err(|e| PublishError::State(format!("encoder task failed: {e}")))??;
+        let file = file_ref(path.clone(), &bytes);
+        let store = if matches!(role, FileRole::State { .. }) {
+            &self.state_store
+        } else {
+            &self.store
+        };
+        store
+            .put(&format!("{}/{path}", self.dataset), bytes)
+            .await
+            .map_err(store_err(store))?;
+        Ok((role, file))
+    }
+}
 
 /// A version worked out in memory, not yet written.
 struct Plan {
@@ -539,13 +593,17 @@ impl Publisher {
         let mut part_of: Vec<Vec<u32>> = Vec::with_capacity(batches.len());
         let mut hash_of: Vec<Vec<u64>> = Vec::with_capacity(batches.len());
         for b in &batches {
-            let names = state::partition_names(b, self.settings.partition_by.as_ref(), &single)?;
-            part_of.push(names.iter().map(|n| self.names.id(n)).collect());
+            part_of.push(state::partition_ids(
+                b,
+                self.settings.partition_by.as_ref(),
+                &single,
+                &mut self.names,
+            )?);
             hash_of.push(state::row_hashes(b)?);
         }
         // With a new schema every old row's fingerprint is recomputed on the aligned rows.
         let mut old: BTreeMap<u32, RecordBatch> = BTreeMap::new();
-        let mut rehashed: HashMap<Key, Entry> = HashMap::new();
+        let mut rehashed: KeyMap<Entry> = KeyMap::default();
         for (name, p) in &self.partitions {
             let id = self.names.id(name);
             let rows = if schema_changed {
@@ -573,9 +631,9 @@ impl Publisher {
             &self.index
         };
 
-        let mut removed_from: HashMap<u32, HashSet<Key>> = HashMap::new();
+        let mut removed_from: HashMap<u32, KeySet> = HashMap::new();
         let mut added_to: BTreeMap<u32, Vec<(usize, usize)>> = BTreeMap::new();
-        let mut deleted: HashSet<Key> = HashSet::new();
+        let mut deleted = KeySet::default();
         let mut change_rows: Vec<(usize, usize, &'static str)> = Vec::new();
         let (mut inserts, mut updates, mut deletes) = (0u64, 0u64, 0u64);
         let mut removed = Vec::new();
@@ -709,59 +767,96 @@ impl Publisher {
         let version = self.version + 1;
         let vname = version_name(version);
         let formats = self.settings.formats.clone();
-        // Encode every file off the async workers, partitions in parallel.
-        let jobs: Vec<_> = plan
+        // Every file is its own job, largest first, as many at once as there are
+        // cores; bytes are dropped as soon as they are written, so memory holds a
+        // few files, not the whole version.
+        let mut jobs = Vec::new();
+        for (name, rows) in plan
             .partitions
             .iter()
             .filter(|(_, rows)| rows.num_rows() > 0)
-            .map(|(name, rows)| {
-                let (name, rows, formats) = (name.clone(), rows.clone(), formats.clone());
-                tokio::task::spawn_blocking(move || -> Result<Encoded> {
-                    let state_bytes = state::encode_state(&rows)?;
-                    let public = state::without_key(&rows);
-                    let files = formats
-                        .iter()
-                        .map(|f| Ok((*f, writer::encode(*f, &public)?)))
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok((name, rows.num_rows() as u64, state_bytes, files))
-                })
-            })
-            .collect();
-        let encoded = futures::future::try_join_all(jobs)
-            .await
-            .map_err(|e| PublishError::State(format!("encoder task failed: {e}")))?;
-        let mut uploads_state = Vec::new();
-        let mut uploads_public = Vec::new();
-        let mut new_partitions: BTreeMap<String, (FileRef, PartitionFiles)> = BTreeMap::new();
-        let mut bytes_by_format: BTreeMap<OutputFormat, u64> = BTreeMap::new();
-        let mut latest_files = Vec::new();
-        for result in encoded {
-            let (name, rows, state_bytes, files) = result?;
+        {
             let unique = uuid::Uuid::new_v4();
-            let state_path = format!("partitions/{name}/{vname}-{unique}.arrow");
-            let state_file = file_ref(state_path.clone(), &state_bytes);
-            uploads_state.push((self.path(&state_path), state_bytes));
-            let mut refs = BTreeMap::new();
-            for (format, bytes) in files {
-                let path = format!("data/{name}/{vname}-{unique}.{}", format.extension());
-                *bytes_by_format.entry(format).or_default() += bytes.len() as u64;
-                refs.insert(format, file_ref(path.clone(), &bytes));
-                latest_files.push((
-                    self.path(&format!("latest/{name}.{}", format.extension())),
-                    bytes.clone(),
-                ));
-                uploads_public.push((self.path(&path), bytes));
+            jobs.push(FileJob {
+                role: FileRole::State {
+                    partition: name.clone(),
+                },
+                path: format!("partitions/{name}/{vname}-{unique}.arrow"),
+                rows: rows.clone(),
+            });
+            for format in &formats {
+                jobs.push(FileJob {
+                    role: FileRole::Data {
+                        partition: name.clone(),
+                        format: *format,
+                    },
+                    path: format!("data/{name}/{vname}-{unique}.{}", format.extension()),
+                    rows: rows.clone(),
+                });
             }
-            new_partitions.insert(name, (state_file, PartitionFiles { rows, files: refs }));
         }
-        let mut change_files = BTreeMap::new();
         if let Some(changes) = &plan.changes {
             for format in &formats {
-                let bytes = writer::encode(*format, changes)?;
-                let path = format!("changes/{vname}.{}", format.extension());
-                change_files.insert(*format, file_ref(path.clone(), &bytes));
-                *bytes_by_format.entry(*format).or_default() += bytes.len() as u64;
-                uploads_public.push((self.path(&path), bytes));
+                jobs.push(FileJob {
+                    role: FileRole::Changes { format: *format },
+                    path: format!("changes/{vname}.{}", format.extension()),
+                    rows: changes.clone(),
+                });
+            }
+        }
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.rows.num_rows()));
+        let context = JobContext {
+            store: self.store.clone(),
+            state_store: self.state_store.clone(),
+            dataset: self.settings.dataset.clone(),
+        };
+        let parallel = std::thread::available_parallelism().map_or(2, usize::from);
+        let written: Vec<(FileRole, FileRef)> =
+            futures::stream::iter(jobs.into_iter().map(|job| context.clone().run(job)))
+                .buffer_unordered(parallel)
+                .try_collect()
+                .await?;
+        let mut new_partitions: BTreeMap<String, (FileRef, PartitionFiles)> = BTreeMap::new();
+        let mut bytes_by_format: BTreeMap<OutputFormat, u64> = BTreeMap::new();
+        let mut change_files = BTreeMap::new();
+        let mut latest_files = Vec::new();
+        for (name, rows) in plan
+            .partitions
+            .iter()
+            .filter(|(_, rows)| rows.num_rows() > 0)
+        {
+            let files = PartitionFiles {
+                rows: rows.num_rows() as u64,
+                files: BTreeMap::new(),
+            };
+            let placeholder = FileRef {
+                path: String::new(),
+                bytes: 0,
+                sha256: String::new(),
+            };
+            new_partitions.insert(name.clone(), (placeholder, files));
+        }
+        for (role, file) in written {
+            match role {
+                FileRole::State { partition } => {
+                    if let Some(entry) = new_partitions.get_mut(&partition) {
+                        entry.0 = file;
+                    }
+                }
+                FileRole::Data { partition, format } => {
+                    *bytes_by_format.entry(format).or_default() += file.bytes;
+                    latest_files.push((
+                        self.path(&file.path),
+                        self.path(&format!("latest/{partition}.{}", format.extension())),
+                    ));
+                    if let Some(entry) = new_partitions.get_mut(&partition) {
+                        entry.1.files.insert(format, file);
+                    }
+                }
+                FileRole::Changes { format } => {
+                    *bytes_by_format.entry(format).or_default() += file.bytes;
+                    change_files.insert(format, file);
+                }
             }
         }
         // Partitions after this version: untouched ones referenced again, not copied.
@@ -780,7 +875,7 @@ impl Publisher {
             .map(|(name, _)| name.clone())
             .collect();
 
-        put_all(&self.state_store, uploads_state).await?;
+        tracing::debug!(dataset = %self.settings.dataset, "wrote files");
         let state_manifest = StateManifest::V1(State {
             dataset: self.settings.dataset.clone(),
             version,
@@ -801,7 +896,6 @@ impl Publisher {
             )
             .await
             .map_err(store_err(&self.state_store))?;
-        put_all(&self.store, uploads_public).await?;
         crate::runtime::failpoint("before-version-manifest");
 
         let (inserts, updates, deletes) = plan.summary;
@@ -946,14 +1040,19 @@ impl Publisher {
     async fn after_commit(
         &mut self,
         pointer: Bytes,
-        latest: Vec<(String, Bytes)>,
+        latest: Vec<(String, String)>,
         emptied: Vec<String>,
     ) -> Result<()> {
         self.store
             .put(&self.path("manifest.json"), pointer)
             .await
             .map_err(store_err(&self.store))?;
-        put_all(&self.store, latest).await?;
+        for (from, to) in latest {
+            self.store
+                .copy(&from, &to)
+                .await
+                .map_err(store_err(&self.store))?;
+        }
         for name in emptied {
             for format in &self.settings.formats {
                 let path = self.path(&format!("latest/{name}.{}", format.extension()));
@@ -1076,19 +1175,6 @@ fn take_rows(
         })
         .collect::<Result<Vec<_>, _>>()?;
     RecordBatch::try_new(schema.clone(), columns)
-}
-
-async fn put_all(store: &Store, files: Vec<(String, Bytes)>) -> Result<()> {
-    let puts: Vec<_> = files
-        .into_iter()
-        .map(|(path, bytes)| async move { store.put(&path, bytes).await })
-        .collect();
-    futures::stream::iter(puts)
-        .buffer_unordered(UPLOAD_CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await
-        .map_err(store_err(store))?;
-    Ok(())
 }
 
 /// Reads `versions/<v>.json` of a dataset.

@@ -12,13 +12,44 @@ use arrow::datatypes::{DataType, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
 use bytes::Bytes;
-use chrono::{DateTime, Datelike};
+use chrono::Datelike;
 
 use crate::classify::KEY_COLUMN;
 use crate::config::PartitionGrain;
 
 /// A row's `_key`.
 pub type Key = [u8; 32];
+
+/// Hashes a `_key` by taking 8 of its bytes: keys are HMAC outputs, already
+/// uniformly distributed, so hashing them again (SipHash) would only cost time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length, then its bytes: keep the bytes.
+        if bytes.len() >= 8 {
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&bytes[..8]);
+            self.0 ^= u64::from_le_bytes(first);
+        } else {
+            for &b in bytes {
+                self.0 = self.0.rotate_left(8) ^ u64::from(b);
+            }
+        }
+    }
+}
+
+/// Builds [`KeyHasher`]s.
+pub type KeyHash = std::hash::BuildHasherDefault<KeyHasher>;
+/// A map keyed by `_key`.
+pub type KeyMap<V> = HashMap<Key, V, KeyHash>;
+/// A set of `_key`s.
+pub type KeySet = std::collections::HashSet<Key, KeyHash>;
 
 /// Where a key's row is, and what it looked like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,53 +121,65 @@ pub fn row_hashes(batch: &RecordBatch) -> Result<Vec<u64>, ArrowError> {
         .collect())
 }
 
-/// The partition name of every row.
-pub fn partition_names(
+/// The partition of every row, as ids in `names`. Dates and timestamps map to
+/// their year, month or day; other values to themselves (made path-safe).
+pub fn partition_ids(
     batch: &RecordBatch,
     by: Option<&(String, PartitionGrain)>,
     single: &str,
-) -> Result<Vec<String>, ArrowError> {
+    names: &mut Partitions,
+) -> Result<Vec<u32>, ArrowError> {
     let Some((column, grain)) = by else {
-        return Ok(vec![single.to_string(); batch.num_rows()]);
+        return Ok(vec![names.id(single); batch.num_rows()]);
     };
     let array = batch.column_by_name(column).ok_or_else(|| {
         ArrowError::SchemaError(format!("partition column `{column}` is not published"))
     })?;
-    let names: Vec<String> = match (array.data_type(), grain) {
-        (DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _), grain)
-            if *grain != PartitionGrain::Value =>
-        {
-            let micros = cast(
-                array,
-                &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
-            )?;
-            let ts = micros
-                .as_any()
-                .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
-                .ok_or_else(|| ArrowError::CastError("timestamp".into()))?;
-            ts.iter()
-                .map(|t| match t.and_then(DateTime::from_timestamp_micros) {
-                    None => NULL_PARTITION.to_string(),
-                    Some(t) => match grain {
-                        PartitionGrain::Year => format!("{:04}", t.year()),
-                        PartitionGrain::Month => format!("{:04}-{:02}", t.year(), t.month()),
-                        _ => format!("{:04}-{:02}-{:02}", t.year(), t.month(), t.day()),
-                    },
+    let temporal = matches!(
+        array.data_type(),
+        DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _)
+    );
+    if temporal && *grain != PartitionGrain::Value {
+        // Rows of one day share a partition: convert each distinct day once.
+        let days = cast(array, &DataType::Date32)?;
+        let days = days
+            .as_any()
+            .downcast_ref::<arrow::array::Date32Array>()
+            .ok_or_else(|| ArrowError::CastError("date".into()))?;
+        let mut by_day: HashMap<Option<i32>, u32> = HashMap::new();
+        return Ok(days
+            .iter()
+            .map(|day| {
+                *by_day.entry(day).or_insert_with(|| {
+                    let date =
+                        day.and_then(|d| chrono::NaiveDate::from_num_days_from_ce_opt(d + 719_163));
+                    let name = match date {
+                        None => NULL_PARTITION.to_string(),
+                        Some(t) => match grain {
+                            PartitionGrain::Year => format!("{:04}", t.year()),
+                            PartitionGrain::Month => format!("{:04}-{:02}", t.year(), t.month()),
+                            _ => format!("{:04}-{:02}-{:02}", t.year(), t.month(), t.day()),
+                        },
+                    };
+                    names.id(&name)
                 })
-                .collect()
-        }
-        _ => {
-            let text = cast(array, &DataType::Utf8)?;
-            let text = text
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(|| ArrowError::CastError("text".into()))?;
-            text.iter()
-                .map(|v| v.map_or_else(|| NULL_PARTITION.to_string(), sanitize))
-                .collect()
-        }
-    };
-    Ok(names)
+            })
+            .collect());
+    }
+    let text = cast(array, &DataType::Utf8)?;
+    let text = text
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .ok_or_else(|| ArrowError::CastError("text".into()))?;
+    let mut by_value: HashMap<Option<&str>, u32> = HashMap::new();
+    Ok(text
+        .iter()
+        .map(|v| {
+            *by_value.entry(v).or_insert_with(|| {
+                names.id(&v.map_or_else(|| NULL_PARTITION.to_string(), sanitize))
+            })
+        })
+        .collect())
 }
 
 /// The partition of rows whose partition value is NULL.

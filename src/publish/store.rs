@@ -65,7 +65,12 @@ impl StoreLocation {
             store: "local",
             source: Box::new(e),
         })?;
-        let local = LocalFileSystem::new_with_prefix(&self.root)?;
+        // fsync files and folders on write: a version acknowledged to a source
+        // must survive a power cut, not only a crash. Empty folders left by
+        // retention are removed.
+        let local = LocalFileSystem::new_with_prefix(&self.root)?
+            .with_fsync(true)
+            .with_automatic_cleanup(true);
         Ok(Store {
             inner: Arc::new(local),
             location: self.clone(),
@@ -147,6 +152,14 @@ impl Store {
             })),
             Err(e) => Err(e),
         }
+    }
+
+    /// Copies an object over another, atomically for readers of `to` (a hard link
+    /// on local disks, a server-side copy elsewhere: no bytes travel).
+    pub async fn copy(&self, from: &str, to: &str) -> object_store::Result<()> {
+        self.inner
+            .copy(&ObjectPath::from(from), &ObjectPath::from(to))
+            .await
     }
 
     /// Reads an object; `None` if it does not exist.

@@ -256,7 +256,14 @@ pub async fn run(
                 let Some(c) = classifier.as_ref() else {
                     continue;
                 };
+                let started = Instant::now();
                 let classified = tokio::task::block_in_place(|| c.classify(&batch))?;
+                tracing::trace!(
+                    dataset,
+                    rows = batch.num_rows(),
+                    us = started.elapsed().as_micros() as u64,
+                    "classified batch"
+                );
                 summary.rows_read += batch.num_rows() as u64;
                 for (total, n) in summary
                     .suppressed

@@ -1,5 +1,7 @@
 //! Text decoding of export files: BOM sniffing, explicit encodings, Latin-1 fallback.
 
+use std::borrow::Cow;
+
 use encoding_rs::{Encoding, UTF_8, UTF_16BE, UTF_16LE, WINDOWS_1252};
 
 /// How a file's bytes became text.
@@ -23,11 +25,11 @@ pub fn encoding_for_label(label: &str) -> Option<&'static Encoding> {
 /// Otherwise: a BOM decides (UTF-8, UTF-16LE, UTF-16BE); valid UTF-8 is UTF-8;
 /// anything else is Latin-1, decoded as Windows-1252 (its superset, which is what
 /// Windows exports labelled Latin-1 really are).
-pub fn decode(bytes: &[u8], forced: Option<&'static Encoding>) -> (String, Decoded) {
+pub fn decode<'a>(bytes: &'a [u8], forced: Option<&'static Encoding>) -> (Cow<'a, str>, Decoded) {
     if let Some(encoding) = forced {
         let (text, _had_errors) = encoding.decode_with_bom_removal(bytes);
         return (
-            text.into_owned(),
+            text,
             Decoded {
                 encoding,
                 from_bom: false,
@@ -37,7 +39,7 @@ pub fn decode(bytes: &[u8], forced: Option<&'static Encoding>) -> (String, Decod
     if let Some((encoding, bom_len)) = Encoding::for_bom(bytes) {
         let (text, _) = encoding.decode_without_bom_handling(&bytes[bom_len..]);
         return (
-            text.into_owned(),
+            text,
             Decoded {
                 encoding,
                 from_bom: true,
@@ -45,8 +47,9 @@ pub fn decode(bytes: &[u8], forced: Option<&'static Encoding>) -> (String, Decod
         );
     }
     match std::str::from_utf8(bytes) {
+        // Valid UTF-8 is borrowed, not copied.
         Ok(text) => (
-            text.to_owned(),
+            Cow::Borrowed(text),
             Decoded {
                 encoding: UTF_8,
                 from_bom: false,
@@ -55,7 +58,7 @@ pub fn decode(bytes: &[u8], forced: Option<&'static Encoding>) -> (String, Decod
         Err(_) => {
             let (text, _) = WINDOWS_1252.decode_without_bom_handling(bytes);
             (
-                text.into_owned(),
+                text,
                 Decoded {
                     encoding: WINDOWS_1252,
                     from_bom: false,
@@ -77,7 +80,7 @@ mod tests {
     #[test]
     fn detects_boms_and_fallbacks() {
         let (t, d) = decode(b"\xEF\xBB\xBFa;\xC3\xB6", None);
-        assert_eq!((t.as_str(), d.encoding, d.from_bom), ("a;ö", UTF_8, true));
+        assert_eq!((&*t, d.encoding, d.from_bom), ("a;ö", UTF_8, true));
 
         let utf16: Vec<u8> = [0xFF, 0xFE]
             .into_iter()
@@ -94,7 +97,7 @@ mod tests {
         assert_eq!(decode(&utf16be, None).0, "ä");
 
         let (t, d) = decode(b"Milj\xF6", None);
-        assert_eq!((t.as_str(), d.encoding), ("Miljö", WINDOWS_1252));
+        assert_eq!((&*t, d.encoding), ("Miljö", WINDOWS_1252));
 
         let (t, _) = decode(b"plain", None);
         assert_eq!(t, "plain");

@@ -319,7 +319,11 @@ impl FilesSource {
             sha256,
         };
         self.last = Some(candidate.name.clone());
-        match self.parse(&bytes) {
+        let started = std::time::Instant::now();
+        let parsed = self.parse(&bytes);
+        drop(bytes);
+        tracing::debug!(file = %candidate.name, ms = started.elapsed().as_millis() as u64, "parsed export");
+        match parsed {
             Ok((batch, problems)) if problems.is_empty() => self.emit(batch, position),
             Ok((batch, problems)) if self.config.mode == Mode::Append && batch.num_rows() > 0 => {
                 let reason = describe_problems(
@@ -474,9 +478,11 @@ impl FilesSource {
             .collect();
         let key_text: Vec<&arrow::array::StringArray> =
             key_indices.iter().map(|&i| &values[i]).collect();
-        let mut seen: HashMap<Vec<&str>, u64> = HashMap::with_capacity(locations.len());
+        // Keys are checked as text, joined by the unit separator when composite.
+        let mut seen: HashMap<std::borrow::Cow<'_, str>, u64> =
+            HashMap::with_capacity(locations.len());
         for (row, &location) in locations.iter().enumerate() {
-            let mut key = Vec::with_capacity(key_text.len());
+            let mut parts = Vec::with_capacity(key_text.len());
             for (k, array) in key_indices.iter().zip(&key_text) {
                 let value = if array.is_valid(row) {
                     array.value(row).trim()
@@ -491,8 +497,12 @@ impl FilesSource {
                         message: format!("key column `{}` is empty", columns[*k]),
                     });
                 }
-                key.push(value);
+                parts.push(value);
             }
+            let key = match parts.as_slice() {
+                [one] => std::borrow::Cow::Borrowed(*one),
+                many => std::borrow::Cow::Owned(many.join("\u{1f}")),
+            };
             if let Some(first) = seen.insert(key, location) {
                 bad_rows.insert(row);
                 problems.push(RowProblem {
