@@ -95,7 +95,8 @@ fn classify_digits(d: &[u8; 10], century: Option<u32>, plus: bool) -> Option<IdK
     let year = match century {
         Some(c) => c * 100 + yy,
         None => {
-            let this_year = chrono::Utc::now().year() as u32;
+            static THIS_YEAR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+            let this_year = *THIS_YEAR.get_or_init(|| chrono::Utc::now().year() as u32);
             let mut year = this_year / 100 * 100 + yy;
             if year > this_year {
                 year -= 100;
@@ -244,10 +245,17 @@ fn match_phone(b: &[u8], start: usize) -> Option<usize> {
 
 /// Finds personal data in text, calling `found` with each match's kind and byte
 /// range, in order and without overlaps.
-pub fn scan(text: &str, mut found: impl FnMut(Found, Range<usize>)) {
+pub fn scan(text: &str, found: impl FnMut(Found, Range<usize>)) {
+    scan_for(text, true, found);
+}
+
+/// Scans for identity numbers, and with `everything` also e-mail addresses and
+/// phone numbers.
+fn scan_for(text: &str, everything: bool, mut found: impl FnMut(Found, Range<usize>)) {
     let b = text.as_bytes();
     // Nearly all free text has no digit and no `@`; skip it in one pass.
-    if !b.iter().any(|&c| c.is_ascii_digit() || c == b'@') {
+    let interesting = |c: u8| c.is_ascii_digit() || (everything && c == b'@');
+    if !b.iter().any(|&c| interesting(c)) {
         return;
     }
     let mut i = 0;

@@ -47,6 +47,9 @@ pub enum ClassifyError {
     },
 }
 
+/// Batches smaller than this are classified on one thread.
+const PARALLEL_MIN_ROWS: usize = 16 * 1024;
+
 /// How one published column is made.
 #[derive(Debug, Clone)]
 struct ColumnPlan {
@@ -217,7 +220,80 @@ impl Classifier {
     }
 
     /// Classifies one batch (which must have this classifier's source schema).
+    /// Large batches are split over the machine's cores: rows are independent.
     pub fn classify(&self, batch: &ChangeBatch) -> Result<Classified, ClassifyError> {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let rows = batch.num_rows();
+        if threads < 2 || rows < PARALLEL_MIN_ROWS {
+            return self.classify_part(batch);
+        }
+        let step = rows.div_ceil(threads);
+        let parts: Vec<ChangeBatch> = (0..rows)
+            .step_by(step)
+            .map(|offset| {
+                let len = step.min(rows - offset);
+                ChangeBatch {
+                    data: batch.data.slice(offset, len),
+                    ops: batch.ops[offset..offset + len].to_vec(),
+                    kind: batch.kind,
+                    position: batch.position.clone(),
+                    commit_time: batch.commit_time,
+                    end_of_transaction: batch.end_of_transaction,
+                }
+            })
+            .collect();
+        let results: Vec<Result<Classified, ClassifyError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .iter()
+                .map(|part| scope.spawn(|| self.classify_part(part)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+        let parts = results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.map_err(|e| match e {
+                    // Rows are numbered within the whole batch.
+                    ClassifyError::Guard {
+                        column,
+                        kind,
+                        row,
+                        position,
+                    } => ClassifyError::Guard {
+                        column,
+                        kind,
+                        row: row + i * step,
+                        position,
+                    },
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let data =
+            arrow::compute::concat_batches(&self.output_schema, parts.iter().map(|p| &p.data))
+                .map_err(|source| ClassifyError::Arrow {
+                    column: "(batch)".into(),
+                    source,
+                })?;
+        Ok(Classified {
+            data,
+            ops: parts.iter().flat_map(|p| p.ops.iter().copied()).collect(),
+            suppressed_by: parts
+                .iter()
+                .flat_map(|p| p.suppressed_by.iter().copied())
+                .collect(),
+            values_redacted: parts.iter().map(|p| p.values_redacted).sum(),
+        })
+    }
+
+    fn classify_part(&self, batch: &ChangeBatch) -> Result<Classified, ClassifyError> {
         let data = &batch.data;
         let n = data.num_rows();
         let (suppressed_by, removed) = self.suppression(data, &batch.ops)?;

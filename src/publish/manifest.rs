@@ -50,6 +50,10 @@ pub struct ChangeSummary {
     pub deletes: u64,
     /// The changed rows with an `op` column, one file per format.
     pub files: BTreeMap<OutputFormat, FileRef>,
+    /// The first version of the dataset: every row is an insert, and the data
+    /// files are the change files (none are written separately).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub initial: bool,
 }
 
 /// An immutable version manifest: `versions/<v:020>.json`. A version exists

@@ -574,6 +574,8 @@ struct Plan {
     /// Changed rows with ops, for the change files.
     changes: Option<RecordBatch>,
     summary: (u64, u64, u64),
+    /// The first version of an empty dataset: its data files are its changes.
+    initial: bool,
     /// Index changes to apply after the commit.
     removed: Vec<Key>,
     added: Vec<(Key, Entry)>,
@@ -599,8 +601,12 @@ impl Publisher {
                 &single,
                 &mut self.names,
             )?);
-            hash_of.push(state::row_hashes(b)?);
         }
+        hash_of.extend(
+            parallel_map(&batches, state::row_hashes)
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?,
+        );
         // With a new schema every old row's fingerprint is recomputed on the aligned rows.
         let mut old: BTreeMap<u32, RecordBatch> = BTreeMap::new();
         let mut rehashed: KeyMap<Entry> = KeyMap::default();
@@ -724,8 +730,12 @@ impl Publisher {
             };
             partitions.insert(self.names.name(id).to_string(), rows);
         }
+        // The first version of an empty dataset inserts every row: its data files
+        // are its changes, so they are not written twice (the manifest says
+        // `initial`). Every later version has change files.
+        let initial = self.partitions.is_empty() && updates == 0 && deletes == 0 && !schema_changed;
         let mut change_parts = Vec::new();
-        if !change_rows.is_empty() {
+        if !change_rows.is_empty() && !initial {
             let indices: Vec<(usize, usize)> =
                 change_rows.iter().map(|&(b, r, _)| (b, r)).collect();
             let rows = take_rows(&batch_refs, &indices, target)?;
@@ -752,6 +762,7 @@ impl Publisher {
             partitions,
             changes,
             summary: (inserts, updates, deletes),
+            initial,
             removed,
             added,
             schema_changed,
@@ -810,7 +821,8 @@ impl Publisher {
             state_store: self.state_store.clone(),
             dataset: self.settings.dataset.clone(),
         };
-        let parallel = std::thread::available_parallelism().map_or(2, usize::from);
+        // Two more than the cores: while one job waits for its fsync, others encode.
+        let parallel = std::thread::available_parallelism().map_or(2, usize::from) + 2;
         let written: Vec<(FileRole, FileRef)> =
             futures::stream::iter(jobs.into_iter().map(|job| context.clone().run(job)))
                 .buffer_unordered(parallel)
@@ -923,6 +935,7 @@ impl Publisher {
                 updates,
                 deletes,
                 files: change_files,
+                initial: plan.initial,
             },
             rules_digest: self.settings.rules_digest.clone(),
             source_position: pending.position.clone(),
@@ -1160,6 +1173,28 @@ impl Publisher {
         self.orphans_up_to = later;
         Ok(())
     }
+}
+
+/// `f` over `items` on every core, results in order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    if threads < 2 || items.len() < 2 {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
 }
 
 /// Gathers rows `(batch, row)` from several batches into one.

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use arrow::array::{StringArray, StringBuilder};
+use arrow::array::{BinaryBuilder, StringArray, StringBuilder};
 use serde_json::{Map, Value};
 
 /// An export file read as text columns, before typing.
@@ -77,31 +77,173 @@ pub fn read_csv(text: &str, separator: u8) -> Result<(RawTable, Vec<RowProblem>)
         return Err("the file has no header row; the first line must name the columns".into());
     }
     let columns = column_names(headers.iter())?;
-    let width = columns.len();
-    // Rough sizing from the file length avoids most reallocation on big dumps.
-    let estimated_rows = text.len() / (width * 12).max(1);
-    let mut builders: Vec<StringBuilder> = (0..width)
-        .map(|_| StringBuilder::with_capacity(estimated_rows, text.len() / width.max(1)))
+    let data_start = reader.position().byte() as usize;
+    let lines = LineIndex::new(text);
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let chunks = if text.len() - data_start >= PARALLEL_MIN_BYTES && threads > 1 {
+        split_records(text, data_start, threads)
+    } else {
+        std::iter::once(data_start..text.len()).collect()
+    };
+    let parse = |range: &std::ops::Range<usize>| {
+        read_records(text, range.clone(), separator, columns.len(), &lines)
+    };
+    let parts: Vec<Result<Records, String>> = if chunks.len() > 1 {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .iter()
+                .map(|c| scope.spawn(move || parse(c)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    } else {
+        chunks.iter().map(parse).collect()
+    };
+    let parts = parts.into_iter().collect::<Result<Vec<_>, _>>();
+    // Chunks are cut where the quote count says a record starts. A file with a
+    // stray quote can fool that; any problem at all is settled by reading the
+    // file again in one piece, whose findings are the ones reported.
+    let parts = match parts {
+        Ok(parts) if parts.len() == 1 || parts.iter().all(|p| p.problems.is_empty()) => parts,
+        _ if chunks.len() > 1 => vec![read_records(
+            text,
+            data_start..text.len(),
+            separator,
+            columns.len(),
+            &lines,
+        )?],
+        Err(e) => return Err(e),
+        Ok(parts) => parts,
+    };
+    let mut values = Vec::with_capacity(columns.len());
+    for c in 0..columns.len() {
+        let pieces: Vec<&dyn arrow::array::Array> = parts
+            .iter()
+            .map(|p| &p.values[c] as &dyn arrow::array::Array)
+            .collect();
+        let joined = if pieces.len() == 1 {
+            parts[0].values[c].clone()
+        } else {
+            let array = arrow::compute::concat(&pieces).map_err(|e| e.to_string())?;
+            array
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned()
+                .ok_or("text column expected")?
+        };
+        values.push(joined);
+    }
+    let mut locations = Vec::new();
+    let mut problems = Vec::new();
+    for p in parts {
+        locations.extend(p.locations);
+        problems.extend(p.problems);
+    }
+    Ok((
+        RawTable {
+            columns,
+            values,
+            locations,
+            location_unit: "line",
+        },
+        problems,
+    ))
+}
+
+/// Files at least this big are read on several threads.
+const PARALLEL_MIN_BYTES: usize = 16 << 20;
+
+/// Cuts `text[start..]` into about `parts` ranges that each begin at a record:
+/// at a line end outside quotes (an even number of `"` before it; RFC 4180
+/// doubles quotes inside quoted fields, which keeps the count even).
+fn split_records(text: &str, start: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let b = text.as_bytes();
+    let mut cuts = vec![start];
+    let mut quotes_before = 0usize;
+    let mut counted_to = start;
+    for k in 1..parts {
+        let target = start + (b.len() - start) * k / parts;
+        if target <= *cuts.last().unwrap_or(&start) {
+            continue;
+        }
+        quotes_before += memchr::memchr_iter(b'"', &b[counted_to..target]).count();
+        counted_to = target;
+        let mut quoted = quotes_before % 2 == 1;
+        let mut i = target;
+        while i < b.len() {
+            match b[i] {
+                b'"' => quoted = !quoted,
+                b'\n' | b'\r' if !quoted => {
+                    let mut next = i + 1;
+                    if b[i] == b'\r' && b.get(next) == Some(&b'\n') {
+                        next += 1;
+                    }
+                    quotes_before += memchr::memchr_iter(b'"', &b[counted_to..next]).count();
+                    counted_to = next;
+                    if next < b.len() {
+                        cuts.push(next);
+                    }
+                    break;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+    cuts.push(b.len());
+    cuts.dedup();
+    cuts.windows(2).map(|w| w[0]..w[1]).collect()
+}
+
+/// Records of one range of a CSV text.
+struct Records {
+    values: Vec<StringArray>,
+    locations: Vec<u64>,
+    problems: Vec<RowProblem>,
+}
+
+/// Reads the records in `text[range]` (no header) into text columns.
+fn read_records(
+    text: &str,
+    range: std::ops::Range<usize>,
+    separator: u8,
+    width: usize,
+    lines: &LineIndex,
+) -> Result<Records, String> {
+    let offset = range.start;
+    let slice = &text.as_bytes()[range];
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(separator)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(slice);
+    // Rough sizing from the length avoids most reallocation on big dumps.
+    let estimated_rows = slice.len() / (width * 12).max(1);
+    // Fields are gathered as bytes and checked as UTF-8 once per column: the text
+    // is valid UTF-8 and split only at ASCII bytes, so per-field checks are waste.
+    let mut builders: Vec<BinaryBuilder> = (0..width)
+        .map(|_| BinaryBuilder::with_capacity(estimated_rows, slice.len() / width.max(1)))
         .collect();
     let mut locations = Vec::with_capacity(estimated_rows);
     let mut problems = Vec::new();
-    let mut record = csv::StringRecord::new();
-    let lines = LineIndex::new(text);
+    let mut record = csv::ByteRecord::new();
     // The reader leaves a record's position on the line end before it.
     let line_of = |p: &csv::Position| {
         let mut byte = p.byte() as usize;
-        let b = text.as_bytes();
-        while byte < b.len() && (b[byte] == b'\n' || b[byte] == b'\r') {
+        while byte < slice.len() && (slice[byte] == b'\n' || slice[byte] == b'\r') {
             byte += 1;
         }
-        lines.line(byte as u64)
+        lines.line((offset + byte) as u64)
     };
     loop {
-        match reader.read_record(&mut record) {
+        match reader.read_byte_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {
                 let line = record.position().map_or(0, line_of);
-                if record.len() == 1 && record.get(0).is_some_and(|f| f.trim().is_empty()) {
+                if record.len() == 1 && record.get(0).is_some_and(|f| f.trim_ascii().is_empty()) {
                     continue; // a blank line
                 }
                 if record.len() != width {
@@ -127,15 +269,17 @@ pub fn read_csv(text: &str, separator: u8) -> Result<(RawTable, Vec<RowProblem>)
             }
         }
     }
-    Ok((
-        RawTable {
-            columns,
-            values: builders.iter_mut().map(StringBuilder::finish).collect(),
-            locations,
-            location_unit: "line",
-        },
+    let values = builders
+        .iter_mut()
+        .map(|b| {
+            StringArray::try_from_binary(b.finish()).map_err(|e| format!("text is not UTF-8: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Records {
+        values,
+        locations,
         problems,
-    ))
+    })
 }
 
 /// Line numbers from byte offsets, with `\n`, `\r\n` and a lone `\r` all
@@ -436,6 +580,65 @@ mod tests {
             // (with CR or LF ends alike).
             assert_eq!(lines, vec![3, 6], "{end:?}");
         }
+    }
+
+    #[test]
+    fn split_points_respect_quotes() {
+        let mut text = String::from("a,b\n");
+        for i in 0..2000 {
+            text.push_str(&format!("{i},\"line one\nline \"\"two\"\"\r\nthree\"\r\n"));
+        }
+        let start = 4;
+        for parts in 2..6 {
+            let ranges = split_records(&text, start, parts);
+            assert_eq!(ranges.first().map(|r| r.start), Some(start));
+            assert_eq!(ranges.last().map(|r| r.end), Some(text.len()));
+            for r in &ranges {
+                // Every range starts at a record: a number, not the inside of a quoted field.
+                assert!(
+                    text.as_bytes()[r.start].is_ascii_digit(),
+                    "{parts}: {:?}",
+                    &text[r.start..r.start + 10]
+                );
+            }
+        }
+        let lines = LineIndex::new(&text);
+        let whole = read_records(&text, start..text.len(), b',', 2, &lines)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pieces: Vec<Records> = split_records(&text, start, 3)
+            .into_iter()
+            .map(|r| read_records(&text, r, b',', 2, &lines).unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        let locations: Vec<u64> = pieces.iter().flat_map(|p| p.locations.clone()).collect();
+        assert_eq!(locations, whole.locations);
+        assert_eq!(whole.locations[1], 5);
+    }
+
+    #[test]
+    fn big_files_read_in_parallel_read_the_same() {
+        let mut text = String::from("id;text;n\r\n");
+        let mut i = 0;
+        while text.len() < PARALLEL_MIN_BYTES + 1024 {
+            text.push_str(&format!(
+                "{i};\"a; \"\"quoted\"\"\r\nvalue {i}\";{}\r\n",
+                i * 7
+            ));
+            i += 1;
+        }
+        let (table, problems) = read_csv(&text, b';').unwrap_or_else(|e| panic!("{e}"));
+        assert!(problems.is_empty());
+        assert_eq!(table.values[0].len(), i);
+        let lines = LineIndex::new(&text);
+        let whole =
+            read_records(&text, 11..text.len(), b';', 3, &lines).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(table.locations, whole.locations);
+        for c in 0..3 {
+            assert_eq!(table.values[c], whole.values[c]);
+        }
+        // A row gone wrong is reported as by a reading in one piece.
+        let broken = text.replacen("\r\n5000;", "\r\n5000\r\n", 1);
+        let (_, problems) = read_csv(&broken, b';').unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(problems.len(), 2, "{problems:?}");
     }
 
     #[test]

@@ -396,7 +396,9 @@ impl FilesSource {
         &mut self,
         bytes: &[u8],
     ) -> std::result::Result<(RecordBatch, Vec<RowProblem>), String> {
+        let started = std::time::Instant::now();
         let (text, _decoded) = decode::decode(bytes, self.encoding);
+        let decoded_ms = started.elapsed().as_millis() as u64;
         let (raw, mut problems) = match self.config.format {
             Format::Csv => {
                 let separator = self
@@ -408,6 +410,11 @@ impl FilesSource {
             Format::Jsonl => formats::read_jsonl(&text, &self.selector),
         };
         drop(text);
+        tracing::trace!(
+            decoded_ms,
+            read_ms = started.elapsed().as_millis() as u64,
+            "read records"
+        );
         for key in &self.config.key {
             if !raw.columns.contains(key) {
                 return Err(format!(
@@ -437,32 +444,84 @@ impl FilesSource {
         let mut bad_rows = HashSet::new();
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len());
         let mut fields = Vec::with_capacity(columns.len());
-        for (i, (name, text)) in columns.iter().zip(&values).enumerate() {
-            let steward_type = self.hints.column_types.get(name).copied();
-            let ty = steward_type
-                .or_else(|| self.hints.known_types.get(name).copied())
-                .unwrap_or_else(|| typing::infer(text));
-            let (mut array, errors) = typing::convert(text, ty, self.timezone);
-            if !errors.is_empty() {
-                if steward_type.is_some() {
-                    for e in errors {
-                        bad_rows.insert(e.row);
-                        problems.push(RowProblem {
-                            location: locations[e.row],
-                            column: Some(i + 1),
-                            message: format!(
-                                "column `{name}`: {}, as the rules say it is {ty}",
-                                e.message
-                            ),
-                        });
-                    }
-                } else {
-                    // The type inferred from earlier files no longer fits: infer afresh,
-                    // and let the engine reconcile the published type.
-                    let inferred = typing::infer(text);
-                    tracing::warn!(column = %name, was = %ty, now = %inferred, "column type changed between exports");
-                    array = typing::convert(text, inferred, self.timezone).0;
-                }
+        // Columns are independent: infer and convert them on every core.
+        let plans: Vec<(Option<ColumnType>, ColumnType)> = columns
+            .iter()
+            .map(|name| {
+                let steward = self.hints.column_types.get(name).copied();
+                (
+                    steward,
+                    steward
+                        .or_else(|| self.hints.known_types.get(name).copied())
+                        .unwrap_or(ColumnType::Text),
+                )
+            })
+            .collect();
+        let unknown: Vec<bool> = columns
+            .iter()
+            .map(|n| {
+                !self.hints.column_types.contains_key(n) && !self.hints.known_types.contains_key(n)
+            })
+            .collect();
+        let timezone = self.timezone;
+        let type_one = |i: usize| {
+            let text = &values[i];
+            let (steward, known) = plans[i];
+            let ty = if unknown[i] {
+                typing::infer(text)
+            } else {
+                known
+            };
+            let (array, errors) = typing::convert(text, ty, timezone);
+            if errors.is_empty() || steward.is_some() {
+                return (ty, array, errors, None);
+            }
+            // The type inferred from earlier files no longer fits: infer afresh, and
+            // let the engine reconcile the published type.
+            let inferred = typing::infer(text);
+            (
+                ty,
+                typing::convert(text, inferred, timezone).0,
+                Vec::new(),
+                Some(inferred),
+            )
+        };
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let typed: Vec<_> = if threads > 1 && locations.len() > 100_000 {
+            std::thread::scope(|scope| {
+                let per = columns.len().div_ceil(threads);
+                let handles: Vec<_> = (0..columns.len())
+                    .collect::<Vec<_>>()
+                    .chunks(per)
+                    .map(|chunk| {
+                        let chunk = chunk.to_vec();
+                        let type_one = &type_one;
+                        scope.spawn(move || chunk.into_iter().map(type_one).collect::<Vec<_>>())
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        } else {
+            (0..columns.len()).map(type_one).collect()
+        };
+        for (i, (ty, array, errors, changed)) in typed.into_iter().enumerate() {
+            let name = &columns[i];
+            for e in errors {
+                bad_rows.insert(e.row);
+                problems.push(RowProblem {
+                    location: locations[e.row],
+                    column: Some(i + 1),
+                    message: format!(
+                        "column `{name}`: {}, as the rules say it is {ty}",
+                        e.message
+                    ),
+                });
+            }
+            if let Some(now) = changed {
+                tracing::warn!(column = %name, was = %ty, %now, "column type changed between exports");
             }
             if let Some(actual) = ColumnType::from_arrow(array.data_type()) {
                 self.hints.known_types.insert(name.clone(), actual);
@@ -479,8 +538,13 @@ impl FilesSource {
         let key_text: Vec<&arrow::array::StringArray> =
             key_indices.iter().map(|&i| &values[i]).collect();
         // Keys are checked as text, joined by the unit separator when composite.
-        let mut seen: HashMap<std::borrow::Cow<'_, str>, u64> =
-            HashMap::with_capacity(locations.len());
+        // xxh3 rather than SipHash: keys come from the file, not from an attacker
+        // who could aim for collisions, and a million of them should take milliseconds.
+        let mut seen: HashMap<std::borrow::Cow<'_, str>, u64, xxhash_rust::xxh3::Xxh3Builder> =
+            HashMap::with_capacity_and_hasher(
+                locations.len(),
+                xxhash_rust::xxh3::Xxh3Builder::new(),
+            );
         for (row, &location) in locations.iter().enumerate() {
             let mut parts = Vec::with_capacity(key_text.len());
             for (k, array) in key_indices.iter().zip(&key_text) {

@@ -230,22 +230,28 @@ pub fn convert(values: &StringArray, ty: ColumnType, tz: Tz) -> (ArrayRef, Vec<V
     let array = match ty {
         ColumnType::Text => {
             // Empty text is NULL as for every other type: CSV cannot tell them apart.
-            if values.iter().any(|v| v.is_some_and(str::is_empty)) {
-                let cleaned: StringArray =
-                    values.iter().map(|v| v.filter(|s| !s.is_empty())).collect();
-                Arc::new(cleaned) as ArrayRef
-            } else {
-                Arc::new(values.clone()) as ArrayRef
+            // Only the validity changes: the text buffers are shared, not copied.
+            let offsets = values.offsets();
+            let valid = (0..n).map(|i| values.is_valid(i) && offsets[i + 1] > offsets[i]);
+            let nulls = arrow::buffer::NullBuffer::from_iter(valid);
+            let cleaned =
+                StringArray::try_new(offsets.clone(), values.values().clone(), Some(nulls));
+            match cleaned {
+                Ok(a) => Arc::new(a) as ArrayRef,
+                Err(_) => Arc::new(values.clone()) as ArrayRef,
             }
         }
         ColumnType::Integer => build!(Int64Builder::with_capacity(n), |v: &str| {
-            let cleaned: String = v
-                .chars()
-                .filter(|c| !matches!(c, ' ' | '\u{a0}' | '\u{202f}'))
-                .collect();
-            cleaned
-                .parse::<i64>()
-                .map_err(|_| "not an integer".to_string())
+            v.parse::<i64>().or_else(|_| {
+                // Thousands separators: "1 234".
+                let cleaned: String = v
+                    .chars()
+                    .filter(|c| !matches!(c, ' ' | '\u{a0}' | '\u{202f}'))
+                    .collect();
+                cleaned
+                    .parse::<i64>()
+                    .map_err(|_| "not an integer".to_string())
+            })
         }),
         ColumnType::Float => build!(Float64Builder::with_capacity(n), |v: &str| {
             v.replace(',', ".")
