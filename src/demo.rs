@@ -117,19 +117,22 @@ fn file_name(asset: &Asset) -> String {
         .to_string()
 }
 
+impl Drop {
+    /// One of the embedded sample exports, under its own name.
+    fn real(folder: &'static str, asset: &Asset) -> Self {
+        Drop {
+            folder,
+            name: file_name(asset),
+            bytes: asset.bytes.to_vec(),
+        }
+    }
+}
+
 /// The exports dropped before the first run.
 fn first_round() -> Vec<Drop> {
     vec![
-        Drop {
-            folder: "leverantorsfakturor",
-            name: file_name(&INVOICES[0]),
-            bytes: INVOICES[0].bytes.to_vec(),
-        },
-        Drop {
-            folder: "skolmat",
-            name: file_name(&MENUS[0]),
-            bytes: MENUS[0].bytes.to_vec(),
-        },
+        Drop::real("leverantorsfakturor", &INVOICES[0]),
+        Drop::real("skolmat", &MENUS[0]),
         Drop {
             folder: "register",
             name: "badplatser-0001.csv".into(),
@@ -270,21 +273,9 @@ impl Generator {
 /// The drops after the first round, in order; endless.
 fn later_drops() -> impl Iterator<Item = Drop> {
     let real = vec![
-        Drop {
-            folder: "leverantorsfakturor",
-            name: file_name(&INVOICES[1]),
-            bytes: INVOICES[1].bytes.to_vec(),
-        },
-        Drop {
-            folder: "skolmat",
-            name: file_name(&MENUS[1]),
-            bytes: MENUS[1].bytes.to_vec(),
-        },
-        Drop {
-            folder: "leverantorsfakturor",
-            name: file_name(&INVOICES[2]),
-            bytes: INVOICES[2].bytes.to_vec(),
-        },
+        Drop::real("leverantorsfakturor", &INVOICES[1]),
+        Drop::real("skolmat", &MENUS[1]),
+        Drop::real("leverantorsfakturor", &INVOICES[2]),
     ];
     let mut generator = Generator::new();
     let mut turn = 0u64;

@@ -201,3 +201,111 @@ async fn a_later_dump_rewrites_only_the_changed_partitions() {
     assert_eq!(op.value(0), "update");
     assert!(op.is_valid(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_versions_and_their_files_only() {
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    let path = &ws.pipeline;
+    let text = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("keep_versions: 30", "keep_versions: 2");
+    std::fs::write(path, text).unwrap();
+    for file in EXPORTS {
+        ws.drop_export("leverantorsfakturor", file);
+    }
+    ws.run_once().await.unwrap();
+    assert_eq!(ws.versions(), vec![2, 3]);
+    // Every file left is named by a kept version (public and private), and the
+    // kept versions are whole.
+    let referenced: std::collections::HashSet<String> = [2, 3]
+        .iter()
+        .flat_map(|v| {
+            ws.version(*v)
+                .files()
+                .map(|f| f.path.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for file in support::walk(&ws.published().join("data"))
+        .into_iter()
+        .chain(support::walk(&ws.published().join("changes")))
+    {
+        let relative = file
+            .strip_prefix(ws.published())
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        assert!(
+            referenced.contains(&relative),
+            "{relative} outlived its versions"
+        );
+    }
+    assert!(
+        !ws.state()
+            .join("leverantorsfakturor/versions/00000000000000000001.json")
+            .exists()
+    );
+    assert_eq!(support::check_whole(&ws.published()), Ok(2));
+    assert_eq!(published_keys(&ws, 3, "csv"), expected_keys());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn school_menus_and_bathing_sites_publish_without_personal_data() {
+    let menus = Workspace::new("skolmat", "skolmat");
+    menus.drop_export("skolmat", "meals-2025-W10.json");
+    menus.drop_export("skolmat", "meals-2025-W11.json");
+    menus.run_once().await.unwrap();
+    let newest = *menus.versions().last().unwrap();
+    let rows = menus.rows(newest, "parquet");
+    assert_eq!(rows.num_rows(), 58, "one row per course of both weeks");
+    for column in ["ratt_id", "ratt", "datum", "skola_id", "allergener"] {
+        assert!(rows.column_by_name(column).is_some(), "{column} missing");
+    }
+    let datum = rows
+        .schema()
+        .field_with_name("datum")
+        .unwrap()
+        .data_type()
+        .clone();
+    assert!(
+        matches!(datum, arrow::datatypes::DataType::Timestamp(_, _)),
+        "{datum}"
+    );
+
+    let sites = Workspace::new("badplatser", "register");
+    sites.drop_export("register", "badplatser.csv");
+    sites.run_once().await.unwrap();
+    let rows = sites.rows(1, "csv");
+    assert_eq!(rows.num_rows(), 60);
+    let names: Vec<String> = rows
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "id",
+            "namn",
+            "kommun",
+            "latitud",
+            "longitud",
+            "vattentemp_senast",
+            "uppdaterad"
+        ]
+    );
+    let text = String::from_utf8_lossy(&sites.all_published_bytes()).to_string()
+        + &String::from_utf8_lossy(&menus.all_published_bytes());
+    for id in support::planted_identifiers() {
+        assert!(!text.contains(&id), "{id} is published");
+    }
+    // Coordinates are generalized to four decimals.
+    let csv = std::fs::read_to_string(sites.published().join("latest/badplatser.csv")).unwrap();
+    let first = csv.lines().nth(1).unwrap();
+    let latitude = first.split(',').nth(3).unwrap();
+    assert!(
+        latitude.split('.').nth(1).is_some_and(|d| d.len() <= 4),
+        "{latitude}"
+    );
+}

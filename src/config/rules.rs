@@ -416,3 +416,83 @@ impl<'de> Deserialize<'de> for ScalarList {
         deserializer.deserialize_seq(ListVisitor)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<RulesFile, serde_saphyr::Error> {
+        serde_saphyr::from_str(text)
+    }
+
+    #[test]
+    fn reads_every_action_form() {
+        let rules = parse(
+            "columns:\n  a: keep\n  b: { keep: { type: integer, rename: bb } }\n  c: drop\n  d: redact\n  \
+             e: { mask: { keep_first: 2 } }\n  f: { generalize: { to: month } }\n  g: { hash: { reason: r } }\n\
+             rows:\n  - suppress: { column: a, in: [1, \"2\"] }\n  - suppress: { column: a, equals: 3 }\n\
+             unclassified: halt\n",
+        )
+        .unwrap();
+        let actions: Vec<&str> = rules
+            .columns
+            .0
+            .iter()
+            .map(|(_, r)| r.value.action.name())
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                "keep",
+                "keep",
+                "drop",
+                "redact",
+                "mask",
+                "generalize",
+                "hash"
+            ]
+        );
+        assert_eq!(rules.columns.0[1].1.value.rename.as_deref(), Some("bb"));
+        assert_eq!(
+            rules.columns.0[4].1.value.action,
+            Action::Mask {
+                keep_first: 2,
+                keep_last: 0
+            }
+        );
+        let RowRule::Suppress(s) = &rules.rows[0].value;
+        assert_eq!(s.in_, Some(ScalarList(vec!["1".into(), "2".into()])));
+        assert_eq!(rules.unclassified, Unclassified::Halt);
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_rule() {
+        for (text, expected) in [
+            ("columns:\n  a: scramble\n", "unknown variant `scramble`"),
+            ("columns:\n  a: generalize\n", "generalize needs an option"),
+            (
+                "columns:\n  a: { generalize: { to: month, step: 5 } }\n",
+                "exactly one of",
+            ),
+            (
+                "columns:\n  a: { keep: { colour: red } }\n",
+                "unknown field `colour`",
+            ),
+            ("columns:\n  a: keep\n  a: drop\n", "duplicate mapping key"),
+            ("columns: {}\nextra: 1\n", "unknown field `extra`"),
+        ] {
+            let error = parse(text).map(|_| ()).unwrap_err();
+            let rendered = error.to_string();
+            assert!(rendered.contains(expected), "{text:?}: {rendered}");
+            assert!(error.location().is_some(), "{text:?} has no location");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any text: the rules parser returns a value or an error, never panics.
+        #[test]
+        fn parser_never_panics(text in "\\PC{0,200}") {
+            let _ = parse(&text);
+        }
+    }
+}

@@ -287,16 +287,7 @@ impl Publisher {
             .await?;
         for (name, rows) in loaded {
             let id = self.names.id(&name);
-            let keys = state::keys(&rows)?;
-            for (row, hash) in state::row_hashes(&rows)?.into_iter().enumerate() {
-                self.index.insert(
-                    state::key_at(keys, row),
-                    Entry {
-                        partition: id,
-                        hash,
-                    },
-                );
-            }
+            state::index_rows(&mut self.index, &rows, id)?;
             self.schema.get_or_insert_with(|| rows.schema());
             let files =
                 version
@@ -618,16 +609,7 @@ impl Publisher {
                 p.rows.clone()
             };
             if schema_changed {
-                let keys = state::keys(&rows)?;
-                for (row, hash) in state::row_hashes(&rows)?.into_iter().enumerate() {
-                    rehashed.insert(
-                        state::key_at(keys, row),
-                        Entry {
-                            partition: id,
-                            hash,
-                        },
-                    );
-                }
+                state::index_rows(&mut rehashed, &rows, id)?;
             }
             old.insert(id, rows);
         }
@@ -978,29 +960,11 @@ impl Publisher {
                     continue;
                 }
                 let id = self.names.id(name);
-                let keys = state::keys(&p.rows)?;
-                for (row, hash) in state::row_hashes(&p.rows)?.into_iter().enumerate() {
-                    self.index.insert(
-                        state::key_at(keys, row),
-                        Entry {
-                            partition: id,
-                            hash,
-                        },
-                    );
-                }
+                state::index_rows(&mut self.index, &p.rows, id)?;
             }
             for (name, rows) in &plan.partitions {
                 let id = self.names.id(name);
-                let keys = state::keys(rows)?;
-                for (row, hash) in state::row_hashes(rows)?.into_iter().enumerate() {
-                    self.index.insert(
-                        state::key_at(keys, row),
-                        Entry {
-                            partition: id,
-                            hash,
-                        },
-                    );
-                }
+                state::index_rows(&mut self.index, rows, id)?;
             }
         } else {
             for (key, entry) in plan.added {

@@ -100,6 +100,20 @@ pub fn key_at(keys: &FixedSizeBinaryArray, row: usize) -> Key {
     k
 }
 
+/// Adds every row of a partition to an index.
+pub fn index_rows(
+    index: &mut KeyMap<Entry>,
+    rows: &RecordBatch,
+    partition: u32,
+) -> Result<(), ArrowError> {
+    let keys = keys(rows)?;
+    index.reserve(rows.num_rows());
+    for (row, hash) in row_hashes(rows)?.into_iter().enumerate() {
+        index.insert(key_at(keys, row), Entry { partition, hash });
+    }
+    Ok(())
+}
+
 /// Fingerprints of the published values (every column but `_key`) of each row.
 pub fn row_hashes(batch: &RecordBatch) -> Result<Vec<u64>, ArrowError> {
     let schema = batch.schema();

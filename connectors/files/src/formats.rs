@@ -710,4 +710,28 @@ mod tests {
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].location, 2);
     }
+
+    proptest::proptest! {
+        /// Any bytes at all: every reader returns rows or an error, never panics.
+        #[test]
+        fn readers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let (text, _) = crate::decode::decode(&bytes, None);
+            let _ = read_csv(&text, detect_separator(&text));
+            let _ = read_csv(&text, b';');
+            let selector = RecordSelector::parse("a[].b[]").unwrap_or_else(|e| panic!("{e}"));
+            let _ = read_json(&text, &selector);
+            let _ = read_jsonl(&text, &selector);
+            let _ = split_records(&text, 0, 3);
+        }
+
+        /// CSV-shaped text with quotes and line ends in random places.
+        #[test]
+        fn csv_like_text_never_panics(text in "[a-c0-9;,\"\r\n ]{0,300}") {
+            if let Ok((table, _)) = read_csv(&text, b';') {
+                for values in &table.values {
+                    proptest::prop_assert_eq!(values.len(), table.locations.len());
+                }
+            }
+        }
+    }
 }
