@@ -166,7 +166,8 @@ fn split_records(text: &str, start: usize, parts: usize) -> Vec<std::ops::Range<
     let mut counted_to = start;
     for k in 1..parts {
         let target = start + (b.len() - start) * k / parts;
-        if target <= *cuts.last().unwrap_or(&start) {
+        // Quotes are counted up to `counted_to`, which is never before the last cut.
+        if target <= counted_to {
             continue;
         }
         quotes_before += memchr::memchr_iter(b'"', &b[counted_to..target]).count();
