@@ -151,6 +151,10 @@ pub struct Publish {
     /// Most changes in one version.
     #[serde(default = "default_max_changes")]
     pub max_changes: usize,
+    /// The absolute URL where the store is served to consumers (for the
+    /// catalog's links); the store's own location when absent.
+    #[serde(default)]
+    pub public_url: Option<Spanned<String>>,
 }
 
 fn default_formats() -> Spanned<Vec<OutputFormat>> {

@@ -8,6 +8,7 @@
 //! only unreferenced files, which retention removes; a crash after it is repaired
 //! on the next start.
 
+pub mod catalog;
 pub mod manifest;
 pub mod state;
 pub mod store;
@@ -90,6 +91,8 @@ pub struct Settings {
     pub rules_digest: String,
     /// Identifies the pseudonym key.
     pub key_fingerprint: String,
+    /// The dataset's catalog description, and the URL the store is served at.
+    pub catalog: Option<(catalog::DatasetMeta, String)>,
 }
 
 /// A committed partition in memory.
@@ -1039,12 +1042,70 @@ impl Publisher {
                     .map_err(store_err(&self.store))?;
             }
         }
+        self.publish_catalog().await?;
         let removed = self.apply_retention().await?;
         // Files of a crashed attempt at this version (or earlier) are garbage now.
         if removed || self.orphans_up_to.is_some_and(|v| v <= self.version) {
             self.collect_garbage().await?;
         }
         Ok(())
+    }
+
+    /// Refreshes the dataset's description from the newest version and rebuilds
+    /// the store's catalog.
+    async fn publish_catalog(&mut self) -> Result<()> {
+        let Some((mut meta, base)) = self.settings.catalog.clone() else {
+            return Ok(());
+        };
+        let version = self.read_version(self.version).await?;
+        if meta.issued.is_none() {
+            // Keep the first version's time across restarts.
+            let path = self.path("dataset.json");
+            if let Some(bytes) = self
+                .store
+                .get(&path)
+                .await
+                .map_err(store_err(&self.store))?
+            {
+                meta.issued = serde_json::from_slice::<catalog::DatasetMeta>(&bytes)
+                    .ok()
+                    .and_then(|m| m.issued);
+            }
+        }
+        catalog::refresh(&mut meta, &version, self.temporal_coverage());
+        catalog::publish(&self.store, &base, &meta)
+            .await
+            .map_err(store_err(&self.store))?;
+        self.settings.catalog = Some((meta, base));
+        Ok(())
+    }
+
+    /// First and last day in the data's first date or timestamp column.
+    fn temporal_coverage(&self) -> Option<(chrono::NaiveDate, chrono::NaiveDate)> {
+        let schema = self.schema.as_ref()?;
+        let column = schema.fields().iter().find(|f| {
+            matches!(
+                f.data_type(),
+                arrow::datatypes::DataType::Date32 | arrow::datatypes::DataType::Timestamp(_, _)
+            )
+        })?;
+        let mut range: Option<(i32, i32)> = None;
+        for p in self.partitions.values() {
+            let Some(array) = p.rows.column_by_name(column.name()) else {
+                continue;
+            };
+            let Ok(days) = arrow::compute::cast(array, &arrow::datatypes::DataType::Date32) else {
+                continue;
+            };
+            let Some(days) = days.as_any().downcast_ref::<arrow::array::Date32Array>() else {
+                continue;
+            };
+            if let (Some(lo), Some(hi)) = (arrow::compute::min(days), arrow::compute::max(days)) {
+                range = Some(range.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+            }
+        }
+        let date = |d: i32| chrono::NaiveDate::from_num_days_from_ce_opt(d + 719_163);
+        range.and_then(|(lo, hi)| Some((date(lo)?, date(hi)?)))
     }
 
     async fn kept_versions(&self) -> Result<Vec<u64>> {

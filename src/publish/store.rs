@@ -179,6 +179,16 @@ impl Store {
         }
     }
 
+    /// The folders at the store's root (one per dataset).
+    pub async fn list_dirs(&self) -> object_store::Result<Vec<String>> {
+        let listing = self.inner.list_with_delimiter(None).await?;
+        Ok(listing
+            .common_prefixes
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect())
+    }
+
     /// Every object under `prefix`, as paths.
     pub async fn list(&self, prefix: &str) -> object_store::Result<Vec<String>> {
         use futures::TryStreamExt;

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::classify::{Classifier, Keyer, PseudonymKey};
 use crate::config::pipeline::KeySource;
 use crate::config::{Pipeline, SourceConfig};
+use crate::publish::catalog::DatasetMeta;
 use crate::publish::store::Store;
 use crate::publish::{self, Publisher, Settings};
 
@@ -164,6 +165,74 @@ pub fn settings(pipeline: &Pipeline, keyer: &Keyer) -> Settings {
         keep_versions: publish.keep_versions.value,
         rules_digest: digest_file(&pipeline.rules_file),
         key_fingerprint: keyer.fingerprint(),
+        catalog: Some((dataset_meta(pipeline), public_url(pipeline))),
+    }
+}
+
+/// Where consumers reach the store: `publish.public_url`, else the store itself.
+pub fn public_url(pipeline: &Pipeline) -> String {
+    match &pipeline.spec.publish.public_url {
+        Some(url) => url.value.trim_end_matches('/').to_string(),
+        None => pipeline.store.to_string(),
+    }
+}
+
+/// The catalog description of a pipeline's dataset.
+pub fn dataset_meta(pipeline: &Pipeline) -> DatasetMeta {
+    use crate::config::pipeline::Accrual;
+    let d = &pipeline.spec.dataset;
+    let accrual = d.accrual.map(|a| {
+        match a {
+            Accrual::Continuous => "CONT",
+            Accrual::Daily => "DAILY",
+            Accrual::Weekly => "WEEKLY",
+            Accrual::Monthly => "MONTHLY",
+            Accrual::Quarterly => "QUARTERLY",
+            Accrual::Annual => "ANNUAL",
+            Accrual::Irregular => "IRREG",
+        }
+        .to_string()
+    });
+    let access = match d.access.value {
+        crate::config::Access::Open => "PUBLIC",
+        crate::config::Access::Shared => "RESTRICTED",
+        crate::config::Access::Internal => "NON_PUBLIC",
+    };
+    // The key is a primary key for consumers only if every key column is published as is.
+    let primary_key: Option<Vec<String>> = crate::config::source_key(pipeline)
+        .iter()
+        .map(|k| {
+            let rule = pipeline.rule(k)?;
+            (rule.action == crate::config::Action::Keep)
+                .then(|| rule.rename.clone().unwrap_or_else(|| k.clone()))
+        })
+        .collect();
+    DatasetMeta {
+        id: pipeline.id().to_string(),
+        title: d.title.clone(),
+        description: d.description.clone(),
+        publisher: d.publisher.name.clone(),
+        org_nr: d
+            .publisher
+            .org_nr
+            .value
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect(),
+        contact: d.contact.clone(),
+        license: d.license.clone(),
+        conforms_to: d.conforms_to.clone(),
+        accrual,
+        access: access.to_string(),
+        keywords: d.keywords.clone(),
+        themes: d.themes.clone(),
+        primary_key: primary_key.unwrap_or_default(),
+        issued: None,
+        modified: None,
+        temporal: None,
+        files: Default::default(),
+        columns: Vec::new(),
+        rows: 0,
     }
 }
 
