@@ -346,12 +346,14 @@ pub async fn preview(file: &Path, rows: usize, name: Option<&str>) -> Result<Exi
 /// The key preview shows pseudonyms with: the pipeline's, else the generated one
 /// if it exists, else a throwaway key (preview writes nothing).
 async fn preview_key(pipeline: &Pipeline) -> PseudonymKey {
-    if (pipeline.spec.pseudonym_key.is_some()
-        || pipeline
-            .state
-            .root()
-            .join(runtime::GENERATED_KEY_FILE)
-            .exists())
+    let generated_exists = match pipeline.state.local_root() {
+        Some(root) => root.join(runtime::GENERATED_KEY_FILE).exists(),
+        None => match pipeline.state.open() {
+            Ok(state) => matches!(state.get(runtime::GENERATED_KEY_FILE).await, Ok(Some(_))),
+            Err(_) => false,
+        },
+    };
+    if (pipeline.spec.pseudonym_key.is_some() || generated_exists)
         && let Ok(state) = pipeline.state.open()
         && let Ok(key) = runtime::pseudonym_key(pipeline, &state).await
     {

@@ -154,3 +154,47 @@ fn killed_before_the_version_manifest() {
 fn killed_after_the_version_manifest() {
     crash_and_recover("after-version-manifest");
 }
+
+#[test]
+fn two_publishers_racing_for_a_version_publish_each_change_once() {
+    let (expected, _) = clean_history();
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    for f in EXPORTS {
+        ws.drop_export("leverantorsfakturor", f);
+    }
+    let oppen = |failpoint: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"));
+        command
+            .args(["run", "--once", "leverantorsfakturor.yaml"])
+            .current_dir(ws.dir.path())
+            .env("RUST_LOG", "info");
+        if let Some(f) = failpoint {
+            command.env("OPPEN_FAILPOINT", f);
+        }
+        command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The slow publisher stops just before creating version 1; the other commits
+    // all three versions meanwhile.
+    let slow = oppen(Some("before-version-manifest=sleep:4000"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let fast = oppen(None).wait_with_output().unwrap();
+    assert!(
+        fast.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fast.stderr)
+    );
+    let slow = slow.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&slow.stderr);
+    assert!(slow.status.success(), "{log}");
+    assert!(
+        log.contains("another publisher committed these changes"),
+        "{log}"
+    );
+    // Each change once: the history of a single publisher.
+    assert_eq!(history(&ws), expected);
+    assert!(support::check_whole(&ws.published()).is_ok());
+}

@@ -147,9 +147,10 @@ pub fn load(file: &Path) -> Result<Pipeline, Diagnostics> {
             }
         }
     }
-    let store = StoreLocation::parse(&spec.publish.store.value, &base)
+    let s3 = spec.publish.s3.clone().unwrap_or_default();
+    let store = StoreLocation::parse_with(&spec.publish.store.value, &base, &s3)
         .map_err(|e| Diagnostic::new(Place::of(file, &spec.publish.store), e));
-    let state = StoreLocation::parse(&spec.publish.state.value, &base)
+    let state = StoreLocation::parse_with(&spec.publish.state.value, &base, &s3)
         .map_err(|e| Diagnostic::new(Place::of(file, &spec.publish.state), e));
     validate_pipeline(file, &spec, &mut problems);
     if let Some(rules) = &rules {

@@ -151,6 +151,10 @@ pub struct Publish {
     /// Most changes in one version.
     #[serde(default = "default_max_changes")]
     pub max_changes: usize,
+    /// Settings for `s3://` store and state locations (credentials come from
+    /// the standard AWS environment variables).
+    #[serde(default)]
+    pub s3: Option<crate::publish::store::S3Options>,
     /// The absolute URL where the store is served to consumers (for the
     /// catalog's links); the store's own location when absent.
     #[serde(default)]

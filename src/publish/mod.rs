@@ -111,8 +111,9 @@ struct Pending {
     latest: KeyMap<(u32, u32, bool)>,
     /// Keys seen in the snapshot under way (full export or re-snapshot).
     snapshot_seen: Option<KeySet>,
-    /// A complete snapshot ended: keys it lacks are deleted at the next commit.
-    snapshot_complete: bool,
+    /// The keys of a complete image (full export or re-snapshot) that ended:
+    /// committed keys it lacks are deleted at the next commit.
+    complete_image: Option<KeySet>,
     /// Inside a source transaction (a version must not end here).
     open_transaction: bool,
     position: Option<Position>,
@@ -367,6 +368,23 @@ impl Publisher {
             .map_err(store_err(&self.store))
     }
 
+    /// Forgets the in-memory state and reads the newest committed version again
+    /// (after another publisher committed first). Staged changes are kept.
+    pub async fn reload(&mut self) -> Result<Recovered> {
+        self.schema = None;
+        self.partitions.clear();
+        self.index.clear();
+        self.version = 0;
+        self.references.clear();
+        self.orphans_up_to = None;
+        self.recover().await
+    }
+
+    /// The source position of the staged changes, if any are staged.
+    pub fn pending_position(&self) -> Option<&Position> {
+        self.pending.position.as_ref()
+    }
+
     /// The newest committed version (0 before the first).
     pub fn version(&self) -> u64 {
         self.version
@@ -392,7 +410,7 @@ impl Publisher {
 
     /// Whether a complete snapshot is staged (a version should end after it).
     pub fn snapshot_complete(&self) -> bool {
-        self.pending.snapshot_complete
+        self.pending.complete_image.is_some()
     }
 
     /// Records the source's column types and unclassified columns for the next version.
@@ -437,23 +455,17 @@ impl Publisher {
         self.pending.position = Some(position);
         self.pending.source_time = commit_time.or(self.pending.source_time);
         if kind == BatchKind::Snapshot && end_of_transaction {
-            // The snapshot is whole: remember which keys it had for the commit.
-            self.pending.snapshot_complete = true;
+            // The image is whole. Keys staged earlier but absent from it are
+            // deletes now; committed keys absent from it become deletes when the
+            // version is planned, against the state as it is then (another
+            // publisher may have committed meanwhile).
             let seen = self.pending.snapshot_seen.take().unwrap_or_default();
-            for key in self.index.keys() {
-                if !seen.contains(key) {
-                    self.pending
-                        .latest
-                        .entry(*key)
-                        .or_insert((u32::MAX, 0, true));
-                }
-            }
             for (key, change) in &mut self.pending.latest {
                 if !change.2 && !seen.contains(key) {
-                    // Staged earlier but absent from the newer complete image.
                     *change = (u32::MAX, 0, true);
                 }
             }
+            self.pending.complete_image = Some(seen);
         }
         Ok(())
     }
@@ -660,6 +672,16 @@ impl Publisher {
             added_to.entry(entry.partition).or_default().push((b, r));
             removed.push(*key);
             added.push((*key, entry));
+        }
+        if let Some(seen) = &pending.complete_image {
+            for (key, e) in index {
+                if !seen.contains(key) && !pending.latest.contains_key(key) {
+                    removed_from.entry(e.partition).or_default().insert(*key);
+                    deleted.insert(*key);
+                    removed.push(*key);
+                    deletes += 1;
+                }
+            }
         }
         if inserts + updates + deletes == 0 && !schema_changed {
             // Nothing published changes, but the source moved on.

@@ -9,21 +9,72 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+/// Settings for S3-compatible stores (`publish.s3` in a pipeline file). Credentials
+/// come from the standard AWS environment variables, never from the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Options {
+    /// The endpoint, for S3-compatible servers (e.g. `http://127.0.0.1:9000`).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The region (default: `AWS_REGION`, else us-east-1).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Address buckets as `endpoint/bucket` rather than `bucket.endpoint`.
+    #[serde(default)]
+    pub path_style: Option<bool>,
+    /// Allow plain HTTP (test servers only).
+    #[serde(default)]
+    pub allow_http: Option<bool>,
+}
+
+/// Where a store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Where {
+    /// A local folder.
+    Local(PathBuf),
+    /// An S3 bucket and a prefix inside it.
+    S3 {
+        bucket: String,
+        prefix: String,
+        options: S3Options,
+    },
+}
+
 /// A store location from a pipeline file: `file://relative/path`,
-/// `file:///absolute/path`, or a plain path.
+/// `file:///absolute/path`, a plain path, or `s3://bucket/prefix`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreLocation {
-    root: PathBuf,
+    place: Where,
 }
 
 impl StoreLocation {
     /// Parses a location; relative paths resolve from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        Self::parse_with(text, base, &S3Options::default())
+    }
+
+    /// Parses a location with the options S3 locations use.
+    pub fn parse_with(text: &str, base: &Path, s3: &S3Options) -> Result<Self, String> {
+        if let Some(rest) = text.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err("an s3:// location needs a bucket: s3://bucket/prefix".into());
+            }
+            let prefix = prefix.trim_matches('/').to_string();
+            return Ok(Self {
+                place: Where::S3 {
+                    bucket: bucket.to_string(),
+                    prefix,
+                    options: s3.clone(),
+                },
+            });
+        }
         let path = if let Some(rest) = text.strip_prefix("file://") {
             rest
         } else if let Some((scheme, _)) = text.split_once("://") {
             return Err(format!(
-                "stores with `{scheme}://` are not supported by this build; use a file:// location"
+                "stores with `{scheme}://` are not supported yet; use file:// or s3://"
             ));
         } else {
             text
@@ -38,41 +89,103 @@ impl StoreLocation {
             base.join(path)
         };
         Ok(Self {
-            root: normalize(&root),
+            place: Where::Local(normalize(&root)),
         })
     }
 
     /// A local folder as a location.
     pub fn local(root: impl Into<PathBuf>) -> Self {
         Self {
-            root: normalize(&root.into()),
+            place: Where::Local(normalize(&root.into())),
         }
     }
 
     /// Whether one location lies inside the other (or they are the same).
     pub fn overlaps(&self, other: &StoreLocation) -> bool {
-        self.root.starts_with(&other.root) || other.root.starts_with(&self.root)
+        match (&self.place, &other.place) {
+            (Where::Local(a), Where::Local(b)) => a.starts_with(b) || b.starts_with(a),
+            (
+                Where::S3 {
+                    bucket: a,
+                    prefix: pa,
+                    ..
+                },
+                Where::S3 {
+                    bucket: b,
+                    prefix: pb,
+                    ..
+                },
+            ) => {
+                let inside =
+                    |x: &str, y: &str| y.is_empty() || x == y || x.starts_with(&format!("{y}/"));
+                a == b && (inside(pa, pb) || inside(pb, pa))
+            }
+            _ => false,
+        }
     }
 
-    /// The local folder, for messages and for tests.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// The local folder, for local stores.
+    pub fn local_root(&self) -> Option<&Path> {
+        match &self.place {
+            Where::Local(root) => Some(root),
+            Where::S3 { .. } => None,
+        }
     }
 
-    /// Opens the store, creating the folder if needed.
+    /// Opens the store (creating a local folder if needed).
     pub fn open(&self) -> Result<Store, object_store::Error> {
-        std::fs::create_dir_all(&self.root).map_err(|e| object_store::Error::Generic {
-            store: "local",
-            source: Box::new(e),
-        })?;
-        // fsync files and folders on write: a version acknowledged to a source
-        // must survive a power cut, not only a crash. Empty folders left by
-        // retention are removed.
-        let local = LocalFileSystem::new_with_prefix(&self.root)?
-            .with_fsync(true)
-            .with_automatic_cleanup(true);
+        let inner: Arc<dyn ObjectStore> = match &self.place {
+            Where::Local(root) => {
+                std::fs::create_dir_all(root).map_err(|e| object_store::Error::Generic {
+                    store: "local",
+                    source: Box::new(e),
+                })?;
+                // fsync files and folders on write: a version acknowledged to a source
+                // must survive a power cut, not only a crash. Empty folders left by
+                // retention are removed.
+                Arc::new(
+                    LocalFileSystem::new_with_prefix(root)?
+                        .with_fsync(true)
+                        .with_automatic_cleanup(true),
+                )
+            }
+            Where::S3 {
+                bucket,
+                prefix,
+                options,
+            } => {
+                // Credentials and defaults from the standard AWS variables; the
+                // pipeline's settings win. object_store retries transient errors
+                // (5xx, timeouts, throttling) with exponential backoff and jitter.
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(object_store::RetryConfig {
+                        max_retries: 10,
+                        retry_timeout: std::time::Duration::from_secs(180),
+                        ..Default::default()
+                    });
+                if let Some(endpoint) = &options.endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                if let Some(region) = &options.region {
+                    builder = builder.with_region(region);
+                }
+                if let Some(path_style) = options.path_style {
+                    builder = builder.with_virtual_hosted_style_request(!path_style);
+                }
+                if let Some(allow_http) = options.allow_http {
+                    builder = builder.with_allow_http(allow_http);
+                }
+                let s3: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
+                if prefix.is_empty() {
+                    s3
+                } else {
+                    Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.as_str()))
+                }
+            }
+        };
         Ok(Store {
-            inner: Arc::new(local),
+            inner,
             location: self.clone(),
         })
     }
@@ -80,7 +193,11 @@ impl StoreLocation {
 
 impl fmt::Display for StoreLocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "file://{}", self.root.display())
+        match &self.place {
+            Where::Local(root) => write!(f, "file://{}", root.display()),
+            Where::S3 { bucket, prefix, .. } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            Where::S3 { bucket, prefix, .. } => write!(f, "s3://{bucket}/{prefix}"),
+        }
     }
 }
 

@@ -72,17 +72,34 @@ pub struct RunSummary {
     pub unclassified: Vec<String>,
 }
 
-/// Aborts the process at a named point when `OPPEN_FAILPOINT` names it: the
-/// crash tests use this to kill a publisher between two steps of a commit.
+/// Test hook at a named point of a commit. `OPPEN_FAILPOINT=<name>` aborts the
+/// process there (the crash tests kill a publisher between two steps of a commit);
+/// `OPPEN_FAILPOINT=<name>=sleep:<ms>` pauses it (the race tests let another
+/// publisher commit first).
 pub fn failpoint(name: &str) {
     static FAILPOINT: OnceLock<Option<String>> = OnceLock::new();
-    if FAILPOINT
+    let Some(spec) = FAILPOINT
         .get_or_init(|| std::env::var("OPPEN_FAILPOINT").ok())
         .as_deref()
-        == Some(name)
+    else {
+        return;
+    };
+    let (point, action) = spec.split_once('=').unwrap_or((spec, "abort"));
+    if point != name {
+        return;
+    }
+    match action
+        .strip_prefix("sleep:")
+        .and_then(|ms| ms.parse::<u64>().ok())
     {
-        eprintln!("failpoint {name}: aborting");
-        std::process::abort();
+        Some(ms) => {
+            eprintln!("failpoint {name}: sleeping {ms} ms");
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        None => {
+            eprintln!("failpoint {name}: aborting");
+            std::process::abort();
+        }
     }
 }
 
@@ -431,8 +448,34 @@ async fn commit(
     let committed = loop {
         match publisher.commit().await {
             Ok(c) => break c,
-            // A conflict means another publisher writes this dataset: not ours to retry.
-            Err(e) if e.is_retryable() && !matches!(e, publish::PublishError::Conflict { .. }) => {
+            // Another publisher committed this version first: read what it
+            // committed, then either our changes are already in it (resume the
+            // source after its position) or commit ours on top of it.
+            Err(publish::PublishError::Conflict { version, .. }) => {
+                let Some(delay) = delays.next() else {
+                    return Err(RunError::Config(format!(
+                        "{dataset}: version {version} kept being committed by another publisher"
+                    )));
+                };
+                let recovered = publisher.reload().await?;
+                let covered = match (&recovered.position, publisher.pending_position()) {
+                    (Some(theirs), Some(ours)) => theirs.is_at_or_after(ours),
+                    _ => false,
+                };
+                if covered {
+                    tracing::info!(
+                        dataset,
+                        version = recovered.version,
+                        "another publisher committed these changes; resuming after its position"
+                    );
+                    publisher.discard_pending();
+                    source.start(recovered.position).await?;
+                    return Ok(());
+                }
+                tracing::warn!(dataset, version, retry_in = ?delay, "another publisher committed first; committing on top of it");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) if e.is_retryable() => {
                 let Some(delay) = delays.next() else {
                     return Err(e.into());
                 };

@@ -60,6 +60,22 @@ pub enum Position {
     File { name: String, sha256: String },
 }
 
+impl Position {
+    /// Whether this position includes everything up to `other` (same source kind).
+    /// Used when another publisher committed first: if its position is at or
+    /// after ours, our staged changes are already published.
+    pub fn is_at_or_after(&self, other: &Position) -> bool {
+        match (self, other) {
+            (Position::Lsn { lsn: a }, Position::Lsn { lsn: b }) => a >= b,
+            (Position::File { name: a, .. }, Position::File { name: b, .. }) => a >= b,
+            (Position::Kafka { offsets: a }, Position::Kafka { offsets: b }) => b
+                .iter()
+                .all(|(partition, offset)| a.get(partition).is_some_and(|o| o >= offset)),
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -374,6 +390,24 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown type")
         );
+    }
+
+    #[test]
+    fn orders_positions() {
+        let file = |n: &str| Position::File {
+            name: n.into(),
+            sha256: String::new(),
+        };
+        assert!(file("export-02").is_at_or_after(&file("export-01")));
+        assert!(file("export-01").is_at_or_after(&file("export-01")));
+        assert!(!file("export-01").is_at_or_after(&file("export-02")));
+        assert!(Position::Lsn { lsn: 9 }.is_at_or_after(&Position::Lsn { lsn: 3 }));
+        let kafka = |o: &[(i32, i64)]| Position::Kafka {
+            offsets: o.iter().copied().collect(),
+        };
+        assert!(kafka(&[(0, 5), (1, 7)]).is_at_or_after(&kafka(&[(0, 5), (1, 6)])));
+        assert!(!kafka(&[(0, 5)]).is_at_or_after(&kafka(&[(0, 5), (1, 6)])));
+        assert!(!Position::Lsn { lsn: 1 }.is_at_or_after(&file("a")));
     }
 
     #[test]

@@ -656,6 +656,7 @@ impl Source for FilesSource {
     }
 
     async fn start(&mut self, resume: Option<Position>) -> Result<()> {
+        self.pending.clear();
         self.last = match resume {
             None => None,
             Some(Position::File { name, .. }) => Some(name),
