@@ -26,6 +26,9 @@ pub struct S3Options {
     /// Allow plain HTTP (test servers only).
     #[serde(default)]
     pub allow_http: Option<bool>,
+    /// Send unsigned requests (public buckets, read-only use).
+    #[serde(default)]
+    pub anonymous: Option<bool>,
 }
 
 /// Where a store is.
@@ -175,6 +178,9 @@ impl StoreLocation {
                 }
                 if let Some(allow_http) = options.allow_http {
                     builder = builder.with_allow_http(allow_http);
+                }
+                if let Some(anonymous) = options.anonymous {
+                    builder = builder.with_skip_signature(anonymous);
                 }
                 let s3: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
                 if prefix.is_empty() {

@@ -1,0 +1,155 @@
+//! The export-drop scenarios against a real S3-compatible server (moto): the
+//! three monthly exports, and two publishers racing for the same version, with
+//! conditional puts deciding the winner.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use support::Workspace;
+use support::moto::Moto;
+
+const EXPORTS: [&str; 3] = [
+    "export-2025-01.csv",
+    "export-2025-02.csv",
+    "export-2025-03.csv",
+];
+
+/// A workspace whose store and state are prefixes of a bucket on `moto`.
+fn on_s3(moto: &Moto, bucket: &str) -> Workspace {
+    moto.create_bucket(bucket);
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    let text = std::fs::read_to_string(&ws.pipeline)
+        .unwrap()
+        .replace("store: file://published", &format!("store: s3://{bucket}/published"))
+        .replace(
+            "state: file://state",
+            &format!("state: s3://{bucket}/state\n  s3: {{ endpoint: \"{}\", path_style: true, allow_http: true }}", moto.endpoint),
+        );
+    std::fs::write(&ws.pipeline, text).unwrap();
+    for f in EXPORTS {
+        ws.drop_export("leverantorsfakturor", f);
+    }
+    ws
+}
+
+fn run(ws: &Workspace, moto: &Moto, failpoint: Option<&str>) -> std::process::Child {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"));
+    command
+        .args(["run", "--once", "leverantorsfakturor.yaml"])
+        .current_dir(ws.dir.path())
+        .env("RUST_LOG", "info");
+    for (k, v) in moto.env() {
+        command.env(k, v);
+    }
+    if let Some(f) = failpoint {
+        command.env("OPPEN_FAILPOINT", f);
+    }
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Versions in the bucket: (version, inserts, updates, deletes, rows), each checked
+/// whole (every file it names exists with its size).
+async fn history(moto: &Moto, bucket: &str) -> Vec<(u64, u64, u64, u64, u64)> {
+    use futures::TryStreamExt;
+    use object_store::{ObjectStore, ObjectStoreExt};
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&moto.endpoint)
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .build()
+        .unwrap();
+    let get = |path: String| {
+        let s3 = &s3;
+        async move {
+            s3.get(&object_store::path::Path::from(path))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+        }
+    };
+    let prefix = object_store::path::Path::from("published/leverantorsfakturor/versions");
+    let listed: Vec<_> = s3.list(Some(&prefix)).try_collect().await.unwrap();
+    let mut versions: Vec<u64> = listed
+        .iter()
+        .filter_map(|m| oppen::publish::manifest::parse_version_path(m.location.as_ref()))
+        .collect();
+    versions.sort_unstable();
+    let mut out = Vec::new();
+    for v in versions {
+        let bytes = get(format!(
+            "published/leverantorsfakturor/versions/{v:020}.json"
+        ))
+        .await;
+        let manifest: oppen::publish::manifest::VersionManifest =
+            serde_json::from_slice(&bytes).unwrap();
+        let m = manifest.version();
+        for f in m.files() {
+            let bytes = get(format!("published/leverantorsfakturor/{}", f.path)).await;
+            assert_eq!(bytes.len() as u64, f.bytes, "{}", f.path);
+        }
+        out.push((
+            v,
+            m.changes.inserts,
+            m.changes.updates,
+            m.changes.deletes,
+            m.rows,
+        ));
+    }
+    assert!(
+        !get("published/catalog.rdf".into()).await.is_empty(),
+        "no catalog in the bucket"
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monthly_exports_publish_to_s3() {
+    let moto = Moto::start();
+    let ws = on_s3(&moto, "exports");
+    let out = run(&ws, &moto, None).wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h = history(&moto, "exports").await;
+    assert_eq!(h.iter().map(|v| v.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(h[2].4, 2657);
+    // Nothing was written locally.
+    assert!(!ws.dir.path().join("published").exists());
+    assert!(!ws.dir.path().join("state").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_publishers_on_s3_publish_each_change_once() {
+    let moto = Moto::start();
+    let ws = on_s3(&moto, "race");
+    let slow = run(&ws, &moto, Some("before-version-manifest=sleep:4000"));
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let fast = run(&ws, &moto, None).wait_with_output().unwrap();
+    assert!(
+        fast.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fast.stderr)
+    );
+    let slow = slow.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&slow.stderr);
+    assert!(slow.status.success(), "{log}");
+    assert!(
+        log.contains("another publisher committed these changes"),
+        "{log}"
+    );
+    let h = history(&moto, "race").await;
+    assert_eq!(h.iter().map(|v| v.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(h[2].4, 2657);
+}
