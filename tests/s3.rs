@@ -16,6 +16,11 @@ const EXPORTS: [&str; 3] = [
 
 /// A workspace whose store and state are prefixes of a bucket on `moto`.
 fn on_s3(moto: &Moto, bucket: &str) -> Workspace {
+    on_s3_via(moto, &moto.endpoint, bucket)
+}
+
+/// The same, reaching moto at `endpoint` (a proxy, say).
+fn on_s3_via(moto: &Moto, endpoint: &str, bucket: &str) -> Workspace {
     moto.create_bucket(bucket);
     let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
     let text = std::fs::read_to_string(&ws.pipeline)
@@ -23,7 +28,7 @@ fn on_s3(moto: &Moto, bucket: &str) -> Workspace {
         .replace("store: file://published", &format!("store: s3://{bucket}/published"))
         .replace(
             "state: file://state",
-            &format!("state: s3://{bucket}/state\n  s3: {{ endpoint: \"{}\", path_style: true, allow_http: true }}", moto.endpoint),
+            &format!("state: s3://{bucket}/state\n  s3: {{ endpoint: \"{endpoint}\", path_style: true, allow_http: true }}"),
         );
     std::fs::write(&ws.pipeline, text).unwrap();
     for f in EXPORTS {
@@ -49,6 +54,24 @@ fn run(ws: &Workspace, moto: &Moto, failpoint: Option<&str>) -> std::process::Ch
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// The version manifests in a bucket, read from moto directly.
+async fn versions_in(moto: &Moto, bucket: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&moto.endpoint)
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    let prefix = object_store::path::Path::from("published/leverantorsfakturor/versions");
+    let listed: Vec<_> = s3.list(Some(&prefix)).try_collect().await.unwrap();
+    listed.into_iter().map(|m| m.location.to_string()).collect()
 }
 
 /// Versions in the bucket: (version, inserts, updates, deletes, rows), each checked
@@ -152,4 +175,96 @@ async fn racing_publishers_on_s3_publish_each_change_once() {
     let h = history(&moto, "race").await;
     assert_eq!(h.iter().map(|v| v.0).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(h[2].4, 2657);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_going_away_mid_version_loses_nothing() {
+    use std::io::BufRead;
+    let moto = Moto::start();
+    let proxy = support::moto::Proxy::start(moto.port());
+    let ws = on_s3_via(&moto, &proxy.endpoint, "outage");
+    // Every commit pauses just before its version manifest; during the first
+    // pause the server goes away for three seconds.
+    let mut child = run(&ws, &moto, Some("before-version-manifest=sleep:1000"));
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("failpoint before-version-manifest") {
+                let _ = tx.send(());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the first commit never reached its manifest");
+    proxy.down();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // While it is away, no version is visible: the partial one has no manifest.
+    assert!(versions_in(&moto, "outage").await.is_empty());
+    proxy.up();
+    let status = child.wait().unwrap();
+    let log = reader.join().unwrap();
+    assert!(status.success(), "{log}");
+    let h = history(&moto, "outage").await;
+    assert_eq!(
+        h.iter().map(|v| v.0).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "{log}"
+    );
+    assert_eq!(h[2].4, 2657);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_files_go_up_in_parts() {
+    let moto = Moto::start();
+    moto.create_bucket("big");
+    // moto takes unsigned requests, so the in-process store needs no credentials.
+    let options = oppen::publish::store::S3Options {
+        endpoint: Some(moto.endpoint.clone()),
+        region: Some("us-east-1".into()),
+        path_style: Some(true),
+        allow_http: Some(true),
+        anonymous: Some(true),
+    };
+    let store = oppen::publish::store::StoreLocation::parse_with(
+        "s3://big/p",
+        std::path::Path::new("."),
+        &options,
+    )
+    .unwrap()
+    .open()
+    .unwrap();
+    let data: Vec<u8> = (0..40u32 << 20).map(|i| (i % 251) as u8).collect();
+    store
+        .put("large.bin", bytes::Bytes::from(data.clone()))
+        .await
+        .unwrap();
+    use object_store::ObjectStoreExt;
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&moto.endpoint)
+        .with_bucket_name("big")
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    let back = s3
+        .get(&object_store::path::Path::from("p/large.bin"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(
+        back.as_ref() == data.as_slice(),
+        "the uploaded parts do not add up to the file"
+    );
 }

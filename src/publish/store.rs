@@ -222,6 +222,11 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// Objects at least this big are uploaded in parts (remote stores).
+const MULTIPART_THRESHOLD: usize = 16 << 20;
+/// Size of each part (S3 needs at least 5 MiB for all but the last).
+const MULTIPART_PART: usize = 8 << 20;
+
 /// An open store with the operations versions need.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -243,12 +248,22 @@ impl Store {
         &self.location
     }
 
-    /// Writes (or overwrites) an object.
+    /// Writes (or overwrites) an object. Large objects go to remote stores as
+    /// multipart uploads (parts in parallel, each retried on its own); the object
+    /// appears whole only when the upload completes.
     pub async fn put(&self, path: &str, bytes: Bytes) -> object_store::Result<()> {
-        self.inner
-            .put(&ObjectPath::from(path), PutPayload::from(bytes))
-            .await
-            .map(|_| ())
+        let location = ObjectPath::from(path);
+        if bytes.len() < MULTIPART_THRESHOLD || self.location.local_root().is_some() {
+            return self
+                .inner
+                .put(&location, PutPayload::from(bytes))
+                .await
+                .map(|_| ());
+        }
+        let upload = self.inner.put_multipart(&location).await?;
+        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART);
+        writer.put(bytes);
+        writer.finish().await.map(|_| ())
     }
 
     /// Creates an object only if it does not exist.

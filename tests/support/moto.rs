@@ -74,3 +74,100 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// A TCP proxy in front of a server that can be taken down and brought back,
+/// to simulate the server going away in the middle of a version.
+pub struct Proxy {
+    /// The endpoint URL of the proxy.
+    pub endpoint: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    /// Forwards a free local port to `target_port`.
+    pub fn start(target_port: u16) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (up2, generation2) = (up.clone(), generation.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(client); // refused: the server is "down"
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
+                    continue;
+                };
+                let born = generation2.load(Ordering::SeqCst);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    let (up3, generation3) = (up2.clone(), generation2.clone());
+                    std::thread::spawn(move || {
+                        from.set_read_timeout(Some(Duration::from_millis(100))).ok();
+                        let mut buf = [0u8; 64 * 1024];
+                        loop {
+                            // Connections made before an outage die with it.
+                            if !up3.load(Ordering::SeqCst)
+                                || generation3.load(Ordering::SeqCst) != born
+                            {
+                                let _ = from.shutdown(std::net::Shutdown::Both);
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => {
+                                    let _ = to.shutdown(std::net::Shutdown::Write);
+                                    return;
+                                }
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            up,
+            generation,
+        }
+    }
+
+    /// Takes the server away: open connections are cut, new ones refused.
+    pub fn down(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Brings it back.
+    pub fn up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Moto {
+    /// The port moto listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
