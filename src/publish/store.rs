@@ -42,6 +42,23 @@ enum Where {
         prefix: String,
         options: S3Options,
     },
+    /// A Google Cloud Storage bucket and a prefix (credentials from the
+    /// standard GOOGLE_* variables).
+    Gcs { bucket: String, prefix: String },
+    /// An Azure Blob Storage container and a prefix (account and credentials
+    /// from the standard AZURE_* variables).
+    Azure { container: String, prefix: String },
+}
+
+/// `bucket/prefix` split, with the prefix's slashes trimmed.
+fn bucket_and_prefix(rest: &str, scheme: &str) -> Result<(String, String), String> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(format!(
+            "a {scheme}:// location needs a bucket: {scheme}://bucket/prefix"
+        ));
+    }
+    Ok((bucket.to_string(), prefix.trim_matches('/').to_string()))
 }
 
 /// A store location from a pipeline file: `file://relative/path`,
@@ -60,24 +77,32 @@ impl StoreLocation {
     /// Parses a location with the options S3 locations use.
     pub fn parse_with(text: &str, base: &Path, s3: &S3Options) -> Result<Self, String> {
         if let Some(rest) = text.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err("an s3:// location needs a bucket: s3://bucket/prefix".into());
-            }
-            let prefix = prefix.trim_matches('/').to_string();
+            let (bucket, prefix) = bucket_and_prefix(rest, "s3")?;
             return Ok(Self {
                 place: Where::S3 {
-                    bucket: bucket.to_string(),
+                    bucket,
                     prefix,
                     options: s3.clone(),
                 },
+            });
+        }
+        if let Some(rest) = text.strip_prefix("gs://") {
+            let (bucket, prefix) = bucket_and_prefix(rest, "gs")?;
+            return Ok(Self {
+                place: Where::Gcs { bucket, prefix },
+            });
+        }
+        if let Some(rest) = text.strip_prefix("az://") {
+            let (container, prefix) = bucket_and_prefix(rest, "az")?;
+            return Ok(Self {
+                place: Where::Azure { container, prefix },
             });
         }
         let path = if let Some(rest) = text.strip_prefix("file://") {
             rest
         } else if let Some((scheme, _)) = text.split_once("://") {
             return Err(format!(
-                "stores with `{scheme}://` are not supported yet; use file:// or s3://"
+                "stores with `{scheme}://` are not supported; use file://, s3://, gs:// or az://"
             ));
         } else {
             text
@@ -107,23 +132,15 @@ impl StoreLocation {
     pub fn overlaps(&self, other: &StoreLocation) -> bool {
         match (&self.place, &other.place) {
             (Where::Local(a), Where::Local(b)) => a.starts_with(b) || b.starts_with(a),
-            (
-                Where::S3 {
-                    bucket: a,
-                    prefix: pa,
-                    ..
-                },
-                Where::S3 {
-                    bucket: b,
-                    prefix: pb,
-                    ..
-                },
-            ) => {
-                let inside =
-                    |x: &str, y: &str| y.is_empty() || x == y || x.starts_with(&format!("{y}/"));
-                a == b && (inside(pa, pb) || inside(pb, pa))
-            }
-            _ => false,
+            (a, b) => match (a.remote(), b.remote()) {
+                (Some((sa, a, pa)), Some((sb, b, pb))) => {
+                    let inside = |x: &str, y: &str| {
+                        y.is_empty() || x == y || x.starts_with(&format!("{y}/"))
+                    };
+                    sa == sb && a == b && (inside(pa, pb) || inside(pb, pa))
+                }
+                _ => false,
+            },
         }
     }
 
@@ -131,7 +148,7 @@ impl StoreLocation {
     pub fn local_root(&self) -> Option<&Path> {
         match &self.place {
             Where::Local(root) => Some(root),
-            Where::S3 { .. } => None,
+            _ => None,
         }
     }
 
@@ -182,12 +199,19 @@ impl StoreLocation {
                 if let Some(anonymous) = options.anonymous {
                     builder = builder.with_skip_signature(anonymous);
                 }
-                let s3: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
-                if prefix.is_empty() {
-                    s3
-                } else {
-                    Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.as_str()))
-                }
+                within(Arc::new(builder.build()?), prefix)
+            }
+            Where::Gcs { bucket, prefix } => {
+                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()?;
+                within(Arc::new(gcs), prefix)
+            }
+            Where::Azure { container, prefix } => {
+                let azure = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(container)
+                    .build()?;
+                within(Arc::new(azure), prefix)
             }
         };
         Ok(Store {
@@ -197,12 +221,34 @@ impl StoreLocation {
     }
 }
 
+/// A store seen through a prefix, when there is one.
+fn within(store: Arc<dyn ObjectStore>, prefix: &str) -> Arc<dyn ObjectStore> {
+    if prefix.is_empty() {
+        store
+    } else {
+        Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+    }
+}
+
+impl Where {
+    /// (scheme, bucket, prefix) of a remote store.
+    fn remote(&self) -> Option<(&'static str, &str, &str)> {
+        match self {
+            Where::Local(_) => None,
+            Where::S3 { bucket, prefix, .. } => Some(("s3", bucket, prefix)),
+            Where::Gcs { bucket, prefix } => Some(("gs", bucket, prefix)),
+            Where::Azure { container, prefix } => Some(("az", container, prefix)),
+        }
+    }
+}
+
 impl fmt::Display for StoreLocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.place {
-            Where::Local(root) => write!(f, "file://{}", root.display()),
-            Where::S3 { bucket, prefix, .. } if prefix.is_empty() => write!(f, "s3://{bucket}"),
-            Where::S3 { bucket, prefix, .. } => write!(f, "s3://{bucket}/{prefix}"),
+        match (&self.place, self.place.remote()) {
+            (Where::Local(root), _) => write!(f, "file://{}", root.display()),
+            (_, Some((scheme, bucket, ""))) => write!(f, "{scheme}://{bucket}"),
+            (_, Some((scheme, bucket, prefix))) => write!(f, "{scheme}://{bucket}/{prefix}"),
+            (_, None) => Ok(()),
         }
     }
 }
@@ -333,5 +379,52 @@ impl Store {
         let prefix = ObjectPath::from(prefix);
         let metas: Vec<_> = self.inner.list(Some(&prefix)).try_collect().await?;
         Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<StoreLocation, String> {
+        StoreLocation::parse(text, Path::new("/srv/pipelines"))
+    }
+
+    #[test]
+    fn parses_every_kind_of_location() {
+        assert_eq!(
+            parse("file://published").map(|l| l.to_string()),
+            Ok("file:///srv/pipelines/published".into())
+        );
+        assert_eq!(
+            parse("file:///data/x/../y").map(|l| l.to_string()),
+            Ok("file:///data/y".into())
+        );
+        assert_eq!(
+            parse("s3://bucket/open/data/").map(|l| l.to_string()),
+            Ok("s3://bucket/open/data".into())
+        );
+        assert_eq!(parse("gs://b").map(|l| l.to_string()), Ok("gs://b".into()));
+        assert_eq!(
+            parse("az://container/p").map(|l| l.to_string()),
+            Ok("az://container/p".into())
+        );
+        assert!(parse("s3:///nobucket").is_err());
+        assert!(parse("ftp://x").unwrap_err().contains("not supported"));
+        assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn overlapping_locations() {
+        let l = |t: &str| parse(t).unwrap_or_else(|e| panic!("{e}"));
+        assert!(l("file://a").overlaps(&l("file://a/state")));
+        assert!(!l("file://a").overlaps(&l("file://b")));
+        assert!(l("s3://b/pub").overlaps(&l("s3://b/pub/state")));
+        assert!(l("s3://b").overlaps(&l("s3://b/state")));
+        assert!(!l("s3://b/pub").overlaps(&l("s3://b/public")));
+        assert!(!l("s3://b/pub").overlaps(&l("gs://b/pub")));
+        assert!(!l("s3://b/pub").overlaps(&l("file://pub")));
+        assert!(l("gs://b/pub").overlaps(&l("gs://b/pub/state")));
+        assert!(l("az://c").overlaps(&l("az://c/x")));
     }
 }
