@@ -440,3 +440,15 @@ pub async fn status(files: &[PathBuf]) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `oppen serve`: published datasets over HTTP until stopped.
+pub async fn serve(store: &str, addr: std::net::SocketAddr) -> Result<ExitCode> {
+    let cwd = std::env::current_dir().map_err(|e| CommandError::Message(e.to_string()))?;
+    let location =
+        crate::publish::store::StoreLocation::parse(store, &cwd).map_err(CommandError::Message)?;
+    let store = location.open().map_err(RunError::from)?;
+    crate::ops::serve::serve(store, addr)
+        .await
+        .map_err(|e| CommandError::Message(format!("serving on {addr}: {e}")))?;
+    Ok(ExitCode::SUCCESS)
+}

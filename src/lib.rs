@@ -8,5 +8,6 @@ pub mod classify;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod ops;
 pub mod publish;
 pub mod runtime;

@@ -62,6 +62,16 @@ enum Command {
         #[arg(required = true)]
         pipelines: Vec<PathBuf>,
     },
+    /// Serve published datasets to consumers over HTTP: a page listing them, the
+    /// catalog, and every published file (conditional GET, ranges, gzip, CORS).
+    Serve {
+        /// The store: file:// or a folder, s3://, gs:// or az:// (credentials and
+        /// endpoint from the standard environment variables).
+        store: String,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+    },
     /// Run the example pipelines on their sample data, with new exports arriving
     /// at a steady pace. No setup needed.
     Demo {
@@ -114,6 +124,7 @@ fn main() -> ExitCode {
                 file,
             } => commands::preview(&pipeline, rows, file.as_deref()).await,
             Command::Status { pipelines } => commands::status(&pipelines).await,
+            Command::Serve { store, addr } => commands::serve(&store, addr).await,
             Command::Demo {
                 dir,
                 once,

@@ -289,6 +289,11 @@ pub struct Conflict {
 }
 
 impl Store {
+    /// The underlying object store, for streaming reads (serving consumers).
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
+    }
+
     /// Where the store is.
     pub fn location(&self) -> &StoreLocation {
         &self.location

@@ -1,0 +1,3 @@
+//! Operations: the HTTP server for consumers.
+
+pub mod serve;

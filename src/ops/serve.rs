@@ -1,0 +1,454 @@
+//! `oppen serve`: an HTTP server for consumers over any store — a page listing
+//! the datasets, the catalog, and every published file with conditional GET,
+//! ranges, gzip and open CORS. Only published paths are served: nothing else in
+//! the store, and never a path outside it.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{Any, CorsLayer};
+
+use crate::publish::catalog::DatasetMeta;
+use crate::publish::manifest::VersionManifest;
+use crate::publish::store::Store;
+
+/// What a dataset folder may serve, by first path segment.
+const PUBLIC: [&str; 7] = [
+    "manifest.json",
+    "datapackage.json",
+    "dataset.json",
+    "latest",
+    "versions",
+    "data",
+    "changes",
+];
+
+/// The consumer-facing routes over a store.
+pub fn router(store: Store) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::HEAD]);
+    Router::new()
+        .route("/", get(index))
+        .route("/catalog.rdf", get(|s: State<Store>, h: HeaderMap| async move { object(&s, "catalog.rdf", &h).await }))
+        .route("/catalog.jsonld", get(|s: State<Store>, h: HeaderMap| async move { object(&s, "catalog.jsonld", &h).await }))
+        .route("/datasets/{id}/changes", get(changes))
+        .route("/datasets/{id}/{*path}", get(dataset_file))
+        .layer(CompressionLayer::new())
+        .layer(cors)
+        .with_state(store)
+}
+
+/// Serves until the process is stopped.
+pub async fn serve(store: Store, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, store = %store.location(), "serving published datasets");
+    axum::serve(listener, router(store)).await
+}
+
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "not found\n").into_response()
+}
+
+fn content_type(path: &str) -> &'static str {
+    match path.rsplit('.').next() {
+        Some("csv") => "text/csv; charset=utf-8",
+        Some("parquet") => "application/vnd.apache.parquet",
+        Some("json") => "application/json",
+        Some("jsonld") => "application/ld+json",
+        Some("rdf") => "application/rdf+xml",
+        _ => "application/octet-stream",
+    }
+}
+
+/// A dataset id or path segment that can only name something inside the store.
+fn safe(segment: &str) -> bool {
+    !segment.is_empty() && segment != "." && segment != ".." && !segment.contains(['\\', '\0'])
+}
+
+async fn dataset_file(
+    State(store): State<Store>,
+    Path((id, path)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let segments: Vec<&str> = path.split('/').collect();
+    if !safe(&id) || segments.iter().any(|s| !safe(s)) || !PUBLIC.contains(&segments[0]) {
+        return not_found();
+    }
+    object(&store, &format!("{id}/{path}"), &headers).await
+}
+
+/// The sha256 the newest manifest records for a published file, as an ETag.
+async fn known_sha256(store: &Store, path: &str) -> Option<String> {
+    let (dataset, rest) = path.split_once('/')?;
+    let bytes = store
+        .get(&format!("{dataset}/manifest.json"))
+        .await
+        .ok()??;
+    let VersionManifest::V1(version) = serde_json::from_slice(&bytes).ok()?;
+    if let Some(latest) = rest.strip_prefix("latest/") {
+        let (partition, extension) = latest.rsplit_once('.')?;
+        let files = version.partitions.get(partition)?;
+        return files
+            .files
+            .iter()
+            .find(|(f, _)| f.extension() == extension)
+            .map(|(_, r)| r.sha256.clone());
+    }
+    version
+        .files()
+        .find(|f| f.path == rest)
+        .map(|f| f.sha256.clone())
+}
+
+/// Parses a single `bytes=` range.
+fn parse_range(value: &str) -> Option<GetRange> {
+    let spec = value.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (start, end) = spec.split_once('-')?;
+    match (start.trim(), end.trim()) {
+        ("", suffix) => suffix.parse().ok().map(GetRange::Suffix),
+        (start, "") => start.parse().ok().map(GetRange::Offset),
+        (start, end) => {
+            let (s, e): (u64, u64) = (start.parse().ok()?, end.parse().ok()?);
+            (e >= s).then_some(GetRange::Bounded(s..e + 1))
+        }
+    }
+}
+
+/// Serves one object: ETag (sha256 where a manifest knows it), Last-Modified,
+/// If-None-Match → 304, Range → 206, streamed without loading it into memory.
+async fn object(store: &Store, path: &str, headers: &HeaderMap) -> Response {
+    let inner = store.object_store();
+    let location = object_store::path::Path::from(path);
+    let meta = match inner.head(&location).await {
+        Ok(meta) => meta,
+        Err(object_store::Error::NotFound { .. }) => return not_found(),
+        Err(e) => {
+            tracing::warn!(path, error = %e, "serving failed");
+            return (StatusCode::BAD_GATEWAY, "the store did not answer\n").into_response();
+        }
+    };
+    let etag = match known_sha256(store, path).await {
+        Some(sha) => format!("\"{sha}\""),
+        None => format!(
+            "\"{}\"",
+            meta.e_tag
+                .clone()
+                .unwrap_or_else(|| meta.last_modified.timestamp_micros().to_string())
+        ),
+    };
+    let last_modified = meta
+        .last_modified
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    let mut response_headers = HeaderMap::new();
+    let set = |h: &mut HeaderMap, name: header::HeaderName, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    set(&mut response_headers, header::ETAG, &etag);
+    set(&mut response_headers, header::LAST_MODIFIED, &last_modified);
+    set(
+        &mut response_headers,
+        header::CONTENT_TYPE,
+        content_type(path),
+    );
+    set(&mut response_headers, header::ACCEPT_RANGES, "bytes");
+    set(&mut response_headers, header::CACHE_CONTROL, "no-cache");
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if matches {
+        return (StatusCode::NOT_MODIFIED, response_headers).into_response();
+    }
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, range) = match range.map(parse_range) {
+        None => (StatusCode::OK, None),
+        Some(Some(r)) => (StatusCode::PARTIAL_CONTENT, Some(r)),
+        Some(None) => {
+            set(
+                &mut response_headers,
+                header::CONTENT_RANGE,
+                &format!("bytes */{}", meta.size),
+            );
+            return (StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response();
+        }
+    };
+    let options = GetOptions {
+        range,
+        ..Default::default()
+    };
+    match inner.get_opts(&location, options).await {
+        Ok(result) => {
+            let served = result.range.clone();
+            if status == StatusCode::PARTIAL_CONTENT {
+                let content_range = format!(
+                    "bytes {}-{}/{}",
+                    served.start,
+                    served.end.saturating_sub(1),
+                    meta.size
+                );
+                set(&mut response_headers, header::CONTENT_RANGE, &content_range);
+            }
+            set(
+                &mut response_headers,
+                header::CONTENT_LENGTH,
+                &(served.end - served.start).to_string(),
+            );
+            (
+                status,
+                response_headers,
+                Body::from_stream(result.into_stream()),
+            )
+                .into_response()
+        }
+        Err(object_store::Error::NotFound { .. }) => not_found(),
+        Err(_) if status == StatusCode::PARTIAL_CONTENT => {
+            set(
+                &mut response_headers,
+                header::CONTENT_RANGE,
+                &format!("bytes */{}", meta.size),
+            );
+            (StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(path, error = %e, "serving failed");
+            (StatusCode::BAD_GATEWAY, "the store did not answer\n").into_response()
+        }
+    }
+}
+
+/// `changes?since=v`: the change files after version v, as a JSON list, or with
+/// `format=csv` concatenated into one CSV (one header).
+async fn changes(
+    State(store): State<Store>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !safe(&id) {
+        return not_found();
+    }
+    let since: u64 = match query.get("since").map(|s| s.parse()) {
+        None => 0,
+        Some(Ok(v)) => v,
+        Some(Err(_)) => {
+            return (StatusCode::BAD_REQUEST, "since must be a version number\n").into_response();
+        }
+    };
+    let Ok(listed) = store.list(&format!("{id}/versions")).await else {
+        return not_found();
+    };
+    let mut versions: Vec<u64> = listed
+        .iter()
+        .filter_map(|p| crate::publish::manifest::parse_version_path(p))
+        .filter(|v| *v > since)
+        .collect();
+    versions.sort_unstable();
+    let mut entries = Vec::new();
+    for v in versions {
+        let Ok(version) = crate::publish::read_version(&store, &id, v).await else {
+            continue;
+        };
+        entries.push(version);
+    }
+    if query.get("format").map(String::as_str) == Some("csv") {
+        let mut out = String::new();
+        for version in &entries {
+            // An initial version's changes are its data files.
+            let paths: Vec<String> = if version.changes.initial {
+                version
+                    .partitions
+                    .values()
+                    .filter_map(|p| p.files.iter().find(|(f, _)| f.extension() == "csv"))
+                    .map(|(_, r)| r.path.clone())
+                    .collect()
+            } else {
+                version
+                    .changes
+                    .files
+                    .iter()
+                    .filter(|(f, _)| f.extension() == "csv")
+                    .map(|(_, r)| r.path.clone())
+                    .collect()
+            };
+            for path in paths {
+                let Ok(Some(bytes)) = store.get(&format!("{id}/{path}")).await else {
+                    continue;
+                };
+                let text = String::from_utf8_lossy(&bytes);
+                let mut lines = text.splitn(2, '\n');
+                let header_line = lines.next().unwrap_or_default();
+                let body = lines.next().unwrap_or_default();
+                if out.is_empty() {
+                    let header_line = if version.changes.initial {
+                        format!("op,{header_line}")
+                    } else {
+                        header_line.to_string()
+                    };
+                    out.push_str(&header_line);
+                    out.push('\n');
+                }
+                if version.changes.initial {
+                    for line in body.lines() {
+                        let _ = writeln!(out, "insert,{line}");
+                    }
+                } else {
+                    out.push_str(body);
+                }
+            }
+        }
+        return ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response();
+    }
+    let list: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|v| {
+            let files: serde_json::Map<String, serde_json::Value> = v
+                .changes
+                .files
+                .iter()
+                .map(|(f, r)| {
+                    (
+                        f.extension().to_string(),
+                        format!("/datasets/{id}/{}", r.path).into(),
+                    )
+                })
+                .collect();
+            serde_json::json!({
+                "version": v.version,
+                "created": v.created,
+                "inserts": v.changes.inserts,
+                "updates": v.changes.updates,
+                "deletes": v.changes.deletes,
+                "initial": v.changes.initial,
+                "files": files,
+            })
+        })
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string_pretty(&list).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The first rows of a dataset's first CSV, as an HTML table.
+async fn preview(store: &Store, meta: &DatasetMeta) -> String {
+    let Some(path) = meta
+        .files
+        .values()
+        .find_map(|f| f.get(&crate::config::OutputFormat::Csv))
+        .map(|(p, _)| p.clone())
+    else {
+        return String::new();
+    };
+    let location = object_store::path::Path::from(format!("{}/{path}", meta.id));
+    let options = GetOptions {
+        range: Some(GetRange::Bounded(0..16 * 1024)),
+        ..Default::default()
+    };
+    let Ok(result) = store.object_store().get_opts(&location, options).await else {
+        return String::new();
+    };
+    let Ok(bytes) = result.bytes().await else {
+        return String::new();
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(bytes.as_ref());
+    let mut html = String::from("<div class=\"scroll\"><table><tr>");
+    for h in reader.headers().cloned().unwrap_or_default().iter() {
+        let _ = write!(html, "<th>{}</th>", escape(h));
+    }
+    html.push_str("</tr>");
+    for record in reader.records().take(5).filter_map(Result::ok) {
+        html.push_str("<tr>");
+        for field in record.iter() {
+            let _ = write!(html, "<td>{}</td>", escape(field));
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</table></div>");
+    html
+}
+
+async fn index(State(store): State<Store>) -> Response {
+    let mut datasets = Vec::new();
+    for dir in store.list_dirs().await.unwrap_or_default() {
+        if let Ok(Some(bytes)) = store.get(&format!("{dir}/dataset.json")).await
+            && let Ok(meta) = serde_json::from_slice::<DatasetMeta>(&bytes)
+        {
+            datasets.push(meta);
+        }
+    }
+    datasets.sort_by(|a, b| a.title.cmp(&b.title));
+    let mut html = String::from(
+        "<!doctype html><html lang=\"sv\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>Öppna data</title><style>\
+         body{font-family:system-ui,sans-serif;margin:1rem auto;max-width:60rem;padding:0 1rem;line-height:1.4}\
+         article{border-top:1px solid #ccc;padding:.5rem 0 1rem}.meta{color:#555;font-size:.9rem}\
+         .scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.8rem}td,th{border:1px solid #ddd;padding:.2rem .4rem;white-space:nowrap}\
+         a{margin-right:.6rem}</style></head><body><h1>Öppna data</h1>\
+         <p><a href=\"/catalog.rdf\">DCAT-katalog (RDF/XML)</a><a href=\"/catalog.jsonld\">JSON-LD</a></p>",
+    );
+    if datasets.is_empty() {
+        html.push_str("<p>Inga datamängder är publicerade ännu.</p>");
+    }
+    for d in &datasets {
+        let updated = d
+            .modified
+            .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_default();
+        let _ = write!(
+            html,
+            "<article id=\"{id}\"><h2>{title}</h2><p>{description}</p>\
+             <p class=\"meta\">Licens: {license} · Uppdaterad: {updated} · {rows} rader</p><p>",
+            id = escape(&d.id),
+            title = escape(&d.title),
+            description = escape(&d.description),
+            license = escape(&d.license),
+            rows = d.rows,
+        );
+        for (partition, files) in &d.files {
+            for format in files.keys() {
+                let _ = write!(
+                    html,
+                    "<a href=\"/datasets/{id}/latest/{p}.{ext}\">{p}.{ext}</a>",
+                    id = escape(&d.id),
+                    p = escape(partition),
+                    ext = format.extension()
+                );
+            }
+        }
+        let _ = write!(
+            html,
+            "</p><p class=\"meta\"><a href=\"/datasets/{id}/manifest.json\">manifest</a>\
+             <a href=\"/datasets/{id}/datapackage.json\">datapackage.json</a>\
+             <a href=\"/datasets/{id}/changes\">ändringar</a></p>{preview}</article>",
+            id = escape(&d.id),
+            preview = preview(&store, d).await
+        );
+    }
+    html.push_str("</body></html>");
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
+}
