@@ -2,6 +2,7 @@
 //! them in process or as the `oppen` binary, and readers for what they publish.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod http;
 pub mod moto;
 
 use std::path::{Path, PathBuf};
