@@ -69,6 +69,33 @@ async fn serves_published_files_to_consumers() {
             Some("application/vnd.apache.parquet")
         );
 
+        // A kept version's file, by version number.
+        let by_version = get(
+            port,
+            "/datasets/leverantorsfakturor/versions/1/2025-01.csv",
+            &[],
+        );
+        assert_eq!(by_version.status, 200);
+        assert!(by_version.body == on_disk);
+        assert_eq!(
+            get(
+                port,
+                "/datasets/leverantorsfakturor/versions/1/1999-01.csv",
+                &[]
+            )
+            .status,
+            404
+        );
+        assert_eq!(
+            get(
+                port,
+                "/datasets/leverantorsfakturor/versions/00000000000000000001.json",
+                &[]
+            )
+            .status,
+            200
+        );
+
         // The catalog, the manifest and the change list.
         assert_eq!(
             get(port, "/catalog.rdf", &[]).header("content-type"),

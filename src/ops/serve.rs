@@ -83,17 +83,75 @@ async fn dataset_file(
     if !safe(&id) || segments.iter().any(|s| !safe(s)) || !PUBLIC.contains(&segments[0]) {
         return not_found();
     }
+    // `versions/<v>/<partition>.<ext>`: a file of a kept version, by its number.
+    if let ["versions", v, file] = segments.as_slice()
+        && let Ok(v) = v.parse::<u64>()
+    {
+        let Some((partition, extension)) = file.rsplit_once('.') else {
+            return not_found();
+        };
+        let Ok(version) = crate::publish::read_version(&store, &id, v).await else {
+            return not_found();
+        };
+        let found = version
+            .partitions
+            .get(partition)
+            .and_then(|p| p.files.iter().find(|(f, _)| f.extension() == extension))
+            .map(|(_, r)| r.path.clone());
+        return match found {
+            Some(path) => object(&store, &format!("{id}/{path}"), &headers).await,
+            None => not_found(),
+        };
+    }
     object(&store, &format!("{id}/{path}"), &headers).await
+}
+
+/// How long a dataset's manifest is reused for ETags. A commit shows in ETags
+/// within this time; in exchange a conditional GET costs one stat, not a read
+/// and parse of the manifest.
+const MANIFEST_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+type Cached = (
+    std::time::Instant,
+    Option<std::sync::Arc<crate::publish::manifest::Version>>,
+);
+
+fn manifest_cache() -> &'static std::sync::Mutex<HashMap<String, Cached>> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Cached>>> =
+        std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// The newest manifest of a dataset, from the cache while fresh.
+async fn manifest(
+    store: &Store,
+    dataset: &str,
+) -> Option<std::sync::Arc<crate::publish::manifest::Version>> {
+    let key = format!("{}/{dataset}", store.location());
+    if let Ok(cache) = manifest_cache().lock()
+        && let Some((at, version)) = cache.get(&key)
+        && at.elapsed() < MANIFEST_TTL
+    {
+        return version.clone();
+    }
+    let bytes = store
+        .get(&format!("{dataset}/manifest.json"))
+        .await
+        .ok()
+        .flatten();
+    let version = bytes
+        .and_then(|b| serde_json::from_slice::<VersionManifest>(&b).ok())
+        .map(|VersionManifest::V1(v)| std::sync::Arc::new(v));
+    if let Ok(mut cache) = manifest_cache().lock() {
+        cache.insert(key, (std::time::Instant::now(), version.clone()));
+    }
+    version
 }
 
 /// The sha256 the newest manifest records for a published file, as an ETag.
 async fn known_sha256(store: &Store, path: &str) -> Option<String> {
     let (dataset, rest) = path.split_once('/')?;
-    let bytes = store
-        .get(&format!("{dataset}/manifest.json"))
-        .await
-        .ok()??;
-    let VersionManifest::V1(version) = serde_json::from_slice(&bytes).ok()?;
+    let version = manifest(store, dataset).await?;
     if let Some(latest) = rest.strip_prefix("latest/") {
         let (partition, extension) = latest.rsplit_once('.')?;
         let files = version.partitions.get(partition)?;
@@ -107,6 +165,43 @@ async fn known_sha256(store: &Store, path: &str) -> Option<String> {
         .files()
         .find(|f| f.path == rest)
         .map(|f| f.sha256.clone())
+}
+
+/// An object's size and time. On a local disk this is one `stat`, done right
+/// here: handing it to a blocking thread (as the store API does) costs more than
+/// the call, and conditional GETs are mostly this.
+async fn head(
+    store: &Store,
+    location: &object_store::path::Path,
+) -> object_store::Result<object_store::ObjectMeta> {
+    let Some(root) = store.location().local_root() else {
+        return store.object_store().head(location).await;
+    };
+    let file = root.join(location.as_ref());
+    match std::fs::metadata(&file) {
+        Ok(m) if m.is_file() => Ok(object_store::ObjectMeta {
+            location: location.clone(),
+            last_modified: m
+                .modified()
+                .map(chrono::DateTime::<chrono::Utc>::from)
+                .unwrap_or_default(),
+            size: m.len(),
+            e_tag: None,
+            version: None,
+        }),
+        Ok(_) => Err(object_store::Error::NotFound {
+            path: location.to_string(),
+            source: "not a file".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(object_store::Error::NotFound {
+            path: location.to_string(),
+            source: Box::new(e),
+        }),
+        Err(e) => Err(object_store::Error::Generic {
+            store: "local",
+            source: Box::new(e),
+        }),
+    }
 }
 
 /// Parses a single `bytes=` range.
@@ -131,7 +226,7 @@ fn parse_range(value: &str) -> Option<GetRange> {
 async fn object(store: &Store, path: &str, headers: &HeaderMap) -> Response {
     let inner = store.object_store();
     let location = object_store::path::Path::from(path);
-    let meta = match inner.head(&location).await {
+    let meta = match head(store, &location).await {
         Ok(meta) => meta,
         Err(object_store::Error::NotFound { .. }) => return not_found(),
         Err(e) => {
