@@ -2,6 +2,8 @@
 //! and recommended property; every dataset has a datapackage.json.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use oxrdf::{NamedOrBlankNode, Term};
@@ -68,18 +70,7 @@ fn has_sv_literal(props: &BTreeMap<String, Vec<Term>>, predicate: &str) -> bool 
 
 #[test]
 fn the_catalog_describes_every_dataset_per_dcat_ap_se() {
-    let dir = tempfile::tempdir().unwrap();
-    let demo = dir.path().join("demo");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"))
-        .args(["demo", "--once", "--dir", demo.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_dir, demo) = support::demo_once();
     let store = demo.join("published");
     let graph = parse(&std::fs::read(store.join("catalog.rdf")).unwrap());
 

@@ -122,27 +122,7 @@ fn crash_and_recover(failpoint: &str) {
     // The pointer names the newest version, and no file is left unreferenced.
     let pointer = support::read_manifest(&ws.published().join("manifest.json")).unwrap();
     assert_eq!(pointer.version, 3);
-    let referenced: std::collections::HashSet<String> = ws
-        .versions()
-        .into_iter()
-        .flat_map(|v| {
-            ws.version(v)
-                .files()
-                .map(|f| f.path.clone())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    for file in support::walk(&ws.published().join("data"))
-        .into_iter()
-        .chain(support::walk(&ws.published().join("changes")))
-    {
-        let relative = file
-            .strip_prefix(ws.published())
-            .unwrap()
-            .to_string_lossy()
-            .to_string();
-        assert!(referenced.contains(&relative), "{relative} is left behind");
-    }
+    ws.assert_only_referenced_files();
 }
 
 #[test]

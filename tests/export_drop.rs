@@ -217,29 +217,7 @@ async fn retention_keeps_the_newest_versions_and_their_files_only() {
     assert_eq!(ws.versions(), vec![2, 3]);
     // Every file left is named by a kept version (public and private), and the
     // kept versions are whole.
-    let referenced: std::collections::HashSet<String> = [2, 3]
-        .iter()
-        .flat_map(|v| {
-            ws.version(*v)
-                .files()
-                .map(|f| f.path.clone())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    for file in support::walk(&ws.published().join("data"))
-        .into_iter()
-        .chain(support::walk(&ws.published().join("changes")))
-    {
-        let relative = file
-            .strip_prefix(ws.published())
-            .unwrap()
-            .to_string_lossy()
-            .to_string();
-        assert!(
-            referenced.contains(&relative),
-            "{relative} outlived its versions"
-        );
-    }
+    ws.assert_only_referenced_files();
     assert!(
         !ws.state()
             .join("leverantorsfakturor/versions/00000000000000000001.json")

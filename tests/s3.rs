@@ -60,15 +60,7 @@ fn run(ws: &Workspace, moto: &Moto, failpoint: Option<&str>) -> std::process::Ch
 async fn versions_in(moto: &Moto, bucket: &str) -> Vec<String> {
     use futures::TryStreamExt;
     use object_store::ObjectStore;
-    let s3 = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(&moto.endpoint)
-        .with_bucket_name(bucket)
-        .with_region("us-east-1")
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .with_allow_http(true)
-        .build()
-        .unwrap();
+    let s3 = moto.client(bucket);
     let prefix = object_store::path::Path::from("published/leverantorsfakturor/versions");
     let listed: Vec<_> = s3.list(Some(&prefix)).try_collect().await.unwrap();
     listed.into_iter().map(|m| m.location.to_string()).collect()
@@ -79,16 +71,7 @@ async fn versions_in(moto: &Moto, bucket: &str) -> Vec<String> {
 async fn history(moto: &Moto, bucket: &str) -> Vec<(u64, u64, u64, u64, u64)> {
     use futures::TryStreamExt;
     use object_store::{ObjectStore, ObjectStoreExt};
-    let s3 = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(&moto.endpoint)
-        .with_bucket_name(bucket)
-        .with_region("us-east-1")
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
-        .build()
-        .unwrap();
+    let s3 = moto.client(bucket);
     let get = |path: String| {
         let s3 = &s3;
         async move {
@@ -247,15 +230,7 @@ async fn large_files_go_up_in_parts() {
         .await
         .unwrap();
     use object_store::ObjectStoreExt;
-    let s3 = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(&moto.endpoint)
-        .with_bucket_name("big")
-        .with_region("us-east-1")
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .with_allow_http(true)
-        .build()
-        .unwrap();
+    let s3 = moto.client("big");
     let back = s3
         .get(&object_store::path::Path::from("p/large.bin"))
         .await

@@ -828,8 +828,14 @@ impl Publisher {
             state_store: self.state_store.clone(),
             dataset: self.settings.dataset.clone(),
         };
-        // Two more than the cores: while one job waits for its fsync, others encode.
-        let parallel = std::thread::available_parallelism().map_or(2, usize::from) + 2;
+        // Locally, two more jobs than cores: while one waits for its fsync, others
+        // encode. Remote stores answer in round trips, so more uploads overlap.
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let parallel = if self.store.location().local_root().is_some() {
+            cores + 2
+        } else {
+            cores * 4
+        };
         let written: Vec<(FileRole, FileRef)> =
             futures::stream::iter(jobs.into_iter().map(|job| context.clone().run(job)))
                 .buffer_unordered(parallel)

@@ -112,6 +112,35 @@ impl Workspace {
         read_manifest(&self.published().join(format!("versions/{v:020}.json"))).unwrap()
     }
 
+    /// Asserts that every data and change file in the store is named by a
+    /// committed version (nothing left behind by crashes or retention).
+    pub fn assert_only_referenced_files(&self) {
+        let referenced: std::collections::HashSet<String> = self
+            .versions()
+            .into_iter()
+            .flat_map(|v| {
+                self.version(v)
+                    .files()
+                    .map(|f| f.path.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for file in walk(&self.published().join("data"))
+            .into_iter()
+            .chain(walk(&self.published().join("changes")))
+        {
+            let relative = file
+                .strip_prefix(self.published())
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            assert!(
+                referenced.contains(&relative),
+                "{relative} is named by no version"
+            );
+        }
+    }
+
     /// Every row of a version in one format, read back from the published files.
     pub fn rows(&self, v: u64, format: &str) -> RecordBatch {
         let version = self.version(v);
@@ -139,6 +168,24 @@ impl Workspace {
         }
         out
     }
+}
+
+/// The demo's first round (`oppen demo --once`) in a temporary folder: returns
+/// the folder (keep it alive) and the demo folder in it.
+pub fn demo_once() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"))
+        .args(["demo", "--once", "--dir", demo.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir, demo)
 }
 
 /// Files below a folder.

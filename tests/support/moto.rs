@@ -58,6 +58,20 @@ impl Moto {
         );
     }
 
+    /// A client for checking what a test wrote, with moto's test credentials.
+    pub fn client(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .build()
+            .unwrap()
+    }
+
     /// The environment an `oppen` process needs to reach this server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
