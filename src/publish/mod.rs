@@ -1055,12 +1055,17 @@ impl Publisher {
             .put(&self.path("manifest.json"), pointer)
             .await
             .map_err(store_err(&self.store))?;
-        for (from, to) in latest {
-            self.store
-                .copy(&from, &to)
-                .await
-                .map_err(store_err(&self.store))?;
-        }
+        // Copies are independent: a remote store answers each in a round trip.
+        let store = &self.store;
+        let copies: Vec<_> = latest
+            .iter()
+            .map(|(from, to)| store.copy(from, to))
+            .collect();
+        futures::stream::iter(copies)
+            .buffer_unordered(UPLOAD_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await
+            .map_err(store_err(&self.store))?;
         for name in emptied {
             for format in &self.settings.formats {
                 let path = self.path(&format!("latest/{name}.{}", format.extension()));
