@@ -80,18 +80,7 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 /// `oppen serve` in this process. Returns the folder (keep it alive), the demo
 /// folder and the port.
 pub async fn demo_server() -> (tempfile::TempDir, std::path::PathBuf, u16) {
-    let dir = tempfile::tempdir().unwrap();
-    let demo = dir.path().join("demo");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"))
-        .args(["demo", "--once", "--dir", demo.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (dir, demo) = super::demo_once();
     let store = oppen::publish::store::StoreLocation::local(demo.join("published"))
         .open()
         .unwrap();
