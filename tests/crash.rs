@@ -159,21 +159,7 @@ fn two_publishers_racing_for_a_version_publish_each_change_once() {
     };
     // The slow publisher stops just before creating version 1; the other commits
     // all three versions meanwhile.
-    let slow = oppen(Some("before-version-manifest=sleep:4000"));
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let fast = oppen(None).wait_with_output().unwrap();
-    assert!(
-        fast.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fast.stderr)
-    );
-    let slow = slow.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&slow.stderr);
-    assert!(slow.status.success(), "{log}");
-    assert!(
-        log.contains("another publisher committed these changes"),
-        "{log}"
-    );
+    support::race(oppen);
     // Each change once: the history of a single publisher.
     assert_eq!(history(&ws), expected);
     assert!(support::check_whole(&ws.published()).is_ok());

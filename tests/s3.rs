@@ -140,21 +140,7 @@ async fn the_monthly_exports_publish_to_s3() {
 async fn racing_publishers_on_s3_publish_each_change_once() {
     let moto = Moto::start();
     let ws = on_s3(&moto, "race");
-    let slow = run(&ws, &moto, Some("before-version-manifest=sleep:4000"));
-    std::thread::sleep(std::time::Duration::from_millis(800));
-    let fast = run(&ws, &moto, None).wait_with_output().unwrap();
-    assert!(
-        fast.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fast.stderr)
-    );
-    let slow = slow.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&slow.stderr);
-    assert!(slow.status.success(), "{log}");
-    assert!(
-        log.contains("another publisher committed these changes"),
-        "{log}"
-    );
+    support::race(|failpoint| run(&ws, &moto, failpoint));
     let h = history(&moto, "race").await;
     assert_eq!(h.iter().map(|v| v.0).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(h[2].4, 2657);

@@ -282,14 +282,14 @@ impl Publisher {
                 let batch = tokio::task::spawn_blocking(move || state::decode_state(bytes))
                     .await
                     .map_err(|e| PublishError::State(e.to_string()))??;
-                Ok::<_, PublishError>((name.clone(), batch))
+                Ok::<_, PublishError>((name.clone(), file.clone(), batch))
             }
         }).collect();
-        let loaded: Vec<(String, RecordBatch)> = futures::stream::iter(loads)
+        let loaded: Vec<(String, FileRef, RecordBatch)> = futures::stream::iter(loads)
             .buffered(UPLOAD_CONCURRENCY)
             .try_collect()
             .await?;
-        for (name, rows) in loaded {
+        for (name, state_file, rows) in loaded {
             let id = self.names.id(&name);
             state::index_rows(&mut self.index, &rows, id)?;
             self.schema.get_or_insert_with(|| rows.schema());
@@ -301,15 +301,6 @@ impl Publisher {
                     .ok_or_else(|| PublishError::Corrupt {
                         path: state_path.clone(),
                         message: format!("partition {name} is in the state but not in the version"),
-                    })?;
-            let state_file =
-                state
-                    .partitions
-                    .get(&name)
-                    .cloned()
-                    .ok_or_else(|| PublishError::Corrupt {
-                        path: state_path.clone(),
-                        message: format!("partition {name} has no state file"),
                     })?;
             self.partitions.insert(
                 name,
@@ -388,14 +379,6 @@ impl Publisher {
     /// The newest committed version (0 before the first).
     pub fn version(&self) -> u64 {
         self.version
-    }
-
-    /// Rows in the committed dataset.
-    pub fn rows(&self) -> u64 {
-        self.partitions
-            .values()
-            .map(|p| p.rows.num_rows() as u64)
-            .sum()
     }
 
     /// Staged changes waiting for a version.
@@ -841,32 +824,15 @@ impl Publisher {
                 .buffer_unordered(parallel)
                 .try_collect()
                 .await?;
-        let mut new_partitions: BTreeMap<String, (FileRef, PartitionFiles)> = BTreeMap::new();
+        let mut state_files: BTreeMap<String, FileRef> = BTreeMap::new();
+        let mut data_files: BTreeMap<String, BTreeMap<OutputFormat, FileRef>> = BTreeMap::new();
         let mut bytes_by_format: BTreeMap<OutputFormat, u64> = BTreeMap::new();
         let mut change_files = BTreeMap::new();
         let mut latest_files = Vec::new();
-        for (name, rows) in plan
-            .partitions
-            .iter()
-            .filter(|(_, rows)| rows.num_rows() > 0)
-        {
-            let files = PartitionFiles {
-                rows: rows.num_rows() as u64,
-                files: BTreeMap::new(),
-            };
-            let placeholder = FileRef {
-                path: String::new(),
-                bytes: 0,
-                sha256: String::new(),
-            };
-            new_partitions.insert(name.clone(), (placeholder, files));
-        }
         for (role, file) in written {
             match role {
                 FileRole::State { partition } => {
-                    if let Some(entry) = new_partitions.get_mut(&partition) {
-                        entry.0 = file;
-                    }
+                    state_files.insert(partition, file);
                 }
                 FileRole::Data { partition, format } => {
                     *bytes_by_format.entry(format).or_default() += file.bytes;
@@ -874,9 +840,10 @@ impl Publisher {
                         self.path(&file.path),
                         self.path(&format!("latest/{partition}.{}", format.extension())),
                     ));
-                    if let Some(entry) = new_partitions.get_mut(&partition) {
-                        entry.1.files.insert(format, file);
-                    }
+                    data_files
+                        .entry(partition)
+                        .or_default()
+                        .insert(format, file);
                 }
                 FileRole::Changes { format } => {
                     *bytes_by_format.entry(format).or_default() += file.bytes;
@@ -884,6 +851,18 @@ impl Publisher {
                 }
             }
         }
+        // Every written partition has one state file (jobs are made per partition).
+        let mut new_partitions: BTreeMap<String, (FileRef, PartitionFiles)> = state_files
+            .into_iter()
+            .map(|(name, state_file)| {
+                let rows = plan
+                    .partitions
+                    .get(&name)
+                    .map_or(0, |r| r.num_rows() as u64);
+                let files = data_files.remove(&name).unwrap_or_default();
+                (name, (state_file, PartitionFiles { rows, files }))
+            })
+            .collect();
         // Partitions after this version: untouched ones referenced again, not copied.
         let mut all: BTreeMap<String, (FileRef, PartitionFiles)> = self
             .partitions

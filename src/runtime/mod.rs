@@ -337,6 +337,13 @@ pub async fn run(
                             "column has no rule and is not published (unclassified: drop)"
                         );
                     }
+                    // The source's types and the unclassified columns change only
+                    // with its schema: record them here, not for every batch.
+                    summary.unclassified.clone_from(&compiled.unclassified);
+                    publisher.set_source_info(
+                        oppen_connector_files::known_types(&schema),
+                        compiled.unclassified.clone(),
+                    );
                     classifier = Some(compiled);
                 }
                 let Some(c) = classifier.as_ref() else {
@@ -359,12 +366,6 @@ pub async fn run(
                     *total += n;
                 }
                 summary.values_redacted += classified.values_redacted;
-                summary.unclassified.clone_from(&c.unclassified);
-                let source_types = source
-                    .schema()
-                    .map(|s| oppen_connector_files::known_types(&s))
-                    .unwrap_or_default();
-                publisher.set_source_info(source_types, c.unclassified.clone());
                 publisher.stage(
                     classified,
                     batch.kind,

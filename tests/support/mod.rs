@@ -188,6 +188,28 @@ pub fn demo_once() -> (tempfile::TempDir, PathBuf) {
     (dir, demo)
 }
 
+/// Two publishers race for the same versions: `spawn(failpoint)` starts one
+/// `oppen run --once`. The slow one pauses just before its first version
+/// manifest while the other commits; both must succeed, and the slow one must
+/// notice that its changes are already published.
+pub fn race(spawn: impl Fn(Option<&str>) -> std::process::Child) {
+    let slow = spawn(Some("before-version-manifest=sleep:4000"));
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let fast = spawn(None).wait_with_output().unwrap();
+    assert!(
+        fast.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fast.stderr)
+    );
+    let slow = slow.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&slow.stderr);
+    assert!(slow.status.success(), "{log}");
+    assert!(
+        log.contains("another publisher committed these changes"),
+        "{log}"
+    );
+}
+
 /// Files below a folder.
 pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use encoding_rs::{Encoding, UTF_8, UTF_16BE, UTF_16LE, WINDOWS_1252};
+use encoding_rs::{Encoding, UTF_8, WINDOWS_1252};
 
 /// How a file's bytes became text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,14 +68,10 @@ pub fn decode<'a>(bytes: &'a [u8], forced: Option<&'static Encoding>) -> (Cow<'a
     }
 }
 
-/// Whether an encoding is one of the UTF-16 forms (used only in messages and tests).
-pub fn is_utf16(encoding: &'static Encoding) -> bool {
-    encoding == UTF_16LE || encoding == UTF_16BE
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use encoding_rs::UTF_16LE;
 
     #[test]
     fn detects_boms_and_fallbacks() {
@@ -88,7 +84,7 @@ mod tests {
             .collect();
         let (t, d) = decode(&utf16, None);
         assert_eq!(t, "å,b");
-        assert!(is_utf16(d.encoding));
+        assert!(d.encoding == UTF_16LE);
 
         let utf16be: Vec<u8> = [0xFE, 0xFF]
             .into_iter()
