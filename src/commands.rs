@@ -103,13 +103,14 @@ async fn wait_for_signal() {
 }
 
 /// `oppen run`: every pipeline runs on its own; one failing does not stop the others.
-pub async fn run(files: &[PathBuf], once: bool) -> Result<ExitCode> {
+pub async fn run(files: &[PathBuf], once: bool, resnapshot: bool) -> Result<ExitCode> {
     let pipelines = load_all(files)?;
     let stop = stop_on_signals();
     let options = RunOptions {
         once,
         progress: true,
         settle: None,
+        resnapshot,
     };
     let tasks: Vec<_> = pipelines
         .into_iter()
@@ -170,7 +171,7 @@ fn peek_columns(pipeline: &Pipeline) -> Option<(String, std::result::Result<Reco
 
 /// `oppen check`: validates files; with export files present, checks the rules
 /// against the newest file's columns too.
-pub fn check(files: &[PathBuf]) -> Result<ExitCode> {
+pub async fn check(files: &[PathBuf], connect: bool) -> Result<ExitCode> {
     let mut ok = true;
     for file in pipeline_files(files) {
         let pipeline = match config::load(file) {
@@ -182,6 +183,10 @@ pub fn check(files: &[PathBuf]) -> Result<ExitCode> {
             }
         };
         let mut line = format!("{}: ok, dataset {}", file.display(), pipeline.id());
+        if connect && let config::SourceConfig::Postgres(pg) = &pipeline.spec.source.value {
+            ok &= check_postgres(&pipeline, pg).await;
+            continue;
+        }
         if let Some((name, read)) = peek_columns(&pipeline) {
             match read {
                 Ok(batch) => {
@@ -223,6 +228,90 @@ pub fn check(files: &[PathBuf]) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `check --connect` for a PostgreSQL source: prints what the connector needs
+/// and finds, and every column with its rule. Returns whether all is well.
+async fn check_postgres(
+    pipeline: &Pipeline,
+    pg: &oppen_connector_postgres::PostgresConfig,
+) -> bool {
+    let file = pipeline.file.display();
+    let i = match oppen_connector_postgres::inspect(pg).await {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{file}: cannot connect to the source: {e}");
+            return false;
+        }
+    };
+    let yes = |b: bool| if b { "yes" } else { "NO" };
+    println!("{file}: dataset {}", pipeline.id());
+    println!("  server            PostgreSQL {}", i.server_version);
+    println!("  wal_level         {}", i.wal_level);
+    println!("  may replicate     {}", yes(i.can_replicate));
+    println!(
+        "  table             {} ({})",
+        pg.table(),
+        if i.table_exists { "exists" } else { "MISSING" }
+    );
+    println!(
+        "  key               {}",
+        if i.key.is_empty() {
+            "NONE".to_string()
+        } else {
+            i.key.join(", ")
+        }
+    );
+    println!(
+        "  replica identity  {} ({})",
+        i.replica_identity,
+        i.identity_columns.join(", ")
+    );
+    println!(
+        "  publication       {} ({})",
+        pg.publication,
+        if !i.publication_exists {
+            "will be created"
+        } else if i.publication_has_table {
+            "includes the table"
+        } else {
+            "LACKS the table"
+        }
+    );
+    println!(
+        "  slot              {} ({})",
+        pg.slot,
+        match (i.slot_exists, i.retained_wal_bytes) {
+            (true, Some(b)) => format!("exists, retains {b} bytes of WAL"),
+            (true, None) => "exists".into(),
+            (false, _) => "will be created".into(),
+        }
+    );
+    println!("  columns:");
+    for c in &i.columns {
+        let rule = match pipeline.rule(&c.name) {
+            Some(r) => format!("{:?}", r.action).to_lowercase(),
+            None => "NO RULE: not published (unclassified)".into(),
+        };
+        println!("    {:<24} {:<28} {rule}", c.name, c.sql_type);
+    }
+    let mut ok = true;
+    for problem in &i.problems {
+        eprintln!("{file}: error: {problem}");
+        ok = false;
+    }
+    if i.table_exists {
+        let names: Vec<String> = i.columns.iter().map(|c| c.name.clone()).collect();
+        let problems = config::check_against_columns(pipeline, &names);
+        if !problems.is_empty() {
+            eprintln!("{problems}");
+            ok = false;
+        }
+    }
+    if ok {
+        println!("  ok");
+    }
+    ok
 }
 
 fn format_value(array: &dyn Array, row: usize) -> String {

@@ -340,6 +340,7 @@ pub async fn run(
         once,
         progress: false,
         settle: Some(Duration::ZERO),
+        resnapshot: false,
     };
     let mut tasks = Vec::new();
     for pipeline in pipelines {

@@ -37,6 +37,11 @@ enum Command {
         /// Process what is available now, commit, and exit.
         #[arg(long)]
         once: bool,
+        /// Read the source from a fresh snapshot instead of resuming (after a
+        /// PostgreSQL replication slot was dropped); publishes the difference
+        /// as a new version.
+        #[arg(long)]
+        resnapshot: bool,
     },
     /// Validate pipeline and rules files without connecting to any source.
     /// Exits 1 if anything is wrong; every problem is listed with file:line:column.
@@ -44,6 +49,11 @@ enum Command {
         /// Pipeline files.
         #[arg(required = true)]
         pipelines: Vec<PathBuf>,
+        /// Also connect to each source and check it: for PostgreSQL wal_level,
+        /// replication permission, the table, its key and replica identity, and
+        /// every column with its rule.
+        #[arg(long)]
+        connect: bool,
     },
     /// Show source rows beside their classified form, with what each rule did.
     Preview {
@@ -116,8 +126,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run { pipelines, once } => commands::run(&pipelines, once).await,
-            Command::Check { pipelines } => commands::check(&pipelines),
+            Command::Run {
+                pipelines,
+                once,
+                resnapshot,
+            } => commands::run(&pipelines, once, resnapshot).await,
+            Command::Check { pipelines, connect } => commands::check(&pipelines, connect).await,
             Command::Preview {
                 pipeline,
                 rows,

@@ -130,6 +130,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         once: true,
         progress: false,
         settle: None,
+        resnapshot: false,
     };
     let result = runtime.block_on(oppen::runtime::run(
         &pipeline,

@@ -118,12 +118,44 @@ impl Classifier {
         source_schema: SchemaRef,
         key: &PseudonymKey,
     ) -> Result<Self, Diagnostics> {
+        Self::compile_keyed(
+            pipeline,
+            source_schema,
+            key,
+            crate::config::source_key(pipeline),
+            true,
+        )
+    }
+
+    /// [`Classifier::compile`] with the key columns the source reports (a
+    /// PostgreSQL table's primary key when the pipeline names none).
+    ///
+    /// With `strict` off (a streaming source whose table may lose a column while
+    /// it runs), a column rule for a column the source no longer has is a
+    /// warning, not an error: the column vanishes from the dataset. Row rules on
+    /// absent columns stay errors, since rows they should hide could not be found.
+    pub fn compile_keyed(
+        pipeline: &Pipeline,
+        source_schema: SchemaRef,
+        key: &PseudonymKey,
+        key_columns: &[String],
+        strict: bool,
+    ) -> Result<Self, Diagnostics> {
         let names: Vec<String> = source_schema
             .fields()
             .iter()
             .map(|f| f.name().clone())
             .collect();
         let mut problems = crate::config::check_against_columns(pipeline, &names);
+        if !strict {
+            problems.0.retain(|d| {
+                let column_rule = d.message.starts_with("rule for column");
+                if column_rule {
+                    tracing::warn!(dataset = pipeline.id(), problem = %d.message, "a ruled column is gone from the source; it is no longer published");
+                }
+                !column_rule
+            });
+        }
         let rules_file = &pipeline.rules_file;
         let mut columns = Vec::new();
         let mut fields = vec![Field::new(
@@ -171,7 +203,7 @@ impl Classifier {
                 guarded,
             });
         }
-        let key_indices: Vec<usize> = crate::config::source_key(pipeline)
+        let key_indices: Vec<usize> = key_columns
             .iter()
             .filter_map(|k| names.iter().position(|n| n == k))
             .collect();

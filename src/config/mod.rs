@@ -146,6 +146,7 @@ pub fn load(file: &Path) -> Result<Pipeline, Diagnostics> {
                 *dl = base.join(&*dl);
             }
         }
+        SourceConfig::Postgres(_) => {}
     }
     let s3 = spec.publish.s3.clone().unwrap_or_default();
     let store = StoreLocation::parse_with(&spec.publish.store.value, &base, &s3)
@@ -212,6 +213,14 @@ fn validate_pipeline(file: &Path, spec: &PipelineFile, problems: &mut Diagnostic
                 problems.push(Diagnostic::new(
                     Place::of(file, &spec.source),
                     format!("source.files: {problem}"),
+                ));
+            }
+        }
+        SourceConfig::Postgres(pg) => {
+            for problem in pg.validate() {
+                problems.push(Diagnostic::new(
+                    Place::of(file, &spec.source),
+                    format!("source.postgres: {problem}"),
                 ));
             }
         }
@@ -406,5 +415,7 @@ pub fn check_against_columns(pipeline: &Pipeline, columns: &[String]) -> Diagnos
 pub fn source_key(pipeline: &Pipeline) -> &[String] {
     match &pipeline.spec.source.value {
         SourceConfig::Files(f) => &f.key,
+        // Empty when the table's primary key is meant; the source resolves it.
+        SourceConfig::Postgres(p) => p.key.as_deref().unwrap_or_default(),
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use oppen_connector_files::FilesConfig;
+use oppen_connector_postgres::PostgresConfig;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -115,6 +116,8 @@ impl fmt::Display for Access {
 pub enum SourceConfig {
     /// A folder of CSV/JSON export drops.
     Files(FilesConfig),
+    /// A PostgreSQL table, by logical replication.
+    Postgres(PostgresConfig),
 }
 
 /// Where a secret key comes from.

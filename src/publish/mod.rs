@@ -437,7 +437,9 @@ impl Publisher {
         self.pending.open_transaction = !end_of_transaction;
         self.pending.position = Some(position);
         self.pending.source_time = commit_time.or(self.pending.source_time);
-        if kind == BatchKind::Snapshot && end_of_transaction {
+        // An image is whole at the end of its transaction. A TRUNCATE starts an
+        // (empty) image mid-transaction; the changes after it join that image.
+        if self.pending.snapshot_seen.is_some() && end_of_transaction {
             // The image is whole. Keys staged earlier but absent from it are
             // deletes now; committed keys absent from it become deletes when the
             // version is planned, against the state as it is then (another

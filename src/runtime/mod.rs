@@ -6,8 +6,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use oppen_connector_api::{Source, SourceEvent, SourceHints};
+use oppen_connector_api::{Position, Source, SourceEvent, SourceHints};
 use oppen_connector_files::FilesSource;
+use oppen_connector_postgres::PostgresSource;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -53,6 +54,9 @@ pub struct RunOptions {
     /// How long export files must be unchanged before they are read; `None`
     /// keeps the pipeline's setting (and `once` reads at once).
     pub settle: Option<Duration>,
+    /// Ignore the committed source position and start from a fresh snapshot
+    /// (the recovery after a PostgreSQL replication slot was lost).
+    pub resnapshot: bool,
 }
 
 /// What a run did, for the caller and for tests.
@@ -266,13 +270,87 @@ pub async fn open(
     Ok((publisher, recovered, keyer, key))
 }
 
+/// Any source a pipeline may have.
+#[derive(Debug)]
+pub enum PipelineSource {
+    Files(FilesSource),
+    Postgres(Box<PostgresSource>),
+}
+
+impl Source for PipelineSource {
+    fn key(&self) -> &[String] {
+        match self {
+            PipelineSource::Files(s) => s.key(),
+            PipelineSource::Postgres(s) => s.key(),
+        }
+    }
+
+    async fn start(&mut self, resume: Option<Position>) -> oppen_connector_api::Result<()> {
+        match self {
+            PipelineSource::Files(s) => s.start(resume).await,
+            PipelineSource::Postgres(s) => s.start(resume).await,
+        }
+    }
+
+    async fn next(&mut self) -> oppen_connector_api::Result<SourceEvent> {
+        match self {
+            PipelineSource::Files(s) => s.next().await,
+            PipelineSource::Postgres(s) => s.next().await,
+        }
+    }
+
+    async fn ack(&mut self, position: &Position) -> oppen_connector_api::Result<()> {
+        match self {
+            PipelineSource::Files(s) => s.ack(position).await,
+            PipelineSource::Postgres(s) => s.ack(position).await,
+        }
+    }
+
+    fn schema(&self) -> Option<arrow::datatypes::SchemaRef> {
+        match self {
+            PipelineSource::Files(s) => s.schema(),
+            PipelineSource::Postgres(s) => s.schema(),
+        }
+    }
+}
+
+impl PipelineSource {
+    /// How long to wait after an idle report: a streaming source waits inside
+    /// `next` already.
+    fn idle_pause(&self) -> Duration {
+        match self {
+            PipelineSource::Files(_) => POLL_INTERVAL,
+            PipelineSource::Postgres(_) => Duration::ZERO,
+        }
+    }
+}
+
 /// The source of a pipeline, before start.
+pub fn source(
+    pipeline: &Pipeline,
+    known: BTreeMap<String, oppen_connector_api::ColumnType>,
+    settle_now: bool,
+) -> Result<PipelineSource, RunError> {
+    Ok(match &pipeline.spec.source.value {
+        SourceConfig::Files(_) => PipelineSource::Files(files_source(pipeline, known, settle_now)?),
+        SourceConfig::Postgres(config) => {
+            PipelineSource::Postgres(Box::new(PostgresSource::new(config.clone())?))
+        }
+    })
+}
+
+/// The export-drop source of a pipeline, before start.
 pub fn files_source(
     pipeline: &Pipeline,
     known: BTreeMap<String, oppen_connector_api::ColumnType>,
     settle_now: bool,
 ) -> Result<FilesSource, RunError> {
-    let SourceConfig::Files(config) = &pipeline.spec.source.value;
+    let SourceConfig::Files(config) = &pipeline.spec.source.value else {
+        return Err(RunError::Config(format!(
+            "{}: this command reads export files; the pipeline's source is not a folder",
+            pipeline.file.display()
+        )));
+    };
     let hints = SourceHints {
         column_types: pipeline.column_types(),
         known_types: known,
@@ -305,8 +383,17 @@ pub async fn run(
         tracing::info!(dataset, version = recovered.version, rows = recovered.rows, position = ?recovered.position.as_ref().map(ToString::to_string), "resuming from committed version");
     }
     let settle_now = options.once || options.settle.is_some_and(|d| d.is_zero());
-    let mut source = files_source(pipeline, recovered.source_types.clone(), settle_now)?;
-    source.start(recovered.position.clone()).await?;
+    let mut source = source(pipeline, recovered.source_types.clone(), settle_now)?;
+    let resume = if options.resnapshot {
+        tracing::warn!(
+            dataset,
+            "--resnapshot: reading the source from a fresh snapshot"
+        );
+        None
+    } else {
+        recovered.position.clone()
+    };
+    start_source(&mut source, resume, &dataset, &mut stop).await?;
     let progress = progress_bar(options.progress, &dataset);
     let mut summary = RunSummary {
         suppressed: vec![0; pipeline.rules.rows.len()],
@@ -328,8 +415,14 @@ pub async fn run(
                     .as_ref()
                     .is_none_or(|c| c.source_schema() != &schema)
                 {
-                    let compiled = Classifier::compile(pipeline, schema.clone(), &key)
-                        .map_err(|d| RunError::Config(format!("{d}")))?;
+                    let compiled = Classifier::compile_keyed(
+                        pipeline,
+                        schema.clone(),
+                        &key,
+                        source.key(),
+                        matches!(source, PipelineSource::Files(_)),
+                    )
+                    .map_err(|d| RunError::Config(format!("{d}")))?;
                     for column in &compiled.unclassified {
                         tracing::warn!(
                             dataset,
@@ -403,9 +496,12 @@ pub async fn run(
                 if options.once {
                     break;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(POLL_INTERVAL) => {}
-                    _ = stop.changed() => {}
+                let pause = source.idle_pause();
+                if !pause.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.changed() => {}
+                    }
                 }
             }
         }
@@ -420,8 +516,35 @@ pub async fn run(
     Ok(summary)
 }
 
+/// Starts the source, retrying transient failures (a database that is not up
+/// yet) with backoff and jitter until it starts or `stop` turns true.
+async fn start_source(
+    source: &mut PipelineSource,
+    resume: Option<Position>,
+    dataset: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let mut delays = retry_policy().build();
+    loop {
+        match source.start(resume.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && !*stop.borrow() => {
+                let Some(delay) = delays.next() else {
+                    return Err(e.into());
+                };
+                tracing::warn!(dataset, error = %e, retry_in = ?delay, "source did not start; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The source's next event, retrying transient failures with backoff and jitter.
-async fn next_event(source: &mut FilesSource, dataset: &str) -> Result<SourceEvent, RunError> {
+async fn next_event(source: &mut PipelineSource, dataset: &str) -> Result<SourceEvent, RunError> {
     let mut delays = retry_policy().build();
     loop {
         match source.next().await {
@@ -440,7 +563,7 @@ async fn next_event(source: &mut FilesSource, dataset: &str) -> Result<SourceEve
 
 async fn commit(
     publisher: &mut Publisher,
-    source: &mut FilesSource,
+    source: &mut PipelineSource,
     summary: &mut RunSummary,
     dataset: &str,
 ) -> Result<(), RunError> {

@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod moto;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 
@@ -78,6 +79,7 @@ impl Workspace {
             once: true,
             progress: false,
             settle: None,
+            resnapshot: false,
         };
         let (_tx, rx) = tokio::sync::watch::channel(false);
         oppen::runtime::run(&pipeline, &options, rx).await

@@ -1,0 +1,1386 @@
+//! The PostgreSQL connector: a consistent snapshot of one table, then its
+//! committed changes by logical replication (pgoutput), exactly once.
+//!
+//! Start-up without a committed position creates the slot with an exported
+//! snapshot, copies the table inside that snapshot (binary COPY, parallel block
+//! ranges), and streams from the slot's consistent point: every transaction
+//! committed before it is in the copy, every one after it in the stream. With a
+//! committed position the stream resumes there. The slot's confirmed flush
+//! position moves only when the engine acknowledges a committed version.
+
+pub mod pgoutput;
+pub mod snapshot;
+pub mod types;
+pub mod wire;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use chrono::{DateTime, Utc};
+use oppen_connector_api::{
+    BatchKind, ChangeBatch, Error, Op, Position, Result, Source, SourceEvent,
+};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::pgoutput::{Message, Value};
+use crate::types::{ColumnBuilder, Kind};
+use crate::wire::{ReplicationConnection, StreamMessage, quote_ident, quote_literal, transient};
+
+/// Rows per emitted batch.
+pub const BATCH_ROWS: usize = 64 * 1024;
+/// Server settings for both connections, so values arrive in the forms decoded here.
+const SESSION_OPTIONS: &str =
+    "-c datestyle=ISO -c intervalstyle=iso_8601 -c timezone=UTC -c extra_float_digits=3";
+/// How often a status update goes to the server even when it does not ask.
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// How long `next` waits for the stream before reporting idle.
+const IDLE_WAIT: Duration = Duration::from_millis(250);
+/// The prefix of the logical messages the connector emits (heartbeats).
+const HEARTBEAT_PREFIX: &str = "oppen-heartbeat";
+/// How long a new stream may take to reach the heartbeat emitted at its start.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
+
+/// `source: postgres:` in a pipeline file.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// libpq-style URL or key=value string; may hold a password, so never printed.
+    pub url: String,
+    /// `schema.table` (schema defaults to `public`).
+    pub table: String,
+    /// The replication slot; created if missing.
+    pub slot: String,
+    /// The publication; created for the table if missing.
+    pub publication: String,
+    /// The columns that identify a row; default: the primary key.
+    #[serde(default)]
+    pub key: Option<Vec<String>>,
+    /// Seconds between heartbeats that let an idle table's slot advance.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_seconds: u64,
+    /// Connections copying the snapshot in parallel (default: the number of cores, at most 4).
+    #[serde(default)]
+    pub snapshot_workers: Option<usize>,
+}
+
+fn default_heartbeat() -> u64 {
+    60
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("table", &self.table)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((auth, host)) = rest.split_once('@')
+    {
+        let user = auth.split(':').next().unwrap_or("");
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    // key=value form
+    url.split_whitespace()
+        .map(|part| {
+            if part.starts_with("password=") {
+                "password=***"
+            } else {
+                part
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl PostgresConfig {
+    /// Problems found without connecting.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.url.parse::<tokio_postgres::Config>() {
+            problems.push(format!("url is not a PostgreSQL connection string: {e}"));
+        }
+        if self.table.trim().is_empty() || self.table.split('.').count() > 2 {
+            problems.push(format!(
+                "table `{}` must be `table` or `schema.table`",
+                self.table
+            ));
+        }
+        for (what, name) in [("slot", &self.slot), ("publication", &self.publication)] {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                problems.push(format!(
+                    "{what} `{name}` may hold only lowercase letters, digits and `_`"
+                ));
+            }
+        }
+        if self.key.as_ref().is_some_and(Vec::is_empty) {
+            problems.push("key is empty; leave it out to use the primary key".into());
+        }
+        problems
+    }
+
+    /// The table as schema and name.
+    pub fn table(&self) -> Table {
+        match self.table.split_once('.') {
+            Some((schema, name)) => Table {
+                schema: schema.to_string(),
+                name: name.to_string(),
+            },
+            None => Table {
+                schema: "public".into(),
+                name: self.table.clone(),
+            },
+        }
+    }
+
+    fn sql_config(&self) -> Result<tokio_postgres::Config> {
+        let mut c: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e| Error::Config(format!("source.postgres.url: {e}")))?;
+        c.options(SESSION_OPTIONS);
+        c.application_name("oppen");
+        c.connect_timeout(Duration::from_secs(10));
+        Ok(c)
+    }
+}
+
+/// A table name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub schema: String,
+    pub name: String,
+}
+
+impl Table {
+    /// `"schema"."name"`.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// A column as the connector decodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnInfo {
+    pub name: String,
+    /// The SQL type as the catalog names it.
+    pub sql_type: String,
+    pub kind: Kind,
+}
+
+/// What `oppen check --connect` reports.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub server_version: String,
+    pub wal_level: String,
+    pub can_replicate: bool,
+    pub table_exists: bool,
+    pub primary_key: Vec<String>,
+    pub key: Vec<String>,
+    /// `default`, `full`, `index` or `nothing`.
+    pub replica_identity: String,
+    pub identity_columns: Vec<String>,
+    pub columns: Vec<ColumnInfo>,
+    pub publication_exists: bool,
+    pub publication_has_table: bool,
+    pub slot_exists: bool,
+    /// Bytes of WAL the slot keeps on the server.
+    pub retained_wal_bytes: Option<i64>,
+    /// Problems that stop the connector, each with what to do.
+    pub problems: Vec<String>,
+}
+
+pub(crate) fn sql_error(what: &str, e: &tokio_postgres::Error) -> Error {
+    let fatal = e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        matches!(&code[..2], "28" | "42" | "3D" | "0A" | "22")
+    });
+    let message = match e.as_db_error() {
+        Some(db) => {
+            let mut m = format!("{what}: {} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(h) = db.hint() {
+                m.push_str(&format!("; hint: {h}"));
+            }
+            m
+        }
+        None => format!("{what}: {e}"),
+    };
+    if fatal {
+        Error::Config(message)
+    } else {
+        transient(message)
+    }
+}
+
+/// Connects a plain SQL session.
+async fn connect_sql(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client> {
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| sql_error("connect to PostgreSQL", &e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Looks up a type OID: its kind (domains resolved to their base) and SQL name.
+async fn type_kind(
+    client: &tokio_postgres::Client,
+    oid: u32,
+    typmod: i32,
+) -> Result<(Kind, String)> {
+    let row = client
+        .query_opt(
+            "WITH RECURSIVE d(oid, typmod, depth) AS ( \
+               SELECT $1::oid, $2::int, 0 \
+               UNION ALL SELECT t.typbasetype, t.typtypmod, d.depth + 1 FROM d JOIN pg_type t ON t.oid = d.oid \
+               WHERE t.typtype = 'd' AND d.depth < 10) \
+             SELECT d.oid::int8, d.typmod, t.typtype::text, format_type($1::oid, $2::int) \
+             FROM d JOIN pg_type t ON t.oid = d.oid ORDER BY d.depth DESC LIMIT 1",
+            &[&oid, &typmod],
+        )
+        .await
+        .map_err(|e| sql_error("reading a column type", &e))?;
+    Ok(match row {
+        Some(r) => {
+            let base: i64 = r.get(0);
+            let base_typmod: i32 = r.get(1);
+            let typtype: String = r.get(2);
+            (Kind::of(base as u32, base_typmod, typtype == "e"), r.get(3))
+        }
+        None => (Kind::Other, format!("oid {oid}")),
+    })
+}
+
+/// Connects and checks everything the connector needs.
+pub async fn inspect(config: &PostgresConfig) -> Result<Inspection> {
+    let client = connect_sql(&config.sql_config()?).await?;
+    inspect_with(&client, config).await
+}
+
+async fn inspect_with(
+    client: &tokio_postgres::Client,
+    config: &PostgresConfig,
+) -> Result<Inspection> {
+    let q = |e: tokio_postgres::Error| sql_error("inspecting the source", &e);
+    let table = config.table();
+    let server = client
+        .query_one(
+            "SELECT current_setting('server_version'), current_setting('wal_level'), \
+             (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    let mut i = Inspection {
+        server_version: server.get(0),
+        wal_level: server.get(1),
+        can_replicate: server.get::<_, Option<bool>>(2).unwrap_or(false),
+        table_exists: false,
+        primary_key: Vec::new(),
+        key: Vec::new(),
+        replica_identity: String::new(),
+        identity_columns: Vec::new(),
+        columns: Vec::new(),
+        publication_exists: false,
+        publication_has_table: false,
+        slot_exists: false,
+        retained_wal_bytes: None,
+        problems: Vec::new(),
+    };
+    if i.wal_level != "logical" {
+        i.problems.push(format!(
+            "wal_level is `{}`; logical replication needs `logical`: set wal_level = logical in postgresql.conf and restart the server",
+            i.wal_level
+        ));
+    }
+    if !i.can_replicate {
+        i.problems.push(
+            "the user may not replicate: ALTER ROLE <user> WITH REPLICATION (or connect as one that may)"
+                .into(),
+        );
+    }
+    let rel = client
+        .query_opt(
+            "SELECT c.oid::int8, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(q)?;
+    let slot = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.slot],
+        )
+        .await
+        .map_err(q)?;
+    i.slot_exists = slot.is_some();
+    i.retained_wal_bytes = slot.and_then(|r| r.get(0));
+    i.publication_exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&config.publication],
+        )
+        .await
+        .map_err(q)?
+        .is_some();
+    let Some(rel) = rel else {
+        i.problems.push(format!(
+            "table {table} does not exist (or the user cannot see it); check `table:` and the user's privileges"
+        ));
+        return Ok(i);
+    };
+    i.table_exists = true;
+    let oid: i64 = rel.get(0);
+    let identity: String = rel.get(1);
+    i.replica_identity = match identity.as_str() {
+        "d" => "default",
+        "f" => "full",
+        "i" => "index",
+        _ => "nothing",
+    }
+    .into();
+    if i.publication_exists {
+        i.publication_has_table = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&config.publication, &table.schema, &table.name],
+            )
+            .await
+            .map_err(q)?
+            .is_some();
+        if !i.publication_has_table {
+            i.problems.push(format!(
+                "publication `{}` exists but does not include {table}: ALTER PUBLICATION {} ADD TABLE {}",
+                config.publication,
+                quote_ident(&config.publication),
+                table.quoted()
+            ));
+        }
+    }
+    let columns = client
+        .query(
+            "SELECT a.attname::text, a.atttypid::int8, a.atttypmod FROM pg_attribute a \
+             WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(q)?;
+    for c in columns {
+        let type_oid: i64 = c.get(1);
+        let (kind, sql_type) = type_kind(client, type_oid as u32, c.get(2)).await?;
+        i.columns.push(ColumnInfo {
+            name: c.get(0),
+            sql_type,
+            kind,
+        });
+    }
+    let index_columns = |flag: &'static str| {
+        format!(
+            "SELECT a.attname::text FROM pg_index x JOIN LATERAL unnest(x.indkey) WITH ORDINALITY k(attnum, ord) ON true \
+             JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum \
+             WHERE x.indrelid = $1::int8::oid AND x.{flag} ORDER BY k.ord"
+        )
+    };
+    i.primary_key = client
+        .query(&index_columns("indisprimary"), &[&oid])
+        .await
+        .map_err(q)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    i.identity_columns = match i.replica_identity.as_str() {
+        "default" => i.primary_key.clone(),
+        "index" => client
+            .query(&index_columns("indisreplident"), &[&oid])
+            .await
+            .map_err(q)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+        "full" => i.columns.iter().map(|c| c.name.clone()).collect(),
+        _ => Vec::new(),
+    };
+    i.key = config.key.clone().unwrap_or_else(|| i.primary_key.clone());
+    if i.key.is_empty() {
+        i.problems.push(format!(
+            "{table} has no primary key and the pipeline names no `key:`; add `key: [column, ...]` \
+             naming columns that identify a row (with REPLICA IDENTITY FULL or USING INDEX on them)"
+        ));
+    }
+    for k in &i.key {
+        if !i.columns.iter().any(|c| &c.name == k) {
+            i.problems
+                .push(format!("key column `{k}` is not a column of {table}"));
+        }
+    }
+    if i.replica_identity == "nothing" {
+        i.problems.push(format!(
+            "{table} has REPLICA IDENTITY NOTHING: updates and deletes carry no key, so they cannot be published; \
+             run ALTER TABLE {} REPLICA IDENTITY DEFAULT (or FULL)",
+            table.quoted()
+        ));
+    } else if !i.key.is_empty() && !i.key.iter().all(|k| i.identity_columns.contains(k)) {
+        i.problems.push(format!(
+            "the key ({}) is not part of {table}'s replica identity ({}: {}), so deletes would not carry it; \
+             use the primary key, or ALTER TABLE {} REPLICA IDENTITY FULL",
+            i.key.join(", "),
+            i.replica_identity,
+            i.identity_columns.join(", "),
+            table.quoted()
+        ));
+    }
+    Ok(i)
+}
+
+/// The stream's view of the table.
+#[derive(Debug)]
+struct RelationState {
+    oid: u32,
+    columns: Vec<ColumnInfo>,
+    schema: SchemaRef,
+    key_index: Vec<usize>,
+}
+
+/// Rows being gathered into the next batch.
+#[derive(Debug)]
+struct Pending {
+    builders: Vec<ColumnBuilder>,
+    kinds: Vec<Kind>,
+    ops: Vec<Op>,
+}
+
+impl Pending {
+    fn new(columns: &[ColumnInfo]) -> Self {
+        Pending {
+            builders: columns
+                .iter()
+                .map(|c| ColumnBuilder::new(c.kind, 1024))
+                .collect(),
+            kinds: columns.iter().map(|c| c.kind).collect(),
+            ops: Vec::new(),
+        }
+    }
+}
+
+enum Phase {
+    /// Not started.
+    Idle,
+    /// Copying the table.
+    Snapshot {
+        rx: mpsc::Receiver<snapshot::SnapshotItem>,
+        consistent_point: u64,
+        /// Held open until the copy has imported the exported snapshot.
+        exporter: Option<ReplicationConnection>,
+    },
+    /// Streaming changes.
+    Streaming,
+}
+
+/// The PostgreSQL source.
+pub struct PostgresSource {
+    config: PostgresConfig,
+    sql_config: tokio_postgres::Config,
+    table: Table,
+    key: Vec<String>,
+    client: Option<tokio_postgres::Client>,
+    repl: Option<ReplicationConnection>,
+    phase: Phase,
+    relation: Option<RelationState>,
+    pending: Option<Pending>,
+    ready: VecDeque<ChangeBatch>,
+    /// Known type kinds by (oid, typmod).
+    type_cache: HashMap<(u32, i32), Kind>,
+    /// Acknowledged by the engine (a committed version holds everything up to it).
+    acked: u64,
+    /// The end of the newest transaction handed to the engine.
+    emitted: u64,
+    /// The end of the newest transaction read (emitted or pending).
+    last_commit: u64,
+    /// The server's sent WAL position from its newest keepalive.
+    received: u64,
+    /// Transactions ending at or before this were handed out already.
+    skip_through: u64,
+    in_transaction: bool,
+    skipping: bool,
+    commit_time: Option<DateTime<Utc>>,
+    last_status: Instant,
+    last_heartbeat: Instant,
+    columns: Vec<ColumnInfo>,
+    /// Restart the snapshot from scratch on the next call.
+    restart_snapshot: bool,
+    /// Whether the stream has reached the heartbeat emitted when it started,
+    /// i.e. everything committed before the start is read. Until then the
+    /// source does not report idle (so `run --once` publishes it).
+    caught_up: bool,
+    stream_started: Instant,
+}
+
+impl fmt::Debug for PostgresSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresSource")
+            .field("table", &self.table)
+            .field("slot", &self.config.slot)
+            .field("acked", &self.acked)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresSource {
+    /// A source for `config`; nothing connects until [`Source::start`].
+    pub fn new(config: PostgresConfig) -> Result<Self> {
+        let sql_config = config.sql_config()?;
+        Ok(PostgresSource {
+            table: config.table(),
+            key: config.key.clone().unwrap_or_default(),
+            config,
+            sql_config,
+            client: None,
+            repl: None,
+            phase: Phase::Idle,
+            relation: None,
+            pending: None,
+            ready: VecDeque::new(),
+            type_cache: HashMap::new(),
+            acked: 0,
+            emitted: 0,
+            last_commit: 0,
+            received: 0,
+            skip_through: 0,
+            in_transaction: false,
+            skipping: false,
+            commit_time: None,
+            last_status: Instant::now(),
+            last_heartbeat: Instant::now(),
+            columns: Vec::new(),
+            restart_snapshot: false,
+            caught_up: false,
+            stream_started: Instant::now(),
+        })
+    }
+
+    async fn client(&mut self) -> Result<&tokio_postgres::Client> {
+        if self
+            .client
+            .as_ref()
+            .is_none_or(tokio_postgres::Client::is_closed)
+        {
+            self.client = Some(connect_sql(&self.sql_config).await?);
+        }
+        self.client
+            .as_ref()
+            .ok_or_else(|| transient("no SQL connection"))
+    }
+
+    fn schema_of(columns: &[ColumnInfo]) -> SchemaRef {
+        Arc::new(Schema::new(
+            columns
+                .iter()
+                .map(|c| Field::new(&c.name, c.kind.arrow_type(), true))
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    /// Creates the publication if missing.
+    async fn ensure_publication(&mut self, inspection: &Inspection) -> Result<()> {
+        if inspection.publication_exists {
+            return Ok(());
+        }
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(&self.config.publication),
+            self.table.quoted()
+        );
+        match self.client().await?.batch_execute(&sql).await {
+            Ok(()) => {
+                tracing::info!(publication = self.config.publication, table = %self.table, "created publication");
+                Ok(())
+            }
+            // Another pipeline created it meanwhile.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
+                Ok(())
+            }
+            Err(e) => Err(match sql_error("CREATE PUBLICATION", &e) {
+                Error::Config(m) => Error::Config(format!(
+                    "{m}. Either connect as the table's owner, or have the owner run `{sql}` \
+                     and name that publication in `publication:`"
+                )),
+                other => other,
+            }),
+        }
+    }
+
+    /// Drops the slot (a snapshot interrupted earlier leaves one behind).
+    async fn drop_slot(&mut self) -> Result<()> {
+        let slot = self.config.slot.clone();
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| sql_error("reading replication slots", &e))?;
+        let Some(row) = row else { return Ok(()) };
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            return Err(transient(format!(
+                "replication slot `{slot}` is in use by server process {pid}; waiting for it to end"
+            )));
+        }
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(|e| sql_error("dropping the unfinished slot", &e))?;
+        Ok(())
+    }
+
+    async fn begin_snapshot(&mut self) -> Result<()> {
+        self.drop_slot().await?;
+        let mut repl = ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
+        let created = repl.create_slot(&self.config.slot).await?;
+        let name = created
+            .snapshot
+            .clone()
+            .ok_or_else(|| transient("CREATE_REPLICATION_SLOT exported no snapshot"))?;
+        let size_sql = format!(
+            "SELECT relpages::int8 FROM pg_class WHERE oid = {}::regclass",
+            quote_literal(&self.table.quoted())
+        );
+        let pages: i64 = self
+            .client()
+            .await?
+            .query_one(&size_sql, &[])
+            .await
+            .map_err(|e| sql_error("reading the table size", &e))?
+            .get(0);
+        let workers = self.config.snapshot_workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get().min(4))
+                .unwrap_or(1)
+        });
+        tracing::info!(table = %self.table, slot = self.config.slot, consistent_point = %wire::format_lsn(created.consistent_point), pages, workers, "copying snapshot");
+        let rx = snapshot::start(snapshot::SnapshotPlan {
+            config: self.sql_config.clone(),
+            table: self.table.clone(),
+            columns: self.columns.clone(),
+            schema: Self::schema_of(&self.columns),
+            snapshot: name,
+            pages,
+            workers,
+            batch_rows: BATCH_ROWS,
+        });
+        self.relation = None;
+        self.phase = Phase::Snapshot {
+            rx,
+            consistent_point: created.consistent_point,
+            exporter: Some(repl),
+        };
+        Ok(())
+    }
+
+    async fn start_stream(&mut self, from: u64) -> Result<()> {
+        let mut repl = ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
+        repl.start_replication(&self.config.slot, from, &self.config.publication)
+            .await
+            .map_err(|e| match e {
+                Error::Config(m) if m.contains("does not exist") => Error::Config(format!(
+                    "{m}. The replication slot `{}` is gone, so changes since the last version cannot be read. \
+                     To recover, run `oppen run --resnapshot` on this pipeline once: it creates the slot again \
+                     and publishes a fresh snapshot of the table as a new version",
+                    self.config.slot
+                )),
+                other => other,
+            })?;
+        self.repl = Some(repl);
+        self.relation = None;
+        self.pending = None;
+        self.in_transaction = false;
+        self.last_status = Instant::now();
+        self.stream_started = Instant::now();
+        self.caught_up = !self.emit_heartbeat().await;
+        Ok(())
+    }
+
+    /// The next snapshot event.
+    async fn next_snapshot(&mut self) -> Result<SourceEvent> {
+        let Phase::Snapshot {
+            rx,
+            consistent_point,
+            exporter,
+        } = &mut self.phase
+        else {
+            return Ok(SourceEvent::Idle);
+        };
+        let consistent_point = *consistent_point;
+        match rx.recv().await {
+            Some(Ok(data)) => {
+                // Workers have imported the snapshot once rows flow; the
+                // exporting session may end.
+                if let Some(repl) = exporter.take() {
+                    repl.close().await;
+                }
+                let ops = vec![Op::Read; data.num_rows()];
+                Ok(SourceEvent::Batch(ChangeBatch {
+                    data,
+                    ops,
+                    kind: BatchKind::Snapshot,
+                    position: Position::Lsn {
+                        lsn: consistent_point,
+                    },
+                    commit_time: None,
+                    end_of_transaction: false,
+                }))
+            }
+            Some(Err(e)) => {
+                // The staged part is harmless: a restarted snapshot re-emits every row.
+                self.restart_snapshot = true;
+                self.phase = Phase::Idle;
+                Err(e)
+            }
+            None => {
+                if let Some(repl) = exporter.take() {
+                    repl.close().await;
+                }
+                tracing::info!(table = %self.table, "snapshot copied; streaming changes");
+                self.phase = Phase::Streaming;
+                self.emitted = consistent_point;
+                self.last_commit = consistent_point;
+                self.skip_through = consistent_point;
+                let schema = Self::schema_of(&self.columns);
+                Ok(SourceEvent::Batch(ChangeBatch {
+                    data: RecordBatch::new_empty(schema),
+                    ops: Vec::new(),
+                    kind: BatchKind::Snapshot,
+                    position: Position::Lsn {
+                        lsn: consistent_point,
+                    },
+                    commit_time: None,
+                    end_of_transaction: true,
+                }))
+            }
+        }
+    }
+
+    /// Moves the pending rows into the ready queue.
+    fn flush(&mut self, end_of_transaction: bool) -> Result<()> {
+        let Some(p) = self.pending.as_mut() else {
+            return Ok(());
+        };
+        if p.ops.is_empty() && !end_of_transaction {
+            return Ok(());
+        }
+        let Some(rel) = &self.relation else {
+            return Ok(());
+        };
+        let columns = p.builders.iter_mut().map(ColumnBuilder::finish).collect();
+        let data = RecordBatch::try_new(rel.schema.clone(), columns)
+            .map_err(|e| transient(format!("building a change batch: {e}")))?;
+        let ops = std::mem::take(&mut p.ops);
+        if end_of_transaction {
+            self.emitted = self.last_commit;
+        }
+        if data.num_rows() == 0 && !end_of_transaction {
+            return Ok(());
+        }
+        self.ready.push_back(ChangeBatch {
+            data,
+            ops,
+            kind: BatchKind::Changes,
+            position: Position::Lsn {
+                lsn: self.last_commit,
+            },
+            commit_time: self.commit_time,
+            end_of_transaction,
+        });
+        Ok(())
+    }
+
+    async fn on_relation(&mut self, r: pgoutput::Relation) -> Result<()> {
+        if r.namespace != self.table.schema || r.name != self.table.name {
+            return Ok(());
+        }
+        let mut columns = Vec::with_capacity(r.columns.len());
+        for c in &r.columns {
+            let kind = match self.type_cache.get(&(c.type_oid, c.type_modifier)) {
+                Some(k) => *k,
+                None => {
+                    let (kind, _) =
+                        type_kind(self.client().await?, c.type_oid, c.type_modifier).await?;
+                    self.type_cache.insert((c.type_oid, c.type_modifier), kind);
+                    kind
+                }
+            };
+            let sql_type = self
+                .columns
+                .iter()
+                .find(|k| k.name == c.name)
+                .map(|k| k.sql_type.clone())
+                .unwrap_or_default();
+            columns.push(ColumnInfo {
+                name: c.name.clone(),
+                sql_type,
+                kind,
+            });
+        }
+        let key_index: Vec<usize> = self
+            .key
+            .iter()
+            .map(|k| {
+                columns.iter().position(|c| &c.name == k).ok_or_else(|| {
+                    Error::Config(format!(
+                        "key column `{k}` is no longer a column of {}",
+                        self.table
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let same = self
+            .relation
+            .as_ref()
+            .is_some_and(|old| old.columns == columns);
+        if let Some(old) = &mut self.relation
+            && same
+        {
+            old.oid = r.oid;
+            return Ok(());
+        }
+        if self.relation.is_some() {
+            tracing::info!(table = %self.table, columns = ?columns.iter().map(|c| &c.name).collect::<Vec<_>>(), "table schema changed");
+            self.flush(false)?;
+        }
+        self.pending = Some(Pending::new(&columns));
+        self.relation = Some(RelationState {
+            oid: r.oid,
+            schema: Self::schema_of(&columns),
+            columns,
+            key_index,
+        });
+        Ok(())
+    }
+
+    /// Appends one row image; unchanged TOAST values are filled from `old`
+    /// (REPLICA IDENTITY FULL) or read from the table.
+    async fn append(
+        &mut self,
+        op: Op,
+        values: &[Value<'_>],
+        old: Option<&[Value<'_>]>,
+    ) -> Result<()> {
+        let needs_fetch: Vec<usize> = values
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| {
+                **v == Value::UnchangedToast
+                    && !old.is_some_and(|o| matches!(o.get(*i), Some(Value::Text(_))))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let fetched = if needs_fetch.is_empty() {
+            Vec::new()
+        } else {
+            self.fetch_unchanged(values, &needs_fetch).await?
+        };
+        let (Some(p), Some(rel)) = (self.pending.as_mut(), self.relation.as_ref()) else {
+            return Err(transient("a change arrived before its relation"));
+        };
+        if values.len() != p.builders.len() {
+            return Err(transient(format!(
+                "a change of {} has {} columns, its relation {}",
+                self.table,
+                values.len(),
+                p.builders.len()
+            )));
+        }
+        for (i, v) in values.iter().enumerate() {
+            let kind = p.kinds[i];
+            let b = &mut p.builders[i];
+            let result = match v {
+                Value::Null => {
+                    b.append_null();
+                    Ok(())
+                }
+                Value::Text(t) => b.append_text(t),
+                Value::Binary(t) => b.append_binary(kind, t),
+                Value::UnchangedToast => match old.and_then(|o| o.get(i)) {
+                    Some(Value::Text(t)) => b.append_text(t),
+                    _ => match fetched.iter().find(|(c, _)| *c == i) {
+                        Some((_, Some(t))) => b.append_text(t.as_bytes()),
+                        _ => {
+                            b.append_null();
+                            Ok(())
+                        }
+                    },
+                },
+            };
+            if let Err(e) = result {
+                return Err(Error::Config(format!(
+                    "{}, column {}: cannot decode a streamed value: {e}",
+                    self.table, rel.columns[i].name
+                )));
+            }
+        }
+        p.ops.push(op);
+        Ok(())
+    }
+
+    /// Reads the current values of unchanged TOASTed columns by key. The value
+    /// read may be newer than the change; a newer change follows in the stream.
+    async fn fetch_unchanged(
+        &mut self,
+        values: &[Value<'_>],
+        columns: &[usize],
+    ) -> Result<Vec<(usize, Option<String>)>> {
+        let Some(rel) = &self.relation else {
+            return Ok(Vec::new());
+        };
+        let mut keys = Vec::new();
+        let mut filter = Vec::new();
+        for (n, &k) in rel.key_index.iter().enumerate() {
+            let Some(Value::Text(t)) = values.get(k) else {
+                return Ok(Vec::new());
+            };
+            keys.push(String::from_utf8_lossy(t).into_owned());
+            filter.push(format!(
+                "{}::text = ${}",
+                quote_ident(&rel.columns[k].name),
+                n + 1
+            ));
+        }
+        let select: Vec<String> = columns
+            .iter()
+            .map(|&c| format!("{}::text", quote_ident(&rel.columns[c].name)))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {}",
+            select.join(", "),
+            self.table.quoted(),
+            filter.join(" AND ")
+        );
+        let columns = columns.to_vec();
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
+            .iter()
+            .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let row = self
+            .client()
+            .await?
+            .query_opt(&sql, &params)
+            .await
+            .map_err(|e| sql_error("reading unchanged TOAST values", &e))?;
+        Ok(columns
+            .iter()
+            .enumerate()
+            .map(|(n, &c)| (c, row.as_ref().and_then(|r| r.get::<_, Option<String>>(n))))
+            .collect())
+    }
+
+    /// Handles one pgoutput message.
+    async fn on_message(&mut self, data: &[u8]) -> Result<()> {
+        let message = pgoutput::decode(data).map_err(|e| transient(e.to_string()))?;
+        let ours =
+            |oid: u32, rel: &Option<RelationState>| rel.as_ref().is_some_and(|r| r.oid == oid);
+        match message {
+            Message::Begin {
+                final_lsn,
+                commit_time,
+                ..
+            } => {
+                self.in_transaction = true;
+                self.skipping = final_lsn < self.skip_through;
+                self.commit_time =
+                    DateTime::from_timestamp_micros(commit_time + wire::PG_EPOCH_OFFSET_US);
+            }
+            Message::Commit { end_lsn, .. } => {
+                self.in_transaction = false;
+                if !self.skipping {
+                    self.last_commit = end_lsn;
+                    let rows = self.pending.as_ref().map_or(0, |p| p.ops.len());
+                    if rows >= BATCH_ROWS {
+                        self.flush(true)?;
+                    }
+                }
+                self.skipping = false;
+            }
+            Message::Message { prefix } => {
+                if prefix == HEARTBEAT_PREFIX {
+                    self.caught_up = true;
+                }
+            }
+            _ if self.skipping => {}
+            Message::Relation(r) => self.on_relation(r).await?,
+            Message::Insert { relation, new } if ours(relation, &self.relation) => {
+                self.append(Op::Insert, &new, None).await?;
+            }
+            Message::Update { relation, old, new } if ours(relation, &self.relation) => {
+                match &old {
+                    // The key changed: the old key is gone.
+                    Some((b'K', old_key)) => self.append(Op::Delete, old_key, None).await?,
+                    Some((_, old_row)) => {
+                        if self.key_changed(old_row, &new) {
+                            let key_only = self.key_only(old_row);
+                            self.append(Op::Delete, &key_only, None).await?;
+                        }
+                    }
+                    None => {}
+                }
+                let full_old = old
+                    .as_ref()
+                    .filter(|(m, _)| *m == b'O')
+                    .map(|(_, v)| v.as_slice());
+                self.append(Op::Update, &new, full_old).await?;
+            }
+            Message::Delete { relation, old } if ours(relation, &self.relation) => {
+                self.append(Op::Delete, &old.1, None).await?;
+            }
+            Message::Truncate { relations, .. } => {
+                if self
+                    .relation
+                    .as_ref()
+                    .is_some_and(|r| relations.contains(&r.oid))
+                {
+                    // Everything before is replaced by an empty image; rows
+                    // inserted later in the same transaction join that image.
+                    self.flush(false)?;
+                    if let Some(rel) = &self.relation {
+                        self.ready.push_back(ChangeBatch {
+                            data: RecordBatch::new_empty(rel.schema.clone()),
+                            ops: Vec::new(),
+                            kind: BatchKind::Snapshot,
+                            position: Position::Lsn {
+                                lsn: self.last_commit,
+                            },
+                            commit_time: self.commit_time,
+                            end_of_transaction: false,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+        if self.in_transaction
+            && self
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.ops.len() >= BATCH_ROWS)
+        {
+            self.flush(false)?;
+        }
+        Ok(())
+    }
+
+    fn key_changed(&self, old: &[Value<'_>], new: &[Value<'_>]) -> bool {
+        self.relation.as_ref().is_some_and(|rel| {
+            rel.key_index
+                .iter()
+                .any(|&k| matches!((old.get(k), new.get(k)), (Some(a), Some(b)) if a != b && *b != Value::UnchangedToast))
+        })
+    }
+
+    fn key_only<'a>(&self, row: &[Value<'a>]) -> Vec<Value<'a>> {
+        let Some(rel) = &self.relation else {
+            return row.to_vec();
+        };
+        row.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if rel.key_index.contains(&i) {
+                    *v
+                } else {
+                    Value::Null
+                }
+            })
+            .collect()
+    }
+
+    /// Sends a status update: `flush` is what a committed version holds, or,
+    /// with nothing outstanding, everything the server has sent.
+    async fn send_status(&mut self) -> Result<()> {
+        let outstanding = self.in_transaction
+            || self.pending.as_ref().is_some_and(|p| !p.ops.is_empty())
+            || !self.ready.is_empty()
+            || self.last_commit > self.acked;
+        let flush = if outstanding {
+            self.acked
+        } else {
+            self.acked.max(self.received)
+        };
+        if let Some(repl) = self.repl.as_mut() {
+            repl.send_status(self.received.max(flush), flush).await?;
+        }
+        self.last_status = Instant::now();
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self) {
+        if self.config.heartbeat_seconds == 0
+            || self.last_heartbeat.elapsed() < Duration::from_secs(self.config.heartbeat_seconds)
+        {
+            return;
+        }
+        self.emit_heartbeat().await;
+    }
+
+    /// Writes a logical message into the WAL. It streams back to every slot on
+    /// the database, so an idle table's slot still advances (the server keeps
+    /// no WAL for it), and its arrival tells that the stream has caught up.
+    /// Returns whether it was written.
+    async fn emit_heartbeat(&mut self) -> bool {
+        self.last_heartbeat = Instant::now();
+        let result = match self.client().await {
+            Ok(c) => c
+                .execute(
+                    "SELECT pg_logical_emit_message(false, $1, '')",
+                    &[&HEARTBEAT_PREFIX],
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| sql_error("heartbeat", &e)),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(table = %self.table, error = %e, "heartbeat failed");
+                false
+            }
+        }
+    }
+
+    async fn next_stream(&mut self) -> Result<SourceEvent> {
+        if self.repl.is_none() {
+            let from = self.acked.max(1);
+            self.skip_through = self.emitted;
+            self.start_stream(from).await?;
+        }
+        let deadline = Instant::now() + IDLE_WAIT;
+        loop {
+            if let Some(batch) = self.ready.pop_front() {
+                return Ok(SourceEvent::Batch(batch));
+            }
+            let has_rows = self.pending.as_ref().is_some_and(|p| !p.ops.is_empty());
+            if has_rows && !self.in_transaction {
+                // Nothing more buffered right now: hand out whole transactions.
+                let Some(repl) = self.repl.as_mut() else {
+                    break;
+                };
+                match tokio::time::timeout(Duration::from_millis(1), repl.recv()).await {
+                    Ok(msg) => {
+                        let msg = self.check(msg)?;
+                        self.on_stream(msg).await?;
+                    }
+                    Err(_) => self.flush(true)?,
+                }
+                continue;
+            }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let catching_up = !self.caught_up && self.stream_started.elapsed() < CATCH_UP_LIMIT;
+            if wait.is_zero() && !self.in_transaction && !catching_up {
+                break;
+            }
+            let Some(repl) = self.repl.as_mut() else {
+                break;
+            };
+            match tokio::time::timeout(wait.max(Duration::from_millis(50)), repl.recv()).await {
+                Ok(msg) => {
+                    let msg = self.check(msg)?;
+                    self.on_stream(msg).await?;
+                }
+                Err(_) if !self.in_transaction && !catching_up => break,
+                Err(_) => {}
+            }
+        }
+        if self.last_status.elapsed() >= STATUS_INTERVAL {
+            self.send_status().await?;
+        }
+        self.heartbeat().await;
+        Ok(SourceEvent::Idle)
+    }
+
+    /// Drops the replication connection on error, so the next call reconnects.
+    fn check(&mut self, msg: Result<StreamMessage>) -> Result<StreamMessage> {
+        if msg.is_err() {
+            self.repl = None;
+            self.pending = None;
+            self.relation = None;
+            self.in_transaction = false;
+        }
+        msg
+    }
+
+    async fn on_stream(&mut self, msg: StreamMessage) -> Result<()> {
+        match msg {
+            StreamMessage::XLogData { data, start, .. } => {
+                self.received = self.received.max(start);
+                self.on_message(&data).await
+            }
+            StreamMessage::Keepalive { end, reply } => {
+                self.received = self.received.max(end);
+                if reply {
+                    self.send_status().await?;
+                }
+                Ok(())
+            }
+            StreamMessage::Done => {
+                self.repl = None;
+                Err(transient("the server ended the replication stream"))
+            }
+        }
+    }
+}
+
+impl Source for PostgresSource {
+    fn key(&self) -> &[String] {
+        &self.key
+    }
+
+    async fn start(&mut self, resume: Option<Position>) -> Result<()> {
+        if let Some(repl) = self.repl.take() {
+            repl.close().await;
+        }
+        let client_config = self.config.clone();
+        let inspection = inspect_with(self.client().await?, &client_config).await?;
+        if let Some(problem) = inspection
+            .problems
+            .iter()
+            .find(|p| !p.starts_with("publication"))
+        {
+            return Err(Error::Config(problem.clone()));
+        }
+        self.key = inspection.key.clone();
+        self.columns = inspection.columns.clone();
+        if inspection.publication_exists && !inspection.publication_has_table {
+            return Err(Error::Config(inspection.problems.join("; ")));
+        }
+        self.ensure_publication(&inspection).await?;
+        self.ready.clear();
+        self.pending = None;
+        self.relation = None;
+        match resume {
+            Some(Position::Lsn { lsn }) => {
+                if !inspection.slot_exists {
+                    return Err(Error::Config(format!(
+                        "replication slot `{}` does not exist, so changes since the last version (at {}) cannot be read. \
+                         To recover, run `oppen run --resnapshot` on this pipeline once: it creates the slot again \
+                         and publishes a fresh snapshot of the table as a new version",
+                        self.config.slot,
+                        wire::format_lsn(lsn)
+                    )));
+                }
+                self.acked = lsn;
+                self.emitted = lsn;
+                self.last_commit = lsn;
+                self.skip_through = lsn;
+                self.phase = Phase::Streaming;
+                self.start_stream(lsn).await?;
+                self.send_status().await?;
+            }
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "the dataset's last version was published from another kind of source ({other}); \
+                     a PostgreSQL pipeline needs its own dataset"
+                )));
+            }
+            None => self.begin_snapshot().await?,
+        }
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Result<SourceEvent> {
+        if self.restart_snapshot {
+            self.restart_snapshot = false;
+            tracing::warn!(table = %self.table, "restarting the snapshot from the beginning");
+            self.begin_snapshot().await?;
+        }
+        match self.phase {
+            Phase::Idle => Ok(SourceEvent::Idle),
+            Phase::Snapshot { .. } => self.next_snapshot().await,
+            Phase::Streaming => self.next_stream().await,
+        }
+    }
+
+    async fn ack(&mut self, position: &Position) -> Result<()> {
+        if let Position::Lsn { lsn } = position {
+            self.acked = self.acked.max(*lsn);
+            if self.repl.is_some() {
+                self.send_status().await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn schema(&self) -> Option<SchemaRef> {
+        match &self.relation {
+            Some(r) => Some(r.schema.clone()),
+            None if !self.columns.is_empty() => Some(Self::schema_of(&self.columns)),
+            None => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://oppen:s3cret@db:5432/econ"),
+            "postgres://oppen:***@db:5432/econ"
+        );
+        assert_eq!(
+            redact_url("host=db user=oppen password=s3cret"),
+            "host=db user=oppen password=***"
+        );
+    }
+
+    #[test]
+    fn validates_config() {
+        let c = PostgresConfig {
+            url: "postgres://localhost/db".into(),
+            table: "a.b.c".into(),
+            slot: "Bad-Slot".into(),
+            publication: "ok_pub".into(),
+            key: Some(vec![]),
+            heartbeat_seconds: 60,
+            snapshot_workers: None,
+        };
+        let problems = c.validate();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(
+            PostgresConfig {
+                table: "invoices".into(),
+                ..c
+            }
+            .table()
+            .to_string(),
+            "public.invoices"
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! The initial copy: `COPY ... TO STDOUT (FORMAT binary)` inside the slot's
+//! exported snapshot, decoded straight into Arrow columns, in parallel block
+//! ranges on large tables.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+use oppen_connector_api::Error;
+use tokio::sync::mpsc;
+
+use crate::types::{ColumnBuilder, Kind};
+use crate::wire::{quote_ident, quote_literal, transient};
+use crate::{ColumnInfo, Table};
+
+/// The binary COPY signature and header length (signature, flags, extension length).
+const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+const HEADER_LEN: usize = 19;
+/// Tables smaller than this many pages are copied by one connection.
+const PAGES_PER_WORKER: i64 = 4096;
+
+/// What a snapshot worker sends: a batch of rows, or why it failed.
+pub type SnapshotItem = Result<RecordBatch, Error>;
+
+/// Everything a snapshot copy needs.
+#[derive(Debug, Clone)]
+pub struct SnapshotPlan {
+    pub config: tokio_postgres::Config,
+    pub table: Table,
+    pub columns: Vec<ColumnInfo>,
+    pub schema: SchemaRef,
+    pub snapshot: String,
+    pub pages: i64,
+    pub workers: usize,
+    pub batch_rows: usize,
+}
+
+/// Starts the copy; batches arrive on the returned channel, which closes when
+/// every worker is done.
+pub fn start(plan: SnapshotPlan) -> mpsc::Receiver<SnapshotItem> {
+    let (tx, rx) = mpsc::channel(4);
+    let workers = if plan.pages >= 2 * PAGES_PER_WORKER {
+        plan.workers
+            .clamp(1, (plan.pages / PAGES_PER_WORKER) as usize)
+    } else {
+        1
+    };
+    let per = plan.pages / workers as i64 + 1;
+    let plan = Arc::new(plan);
+    for w in 0..workers {
+        // Block ranges by ctid (TID range scans, PostgreSQL 14+); the last range
+        // is open so pages added since relpages was read are still copied.
+        let range = (workers > 1).then(|| {
+            let lo = per * w as i64;
+            let hi = (w + 1 < workers).then_some(per * (w as i64 + 1));
+            (lo, hi)
+        });
+        let tx = tx.clone();
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            if let Err(e) = copy_range(&plan, range, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+    }
+    rx
+}
+
+/// The COPY statement for a range (or the whole table).
+pub fn copy_sql(
+    table: &Table,
+    columns: &[ColumnInfo],
+    range: Option<(i64, Option<i64>)>,
+) -> String {
+    let list: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            if c.kind.binary_in_snapshot() {
+                quote_ident(&c.name)
+            } else {
+                format!("{}::text", quote_ident(&c.name))
+            }
+        })
+        .collect();
+    let filter = match range {
+        None => String::new(),
+        Some((lo, None)) => format!(" WHERE ctid >= '({lo},0)'::tid"),
+        Some((lo, Some(hi))) => {
+            format!(" WHERE ctid >= '({lo},0)'::tid AND ctid < '({hi},0)'::tid")
+        }
+    };
+    format!(
+        "COPY (SELECT {} FROM {}{filter}) TO STDOUT (FORMAT binary)",
+        list.join(", "),
+        table.quoted()
+    )
+}
+
+async fn copy_range(
+    plan: &SnapshotPlan,
+    range: Option<(i64, Option<i64>)>,
+    tx: &mpsc::Sender<SnapshotItem>,
+) -> Result<(), Error> {
+    let (client, connection) = plan
+        .config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| crate::sql_error("snapshot connection", &e))?;
+    let conn = tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(&plan.snapshot)
+        ))
+        .await
+        .map_err(|e| crate::sql_error("importing the slot's snapshot", &e))?;
+    let sql = copy_sql(&plan.table, &plan.columns, range);
+    let stream = client
+        .copy_out(sql.as_str())
+        .await
+        .map_err(|e| crate::sql_error("COPY", &e))?;
+    futures::pin_mut!(stream);
+    let mut decoder = CopyDecoder::new(&plan.columns, plan.schema.clone(), plan.batch_rows);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| crate::sql_error("COPY", &e))?;
+        for batch in decoder.push(chunk)? {
+            if tx.send(Ok(batch)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if let Some(batch) = decoder.finish()? {
+        let _ = tx.send(Ok(batch)).await;
+    }
+    // A clean end: no transaction left open on the source.
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| crate::sql_error("COMMIT", &e))?;
+    drop(client);
+    let _ = conn.await;
+    Ok(())
+}
+
+/// Decodes a binary COPY stream into record batches.
+#[derive(Debug)]
+pub struct CopyDecoder {
+    kinds: Vec<Kind>,
+    schema: SchemaRef,
+    builders: Vec<ColumnBuilder>,
+    rows: usize,
+    batch_rows: usize,
+    carry: BytesMut,
+    header_seen: bool,
+    ended: bool,
+    row_number: u64,
+}
+
+impl CopyDecoder {
+    /// A decoder for `columns`, emitting batches of `batch_rows`.
+    pub fn new(columns: &[ColumnInfo], schema: SchemaRef, batch_rows: usize) -> Self {
+        let kinds: Vec<Kind> = columns.iter().map(|c| c.kind).collect();
+        let builders = kinds
+            .iter()
+            .map(|k| ColumnBuilder::new(*k, batch_rows))
+            .collect();
+        CopyDecoder {
+            kinds,
+            schema,
+            builders,
+            rows: 0,
+            batch_rows,
+            carry: BytesMut::new(),
+            header_seen: false,
+            ended: false,
+            row_number: 0,
+        }
+    }
+
+    fn bad(&self, what: impl std::fmt::Display) -> Error {
+        transient(format!("snapshot COPY row {}: {what}", self.row_number + 1))
+    }
+
+    /// Feeds a chunk; returns the batches completed by it.
+    pub fn push(&mut self, chunk: Bytes) -> Result<Vec<RecordBatch>, Error> {
+        let mut out = Vec::new();
+        let mut data: Bytes = if self.carry.is_empty() {
+            chunk
+        } else {
+            self.carry.extend_from_slice(&chunk);
+            self.carry.split().freeze()
+        };
+        if !self.header_seen {
+            if data.len() < HEADER_LEN {
+                self.carry.extend_from_slice(&data);
+                return Ok(out);
+            }
+            if !data.starts_with(SIGNATURE) {
+                return Err(self.bad("not a binary COPY stream"));
+            }
+            let ext = u32::from_be_bytes([data[15], data[16], data[17], data[18]]) as usize;
+            if data.len() < HEADER_LEN + ext {
+                self.carry.extend_from_slice(&data);
+                return Ok(out);
+            }
+            data.advance(HEADER_LEN + ext);
+            self.header_seen = true;
+        }
+        loop {
+            match self.row(&data)? {
+                Some(used) => {
+                    data.advance(used);
+                    if self.rows >= self.batch_rows {
+                        out.push(self.flush()?);
+                    }
+                }
+                None => break,
+            }
+        }
+        self.carry.extend_from_slice(&data);
+        Ok(out)
+    }
+
+    /// Decodes one row from the front of `data` if it is whole; returns the
+    /// bytes it took. A row is first measured, then decoded, so a row split
+    /// across chunks is never half-appended.
+    fn row(&mut self, data: &[u8]) -> Result<Option<usize>, Error> {
+        if self.ended || data.len() < 2 {
+            return Ok(None);
+        }
+        let fields = i16::from_be_bytes([data[0], data[1]]);
+        if fields == -1 {
+            self.ended = true;
+            return Ok(Some(2));
+        }
+        if fields as usize != self.kinds.len() {
+            return Err(self.bad(format!("{fields} fields, expected {}", self.kinds.len())));
+        }
+        let mut pos = 2;
+        for _ in 0..fields {
+            let Some(len) = data.get(pos..pos + 4) else {
+                return Ok(None);
+            };
+            let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+            pos += 4 + len.max(0) as usize;
+            if pos > data.len() {
+                return Ok(None);
+            }
+        }
+        let mut pos = 2;
+        for (i, builder) in self.builders.iter_mut().enumerate() {
+            let len = i32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]);
+            pos += 4;
+            if len < 0 {
+                builder.append_null();
+            } else {
+                let value = &data[pos..pos + len as usize];
+                pos += len as usize;
+                if let Err(e) = builder.append_binary(self.kinds[i], value) {
+                    return Err(transient(format!(
+                        "snapshot COPY row {}, column {}: {e}",
+                        self.row_number + 1,
+                        self.schema.field(i).name()
+                    )));
+                }
+            }
+        }
+        self.rows += 1;
+        self.row_number += 1;
+        Ok(Some(pos))
+    }
+
+    fn flush(&mut self) -> Result<RecordBatch, Error> {
+        let columns = self
+            .builders
+            .iter_mut()
+            .map(ColumnBuilder::finish)
+            .collect();
+        self.rows = 0;
+        RecordBatch::try_new(self.schema.clone(), columns)
+            .map_err(|e| transient(format!("snapshot batch: {e}")))
+    }
+
+    /// The last rows, once the stream ended.
+    pub fn finish(&mut self) -> Result<Option<RecordBatch>, Error> {
+        if !self.ended {
+            return Err(self.bad("the COPY stream ended without its trailer"));
+        }
+        Ok((self.rows > 0).then(|| self.flush()).transpose()?)
+    }
+}

@@ -1,0 +1,546 @@
+//! A small client for PostgreSQL's replication protocol.
+//!
+//! tokio-postgres cannot open a `replication=database` connection or speak the
+//! CopyBoth sub-protocol that logical replication streams over, so this module
+//! does: startup and authentication (trust, password, MD5, SCRAM-SHA-256, built on
+//! `postgres-protocol`), simple queries (replication commands such as
+//! `CREATE_REPLICATION_SLOT`, plus plain SQL, which a `replication=database`
+//! connection accepts), and the stream itself: XLogData and keepalives in,
+//! standby status updates out.
+//!
+//! Reads are cancellation-safe: all state lives in `self.buf`, so a read raced
+//! against a timer and dropped loses nothing.
+
+use std::fmt;
+use std::pin::Pin;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use oppen_connector_api::Error;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_postgres::config::{Host, SslMode};
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// An error the server reported.
+#[derive(Debug, Clone)]
+pub struct ServerError {
+    /// SQLSTATE, e.g. `42704`.
+    pub code: String,
+    /// The primary message.
+    pub message: String,
+    /// DETAIL and HINT, where given.
+    pub detail: Option<String>,
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
+        if let Some(d) = &self.detail {
+            write!(f, ": {d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ServerError {
+    /// Whether retrying cannot help: bad credentials, missing privileges or
+    /// objects, syntax. Everything else (shutdown, resource limits, an active
+    /// slot) is worth retrying.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            &self.code[..2.min(self.code.len())],
+            "28" | "42" | "3D" | "0A" | "22"
+        )
+    }
+
+    fn into_error(self, what: &str) -> Error {
+        if self.is_fatal() {
+            Error::Config(format!("{what}: {self}"))
+        } else {
+            transient(format!("{what}: {self}"))
+        }
+    }
+}
+
+/// A transient error with a message.
+pub fn transient(message: impl Into<String>) -> Error {
+    Error::Transient {
+        message: message.into(),
+        source: None,
+    }
+}
+
+fn io_error(what: &str, e: std::io::Error) -> Error {
+    Error::Transient {
+        message: format!("{what}: {e}"),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// One message of the replication stream.
+#[derive(Debug)]
+pub enum StreamMessage {
+    /// WAL data: one pgoutput message.
+    XLogData {
+        /// The WAL position the data starts at.
+        start: u64,
+        /// The server's current end of WAL.
+        end: u64,
+        /// The pgoutput message.
+        data: Bytes,
+    },
+    /// The server's keepalive; `reply` asks for a status update at once.
+    Keepalive { end: u64, reply: bool },
+    /// The server ended the stream.
+    Done,
+}
+
+/// What `CREATE_REPLICATION_SLOT` returns.
+#[derive(Debug, Clone)]
+pub struct CreatedSlot {
+    /// The LSN from which streaming yields exactly the changes after the snapshot.
+    pub consistent_point: u64,
+    /// The exported snapshot, for `SET TRANSACTION SNAPSHOT`.
+    pub snapshot: Option<String>,
+}
+
+/// A `replication=database` connection.
+pub struct ReplicationConnection {
+    stream: Pin<Box<dyn Stream>>,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+impl fmt::Debug for ReplicationConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationConnection")
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message from the server: its type byte and body.
+type RawMessage = (u8, Bytes);
+
+impl ReplicationConnection {
+    /// Connects and authenticates. `options` are server settings sent at startup
+    /// (`-c name=value ...`): the connector pins DateStyle, IntervalStyle and
+    /// TimeZone so values stream in the forms it decodes.
+    pub async fn connect(config: &tokio_postgres::Config, options: &str) -> Result<Self, Error> {
+        if config.get_ssl_mode() == SslMode::Require {
+            return Err(Error::Config(
+                "sslmode=require: the replication connection does not support TLS yet; use \
+                 sslmode=disable or prefer on a trusted network (or a TLS tunnel)"
+                    .into(),
+            ));
+        }
+        let user = config
+            .get_user()
+            .map(str::to_string)
+            .or_else(|| std::env::var("PGUSER").ok())
+            .unwrap_or_else(|| "postgres".into());
+        let dbname = config.get_dbname().unwrap_or(&user).to_string();
+        let stream = Self::open_socket(config).await?;
+        let mut conn = ReplicationConnection {
+            stream,
+            buf: BytesMut::with_capacity(1 << 20),
+            out: BytesMut::with_capacity(256),
+        };
+        let params = [
+            ("user", user.as_str()),
+            ("database", dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", "oppen"),
+            ("options", options),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut conn.out)
+            .map_err(|e| io_error("startup message", e))?;
+        conn.flush().await?;
+        conn.authenticate(&user, config.get_password()).await?;
+        Ok(conn)
+    }
+
+    async fn open_socket(config: &tokio_postgres::Config) -> Result<Pin<Box<dyn Stream>>, Error> {
+        let hosts = config.get_hosts();
+        let ports = config.get_ports();
+        let mut last = None;
+        let candidates: Vec<Host> = if hosts.is_empty() {
+            vec![Host::Tcp("localhost".into())]
+        } else {
+            hosts.to_vec()
+        };
+        for (i, host) in candidates.iter().enumerate() {
+            let port = ports
+                .get(i)
+                .or_else(|| ports.first())
+                .copied()
+                .unwrap_or(5432);
+            let result: std::io::Result<Pin<Box<dyn Stream>>> = match host {
+                Host::Tcp(h) => tokio::net::TcpStream::connect((h.as_str(), port))
+                    .await
+                    .map(|s| {
+                        let _ = s.set_nodelay(true);
+                        Box::pin(s) as Pin<Box<dyn Stream>>
+                    }),
+                Host::Unix(dir) => {
+                    tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
+                        .await
+                        .map(|s| Box::pin(s) as Pin<Box<dyn Stream>>)
+                }
+            };
+            match result {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(format!("{host:?}:{port}: {e}")),
+            }
+        }
+        Err(transient(format!(
+            "cannot connect to PostgreSQL: {}",
+            last.unwrap_or_default()
+        )))
+    }
+
+    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), Error> {
+        let need_password = || {
+            Error::Config(
+                "the server asks for a password and the connection URL has none".to_string(),
+            )
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (tag, mut body) = self.read_message().await?;
+            match tag {
+                b'R' => {
+                    let code = body.get_i32();
+                    match code {
+                        0 => {}
+                        3 => {
+                            let p = password.ok_or_else(need_password)?;
+                            let mut cstr = p.to_vec();
+                            cstr.push(0);
+                            frontend::password_message(&cstr, &mut self.out)
+                                .map_err(|e| io_error("password", e))?;
+                            self.flush().await?;
+                        }
+                        5 => {
+                            let p = password.ok_or_else(need_password)?;
+                            let mut salt = [0u8; 4];
+                            body.copy_to_slice(&mut salt);
+                            let mut hash = postgres_protocol::authentication::md5_hash(
+                                user.as_bytes(),
+                                p,
+                                salt,
+                            )
+                            .into_bytes();
+                            hash.push(0);
+                            frontend::password_message(&hash, &mut self.out)
+                                .map_err(|e| io_error("password", e))?;
+                            self.flush().await?;
+                        }
+                        10 => {
+                            let p = password.ok_or_else(need_password)?;
+                            let mechanisms: Vec<&[u8]> =
+                                body.split(|b| *b == 0).filter(|m| !m.is_empty()).collect();
+                            if !mechanisms.contains(&SCRAM_SHA_256.as_bytes()) {
+                                return Err(Error::Config(
+                                    "the server offers no SASL mechanism oppen supports (SCRAM-SHA-256)"
+                                        .into(),
+                                ));
+                            }
+                            let s = ScramSha256::new(p, ChannelBinding::unsupported());
+                            frontend::sasl_initial_response(
+                                SCRAM_SHA_256,
+                                s.message(),
+                                &mut self.out,
+                            )
+                            .map_err(|e| io_error("SASL", e))?;
+                            scram = Some(s);
+                            self.flush().await?;
+                        }
+                        11 => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| transient("unexpected SASL continue"))?;
+                            s.update(&body)
+                                .map_err(|e| Error::Config(format!("SCRAM authentication: {e}")))?;
+                            frontend::sasl_response(s.message(), &mut self.out)
+                                .map_err(|e| io_error("SASL", e))?;
+                            self.flush().await?;
+                        }
+                        12 => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| transient("unexpected SASL final"))?;
+                            s.finish(&body)
+                                .map_err(|e| Error::Config(format!("SCRAM authentication: {e}")))?;
+                        }
+                        other => {
+                            return Err(Error::Config(format!(
+                                "the server asks for an authentication method oppen does not support (code {other})"
+                            )));
+                        }
+                    }
+                }
+                b'E' => return Err(parse_error(&body).into_error("connect")),
+                b'Z' => return Ok(()),
+                // ParameterStatus, BackendKeyData, notices.
+                _ => {}
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Error> {
+        self.stream
+            .write_all(&self.out)
+            .await
+            .map_err(|e| io_error("write to PostgreSQL", e))?;
+        self.out.clear();
+        self.stream
+            .flush()
+            .await
+            .map_err(|e| io_error("write to PostgreSQL", e))
+    }
+
+    /// Reads one whole message. Cancellation-safe.
+    async fn read_message(&mut self) -> Result<RawMessage, Error> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if len < 4 {
+                    return Err(transient("malformed message from PostgreSQL"));
+                }
+                if self.buf.len() > len {
+                    let tag = self.buf[0];
+                    let mut whole = self.buf.split_to(len + 1);
+                    whole.advance(5);
+                    return Ok((tag, whole.freeze()));
+                }
+                self.buf.reserve(len + 1 - self.buf.len());
+            }
+            if self.buf.capacity() - self.buf.len() < 64 * 1024 {
+                self.buf.reserve(1 << 20);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| io_error("read from PostgreSQL", e))?;
+            if n == 0 {
+                return Err(transient("PostgreSQL closed the connection"));
+            }
+        }
+    }
+
+    /// Runs one simple query; returns the rows of its (last) result as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, Error> {
+        frontend::query(sql, &mut self.out).map_err(|e| io_error("query", e))?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let (tag, mut body) = self.read_message().await?;
+            match tag {
+                b'T' => rows.clear(),
+                b'D' => {
+                    let n = body.get_i16();
+                    let mut row = Vec::with_capacity(n.max(0) as usize);
+                    for _ in 0..n {
+                        let len = body.get_i32();
+                        if len < 0 {
+                            row.push(None);
+                        } else {
+                            let v = body.split_to(len as usize);
+                            row.push(Some(String::from_utf8_lossy(&v).into_owned()));
+                        }
+                    }
+                    rows.push(row);
+                }
+                b'E' => error = Some(parse_error(&body)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => {
+                let what = sql.split_whitespace().next().unwrap_or("query").to_string();
+                Err(e.into_error(&what))
+            }
+            None => Ok(rows),
+        }
+    }
+
+    /// `CREATE_REPLICATION_SLOT slot LOGICAL pgoutput`, exporting a snapshot.
+    pub async fn create_slot(&mut self, slot: &str) -> Result<CreatedSlot, Error> {
+        let rows = self
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(slot)
+            ))
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| transient("CREATE_REPLICATION_SLOT returned no row"))?;
+        let consistent_point = row
+            .get(1)
+            .and_then(|v| v.as_deref())
+            .and_then(parse_lsn)
+            .ok_or_else(|| transient("CREATE_REPLICATION_SLOT returned no consistent point"))?;
+        Ok(CreatedSlot {
+            consistent_point,
+            snapshot: row.get(2).cloned().flatten(),
+        })
+    }
+
+    /// Starts streaming the slot from `lsn` with pgoutput over `publication`.
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        lsn: u64,
+        publication: &str,
+    ) -> Result<(), Error> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(slot),
+            format_lsn(lsn),
+            quote_literal(&quote_ident(publication)),
+        );
+        frontend::query(&sql, &mut self.out).map_err(|e| io_error("START_REPLICATION", e))?;
+        self.flush().await?;
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                b'W' => return Ok(()),
+                b'E' => return Err(parse_error(&body).into_error("START_REPLICATION")),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next message of the stream. Cancellation-safe.
+    pub async fn recv(&mut self) -> Result<StreamMessage, Error> {
+        loop {
+            let (tag, mut body) = self.read_message().await?;
+            match tag {
+                b'd' if body.first() == Some(&b'w') && body.len() >= 25 => {
+                    body.advance(1);
+                    let start = body.get_u64();
+                    let end = body.get_u64();
+                    body.advance(8);
+                    return Ok(StreamMessage::XLogData {
+                        start,
+                        end,
+                        data: body,
+                    });
+                }
+                b'd' if body.first() == Some(&b'k') && body.len() >= 18 => {
+                    body.advance(1);
+                    let end = body.get_u64();
+                    body.advance(8);
+                    return Ok(StreamMessage::Keepalive {
+                        end,
+                        reply: body.get_u8() == 1,
+                    });
+                }
+                b'c' | b'C' | b'Z' => return Ok(StreamMessage::Done),
+                b'E' => return Err(parse_error(&body).into_error("replication stream")),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a standby status update: everything up to `flush` is durable here.
+    pub async fn send_status(&mut self, received: u64, flush: u64) -> Result<(), Error> {
+        let now = chrono::Utc::now().timestamp_micros() - PG_EPOCH_OFFSET_US;
+        let mut msg = BytesMut::with_capacity(34);
+        msg.put_u8(b'r');
+        msg.put_u64(received);
+        msg.put_u64(flush);
+        msg.put_u64(flush);
+        msg.put_i64(now);
+        msg.put_u8(0);
+        self.out.put_u8(b'd');
+        self.out.put_u32(4 + msg.len() as u32);
+        self.out.put_slice(&msg);
+        self.flush().await
+    }
+
+    /// Ends the session cleanly.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.out);
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+fn parse_error(body: &[u8]) -> ServerError {
+    let mut e = ServerError {
+        code: String::new(),
+        message: String::new(),
+        detail: None,
+    };
+    for field in body.split(|b| *b == 0) {
+        let Some((&kind, value)) = field.split_first() else {
+            continue;
+        };
+        let value = String::from_utf8_lossy(value).into_owned();
+        match kind {
+            b'C' => e.code = value,
+            b'M' => e.message = value,
+            b'D' | b'H' => {
+                e.detail = Some(match e.detail.take() {
+                    Some(d) => format!("{d}; {value}"),
+                    None => value,
+                })
+            }
+            _ => {}
+        }
+    }
+    e
+}
+
+/// Parses `X/Y` (hex halves) into an LSN.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// Formats an LSN as `X/Y`.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trip() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("nonsense"), None);
+    }
+
+    #[test]
+    fn parses_error_fields() {
+        let body = b"SERROR\0C42704\0Mreplication slot \"x\" does not exist\0\0";
+        let e = parse_error(body);
+        assert_eq!(e.code, "42704");
+        assert!(e.is_fatal());
+        assert!(e.to_string().contains("does not exist"));
+    }
+}

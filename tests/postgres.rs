@@ -1,0 +1,617 @@
+//! The PostgreSQL connector against a real server (a private cluster started by
+//! the harness): snapshot, streaming with a mixed workload, crashes, and the
+//! hard cases.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use oppen_connector_api::Position;
+use support::postgres::Cluster;
+
+const SCHEMA: &str = "
+CREATE TYPE invoice_status AS ENUM ('open', 'paid', 'disputed');
+CREATE DOMAIN money_amount AS numeric(18,2);
+CREATE TABLE supplier_invoices (
+  invoice_id bigint PRIMARY KEY,
+  supplier text NOT NULL,
+  supplier_orgnr varchar(11),
+  amount numeric(18,2),
+  vat money_amount,
+  posted date,
+  updated_at timestamptz,
+  local_time timestamp,
+  paid boolean,
+  status invoice_status,
+  ref uuid,
+  meta jsonb,
+  tags text[],
+  ratio double precision,
+  small smallint,
+  period interval,
+  attachment bytea,
+  notes text,
+  clerk_email text,
+  obsolete integer
+);";
+
+const RULES: &str = "
+columns:
+  invoice_id: keep
+  supplier: keep
+  supplier_orgnr: keep
+  amount: keep
+  vat: keep
+  posted: keep
+  updated_at: keep
+  local_time: keep
+  paid: keep
+  status: keep
+  ref: keep
+  meta: keep
+  tags: keep
+  ratio: keep
+  small: keep
+  period: keep
+  attachment: keep
+  notes: redact
+  clerk_email: drop
+  obsolete: keep
+unclassified: drop
+";
+
+/// Rows `from..to` as one INSERT; every tenth row has a large, incompressible
+/// note, stored out of line (TOAST).
+fn insert_sql(from: i64, to: i64) -> String {
+    format!(
+        "INSERT INTO supplier_invoices (invoice_id, supplier, supplier_orgnr, amount, vat, posted, updated_at, \
+         local_time, paid, status, ref, meta, tags, ratio, small, period, attachment, notes, clerk_email, obsolete) \
+         SELECT g, 'Leverantör ' || (g % 97), '556' || lpad((g % 1000000)::text, 6, '0'), (g * 37 % 100000) / 100.0, \
+         (g % 5000) / 4.0, date '2024-01-01' + (g % 365), timestamptz '2024-01-01 12:00:00+01' + g * interval '1 minute', \
+         timestamp '2024-02-01 08:30:00' + g * interval '1 second', g % 2 = 0, \
+         (ARRAY['open','paid','disputed']::invoice_status[])[1 + g % 3], md5(g::text)::uuid, \
+         jsonb_build_object('n', g, 'tag', 'x' || g), ARRAY['a' || g, 'b \"q\"'], g / 7.0, (g % 30000)::smallint, \
+         make_interval(days => (g % 40)::int, secs => g % 3600), decode(md5(g::text), 'hex'), \
+         CASE WHEN g % 10 = 0 THEN (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 300) i) \
+              ELSE 'Faktura ' || g || ' ring 070-123 45 67' END, \
+         'clerk' || g || '@exempel.se', g % 11 \
+         FROM generate_series({from}, {to} - 1) g"
+    )
+}
+
+fn pipeline_yaml(dataset: &str, table: &str, slot: &str) -> String {
+    format!(
+        "dataset:
+  id: {dataset}
+  title: Leverantörsfakturor (test)
+  description: Test
+  publisher: {{ name: Testkommun, org_nr: \"212000-0000\" }}
+  contact: test@exempel.se
+  license: CC0-1.0
+  accrual: continuous
+  access: open
+source:
+  postgres:
+    url: ${{TEST_PG_URL}}
+    table: {table}
+    slot: {slot}
+    publication: {slot}_pub
+    heartbeat_seconds: 2
+rules: {dataset}.rules.yaml
+publish:
+  store: file://published
+  state: file://state
+  formats: [parquet, csv]
+  interval_seconds: 0.3
+  keep_versions: 1000
+"
+    )
+}
+
+/// A folder with pipelines on one database.
+struct Setup {
+    dir: tempfile::TempDir,
+    url: String,
+    db: String,
+}
+
+impl Setup {
+    fn new(db: &str) -> Self {
+        let cluster = Cluster::get();
+        let url = cluster.database(db);
+        Setup {
+            dir: tempfile::tempdir().unwrap(),
+            url,
+            db: db.into(),
+        }
+    }
+
+    fn pipeline(&self, dataset: &str, table: &str, slot: &str, rules: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{dataset}.yaml"));
+        std::fs::write(&path, pipeline_yaml(dataset, table, slot)).unwrap();
+        std::fs::write(self.dir.path().join(format!("{dataset}.rules.yaml")), rules).unwrap();
+        path
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_oppen"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env("TEST_PG_URL", &self.url)
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    fn oppen(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn spawn(&self, pipeline: &Path) -> Child {
+        self.command(&["run", pipeline.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    }
+
+    fn published(&self, dataset: &str) -> PathBuf {
+        self.dir.path().join("published").join(dataset)
+    }
+
+    fn latest(&self, dataset: &str) -> Option<oppen::publish::manifest::Version> {
+        support::read_manifest(&self.published(dataset).join("manifest.json"))
+    }
+
+    /// Runs SQL as the pipelines' role (which then owns what it creates).
+    fn psql(&self, sql: &str) -> String {
+        Cluster::get().psql(
+            &self.db,
+            &format!("SET ROLE {}; {sql}", support::postgres::USER),
+        )
+    }
+
+    /// Waits until the dataset's newest version holds the source up to `lsn`.
+    fn wait_for(&self, dataset: &str, lsn: u64, child: &mut Child) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Some(v) = self.latest(dataset)
+                && let Some(Position::Lsn { lsn: at }) = v.source_position
+                && at >= lsn
+            {
+                return;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("oppen exited with {status} before publishing up to {lsn:X}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{dataset} did not reach LSN {lsn:X} within 180 s (at {:?})",
+                self.latest(dataset).and_then(|v| v.source_position)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits for the first version (the snapshot).
+    fn wait_for_first(&self, dataset: &str, child: &mut Child) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.latest(dataset).is_none() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("oppen exited with {status} before its first version");
+            }
+            assert!(Instant::now() < deadline, "no first version within 120 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn current_lsn(&self) -> u64 {
+        oppen_connector_postgres::wire::parse_lsn(self.psql("SELECT pg_current_wal_lsn()").trim())
+            .unwrap()
+    }
+}
+
+/// Every row of a dataset's newest version, each formatted as one string, sorted.
+fn rows_of(published: &Path) -> (Vec<String>, Vec<String>) {
+    let version = support::read_manifest(&published.join("manifest.json")).unwrap();
+    let mut rows = Vec::new();
+    let mut columns = Vec::new();
+    for partition in version.partitions.values() {
+        let (_, file) = partition
+            .files
+            .iter()
+            .find(|(f, _)| format!("{f:?}").eq_ignore_ascii_case("parquet"))
+            .unwrap();
+        let batch: RecordBatch = support::read_file(&published.join(&file.path));
+        columns = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let options = FormatOptions::default().with_null("∅");
+        let formatters: Vec<ArrayFormatter> = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+            .collect();
+        for r in 0..batch.num_rows() {
+            let cells: Vec<String> = formatters.iter().map(|f| f.value(r).to_string()).collect();
+            rows.push(cells.join("|"));
+        }
+    }
+    rows.sort();
+    (columns, rows)
+}
+
+/// Publishes the table afresh (a new slot, snapshot only) and checks that
+/// `dataset` equals it row for row.
+fn assert_matches_fresh_snapshot(setup: &Setup, dataset: &str) {
+    let reference = format!("{dataset}_ref");
+    let pipeline = setup.pipeline(
+        &reference,
+        "public.supplier_invoices",
+        &format!("{reference}_slot"),
+        RULES,
+    );
+    let out = setup.oppen(&["run", "--once", pipeline.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "reference run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (columns, expected) = rows_of(&setup.published(&reference));
+    let (got_columns, got) = rows_of(&setup.published(dataset));
+    assert_eq!(got_columns, columns, "published columns differ");
+    let source_rows: usize = setup
+        .psql("SELECT count(*) FROM supplier_invoices")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(expected.len(), source_rows, "the reference misses rows");
+    if got != expected {
+        let missing: Vec<&String> = expected
+            .iter()
+            .filter(|r| !got.contains(r))
+            .take(3)
+            .collect();
+        let extra: Vec<&String> = got
+            .iter()
+            .filter(|r| !expected.contains(r))
+            .take(3)
+            .collect();
+        panic!(
+            "{dataset} differs from the table: {} rows vs {}; missing e.g. {missing:#?}; unexpected e.g. {extra:#?}",
+            got.len(),
+            expected.len()
+        );
+    }
+}
+
+/// The mixed workload, in SQL steps, each its own transaction (or several).
+fn workload(setup: &Setup, next_id: &mut i64) {
+    let mut id = *next_id;
+    // Small transactions of five rows, from two sessions at once.
+    let a = {
+        let db = setup.db.clone();
+        let start = id;
+        std::thread::spawn(move || {
+            for t in 0..40 {
+                let from = start + t * 5;
+                Cluster::get().psql(&db, &insert_sql(from, from + 5));
+            }
+        })
+    };
+    id += 200;
+    let b = {
+        let db = setup.db.clone();
+        let start = id;
+        std::thread::spawn(move || {
+            for t in 0..40 {
+                let from = start + t * 5;
+                Cluster::get().psql(
+                    &db,
+                    &format!(
+                        "BEGIN; {}; UPDATE supplier_invoices SET amount = amount + 1, updated_at = now() WHERE invoice_id % 50 = {}; COMMIT",
+                        insert_sql(from, from + 5),
+                        t
+                    ),
+                );
+            }
+        })
+    };
+    id += 200;
+    a.join().unwrap();
+    b.join().unwrap();
+    // TRUNCATE, then rows in the same transaction; the steps below work on these.
+    let base = id;
+    setup.psql(&format!(
+        "BEGIN; TRUNCATE supplier_invoices; {}; COMMIT",
+        insert_sql(id, id + 300)
+    ));
+    id += 300;
+    // One larger transaction.
+    setup.psql(&format!(
+        "BEGIN; {}; DELETE FROM supplier_invoices WHERE invoice_id % 9 = 0; COMMIT",
+        insert_sql(id, id + 20_000)
+    ));
+    id += 20_000;
+    // Updates that leave the TOASTed notes unchanged.
+    setup.psql("UPDATE supplier_invoices SET paid = NOT paid, status = 'disputed' WHERE invoice_id % 10 = 0");
+    // Deletes.
+    setup.psql("DELETE FROM supplier_invoices WHERE invoice_id % 17 = 3");
+    // A key change, of a row with a TOASTed note among others.
+    setup.psql(&format!(
+        "UPDATE supplier_invoices SET invoice_id = invoice_id + 50000000 WHERE invoice_id IN ({}, {}, {})",
+        base + 20,
+        base + 21,
+        base + 40
+    ));
+    // NULLs everywhere but the key and the supplier.
+    setup.psql(&format!(
+        "INSERT INTO supplier_invoices (invoice_id, supplier) VALUES ({id}, 'Tom rad')"
+    ));
+    id += 1;
+    // Schema changes while streaming: a new (unclassified) column, a dropped
+    // one, a type change.
+    setup.psql("ALTER TABLE supplier_invoices ADD COLUMN IF NOT EXISTS extra text");
+    setup.psql(&format!(
+        "{}; UPDATE supplier_invoices SET extra = 'secret ' || invoice_id WHERE invoice_id >= {id}",
+        insert_sql(id, id + 50)
+    ));
+    id += 50;
+    setup.psql("ALTER TABLE supplier_invoices DROP COLUMN obsolete");
+    setup.psql("UPDATE supplier_invoices SET ratio = ratio * 2 WHERE invoice_id % 7 = 1");
+    setup.psql("ALTER TABLE supplier_invoices ALTER COLUMN small TYPE integer");
+    setup.psql("UPDATE supplier_invoices SET small = 70000 WHERE invoice_id % 13 = 0");
+    setup.psql(&format!(
+        "{}; UPDATE supplier_invoices SET notes = notes || ' (ändrad)' WHERE invoice_id % 20 = 0",
+        insert_sql(id, id + 100)
+            .replace(", obsolete)", ")")
+            .replace(", g % 11 ", " ")
+    ));
+    id += 100;
+    *next_id = id;
+}
+
+fn setup_table(setup: &Setup, rows: i64) {
+    setup.psql(SCHEMA);
+    setup.psql(&insert_sql(1, rows + 1));
+}
+
+#[test]
+fn snapshot_then_streamed_changes_equal_the_table() {
+    let setup = Setup::new("scenario");
+    setup_table(&setup, 2000);
+    let pipeline = setup.pipeline(
+        "invoices",
+        "public.supplier_invoices",
+        "scenario_slot",
+        RULES,
+    );
+    let mut child = setup.spawn(&pipeline);
+    setup.wait_for_first("invoices", &mut child);
+    let first = setup.latest("invoices").unwrap();
+    assert_eq!(first.rows, 2000, "the snapshot holds every row");
+    let mut next_id = 10_000;
+    workload(&setup, &mut next_id);
+    let lsn = setup.current_lsn();
+    setup.psql(&format!(
+        "INSERT INTO supplier_invoices (invoice_id, supplier) VALUES ({next_id}, 'marker')"
+    ));
+    setup.wait_for("invoices", lsn, &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    support::check_whole(&setup.published("invoices")).unwrap();
+    assert_matches_fresh_snapshot(&setup, "invoices");
+    // The unclassified new column never reached the store.
+    let published = support::walk(&setup.dir.path().join("published"));
+    for file in published {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !bytes.windows(7).any(|w| w == b"secret "),
+            "{} holds the unclassified column's values",
+            file.display()
+        );
+        assert!(
+            !bytes.windows(6).any(|w| w == b"clerk1"),
+            "{} holds a dropped column's values",
+            file.display()
+        );
+    }
+    // The slot's confirmed position moved with the committed versions.
+    let confirmed = setup.psql(
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'scenario_slot'",
+    );
+    let confirmed = oppen_connector_postgres::wire::parse_lsn(confirmed.trim()).unwrap();
+    assert!(
+        confirmed >= lsn,
+        "slot confirmed {confirmed:X}, published {lsn:X}"
+    );
+}
+
+#[test]
+fn killed_at_random_points_loses_and_doubles_nothing() {
+    let setup = Setup::new("crashes");
+    setup_table(&setup, 3000);
+    let pipeline = setup.pipeline("crashing", "public.supplier_invoices", "crash_slot", RULES);
+    // The workload runs while the pipeline is killed and restarted.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let done = done.clone();
+        let db = setup.db.clone();
+        std::thread::spawn(move || {
+            let setup = Setup {
+                dir: tempfile::tempdir().unwrap(),
+                url: Cluster::get().url(&db),
+                db,
+            };
+            let mut next_id = 10_000;
+            for _ in 0..2 {
+                workload(&setup, &mut next_id);
+                // Put the dropped column back for the next round.
+                setup.psql(
+                    "ALTER TABLE supplier_invoices ADD COLUMN IF NOT EXISTS obsolete integer",
+                );
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let mut kills = 0;
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    while kills < 20 || !done.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut child = setup.spawn(&pipeline);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(300 + seed % 2200));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        support::check_whole(&setup.published("crashing"))
+            .unwrap_or_else(|e| panic!("after kill {kills}: {e}"));
+        assert!(kills < 200, "the workload did not finish");
+    }
+    worker.join().unwrap();
+    let lsn = setup.current_lsn();
+    setup.psql("INSERT INTO supplier_invoices (invoice_id, supplier) VALUES (99999999, 'marker')");
+    let mut child = setup.spawn(&pipeline);
+    setup.wait_for("crashing", lsn, &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    support::check_whole(&setup.published("crashing")).unwrap();
+    assert_matches_fresh_snapshot(&setup, "crashing");
+}
+
+#[test]
+fn a_million_row_transaction_is_published_whole() {
+    let setup = Setup::new("bigtx");
+    setup.psql("CREATE TABLE big (id bigint PRIMARY KEY, amount numeric(12,2), note text)");
+    setup.psql("INSERT INTO big SELECT g, g / 100.0, 'rad ' || g FROM generate_series(1, 10) g");
+    let rules = "columns:\n  id: keep\n  amount: keep\n  note: keep\n";
+    let pipeline = setup.pipeline("big", "public.big", "big_slot", rules);
+    let mut child = setup.spawn(&pipeline);
+    setup.wait_for_first("big", &mut child);
+    setup.psql(
+        "INSERT INTO big SELECT g, g / 100.0, 'rad ' || g FROM generate_series(11, 1000010) g",
+    );
+    let lsn = setup.current_lsn();
+    setup.psql("INSERT INTO big VALUES (0, 0, 'marker')");
+    setup.wait_for("big", lsn, &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // No version ever held part of the big transaction.
+    let published = setup.published("big");
+    for entry in std::fs::read_dir(published.join("versions")).unwrap() {
+        let Some(v) = support::read_manifest(&entry.unwrap().path()) else {
+            continue;
+        };
+        assert!(
+            v.rows == 10 || v.rows >= 1_000_010,
+            "version {} holds {} rows: part of a transaction",
+            v.version,
+            v.rows
+        );
+    }
+    assert_eq!(setup.latest("big").unwrap().rows, 1_000_011);
+}
+
+#[test]
+fn check_connect_reports_what_the_connector_needs() {
+    let setup = Setup::new("checks");
+    setup.psql("CREATE TABLE nokey (a int, b text)");
+    setup.psql("CREATE TABLE nothing (id int PRIMARY KEY, b text); ALTER TABLE nothing REPLICA IDENTITY NOTHING");
+    setup.psql("CREATE TABLE fine (id int PRIMARY KEY, b text, c text)");
+    let rules = "columns:\n  a: keep\n  b: keep\n";
+    let nokey = setup.pipeline("nokey", "public.nokey", "nokey_slot", rules);
+    let out = setup.oppen(&["check", "--connect", nokey.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("has no primary key"), "{stderr}");
+    // Running it fails the same way, without retrying forever.
+    let out = setup.oppen(&["run", "--once", nokey.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no primary key"));
+
+    let rules = "columns:\n  id: keep\n  b: keep\n";
+    let nothing = setup.pipeline("nothing", "public.nothing", "nothing_slot", rules);
+    let out = setup.oppen(&["check", "--connect", nothing.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("REPLICA IDENTITY NOTHING"), "{stderr}");
+
+    let fine = setup.pipeline("fine", "public.fine", "fine_slot", rules);
+    let out = setup.oppen(&["check", "--connect", fine.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("wal_level         logical"), "{stdout}");
+    assert!(stdout.contains("may replicate     yes"), "{stdout}");
+    assert!(
+        stdout.contains("replica identity  default (id)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains(" c ") && l.contains("NO RULE")),
+        "{stdout}"
+    );
+    // The password never shows.
+    assert!(!stdout.contains(support::postgres::PASSWORD));
+
+    let missing = setup.pipeline("missing", "public.no_such_table", "missing_slot", rules);
+    let out = setup.oppen(&["check", "--connect", missing.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn a_dropped_slot_is_a_clear_error_and_resnapshot_recovers() {
+    let setup = Setup::new("slotloss");
+    setup.psql("CREATE TABLE t (id int PRIMARY KEY, b text)");
+    setup.psql("INSERT INTO t SELECT g, 'x' || g FROM generate_series(1, 100) g");
+    let rules = "columns:\n  id: keep\n  b: keep\n";
+    let pipeline = setup.pipeline("t", "public.t", "lost_slot", rules);
+    let p = pipeline.to_str().unwrap();
+    let out = setup.oppen(&["run", "--once", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(setup.latest("t").unwrap().rows, 100);
+    setup.psql("SELECT pg_drop_replication_slot('lost_slot')");
+    setup.psql("DELETE FROM t WHERE id <= 10; INSERT INTO t VALUES (500, 'new')");
+    let out = setup.oppen(&["run", "--once", p]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("lost_slot") && stderr.contains("--resnapshot"),
+        "{stderr}"
+    );
+    let out = setup.oppen(&["run", "--once", "--resnapshot", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = setup.latest("t").unwrap();
+    assert_eq!(v.rows, 91);
+    assert_eq!((v.changes.inserts, v.changes.deletes), (1, 10));
+    // Streaming goes on from the new slot.
+    setup.psql("UPDATE t SET b = 'changed' WHERE id = 50");
+    let out = setup.oppen(&["run", "--once", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(setup.latest("t").unwrap().changes.updates, 1);
+}
