@@ -143,7 +143,10 @@ impl Setup {
         c.args(args)
             .current_dir(self.dir.path())
             .env("TEST_PG_URL", &self.url)
-            .env("RUST_LOG", "warn");
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_OPPEN_LOG").unwrap_or("warn".into()),
+            );
         c
     }
 
@@ -614,4 +617,34 @@ fn a_dropped_slot_is_a_clear_error_and_resnapshot_recovers() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(setup.latest("t").unwrap().changes.updates, 1);
+}
+
+#[test]
+fn a_backlog_read_in_one_go_equals_the_table() {
+    let setup = Setup::new("backlog");
+    setup_table(&setup, 1000);
+    let pipeline = setup.pipeline("backlog", "public.supplier_invoices", "backlog_slot", RULES);
+    let p = pipeline.to_str().unwrap();
+    let out = setup.oppen(&["run", "--once", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Two rounds of the workload (two truncates, schema changes back and
+    // forth) while the pipeline is down, then one catch-up run.
+    let mut next_id = 10_000;
+    for _ in 0..2 {
+        workload(&setup, &mut next_id);
+        setup.psql("ALTER TABLE supplier_invoices ADD COLUMN IF NOT EXISTS obsolete integer");
+    }
+    setup.psql("INSERT INTO supplier_invoices (invoice_id, supplier) VALUES (99999999, 'marker')");
+    let out = setup.oppen(&["run", "--once", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    support::check_whole(&setup.published("backlog")).unwrap();
+    assert_matches_fresh_snapshot(&setup, "backlog");
 }

@@ -116,6 +116,8 @@ struct Pending {
     complete_image: Option<KeySet>,
     /// Inside a source transaction (a version must not end here).
     open_transaction: bool,
+    /// The kind of the newest staged batch.
+    last_kind: Option<BatchKind>,
     position: Option<Position>,
     source_time: Option<DateTime<Utc>>,
     rows: usize,
@@ -418,7 +420,14 @@ impl Publisher {
         let Classified { data, ops, .. } = batch;
         let index = self.pending.batches.len() as u32;
         let keys = state::keys(&data)?;
-        if kind == BatchKind::Snapshot && self.pending.snapshot_seen.is_none() {
+        // A snapshot batch after change batches starts a new image (a second
+        // TRUNCATE before the first one's transaction boundary was seen): the
+        // image under way is replaced, not extended.
+        let new_image = kind == BatchKind::Snapshot
+            && (self.pending.snapshot_seen.is_none()
+                || self.pending.last_kind == Some(BatchKind::Changes));
+        self.pending.last_kind = Some(kind);
+        if new_image {
             self.pending.snapshot_seen = Some(KeySet::with_capacity_and_hasher(
                 self.index.len(),
                 KeyHash::default(),

@@ -38,6 +38,9 @@ const SESSION_OPTIONS: &str =
     "-c datestyle=ISO -c intervalstyle=iso_8601 -c timezone=UTC -c extra_float_digits=3";
 /// How often a status update goes to the server even when it does not ask.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// How long whole transactions gather before they are handed out even while
+/// more arrive, so that a busy stream still lets versions end on time.
+const GATHER: Duration = Duration::from_millis(200);
 /// How long `next` waits for the stream before reporting idle.
 const IDLE_WAIT: Duration = Duration::from_millis(250);
 /// The prefix of the logical messages the connector emits (heartbeats).
@@ -516,6 +519,8 @@ pub struct PostgresSource {
     relation: Option<RelationState>,
     pending: Option<Pending>,
     ready: VecDeque<ChangeBatch>,
+    /// Relations described in this replication session.
+    known_relations: std::collections::HashSet<u32>,
     /// Known type kinds by (oid, typmod).
     type_cache: HashMap<(u32, i32), Kind>,
     /// Acknowledged by the engine (a committed version holds everything up to it).
@@ -541,6 +546,8 @@ pub struct PostgresSource {
     /// source does not report idle (so `run --once` publishes it).
     caught_up: bool,
     stream_started: Instant,
+    /// When the oldest pending row arrived.
+    pending_since: Option<Instant>,
 }
 
 impl fmt::Debug for PostgresSource {
@@ -569,6 +576,7 @@ impl PostgresSource {
             pending: None,
             ready: VecDeque::new(),
             type_cache: HashMap::new(),
+            known_relations: Default::default(),
             acked: 0,
             emitted: 0,
             last_commit: 0,
@@ -583,6 +591,7 @@ impl PostgresSource {
             restart_snapshot: false,
             caught_up: false,
             stream_started: Instant::now(),
+            pending_since: None,
         })
     }
 
@@ -719,6 +728,7 @@ impl PostgresSource {
                 other => other,
             })?;
         self.repl = Some(repl);
+        self.known_relations.clear();
         self.relation = None;
         self.pending = None;
         self.in_transaction = false;
@@ -803,6 +813,7 @@ impl PostgresSource {
         let data = RecordBatch::try_new(rel.schema.clone(), columns)
             .map_err(|e| transient(format!("building a change batch: {e}")))?;
         let ops = std::mem::take(&mut p.ops);
+        self.pending_since = None;
         if end_of_transaction {
             self.emitted = self.last_commit;
         }
@@ -947,6 +958,7 @@ impl PostgresSource {
             }
         }
         p.ops.push(op);
+        self.pending_since.get_or_insert_with(Instant::now);
         Ok(())
     }
 
@@ -1022,7 +1034,9 @@ impl PostgresSource {
                 if !self.skipping {
                     self.last_commit = end_lsn;
                     let rows = self.pending.as_ref().map_or(0, |p| p.ops.len());
-                    if rows >= BATCH_ROWS {
+                    if rows >= BATCH_ROWS
+                        || self.pending_since.is_some_and(|t| t.elapsed() >= GATHER)
+                    {
                         self.flush(true)?;
                     }
                 }
@@ -1033,8 +1047,22 @@ impl PostgresSource {
                     self.caught_up = true;
                 }
             }
+            // Relations are described once per session: take every description,
+            // also inside transactions skipped as already handed out.
+            Message::Relation(r) => {
+                self.known_relations.insert(r.oid);
+                self.on_relation(r).await?;
+            }
+            Message::Insert { relation, .. }
+            | Message::Update { relation, .. }
+            | Message::Delete { relation, .. }
+                if !self.known_relations.contains(&relation) =>
+            {
+                return Err(transient(format!(
+                    "the stream sent a change of relation {relation} before describing it"
+                )));
+            }
             _ if self.skipping => {}
-            Message::Relation(r) => self.on_relation(r).await?,
             Message::Insert { relation, new } if ours(relation, &self.relation) => {
                 self.append(Op::Insert, &new, None).await?;
             }
@@ -1060,6 +1088,7 @@ impl PostgresSource {
                 self.append(Op::Delete, &old.1, None).await?;
             }
             Message::Truncate { relations, .. } => {
+                tracing::debug!(table = %self.table, ?relations, "truncate");
                 if self
                     .relation
                     .as_ref()
