@@ -107,10 +107,33 @@ publish:
   store: file://published
   state: file://state
   formats: [parquet, csv]
-  interval_seconds: 0.3
+  interval_seconds: 1
   keep_versions: 1000
 "
     )
+}
+
+/// A running `oppen run`, killed when dropped (also when a test fails).
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A folder with pipelines on one database.
@@ -154,12 +177,14 @@ impl Setup {
         self.command(args).output().unwrap()
     }
 
-    fn spawn(&self, pipeline: &Path) -> Child {
-        self.command(&["run", pipeline.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap()
+    fn spawn(&self, pipeline: &Path) -> Running {
+        Running(
+            self.command(&["run", pipeline.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
     }
 
     fn published(&self, dataset: &str) -> PathBuf {
@@ -400,6 +425,20 @@ fn snapshot_then_streamed_changes_equal_the_table() {
     setup.wait_for_first("invoices", &mut child);
     let first = setup.latest("invoices").unwrap();
     assert_eq!(first.rows, 2000, "the snapshot holds every row");
+    // The replication connection is cut before the workload: the connector
+    // reconnects and goes on where it was.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Cluster::get()
+        .psql(
+            "scenario",
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'scenario_slot'",
+        )
+        .trim()
+        != "t"
+    {
+        assert!(Instant::now() < deadline, "the stream never connected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let mut next_id = 10_000;
     workload(&setup, &mut next_id);
     let lsn = setup.current_lsn();
@@ -407,6 +446,7 @@ fn snapshot_then_streamed_changes_equal_the_table() {
         "INSERT INTO supplier_invoices (invoice_id, supplier) VALUES ({next_id}, 'marker')"
     ));
     setup.wait_for("invoices", lsn, &mut child);
+    assert!(child.try_wait().unwrap().is_none(), "the pipeline stopped");
     child.kill().unwrap();
     child.wait().unwrap();
     support::check_whole(&setup.published("invoices")).unwrap();

@@ -273,7 +273,7 @@ pub async fn open(
 /// Any source a pipeline may have.
 #[derive(Debug)]
 pub enum PipelineSource {
-    Files(FilesSource),
+    Files(Box<FilesSource>),
     Postgres(Box<PostgresSource>),
 }
 
@@ -332,7 +332,7 @@ pub fn source(
     settle_now: bool,
 ) -> Result<PipelineSource, RunError> {
     Ok(match &pipeline.spec.source.value {
-        SourceConfig::Files(_) => PipelineSource::Files(files_source(pipeline, known, settle_now)?),
+        SourceConfig::Files(_) => PipelineSource::Files(Box::new(files_source(pipeline, known, settle_now)?)),
         SourceConfig::Postgres(config) => {
             PipelineSource::Postgres(Box::new(PostgresSource::new(config.clone())?))
         }

@@ -263,7 +263,8 @@ async fn type_kind(
                SELECT $1::oid, $2::int, 0 \
                UNION ALL SELECT t.typbasetype, t.typtypmod, d.depth + 1 FROM d JOIN pg_type t ON t.oid = d.oid \
                WHERE t.typtype = 'd' AND d.depth < 10) \
-             SELECT d.oid::int8, d.typmod, t.typtype::text, format_type($1::oid, $2::int) \
+             SELECT d.oid::int8, d.typmod, t.typtype::text, format_type($1::oid, $2::int), \
+               t.typcategory::text, t.typelem::int8 \
              FROM d JOIN pg_type t ON t.oid = d.oid ORDER BY d.depth DESC LIMIT 1",
             &[&oid, &typmod],
         )
@@ -274,10 +275,32 @@ async fn type_kind(
             let base: i64 = r.get(0);
             let base_typmod: i32 = r.get(1);
             let typtype: String = r.get(2);
-            (Kind::of(base as u32, base_typmod, typtype == "e"), r.get(3))
+            let category: String = r.get(4);
+            let element: i64 = r.get(5);
+            let kind = if category == "A" {
+                Kind::Array(match element {
+                    20 | 21 | 23 | 700 | 701 | 1700 => types::Element::Number,
+                    16 => types::Element::Bool,
+                    _ => types::Element::Text,
+                })
+            } else {
+                Kind::of(base as u32, base_typmod, typtype == "e")
+            };
+            (kind, r.get(3))
         }
         None => (Kind::Other, format!("oid {oid}")),
     })
+}
+
+/// Types the connector maps to their text form on purpose (no warning).
+fn known_as_text(sql_type: &str) -> bool {
+    sql_type.ends_with("[]")
+        || [
+            "interval", "time", "bytea", "numeric", "inet", "cidr", "macaddr", "money", "xml",
+            "bit", "oid", "tsvector",
+        ]
+        .iter()
+        .any(|t| sql_type.starts_with(t))
 }
 
 /// Connects and checks everything the connector needs.
@@ -295,7 +318,8 @@ async fn inspect_with(
     let server = client
         .query_one(
             "SELECT current_setting('server_version'), current_setting('wal_level'), \
-             (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+             (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
+             current_setting('server_version_num')::int",
             &[],
         )
         .await
@@ -316,6 +340,12 @@ async fn inspect_with(
         retained_wal_bytes: None,
         problems: Vec::new(),
     };
+    if server.get::<_, i32>(3) < 140_000 {
+        i.problems.push(format!(
+            "PostgreSQL {} is too old: the connector needs 14 or newer (logical messages, TID range scans)",
+            i.server_version
+        ));
+    }
     if i.wal_level != "logical" {
         i.problems.push(format!(
             "wal_level is `{}`; logical replication needs `logical`: set wal_level = logical in postgresql.conf and restart the server",
@@ -399,6 +429,9 @@ async fn inspect_with(
     for c in columns {
         let type_oid: i64 = c.get(1);
         let (kind, sql_type) = type_kind(client, type_oid as u32, c.get(2)).await?;
+        if kind == Kind::Other && !known_as_text(&sql_type) {
+            tracing::warn!(table = %table, column = c.get::<_, String>(0), sql_type, "unknown column type; published as the server's text form");
+        }
         i.columns.push(ColumnInfo {
             name: c.get(0),
             sql_type,
@@ -1042,11 +1075,7 @@ impl PostgresSource {
                 }
                 self.skipping = false;
             }
-            Message::Message { prefix } => {
-                if prefix == HEARTBEAT_PREFIX {
-                    self.caught_up = true;
-                }
-            }
+            Message::Message { prefix } if prefix == HEARTBEAT_PREFIX => self.caught_up = true,
             // Relations are described once per session: take every description,
             // also inside transactions skipped as already handed out.
             Message::Relation(r) => {
@@ -1070,13 +1099,11 @@ impl PostgresSource {
                 match &old {
                     // The key changed: the old key is gone.
                     Some((b'K', old_key)) => self.append(Op::Delete, old_key, None).await?,
-                    Some((_, old_row)) => {
-                        if self.key_changed(old_row, &new) {
-                            let key_only = self.key_only(old_row);
-                            self.append(Op::Delete, &key_only, None).await?;
-                        }
+                    Some((_, old_row)) if self.key_changed(old_row, &new) => {
+                        let key_only = self.key_only(old_row);
+                        self.append(Op::Delete, &key_only, None).await?;
                     }
-                    None => {}
+                    _ => {}
                 }
                 let full_old = old
                     .as_ref()

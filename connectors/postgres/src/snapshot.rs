@@ -208,15 +208,10 @@ impl CopyDecoder {
             data.advance(HEADER_LEN + ext);
             self.header_seen = true;
         }
-        loop {
-            match self.row(&data)? {
-                Some(used) => {
-                    data.advance(used);
-                    if self.rows >= self.batch_rows {
-                        out.push(self.flush()?);
-                    }
-                }
-                None => break,
+        while let Some(used) = self.row(&data)? {
+            data.advance(used);
+            if self.rows >= self.batch_rows {
+                out.push(self.flush()?);
             }
         }
         self.carry.extend_from_slice(&data);
@@ -288,6 +283,6 @@ impl CopyDecoder {
         if !self.ended {
             return Err(self.bad("the COPY stream ended without its trailer"));
         }
-        Ok((self.rows > 0).then(|| self.flush()).transpose()?)
+        (self.rows > 0).then(|| self.flush()).transpose()
     }
 }

@@ -43,9 +43,22 @@ pub enum Kind {
     Date,
     Timestamp,
     TimestampTz,
-    /// Everything else: the server's text form (arrays, intervals, times,
-    /// bytea, unconstrained numeric, network types, ...).
+    /// An array: the server's text form, published as JSON text.
+    Array(Element),
+    /// Everything else: the server's text form (intervals, times, bytea,
+    /// unconstrained numeric, network types, ...).
     Other,
+}
+
+/// How array elements appear in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Element {
+    /// Numbers (integers, floats, numeric): JSON numbers.
+    Number,
+    /// Booleans: JSON true/false.
+    Bool,
+    /// Everything else: JSON strings.
+    Text,
 }
 
 impl Kind {
@@ -91,7 +104,7 @@ impl Kind {
             Kind::Int2 | Kind::Int4 | Kind::Int8 => DataType::Int64,
             Kind::Float4 | Kind::Float8 => DataType::Float64,
             Kind::Numeric { precision, scale } => DataType::Decimal128(precision, scale),
-            Kind::Text | Kind::Jsonb | Kind::Uuid | Kind::Other => DataType::Utf8,
+            Kind::Text | Kind::Jsonb | Kind::Uuid | Kind::Array(_) | Kind::Other => DataType::Utf8,
             Kind::Date => DataType::Date32,
             Kind::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
             Kind::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
@@ -100,7 +113,7 @@ impl Kind {
 
     /// Whether the snapshot reads this column in binary (else `::text`).
     pub fn binary_in_snapshot(self) -> bool {
-        self != Kind::Other
+        !matches!(self, Kind::Other | Kind::Array(_))
     }
 }
 
@@ -112,6 +125,7 @@ pub enum ColumnBuilder {
     Float(Float64Builder),
     Decimal(Decimal128Builder, i8),
     Text(StringBuilder),
+    Array(StringBuilder, Element),
     Date(Date32Builder),
     Timestamp(TimestampMicrosecondBuilder, bool),
 }
@@ -136,6 +150,10 @@ impl ColumnBuilder {
             Kind::Text | Kind::Jsonb | Kind::Uuid | Kind::Other => {
                 ColumnBuilder::Text(StringBuilder::with_capacity(capacity, capacity * 16))
             }
+            Kind::Array(element) => ColumnBuilder::Array(
+                StringBuilder::with_capacity(capacity, capacity * 16),
+                element,
+            ),
             Kind::Date => ColumnBuilder::Date(Date32Builder::with_capacity(capacity)),
             Kind::Timestamp => ColumnBuilder::Timestamp(
                 TimestampMicrosecondBuilder::with_capacity(capacity),
@@ -154,7 +172,7 @@ impl ColumnBuilder {
             ColumnBuilder::Int(b) => b.append_null(),
             ColumnBuilder::Float(b) => b.append_null(),
             ColumnBuilder::Decimal(b, _) => b.append_null(),
-            ColumnBuilder::Text(b) => b.append_null(),
+            ColumnBuilder::Text(b) | ColumnBuilder::Array(b, _) => b.append_null(),
             ColumnBuilder::Date(b) => b.append_null(),
             ColumnBuilder::Timestamp(b, _) => b.append_null(),
         }
@@ -194,6 +212,11 @@ impl ColumnBuilder {
             (ColumnBuilder::Text(b), _) => {
                 b.append_value(std::str::from_utf8(v).map_err(|e| e.to_string())?)
             }
+            // The snapshot reads arrays as `::text`: the same literal the stream sends.
+            (ColumnBuilder::Array(b, element), _) => b.append_value(array_json(
+                std::str::from_utf8(v).map_err(|e| e.to_string())?,
+                *element,
+            )?),
             (ColumnBuilder::Date(b), _) => {
                 let days = i32::from_be_bytes(be(v)?);
                 // ±infinity are stored as i32::MAX/MIN: keep them as the extremes.
@@ -226,6 +249,7 @@ impl ColumnBuilder {
                 None => b.append_null(),
             },
             ColumnBuilder::Text(b) => b.append_value(s),
+            ColumnBuilder::Array(b, element) => b.append_value(array_json(s, *element)?),
             ColumnBuilder::Date(b) => b.append_value(date_text(s)?),
             ColumnBuilder::Timestamp(b, tz) => b.append_value(timestamp_text(s, *tz)?),
         }
@@ -239,12 +263,104 @@ impl ColumnBuilder {
             ColumnBuilder::Int(b) => Arc::new(b.finish()),
             ColumnBuilder::Float(b) => Arc::new(b.finish()),
             ColumnBuilder::Decimal(b, _) => Arc::new(b.finish()),
-            ColumnBuilder::Text(b) => Arc::new(b.finish()),
+            ColumnBuilder::Text(b) | ColumnBuilder::Array(b, _) => Arc::new(b.finish()),
             ColumnBuilder::Date(b) => Arc::new(b.finish()),
             ColumnBuilder::Timestamp(b, true) => Arc::new(b.finish().with_timezone("UTC")),
             ColumnBuilder::Timestamp(b, false) => Arc::new(b.finish()),
         }
     }
+}
+
+/// An array literal (`{1,2}`, `{"a b",NULL}`, `{{1,2},{3,4}}`, `[0:1]={1,2}`) as JSON.
+pub fn array_json(literal: &str, element: Element) -> Result<String, String> {
+    let bad = || format!("`{literal}` is not an array literal");
+    // Explicit bounds (`[0:1]={...}`) do not change the elements.
+    let body = match literal.strip_prefix('[') {
+        Some(_) => literal.split_once('=').ok_or_else(bad)?.1,
+        None => literal,
+    };
+    let bytes = body.as_bytes();
+    let mut out = String::with_capacity(body.len() + 8);
+    let mut pos = 0;
+    let mut depth = 0usize;
+    while pos < bytes.len() {
+        match bytes[pos] {
+            b'{' => {
+                out.push('[');
+                depth += 1;
+                pos += 1;
+            }
+            b'}' => {
+                out.push(']');
+                depth = depth.checked_sub(1).ok_or_else(bad)?;
+                pos += 1;
+            }
+            b',' => {
+                out.push(',');
+                pos += 1;
+            }
+            b'"' => {
+                let mut value = String::new();
+                pos += 1;
+                loop {
+                    match bytes.get(pos) {
+                        Some(b'\\') => {
+                            let next = body[pos + 1..].chars().next().ok_or_else(bad)?;
+                            value.push(next);
+                            pos += 1 + next.len_utf8();
+                        }
+                        Some(b'"') => {
+                            pos += 1;
+                            break;
+                        }
+                        Some(_) => {
+                            let c = body[pos..].chars().next().ok_or_else(bad)?;
+                            value.push(c);
+                            pos += c.len_utf8();
+                        }
+                        None => return Err(bad()),
+                    }
+                }
+                push_json_string(&mut out, &value);
+            }
+            _ => {
+                let end = body[pos..].find([',', '}']).map_or(body.len(), |e| pos + e);
+                let raw = body[pos..end].trim();
+                if raw.eq_ignore_ascii_case("NULL") {
+                    out.push_str("null");
+                } else {
+                    match element {
+                        Element::Bool => out.push_str(if raw == "t" { "true" } else { "false" }),
+                        Element::Number if raw.parse::<f64>().is_ok_and(f64::is_finite) => {
+                            out.push_str(raw)
+                        }
+                        _ => push_json_string(&mut out, raw),
+                    }
+                }
+                pos = end;
+            }
+        }
+    }
+    if depth != 0 {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 fn format_uuid(b: &[u8; 16]) -> String {
@@ -413,6 +529,26 @@ mod tests {
         assert_eq!(numeric_text("100000000", 0).unwrap(), Some(100_000_000));
         assert_eq!(numeric_binary(&numeric(&[], 0, false), 2).unwrap(), Some(0));
         assert!(numeric_text("1e5", 2).is_err());
+    }
+
+    #[test]
+    fn arrays_become_json() {
+        assert_eq!(
+            array_json("{1,2,NULL}", Element::Number).unwrap(),
+            "[1,2,null]"
+        );
+        assert_eq!(
+            array_json(r#"{a1,"b \"q\"","x,y"}"#, Element::Text).unwrap(),
+            r#"["a1","b \"q\"","x,y"]"#
+        );
+        assert_eq!(
+            array_json("{{t,f},{f,t}}", Element::Bool).unwrap(),
+            "[[true,false],[false,true]]"
+        );
+        assert_eq!(array_json("[0:1]={7,8}", Element::Number).unwrap(), "[7,8]");
+        assert_eq!(array_json("{}", Element::Text).unwrap(), "[]");
+        assert_eq!(array_json("{NaN}", Element::Number).unwrap(), r#"["NaN"]"#);
+        assert!(array_json("{1,2", Element::Number).is_err());
     }
 
     #[test]
