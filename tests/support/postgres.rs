@@ -128,12 +128,13 @@ impl Cluster {
             data = data.display(),
             dir = dir.display(),
         );
+        // `setsid -f` forks the watcher into its own session and returns at once.
         Command::new("setsid")
-            .args(["sh", "-c", &stop])
+            .args(["-f", "sh", "-c", &stop])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
+            .status()
             .expect("setsid/sh to watch the test process");
         let cluster = Cluster { dir, port, bindir };
         cluster.psql(
