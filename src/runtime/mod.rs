@@ -332,7 +332,9 @@ pub fn source(
     settle_now: bool,
 ) -> Result<PipelineSource, RunError> {
     Ok(match &pipeline.spec.source.value {
-        SourceConfig::Files(_) => PipelineSource::Files(Box::new(files_source(pipeline, known, settle_now)?)),
+        SourceConfig::Files(_) => {
+            PipelineSource::Files(Box::new(files_source(pipeline, known, settle_now)?))
+        }
         SourceConfig::Postgres(config) => {
             PipelineSource::Postgres(Box::new(PostgresSource::new(config.clone())?))
         }

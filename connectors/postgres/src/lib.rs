@@ -578,6 +578,8 @@ pub struct PostgresSource {
     /// i.e. everything committed before the start is read. Until then the
     /// source does not report idle (so `run --once` publishes it).
     caught_up: bool,
+    /// Where the heartbeat emitted at the stream's start is.
+    catch_up_target: Option<u64>,
     stream_started: Instant,
     /// When the oldest pending row arrived.
     pending_since: Option<Instant>,
@@ -623,6 +625,7 @@ impl PostgresSource {
             columns: Vec::new(),
             restart_snapshot: false,
             caught_up: false,
+            catch_up_target: None,
             stream_started: Instant::now(),
             pending_since: None,
         })
@@ -767,7 +770,8 @@ impl PostgresSource {
         self.in_transaction = false;
         self.last_status = Instant::now();
         self.stream_started = Instant::now();
-        self.caught_up = !self.emit_heartbeat().await;
+        self.catch_up_target = self.emit_heartbeat().await;
+        self.caught_up = self.catch_up_target.is_none();
         Ok(())
     }
 
@@ -1049,6 +1053,7 @@ impl PostgresSource {
     /// Handles one pgoutput message.
     async fn on_message(&mut self, data: &[u8]) -> Result<()> {
         let message = pgoutput::decode(data).map_err(|e| transient(e.to_string()))?;
+        tracing::trace!(tag = %(data[0] as char), caught_up = self.caught_up, in_transaction = self.in_transaction, "pgoutput message");
         let ours =
             |oid: u32, rel: &Option<RelationState>| rel.as_ref().is_some_and(|r| r.oid == oid);
         match message {
@@ -1075,7 +1080,13 @@ impl PostgresSource {
                 }
                 self.skipping = false;
             }
-            Message::Message { prefix } if prefix == HEARTBEAT_PREFIX => self.caught_up = true,
+            // Only the heartbeat this stream emitted counts: one from an earlier
+            // session may still be ahead in the slot.
+            Message::Message { lsn, prefix }
+                if prefix == HEARTBEAT_PREFIX && self.catch_up_target.is_some_and(|t| lsn >= t) =>
+            {
+                self.caught_up = true
+            }
             // Relations are described once per session: take every description,
             // also inside transactions skipped as already handed out.
             Message::Relation(r) => {
@@ -1206,25 +1217,25 @@ impl PostgresSource {
     /// Writes a logical message into the WAL. It streams back to every slot on
     /// the database, so an idle table's slot still advances (the server keeps
     /// no WAL for it), and its arrival tells that the stream has caught up.
-    /// Returns whether it was written.
-    async fn emit_heartbeat(&mut self) -> bool {
+    /// Returns where it was written.
+    async fn emit_heartbeat(&mut self) -> Option<u64> {
         self.last_heartbeat = Instant::now();
         let result = match self.client().await {
             Ok(c) => c
-                .execute(
-                    "SELECT pg_logical_emit_message(false, $1, '')",
+                .query_one(
+                    "SELECT pg_logical_emit_message(false, $1, '')::text",
                     &[&HEARTBEAT_PREFIX],
                 )
                 .await
-                .map(|_| ())
+                .map(|row| row.get::<_, String>(0))
                 .map_err(|e| sql_error("heartbeat", &e)),
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => true,
+            Ok(lsn) => wire::parse_lsn(&lsn),
             Err(e) => {
                 tracing::warn!(table = %self.table, error = %e, "heartbeat failed");
-                false
+                None
             }
         }
     }

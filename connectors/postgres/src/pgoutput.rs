@@ -110,6 +110,8 @@ pub enum Message<'a> {
     },
     /// A logical decoding message (`pg_logical_emit_message`).
     Message {
+        /// Where the message is in the WAL.
+        lsn: u64,
         prefix: String,
     },
 }
@@ -320,11 +322,11 @@ pub fn decode(data: &[u8]) -> Result<Message<'_>, DecodeError> {
         }
         b'M' => {
             r.u8("flags")?;
-            r.u64("message LSN")?;
+            let lsn = r.u64("message LSN")?;
             let prefix = r.cstr("prefix")?;
             let len = r.u32("content length")? as usize;
             r.take(len, "content")?;
-            Message::Message { prefix }
+            Message::Message { lsn, prefix }
         }
         _ => return Err(r.fail("unknown message type")),
     };
