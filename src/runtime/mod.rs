@@ -405,6 +405,11 @@ pub async fn run(
     let interval = Duration::from_secs_f64(pipeline.spec.publish.interval_seconds);
     let max_changes = pipeline.spec.publish.max_changes;
     let mut first_pending: Option<Instant> = None;
+    // How long the newest commit took. Under a sustained stream versions are cut
+    // no more often than every two commit durations, so writing versions takes at
+    // most about a third of the time and a backlog is caught up (`interval` still
+    // bounds the wait whenever commits are quick).
+    let mut last_commit = Duration::ZERO;
     loop {
         if *stop.borrow() {
             break;
@@ -474,9 +479,11 @@ pub async fn run(
                 }
                 let due = publisher.snapshot_complete()
                     || publisher.pending_rows() >= max_changes
-                    || first_pending.is_some_and(|t| t.elapsed() >= interval);
+                    || first_pending.is_some_and(|t| t.elapsed() >= interval.max(last_commit * 2));
                 if due && publisher.at_boundary() {
+                    let started = Instant::now();
                     commit(&mut publisher, &mut source, &mut summary, &dataset).await?;
+                    last_commit = started.elapsed();
                     first_pending = None;
                 }
             }
