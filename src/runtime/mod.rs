@@ -422,6 +422,16 @@ pub async fn run(
                     .as_ref()
                     .is_none_or(|c| c.source_schema() != &schema)
                 {
+                    // One source schema per version: a column dropped at the source
+                    // must not keep its old values because it came back (or changed
+                    // type) before the version was cut.
+                    if classifier.is_some()
+                        && publisher.pending_rows() > 0
+                        && publisher.at_boundary()
+                    {
+                        commit(&mut publisher, &mut source, &mut summary, &dataset).await?;
+                        first_pending = None;
+                    }
                     let compiled = Classifier::compile_keyed(
                         pipeline,
                         schema.clone(),

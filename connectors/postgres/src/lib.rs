@@ -583,6 +583,8 @@ pub struct PostgresSource {
     stream_started: Instant,
     /// When the oldest pending row arrived.
     pending_since: Option<Instant>,
+    /// Rows appended in the transaction under way.
+    txn_rows: usize,
 }
 
 impl fmt::Debug for PostgresSource {
@@ -628,6 +630,7 @@ impl PostgresSource {
             catch_up_target: None,
             stream_started: Instant::now(),
             pending_since: None,
+            txn_rows: 0,
         })
     }
 
@@ -921,7 +924,9 @@ impl PostgresSource {
         }
         if self.relation.is_some() {
             tracing::info!(table = %self.table, columns = ?columns.iter().map(|c| &c.name).collect::<Vec<_>>(), "table schema changed");
-            self.flush(false)?;
+            // Rows gathered so far are whole transactions unless this one already
+            // has rows: then a version may end before the new schema.
+            self.flush(self.txn_rows == 0)?;
         }
         self.pending = Some(Pending::new(&columns));
         self.relation = Some(RelationState {
@@ -995,6 +1000,7 @@ impl PostgresSource {
             }
         }
         p.ops.push(op);
+        self.txn_rows += 1;
         self.pending_since.get_or_insert_with(Instant::now);
         Ok(())
     }
@@ -1063,6 +1069,7 @@ impl PostgresSource {
                 ..
             } => {
                 self.in_transaction = true;
+                self.txn_rows = 0;
                 self.skipping = final_lsn < self.skip_through;
                 self.commit_time =
                     DateTime::from_timestamp_micros(commit_time + wire::PG_EPOCH_OFFSET_US);
