@@ -290,7 +290,7 @@ async fn check_postgres(
     println!("  columns:");
     for c in &i.columns {
         let rule = match pipeline.rule(&c.name) {
-            Some(r) => format!("{:?}", r.action).to_lowercase(),
+            Some(r) => r.action.name().to_string(),
             None => "NO RULE: not published (unclassified)".into(),
         };
         println!("    {:<24} {:<28} {rule}", c.name, c.sql_type);

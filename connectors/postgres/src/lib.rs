@@ -216,10 +216,9 @@ pub struct Inspection {
 }
 
 pub(crate) fn sql_error(what: &str, e: &tokio_postgres::Error) -> Error {
-    let fatal = e.as_db_error().is_some_and(|db| {
-        let code = db.code().code();
-        matches!(&code[..2], "28" | "42" | "3D" | "0A" | "22")
-    });
+    let fatal = e
+        .as_db_error()
+        .is_some_and(|db| wire::is_fatal_sqlstate(db.code().code()));
     let message = match e.as_db_error() {
         Some(db) => {
             let mut m = format!("{what}: {} (SQLSTATE {})", db.message(), db.code().code());
@@ -509,7 +508,6 @@ struct RelationState {
 #[derive(Debug)]
 struct Pending {
     builders: Vec<ColumnBuilder>,
-    kinds: Vec<Kind>,
     ops: Vec<Op>,
 }
 
@@ -520,7 +518,6 @@ impl Pending {
                 .iter()
                 .map(|c| ColumnBuilder::new(c.kind, 1024))
                 .collect(),
-            kinds: columns.iter().map(|c| c.kind).collect(),
             ops: Vec::new(),
         }
     }
@@ -857,9 +854,6 @@ impl PostgresSource {
         if end_of_transaction {
             self.emitted = self.last_commit;
         }
-        if data.num_rows() == 0 && !end_of_transaction {
-            return Ok(());
-        }
         self.ready.push_back(ChangeBatch {
             data,
             ops,
@@ -972,7 +966,7 @@ impl PostgresSource {
             )));
         }
         for (i, v) in values.iter().enumerate() {
-            let kind = p.kinds[i];
+            let kind = rel.columns[i].kind;
             let b = &mut p.builders[i];
             let result = match v {
                 Value::Null => {
@@ -1059,7 +1053,6 @@ impl PostgresSource {
     /// Handles one pgoutput message.
     async fn on_message(&mut self, data: &[u8]) -> Result<()> {
         let message = pgoutput::decode(data).map_err(|e| transient(e.to_string()))?;
-        tracing::trace!(tag = %(data[0] as char), caught_up = self.caught_up, in_transaction = self.in_transaction, "pgoutput message");
         let ours =
             |oid: u32, rel: &Option<RelationState>| rel.as_ref().is_some_and(|r| r.oid == oid);
         match message {
@@ -1340,18 +1333,11 @@ impl Source for PostgresSource {
         }
         let client_config = self.config.clone();
         let inspection = inspect_with(self.client().await?, &client_config).await?;
-        if let Some(problem) = inspection
-            .problems
-            .iter()
-            .find(|p| !p.starts_with("publication"))
-        {
-            return Err(Error::Config(problem.clone()));
+        if !inspection.problems.is_empty() {
+            return Err(Error::Config(inspection.problems.join("; ")));
         }
         self.key = inspection.key.clone();
         self.columns = inspection.columns.clone();
-        if inspection.publication_exists && !inspection.publication_has_table {
-            return Err(Error::Config(inspection.problems.join("; ")));
-        }
         self.ensure_publication(&inspection).await?;
         self.ready.clear();
         self.pending = None;

@@ -237,12 +237,11 @@ impl ColumnBuilder {
             ColumnBuilder::Bool(b) => b.append_value(match s {
                 "t" => true,
                 "f" => false,
-                _ => return Err(format!("`{s}` is not a boolean")),
+                _ => return Err(not_a(s, "a boolean")),
             }),
-            ColumnBuilder::Int(b) => b.append_value(
-                s.parse::<i64>()
-                    .map_err(|_| format!("`{s}` is not an integer"))?,
-            ),
+            ColumnBuilder::Int(b) => {
+                b.append_value(s.parse::<i64>().map_err(|_| not_a(s, "an integer"))?)
+            }
             ColumnBuilder::Float(b) => b.append_value(parse_float(s)?),
             ColumnBuilder::Decimal(b, scale) => match numeric_text(s, *scale)? {
                 Some(n) => b.append_value(n),
@@ -273,7 +272,7 @@ impl ColumnBuilder {
 
 /// An array literal (`{1,2}`, `{"a b",NULL}`, `{{1,2},{3,4}}`, `[0:1]={1,2}`) as JSON.
 pub fn array_json(literal: &str, element: Element) -> Result<String, String> {
-    let bad = || format!("`{literal}` is not an array literal");
+    let bad = || not_a(literal, "an array literal");
     // Explicit bounds (`[0:1]={...}`) do not change the elements.
     let body = match literal.strip_prefix('[') {
         Some(_) => literal.split_once('=').ok_or_else(bad)?.1,
@@ -363,6 +362,12 @@ fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// A decode error. It names the expected form and the value's length, never
+/// the value: errors end up in logs, and a value may be personal data.
+fn not_a(value: &str, expected: &str) -> String {
+    format!("a {}-byte value is not {expected}", value.len())
+}
+
 fn format_uuid(b: &[u8; 16]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(36);
@@ -381,7 +386,7 @@ fn parse_float(s: &str) -> Result<f64, String> {
         "NaN" => Ok(f64::NAN),
         "Infinity" => Ok(f64::INFINITY),
         "-Infinity" => Ok(f64::NEG_INFINITY),
-        _ => s.parse().map_err(|_| format!("`{s}` is not a number")),
+        _ => s.parse().map_err(|_| not_a(s, "a number")),
     }
 }
 
@@ -439,7 +444,7 @@ fn numeric_text(s: &str, scale: i8) -> Result<Option<i128>, String> {
         None => (false, s),
     };
     let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    let bad = || format!("`{s}` is not a decimal");
+    let bad = || not_a(s, "a decimal");
     let mut acc: i128 = 0;
     for c in int.bytes() {
         if !c.is_ascii_digit() {
@@ -474,7 +479,7 @@ fn date_text(s: &str) -> Result<i32, String> {
         "-infinity" => return Ok(i32::MIN),
         _ => {}
     }
-    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| format!("`{s}` is not a date"))?;
+    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| not_a(s, "a date"))?;
     Ok((d - NaiveDate::default()).num_days() as i32)
 }
 
@@ -488,12 +493,12 @@ fn timestamp_text(s: &str, tz: bool) -> Result<i64, String> {
     let naive = if tz {
         // With TimeZone=UTC the offset is always +00.
         s.strip_suffix("+00")
-            .ok_or_else(|| format!("`{s}` is not a UTC timestamp"))?
+            .ok_or_else(|| not_a(s, "a UTC timestamp"))?
     } else {
         s
     };
     let t = NaiveDateTime::parse_from_str(naive, "%Y-%m-%d %H:%M:%S%.f")
-        .map_err(|_| format!("`{s}` is not a timestamp"))?;
+        .map_err(|_| not_a(s, "a timestamp"))?;
     Ok(t.and_utc().timestamp_micros())
 }
 

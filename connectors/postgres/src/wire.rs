@@ -53,10 +53,7 @@ impl ServerError {
     /// objects, syntax. Everything else (shutdown, resource limits, an active
     /// slot) is worth retrying.
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            &self.code[..2.min(self.code.len())],
-            "28" | "42" | "3D" | "0A" | "22"
-        )
+        is_fatal_sqlstate(&self.code)
     }
 
     fn into_error(self, what: &str) -> Error {
@@ -66,6 +63,13 @@ impl ServerError {
             transient(format!("{what}: {self}"))
         }
     }
+}
+
+/// Whether an SQLSTATE means retrying cannot help: invalid authorization (28),
+/// syntax or access rule violations (42), invalid catalog name (3D), feature
+/// not supported (0A), data exceptions (22).
+pub fn is_fatal_sqlstate(code: &str) -> bool {
+    matches!(code.get(..2), Some("28" | "42" | "3D" | "0A" | "22"))
 }
 
 /// A transient error with a message.
