@@ -19,8 +19,6 @@ use crate::publish::catalog::DatasetMeta;
 use crate::publish::store::Store;
 use crate::publish::{self, Publisher, Settings};
 
-/// How long an idle source waits before it is asked again.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// The file in the state location that holds a generated pseudonym key.
 pub const GENERATED_KEY_FILE: &str = "pseudonym.key";
 
@@ -312,15 +310,11 @@ impl Source for PipelineSource {
             PipelineSource::Postgres(s) => s.schema(),
         }
     }
-}
 
-impl PipelineSource {
-    /// How long to wait after an idle report: a streaming source waits inside
-    /// `next` already.
     fn idle_pause(&self) -> Duration {
         match self {
-            PipelineSource::Files(_) => POLL_INTERVAL,
-            PipelineSource::Postgres(_) => Duration::ZERO,
+            PipelineSource::Files(s) => s.idle_pause(),
+            PipelineSource::Postgres(s) => s.idle_pause(),
         }
     }
 }
@@ -395,7 +389,18 @@ pub async fn run(
     } else {
         recovered.position.clone()
     };
-    start_source(&mut source, resume, &dataset, &mut stop).await?;
+    // A database that is not up yet is waited for, unless the run is stopped.
+    let mut delays = retry_policy().build();
+    while let Err(e) = source.start(resume.clone()).await {
+        back_off(
+            e,
+            &mut delays,
+            "source did not start",
+            &dataset,
+            Some(&mut stop),
+        )
+        .await?;
+    }
     let progress = progress_bar(options.progress, &dataset);
     let mut summary = RunSummary {
         suppressed: vec![0; pipeline.rules.rows.len()],
@@ -414,7 +419,13 @@ pub async fn run(
         if *stop.borrow() {
             break;
         }
-        let event = next_event(&mut source, &dataset).await?;
+        let mut delays = retry_policy().build();
+        let event = loop {
+            match source.next().await {
+                Ok(event) => break event,
+                Err(e) => back_off(e, &mut delays, "source failed", &dataset, None).await?,
+            }
+        };
         match event {
             SourceEvent::Batch(batch) => {
                 let schema = batch.data.schema();
@@ -451,7 +462,7 @@ pub async fn run(
                     // with its schema: record them here, not for every batch.
                     summary.unclassified.clone_from(&compiled.unclassified);
                     publisher.set_source_info(
-                        oppen_connector_files::known_types(&schema),
+                        oppen_connector_api::known_types(&schema),
                         compiled.unclassified.clone(),
                     );
                     classifier = Some(compiled);
@@ -535,49 +546,32 @@ pub async fn run(
     Ok(summary)
 }
 
-/// Starts the source, retrying transient failures (a database that is not up
-/// yet) with backoff and jitter until it starts or `stop` turns true.
-async fn start_source(
-    source: &mut PipelineSource,
-    resume: Option<Position>,
+/// What to do after a source operation failed with `e`: waits for the next
+/// retry (backoff with jitter) and returns, or returns the error when it is
+/// not transient or the retries are used up. With `stop`, the wait ends when it
+/// turns true, and no retry is made once it is.
+async fn back_off(
+    e: oppen_connector_api::Error,
+    delays: &mut impl Iterator<Item = Duration>,
+    what: &str,
     dataset: &str,
-    stop: &mut watch::Receiver<bool>,
+    stop: Option<&mut watch::Receiver<bool>>,
 ) -> Result<(), RunError> {
-    let mut delays = retry_policy().build();
-    loop {
-        match source.start(resume.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && !*stop.borrow() => {
-                let Some(delay) = delays.next() else {
-                    return Err(e.into());
-                };
-                tracing::warn!(dataset, error = %e, retry_in = ?delay, "source did not start; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => {}
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
+    if !e.is_retryable() || stop.as_ref().is_some_and(|s| *s.borrow()) {
+        return Err(e.into());
     }
-}
-
-/// The source's next event, retrying transient failures with backoff and jitter.
-async fn next_event(source: &mut PipelineSource, dataset: &str) -> Result<SourceEvent, RunError> {
-    let mut delays = retry_policy().build();
-    loop {
-        match source.next().await {
-            Ok(event) => return Ok(event),
-            Err(e) if e.is_retryable() => {
-                let Some(delay) = delays.next() else {
-                    return Err(e.into());
-                };
-                tracing::warn!(dataset, error = %e, retry_in = ?delay, "source failed; retrying");
-                tokio::time::sleep(delay).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
+    let Some(delay) = delays.next() else {
+        return Err(e.into());
+    };
+    tracing::warn!(dataset, error = %e, retry_in = ?delay, "{what}; retrying");
+    match stop {
+        Some(stop) => tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => {}
+        },
+        None => tokio::time::sleep(delay).await,
     }
+    Ok(())
 }
 
 async fn commit(

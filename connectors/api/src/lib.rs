@@ -278,6 +278,16 @@ impl std::str::FromStr for ColumnType {
     }
 }
 
+/// The types of a schema's columns that oppen knows, keyed by column name (what
+/// a version records as its source's types).
+pub fn known_types(schema: &arrow::datatypes::Schema) -> BTreeMap<String, ColumnType> {
+    schema
+        .fields()
+        .iter()
+        .filter_map(|f| ColumnType::from_arrow(f.data_type()).map(|t| (f.name().clone(), t)))
+        .collect()
+}
+
 /// What the engine tells a source before it starts.
 #[derive(Debug, Clone, Default)]
 pub struct SourceHints {
@@ -357,8 +367,8 @@ pub trait Source: Send {
     /// version), or from the beginning when there is none.
     fn start(&mut self, resume: Option<Position>) -> impl Future<Output = Result<()>> + Send;
 
-    /// The next event. Returns [`SourceEvent::Idle`] rather than waiting when
-    /// nothing is available; the engine decides how long to wait.
+    /// The next event. Returns [`SourceEvent::Idle`] rather than waiting long
+    /// when nothing is available; the engine then pauses for [`Source::idle_pause`].
     fn next(&mut self) -> impl Future<Output = Result<SourceEvent>> + Send;
 
     /// Everything up to and including `position` is durably committed.
@@ -366,7 +376,17 @@ pub trait Source: Send {
 
     /// The schema of the rows this source emits, once known.
     fn schema(&self) -> Option<SchemaRef>;
+
+    /// How long the engine waits after [`SourceEvent::Idle`] before asking
+    /// again. A source that waits for input inside `next` (a replication
+    /// stream) returns zero.
+    fn idle_pause(&self) -> std::time::Duration {
+        DEFAULT_IDLE_PAUSE
+    }
 }
+
+/// How long the engine waits after an idle report, unless the source says otherwise.
+pub const DEFAULT_IDLE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,7 @@ pub mod decode;
 pub mod formats;
 pub mod typing;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -702,13 +702,4 @@ impl Source for FilesSource {
     fn schema(&self) -> Option<SchemaRef> {
         self.schema.clone()
     }
-}
-
-/// Known types from a published schema, keyed by column name.
-pub fn known_types(schema: &Schema) -> BTreeMap<String, ColumnType> {
-    schema
-        .fields()
-        .iter()
-        .filter_map(|f| ColumnType::from_arrow(f.data_type()).map(|t| (f.name().clone(), t)))
-        .collect()
 }

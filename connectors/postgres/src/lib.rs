@@ -1402,6 +1402,11 @@ impl Source for PostgresSource {
             None => None,
         }
     }
+
+    /// `next` waits for the stream itself (up to [`IDLE_WAIT`]).
+    fn idle_pause(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 #[cfg(test)]
