@@ -688,3 +688,40 @@ fn a_backlog_read_in_one_go_equals_the_table() {
     support::check_whole(&setup.published("backlog")).unwrap();
     assert_matches_fresh_snapshot(&setup, "backlog");
 }
+
+#[test]
+fn changes_that_publish_nothing_still_let_the_slot_advance() {
+    let setup = Setup::new("noop");
+    setup.psql("CREATE TABLE t (id int PRIMARY KEY, b text, last_seen timestamptz)");
+    setup.psql("INSERT INTO t SELECT g, 'x' || g, now() FROM generate_series(1, 100) g");
+    // The often-changing column is not published: its changes make no version.
+    let rules = "columns:\n  id: keep\n  b: keep\n  last_seen: drop\n";
+    let pipeline = setup.pipeline("noop", "public.t", "noop_slot", rules);
+    let mut child = setup.spawn(&pipeline);
+    setup.wait_for_first("noop", &mut child);
+    for _ in 0..5 {
+        setup.psql("UPDATE t SET last_seen = now()");
+    }
+    let lsn = setup.current_lsn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let confirmed = setup.psql(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'noop_slot'",
+        );
+        let confirmed = oppen_connector_postgres::wire::parse_lsn(confirmed.trim()).unwrap();
+        if confirmed >= lsn {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot stays at {confirmed:X}, before the changes at {lsn:X}: the server keeps their WAL"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        setup.latest("noop").unwrap().version,
+        1,
+        "no version for unpublished changes"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the pipeline stopped");
+}

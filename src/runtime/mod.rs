@@ -581,6 +581,7 @@ async fn commit(
     dataset: &str,
 ) -> Result<(), RunError> {
     let started = Instant::now();
+    let staged_position = publisher.pending_position().cloned();
     let mut delays = retry_policy().build();
     let committed = loop {
         match publisher.commit().await {
@@ -638,6 +639,14 @@ async fn commit(
             source.ack(position).await?;
         }
         summary.versions.push(c);
+    } else if let Some(position) = &staged_position
+        && publisher.pending_position().is_none()
+    {
+        // The staged changes alter nothing published (say, only a dropped
+        // column changed): the committed version already is their result, so
+        // they are acknowledged too. Otherwise a table whose published columns
+        // stay still would pin the source (a replication slot keeps its WAL).
+        source.ack(position).await?;
     }
     Ok(())
 }

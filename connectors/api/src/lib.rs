@@ -356,7 +356,8 @@ impl Error {
 /// - **Durability**: a source must not consider input consumed (slot feedback,
 ///   offset commit, file marked done) until [`Source::ack`] is called with a
 ///   position at or after it. `ack` is only called for positions held by a
-///   durably committed version.
+///   durably committed version, or for positions whose changes alter nothing
+///   that version publishes (so that version already is their result).
 /// - **Transactions**: a version never ends inside a batch sequence whose last
 ///   batch has not set `end_of_transaction`.
 pub trait Source: Send {
