@@ -1253,16 +1253,10 @@ impl PostgresSource {
             }
             let has_rows = self.pending.as_ref().is_some_and(|p| !p.ops.is_empty());
             if has_rows && !self.in_transaction {
-                // Nothing more buffered right now: hand out whole transactions.
-                let Some(repl) = self.repl.as_mut() else {
-                    break;
-                };
-                match tokio::time::timeout(Duration::from_millis(1), repl.recv()).await {
-                    Ok(msg) => {
-                        let msg = self.check(msg)?;
-                        self.on_stream(msg).await?;
-                    }
-                    Err(_) => self.flush(true)?,
+                // Nothing more arriving right now: hand out whole transactions.
+                match self.recv_within(Duration::from_millis(1)).await? {
+                    Some(msg) => self.on_stream(msg).await?,
+                    None => self.flush(true)?,
                 }
                 continue;
             }
@@ -1271,16 +1265,13 @@ impl PostgresSource {
             if wait.is_zero() && !self.in_transaction && !catching_up {
                 break;
             }
-            let Some(repl) = self.repl.as_mut() else {
-                break;
-            };
-            match tokio::time::timeout(wait.max(Duration::from_millis(50)), repl.recv()).await {
-                Ok(msg) => {
-                    let msg = self.check(msg)?;
-                    self.on_stream(msg).await?;
-                }
-                Err(_) if !self.in_transaction && !catching_up => break,
-                Err(_) => {}
+            match self
+                .recv_within(wait.max(Duration::from_millis(50)))
+                .await?
+            {
+                Some(msg) => self.on_stream(msg).await?,
+                None if !self.in_transaction && !catching_up => break,
+                None => {}
             }
         }
         if self.last_status.elapsed() >= STATUS_INTERVAL {
@@ -1290,15 +1281,27 @@ impl PostgresSource {
         Ok(SourceEvent::Idle)
     }
 
-    /// Drops the replication connection on error, so the next call reconnects.
-    fn check(&mut self, msg: Result<StreamMessage>) -> Result<StreamMessage> {
-        if msg.is_err() {
+    /// The next stream message, waiting at most `wait` for one; a message
+    /// already buffered is taken without arming a timer (the hot path). On an
+    /// error the replication connection is dropped, so the next call reconnects.
+    async fn recv_within(&mut self, wait: Duration) -> Result<Option<StreamMessage>> {
+        let Some(repl) = self.repl.as_mut() else {
+            return Err(transient("the replication connection is closed"));
+        };
+        let result = match repl.try_recv() {
+            Ok(None) => match tokio::time::timeout(wait, repl.recv()).await {
+                Ok(r) => r.map(Some),
+                Err(_) => Ok(None),
+            },
+            other => other,
+        };
+        if result.is_err() {
             self.repl = None;
             self.pending = None;
             self.relation = None;
             self.in_transaction = false;
         }
-        msg
+        result
     }
 
     async fn on_stream(&mut self, msg: StreamMessage) -> Result<()> {

@@ -312,19 +312,8 @@ impl ReplicationConnection {
     /// Reads one whole message. Cancellation-safe.
     async fn read_message(&mut self) -> Result<RawMessage, Error> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if len < 4 {
-                    return Err(transient("malformed message from PostgreSQL"));
-                }
-                if self.buf.len() > len {
-                    let tag = self.buf[0];
-                    let mut whole = self.buf.split_to(len + 1);
-                    whole.advance(5);
-                    return Ok((tag, whole.freeze()));
-                }
-                self.buf.reserve(len + 1 - self.buf.len());
+            if let Some(message) = self.take_buffered()? {
+                return Ok(message);
             }
             if self.buf.capacity() - self.buf.len() < 64 * 1024 {
                 self.buf.reserve(1 << 20);
@@ -338,6 +327,25 @@ impl ReplicationConnection {
                 return Err(transient("PostgreSQL closed the connection"));
             }
         }
+    }
+
+    /// Takes one whole message from the read buffer, if there is one.
+    fn take_buffered(&mut self) -> Result<Option<RawMessage>, Error> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len < 4 {
+            return Err(transient("malformed message from PostgreSQL"));
+        }
+        if self.buf.len() <= len {
+            self.buf.reserve(len + 1 - self.buf.len());
+            return Ok(None);
+        }
+        let tag = self.buf[0];
+        let mut whole = self.buf.split_to(len + 1);
+        whole.advance(5);
+        Ok(Some((tag, whole.freeze())))
     }
 
     /// Runs one simple query; returns the rows of its (last) result as text.
@@ -428,33 +436,22 @@ impl ReplicationConnection {
     /// The next message of the stream. Cancellation-safe.
     pub async fn recv(&mut self) -> Result<StreamMessage, Error> {
         loop {
-            let (tag, mut body) = self.read_message().await?;
-            match tag {
-                b'd' if body.first() == Some(&b'w') && body.len() >= 25 => {
-                    body.advance(1);
-                    let start = body.get_u64();
-                    let end = body.get_u64();
-                    body.advance(8);
-                    return Ok(StreamMessage::XLogData {
-                        start,
-                        end,
-                        data: body,
-                    });
-                }
-                b'd' if body.first() == Some(&b'k') && body.len() >= 18 => {
-                    body.advance(1);
-                    let end = body.get_u64();
-                    body.advance(8);
-                    return Ok(StreamMessage::Keepalive {
-                        end,
-                        reply: body.get_u8() == 1,
-                    });
-                }
-                b'c' | b'C' | b'Z' => return Ok(StreamMessage::Done),
-                b'E' => return Err(parse_error(&body).into_error("replication stream")),
-                _ => {}
+            let (tag, body) = self.read_message().await?;
+            if let Some(message) = stream_message(tag, body)? {
+                return Ok(message);
             }
         }
+    }
+
+    /// The next stream message if one is already buffered whole; never waits
+    /// (the stream loop reads buffered messages without arming a timer).
+    pub fn try_recv(&mut self) -> Result<Option<StreamMessage>, Error> {
+        while let Some((tag, body)) = self.take_buffered()? {
+            if let Some(message) = stream_message(tag, body)? {
+                return Ok(Some(message));
+            }
+        }
+        Ok(None)
     }
 
     /// Sends a standby status update: everything up to `flush` is durable here.
@@ -479,6 +476,35 @@ impl ReplicationConnection {
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
     }
+}
+
+/// A stream message from a raw one; `None` for messages the stream ignores.
+fn stream_message(tag: u8, mut body: Bytes) -> Result<Option<StreamMessage>, Error> {
+    Ok(Some(match tag {
+        b'd' if body.first() == Some(&b'w') && body.len() >= 25 => {
+            body.advance(1);
+            let start = body.get_u64();
+            let end = body.get_u64();
+            body.advance(8);
+            StreamMessage::XLogData {
+                start,
+                end,
+                data: body,
+            }
+        }
+        b'd' if body.first() == Some(&b'k') && body.len() >= 18 => {
+            body.advance(1);
+            let end = body.get_u64();
+            body.advance(8);
+            StreamMessage::Keepalive {
+                end,
+                reply: body.get_u8() == 1,
+            }
+        }
+        b'c' | b'C' | b'Z' => StreamMessage::Done,
+        b'E' => return Err(parse_error(&body).into_error("replication stream")),
+        _ => return Ok(None),
+    }))
 }
 
 fn parse_error(body: &[u8]) -> ServerError {
