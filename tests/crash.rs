@@ -142,21 +142,7 @@ fn two_publishers_racing_for_a_version_publish_each_change_once() {
     for f in EXPORTS {
         ws.drop_export("leverantorsfakturor", f);
     }
-    let oppen = |failpoint: Option<&str>| {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"));
-        command
-            .args(["run", "--once", "leverantorsfakturor.yaml"])
-            .current_dir(ws.dir.path())
-            .env("RUST_LOG", "info");
-        if let Some(f) = failpoint {
-            command.env("OPPEN_FAILPOINT", f);
-        }
-        command
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let oppen = |failpoint: Option<&str>| ws.spawn_racer(failpoint, &[]);
     // The slow publisher stops just before creating version 1; the other commits
     // all three versions meanwhile.
     support::race(oppen);

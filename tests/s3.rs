@@ -38,22 +38,7 @@ fn on_s3_via(moto: &Moto, endpoint: &str, bucket: &str) -> Workspace {
 }
 
 fn run(ws: &Workspace, moto: &Moto, failpoint: Option<&str>) -> std::process::Child {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"));
-    command
-        .args(["run", "--once", "leverantorsfakturor.yaml"])
-        .current_dir(ws.dir.path())
-        .env("RUST_LOG", "info");
-    for (k, v) in moto.env() {
-        command.env(k, v);
-    }
-    if let Some(f) = failpoint {
-        command.env("OPPEN_FAILPOINT", f);
-    }
-    command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    ws.spawn_racer(failpoint, &moto.env())
 }
 
 /// The version manifests in a bucket, read from moto directly.

@@ -87,15 +87,38 @@ impl Workspace {
 
     /// Runs `oppen` as a process in this folder.
     pub fn oppen(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut command = self.command(args, "warn");
+        command.envs(env.iter().copied());
+        command.output().unwrap()
+    }
+
+    /// `oppen ARGS` in this folder with a log level.
+    pub fn command(&self, args: &[&str], log: &str) -> std::process::Command {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"));
         command
             .args(args)
             .current_dir(self.dir.path())
-            .env("RUST_LOG", "warn");
-        for (k, v) in env {
-            command.env(k, v);
+            .env("RUST_LOG", log);
+        command
+    }
+
+    /// `oppen run --once` of this pipeline as one of two racing publishers
+    /// (see [`race`]): output piped, stopped at `failpoint` where given.
+    pub fn spawn_racer(
+        &self,
+        failpoint: Option<&str>,
+        env: &[(&str, String)],
+    ) -> std::process::Child {
+        let mut command = self.command(&["run", "--once", self.pipeline.to_str().unwrap()], "info");
+        command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        if let Some(f) = failpoint {
+            command.env("OPPEN_FAILPOINT", f);
         }
-        command.output().unwrap()
+        command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     /// Committed version numbers.
