@@ -549,6 +549,7 @@ fn a_million_row_transaction_is_published_whole() {
     child.wait().unwrap();
     // No version ever held part of the big transaction.
     let published = setup.published("big");
+    support::check_whole(&published).unwrap();
     for entry in std::fs::read_dir(published.join("versions")).unwrap() {
         let Some(v) = support::read_manifest(&entry.unwrap().path()) else {
             continue;
@@ -722,6 +723,16 @@ fn changes_that_publish_nothing_still_let_the_slot_advance() {
         setup.latest("noop").unwrap().version,
         1,
         "no version for unpublished changes"
+    );
+    // The table's primary key, found by the connector, is described to consumers.
+    let package: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(setup.published("noop").join("datapackage.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        package["resources"][0]["schema"]["primaryKey"],
+        serde_json::json!(["id"]),
+        "{package:#}"
     );
     assert!(child.try_wait().unwrap().is_none(), "the pipeline stopped");
 }

@@ -398,6 +398,14 @@ impl Publisher {
         self.pending.complete_image.is_some()
     }
 
+    /// Sets the primary key the catalog describes (a source may know its key
+    /// only once it has started).
+    pub fn set_primary_key(&mut self, key: Vec<String>) {
+        if let Some((meta, _)) = &mut self.settings.catalog {
+            meta.primary_key = key;
+        }
+    }
+
     /// Records the source's column types and unclassified columns for the next version.
     pub fn set_source_info(
         &mut self,

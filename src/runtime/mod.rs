@@ -217,15 +217,6 @@ pub fn dataset_meta(pipeline: &Pipeline) -> DatasetMeta {
         crate::config::Access::Shared => "RESTRICTED",
         crate::config::Access::Internal => "NON_PUBLIC",
     };
-    // The key is a primary key for consumers only if every key column is published as is.
-    let primary_key: Option<Vec<String>> = crate::config::source_key(pipeline)
-        .iter()
-        .map(|k| {
-            let rule = pipeline.rule(k)?;
-            (rule.action == crate::config::Action::Keep)
-                .then(|| rule.rename.clone().unwrap_or_else(|| k.clone()))
-        })
-        .collect();
     DatasetMeta {
         id: pipeline.id().to_string(),
         title: d.title.clone(),
@@ -245,7 +236,7 @@ pub fn dataset_meta(pipeline: &Pipeline) -> DatasetMeta {
         access: access.to_string(),
         keywords: d.keywords.clone(),
         themes: d.themes.clone(),
-        primary_key: primary_key.unwrap_or_default(),
+        primary_key: published_key(pipeline, crate::config::source_key(pipeline)),
         issued: None,
         modified: None,
         temporal: None,
@@ -253,6 +244,19 @@ pub fn dataset_meta(pipeline: &Pipeline) -> DatasetMeta {
         columns: Vec::new(),
         rows: 0,
     }
+}
+
+/// The source key as consumers see it: a primary key only if every key column
+/// is published as is (under its published name); else none.
+pub fn published_key(pipeline: &Pipeline, key: &[String]) -> Vec<String> {
+    key.iter()
+        .map(|k| {
+            let rule = pipeline.rule(k)?;
+            (rule.action == crate::config::Action::Keep)
+                .then(|| rule.rename.clone().unwrap_or_else(|| k.clone()))
+        })
+        .collect::<Option<Vec<String>>>()
+        .unwrap_or_default()
 }
 
 /// Opens the stores, the pseudonym key and the publisher of a pipeline.
@@ -400,6 +404,10 @@ pub async fn run(
             Some(&mut stop),
         )
         .await?;
+    }
+    if crate::config::source_key(pipeline).is_empty() {
+        // The source found its key itself (a table's primary key): describe it.
+        publisher.set_primary_key(published_key(pipeline, source.key()));
     }
     let progress = progress_bar(options.progress, &dataset);
     let mut summary = RunSummary {
