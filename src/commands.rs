@@ -102,15 +102,93 @@ async fn wait_for_signal() {
     }
 }
 
+/// The address of `/metrics`, `/healthz` and `/readyz` unless told otherwise.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+
+/// How `oppen run` serves operators and stops.
+#[derive(Debug, Clone)]
+pub struct OpsOptions {
+    /// `--metrics-addr`: an address, `off`, or `None` for [`DEFAULT_METRICS_ADDR`].
+    pub metrics_addr: Option<String>,
+    /// How long a stop signal may take before the process exits anyway.
+    pub grace: std::time::Duration,
+}
+
+/// Starts the metrics and health endpoints. At the default address a port in
+/// use (a second oppen on the host) is only warned about; an address given
+/// explicitly must be bound. Returns the bound address.
+pub async fn start_metrics(
+    addr: Option<&str>,
+    telemetry: &crate::ops::telemetry::Telemetry,
+) -> Result<Option<std::net::SocketAddr>> {
+    let explicit = addr.is_some();
+    let addr = addr.unwrap_or(DEFAULT_METRICS_ADDR);
+    if addr == "off" {
+        return Ok(None);
+    }
+    let parsed: std::net::SocketAddr = addr.parse().map_err(|_| {
+        CommandError::Message(format!(
+            "--metrics-addr {addr}: not an address; use host:port (for example 0.0.0.0:9464) or off"
+        ))
+    })?;
+    let listener = match tokio::net::TcpListener::bind(parsed).await {
+        Ok(l) => l,
+        Err(e) if !explicit => {
+            tracing::warn!(%addr, error = %e, "metrics and health endpoints not started; pass --metrics-addr to choose another address");
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(CommandError::Message(format!(
+                "--metrics-addr {addr}: cannot listen: {e}"
+            )));
+        }
+    };
+    let bound = listener.local_addr().unwrap_or(parsed);
+    tracing::info!("metrics and health on http://{bound} (/metrics, /healthz, /readyz)");
+    tokio::spawn(telemetry.clone().serve(listener));
+    Ok(Some(bound))
+}
+
 /// `oppen run`: every pipeline runs on its own; one failing does not stop the others.
-pub async fn run(files: &[PathBuf], once: bool, resnapshot: bool) -> Result<ExitCode> {
+pub async fn run(
+    files: &[PathBuf],
+    once: bool,
+    resnapshot: bool,
+    ops: &OpsOptions,
+) -> Result<ExitCode> {
     let pipelines = load_all(files)?;
+    let telemetry = crate::ops::telemetry::Telemetry::new();
+    // A `--once` run is a batch job: its endpoints start only when asked for.
+    match (&ops.metrics_addr, once) {
+        (None, true) => {}
+        (addr, _) => {
+            start_metrics(addr.as_deref(), &telemetry).await?;
+        }
+    }
     let stop = stop_on_signals();
+    {
+        // After a stop signal, committing what is held gets `grace`; then the
+        // process exits anyway (safe: commits are atomic, the source resumes
+        // from the last committed version).
+        let mut stop = stop.clone();
+        let grace = ops.grace;
+        tokio::spawn(async move {
+            if stop.wait_for(|s| *s).await.is_ok() {
+                tokio::time::sleep(grace).await;
+                tracing::error!(
+                    seconds = grace.as_secs_f64(),
+                    "the shutdown grace period ran out; exiting without a last version (nothing partial is published)"
+                );
+                std::process::exit(1);
+            }
+        });
+    }
     let options = RunOptions {
         once,
         progress: true,
         settle: None,
         resnapshot,
+        telemetry,
     };
     let tasks: Vec<_> = pipelines
         .into_iter()

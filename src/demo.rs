@@ -341,6 +341,7 @@ pub async fn run(
         progress: false,
         settle: Some(Duration::ZERO),
         resnapshot: false,
+        telemetry: Default::default(),
     };
     let mut tasks = Vec::new();
     for pipeline in pipelines {

@@ -42,6 +42,14 @@ enum Command {
         /// as a new version.
         #[arg(long)]
         resnapshot: bool,
+        /// Address of the metrics and health endpoints (/metrics, /healthz,
+        /// /readyz), or `off` [default: 127.0.0.1:9464].
+        #[arg(long, env = "OPPEN_METRICS_ADDR")]
+        metrics_addr: Option<String>,
+        /// Seconds a stop signal may take to commit what is held before the
+        /// process exits anyway.
+        #[arg(long, default_value_t = 30.0, env = "OPPEN_SHUTDOWN_GRACE")]
+        shutdown_grace: f64,
     },
     /// Validate pipeline and rules files without connecting to any source.
     /// Exits 1 if anything is wrong; every problem is listed with file:line:column.
@@ -130,7 +138,15 @@ fn main() -> ExitCode {
                 pipelines,
                 once,
                 resnapshot,
-            } => commands::run(&pipelines, once, resnapshot).await,
+                metrics_addr,
+                shutdown_grace,
+            } => {
+                let ops = commands::OpsOptions {
+                    metrics_addr,
+                    grace: std::time::Duration::from_secs_f64(shutdown_grace.max(0.0)),
+                };
+                commands::run(&pipelines, once, resnapshot, &ops).await
+            }
             Command::Check { pipelines, connect } => commands::check(&pipelines, connect).await,
             Command::Preview {
                 pipeline,

@@ -131,6 +131,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         progress: false,
         settle: None,
         resnapshot: false,
+        telemetry: Default::default(),
     };
     let result = runtime.block_on(oppen::runtime::run(
         &pipeline,

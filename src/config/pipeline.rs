@@ -30,6 +30,43 @@ pub struct PipelineFile {
     /// when absent.
     #[serde(default)]
     pub pseudonym_key: Option<Spanned<KeySource>>,
+    /// Limits of the readiness check (`/readyz`).
+    #[serde(default)]
+    pub health: HealthLimits,
+}
+
+/// When `/readyz` reports a pipeline as not ready.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthLimits {
+    /// Seconds without progress, while the source has changes waiting, after
+    /// which the pipeline counts as stalled (also: a pipeline loop that has not
+    /// turned for this long). At least three publish intervals.
+    #[serde(default = "default_stall_after")]
+    pub stall_after_seconds: f64,
+    /// Largest acceptable source lag, in seconds (none by default).
+    #[serde(default)]
+    pub max_lag_seconds: Option<f64>,
+    /// Largest acceptable WAL retained by a PostgreSQL replication slot, in MiB.
+    #[serde(default = "default_max_retained_wal_mb")]
+    pub max_retained_wal_mb: u64,
+}
+
+impl Default for HealthLimits {
+    fn default() -> Self {
+        HealthLimits {
+            stall_after_seconds: default_stall_after(),
+            max_lag_seconds: None,
+            max_retained_wal_mb: default_max_retained_wal_mb(),
+        }
+    }
+}
+
+fn default_stall_after() -> f64 {
+    300.0
+}
+fn default_max_retained_wal_mb() -> u64 {
+    10 * 1024
 }
 
 /// The dataset's description (DCAT-AP-SE).

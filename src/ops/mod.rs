@@ -1,3 +1,4 @@
-//! Operations: the HTTP server for consumers.
+//! Operations: the HTTP server for consumers, and metrics and health for operators.
 
 pub mod serve;
+pub mod telemetry;

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::classify::{Classifier, Keyer, PseudonymKey};
 use crate::config::pipeline::KeySource;
 use crate::config::{Pipeline, SourceConfig};
+use crate::ops::telemetry::{PipelineTelemetry, Telemetry};
 use crate::publish::catalog::DatasetMeta;
 use crate::publish::store::Store;
 use crate::publish::{self, Publisher, Settings};
@@ -55,6 +56,8 @@ pub struct RunOptions {
     /// Ignore the committed source position and start from a fresh snapshot
     /// (the recovery after a PostgreSQL replication slot was lost).
     pub resnapshot: bool,
+    /// Where the pipeline reports metrics and health.
+    pub telemetry: Telemetry,
 }
 
 /// What a run did, for the caller and for tests.
@@ -375,7 +378,44 @@ fn retry_policy() -> ExponentialBuilder {
 pub async fn run(
     pipeline: &Pipeline,
     options: &RunOptions,
+    stop: watch::Receiver<bool>,
+) -> Result<RunSummary, RunError> {
+    use tracing::Instrument as _;
+    let kind = match &pipeline.spec.source.value {
+        SourceConfig::Files(_) => "files",
+        SourceConfig::Postgres(_) => "postgres",
+    };
+    let mut tel = options
+        .telemetry
+        .pipeline(pipeline.id(), kind, &pipeline.spec.health);
+    let span = tracing::info_span!("pipeline", dataset = pipeline.id());
+    let result = run_pipeline(pipeline, options, stop, &mut tel)
+        .instrument(span)
+        .await;
+    if let Err(e) = &result {
+        tel.error(e.kind());
+    }
+    tel.stopped(result.as_ref().err().map(ToString::to_string));
+    result
+}
+
+impl RunError {
+    /// The error's kind, as the errors metric labels it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RunError::Config(_) => "config",
+            RunError::Source(_) => "source",
+            RunError::Classify(_) => "classify",
+            RunError::Publish(_) | RunError::Store(_) => "publish",
+        }
+    }
+}
+
+async fn run_pipeline(
+    pipeline: &Pipeline,
+    options: &RunOptions,
     mut stop: watch::Receiver<bool>,
+    tel: &mut PipelineTelemetry,
 ) -> Result<RunSummary, RunError> {
     let dataset = pipeline.id().to_string();
     let (mut publisher, recovered, _keyer, key) = open(pipeline).await?;
@@ -399,12 +439,13 @@ pub async fn run(
         back_off(
             e,
             &mut delays,
-            "source did not start",
-            &dataset,
+            ("source did not start", "source_start"),
+            tel,
             Some(&mut stop),
         )
         .await?;
     }
+    tel.started();
     if crate::config::source_key(pipeline).is_empty() {
         // The source found its key itself (a table's primary key): describe it.
         publisher.set_primary_key(published_key(pipeline, source.key()));
@@ -431,11 +472,20 @@ pub async fn run(
         let event = loop {
             match source.next().await {
                 Ok(event) => break event,
-                Err(e) => back_off(e, &mut delays, "source failed", &dataset, None).await?,
+                Err(e) => back_off(e, &mut delays, ("source failed", "source"), tel, None).await?,
             }
         };
+        tel.turned("reading the source");
+        let health = source.health();
+        let behind = health.behind_since.map(|t| t.elapsed().as_secs_f64());
+        tel.source_health(health);
         match event {
             SourceEvent::Batch(batch) => {
+                tel.captured(&batch.ops, batch.commit_time);
+                if let Some(t) = batch.commit_time {
+                    let lag = (chrono::Utc::now() - t).num_milliseconds() as f64 / 1000.0;
+                    tel.lag(lag.max(behind.unwrap_or(0.0)));
+                }
                 let schema = batch.data.schema();
                 if classifier
                     .as_ref()
@@ -448,7 +498,7 @@ pub async fn run(
                         && publisher.pending_rows() > 0
                         && publisher.at_boundary()
                     {
-                        commit(&mut publisher, &mut source, &mut summary, &dataset).await?;
+                        commit(&mut publisher, &mut source, &mut summary, tel).await?;
                         first_pending = None;
                     }
                     let compiled = Classifier::compile_keyed(
@@ -469,6 +519,7 @@ pub async fn run(
                     // The source's types and the unclassified columns change only
                     // with its schema: record them here, not for every batch.
                     summary.unclassified.clone_from(&compiled.unclassified);
+                    tel.unclassified(compiled.unclassified.len());
                     publisher.set_source_info(
                         oppen_connector_api::known_types(&schema),
                         compiled.unclassified.clone(),
@@ -487,11 +538,9 @@ pub async fn run(
                     "classified batch"
                 );
                 summary.rows_read += batch.num_rows() as u64;
-                for (total, n) in summary
-                    .suppressed
-                    .iter_mut()
-                    .zip(classified.suppressed_counts(pipeline.rules.rows.len()))
-                {
+                let suppressed = classified.suppressed_counts(pipeline.rules.rows.len());
+                tel.classified(&suppressed, classified.values_redacted);
+                for (total, n) in summary.suppressed.iter_mut().zip(suppressed) {
                     *total += n;
                 }
                 summary.values_redacted += classified.values_redacted;
@@ -511,13 +560,14 @@ pub async fn run(
                     || first_pending.is_some_and(|t| t.elapsed() >= interval.max(last_commit * 2));
                 if due && publisher.at_boundary() {
                     let started = Instant::now();
-                    commit(&mut publisher, &mut source, &mut summary, &dataset).await?;
+                    commit(&mut publisher, &mut source, &mut summary, tel).await?;
                     last_commit = started.elapsed();
                     first_pending = None;
                 }
             }
             SourceEvent::Rejected(rejection) => {
                 summary.rejected += 1;
+                tel.dead_letter();
                 tracing::error!(
                     dataset,
                     what = rejection.what,
@@ -527,8 +577,9 @@ pub async fn run(
                 );
             }
             SourceEvent::Idle => {
+                tel.lag(behind.unwrap_or(0.0));
                 if publisher.pending_rows() > 0 && publisher.at_boundary() {
-                    commit(&mut publisher, &mut source, &mut summary, &dataset).await?;
+                    commit(&mut publisher, &mut source, &mut summary, tel).await?;
                     first_pending = None;
                 }
                 if options.once {
@@ -546,7 +597,7 @@ pub async fn run(
     }
     // Shutdown (or the end of a --once run): commit what is held, if whole.
     if publisher.pending_rows() > 0 && publisher.at_boundary() {
-        commit(&mut publisher, &mut source, &mut summary, &dataset).await?;
+        commit(&mut publisher, &mut source, &mut summary, tel).await?;
     }
     if let Some(p) = progress {
         p.finish_and_clear();
@@ -561,8 +612,8 @@ pub async fn run(
 async fn back_off(
     e: oppen_connector_api::Error,
     delays: &mut impl Iterator<Item = Duration>,
-    what: &str,
-    dataset: &str,
+    (what, edge): (&str, &str),
+    tel: &PipelineTelemetry,
     stop: Option<&mut watch::Receiver<bool>>,
 ) -> Result<(), RunError> {
     if !e.is_retryable() || stop.as_ref().is_some_and(|s| *s.borrow()) {
@@ -571,7 +622,9 @@ async fn back_off(
     let Some(delay) = delays.next() else {
         return Err(e.into());
     };
-    tracing::warn!(dataset, error = %e, retry_in = ?delay, "{what}; retrying");
+    tel.error("source");
+    tel.retry(edge);
+    tracing::warn!(error = %e, retry_in = ?delay, "{what}; retrying");
     match stop {
         Some(stop) => tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -586,8 +639,24 @@ async fn commit(
     publisher: &mut Publisher,
     source: &mut PipelineSource,
     summary: &mut RunSummary,
-    dataset: &str,
+    tel: &mut PipelineTelemetry,
 ) -> Result<(), RunError> {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("version", version = publisher.version() + 1);
+    commit_version(publisher, source, summary, tel)
+        .instrument(span)
+        .await
+}
+
+async fn commit_version(
+    publisher: &mut Publisher,
+    source: &mut PipelineSource,
+    summary: &mut RunSummary,
+    tel: &mut PipelineTelemetry,
+) -> Result<(), RunError> {
+    tel.turned("committing a version");
+    let dataset = tel.dataset().to_string();
+    let dataset = dataset.as_str();
     let started = Instant::now();
     let staged_position = publisher.pending_position().cloned();
     let mut delays = retry_policy().build();
@@ -598,6 +667,7 @@ async fn commit(
             // committed, then either our changes are already in it (resume the
             // source after its position) or commit ours on top of it.
             Err(publish::PublishError::Conflict { version, .. }) => {
+                tel.error("conflict");
                 let Some(delay) = delays.next() else {
                     return Err(RunError::Config(format!(
                         "{dataset}: version {version} kept being committed by another publisher"
@@ -615,16 +685,20 @@ async fn commit(
                         "another publisher committed these changes; resuming after its position"
                     );
                     publisher.discard_pending();
+                    tel.discarded();
                     source.start(recovered.position).await?;
                     return Ok(());
                 }
+                tel.retry("commit");
                 tracing::warn!(dataset, version, retry_in = ?delay, "another publisher committed first; committing on top of it");
                 tokio::time::sleep(delay).await;
             }
             Err(e) if e.is_retryable() => {
+                tel.error("publish");
                 let Some(delay) = delays.next() else {
                     return Err(e.into());
                 };
+                tel.retry("commit");
                 tracing::warn!(dataset, error = %e, retry_in = ?delay, "commit failed; retrying");
                 tokio::time::sleep(delay).await;
             }
@@ -632,6 +706,7 @@ async fn commit(
         }
     };
     if let Some(c) = committed {
+        tel.committed(&c, started.elapsed());
         tracing::info!(
             dataset,
             version = c.version,

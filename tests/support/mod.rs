@@ -80,6 +80,7 @@ impl Workspace {
             progress: false,
             settle: None,
             resnapshot: false,
+            telemetry: Default::default(),
         };
         let (_tx, rx) = tokio::sync::watch::channel(false);
         oppen::runtime::run(&pipeline, &options, rx).await

@@ -384,10 +384,28 @@ pub trait Source: Send {
     fn idle_pause(&self) -> std::time::Duration {
         DEFAULT_IDLE_PAUSE
     }
+
+    /// What the source knows about its upstream, for health checks and
+    /// metrics; sources that know nothing keep the default.
+    fn health(&self) -> SourceHealth {
+        SourceHealth::default()
+    }
 }
 
 /// How long the engine waits after an idle report, unless the source says otherwise.
 pub const DEFAULT_IDLE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A source's view of its upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceHealth {
+    /// Since when the source has known that the upstream holds changes it has
+    /// not received yet; `None` when it has everything, or cannot tell.
+    pub behind_since: Option<std::time::Instant>,
+    /// When data last arrived from the upstream.
+    pub last_data: Option<std::time::Instant>,
+    /// Bytes the upstream retains for this source (a replication slot's WAL).
+    pub retained_bytes: Option<u64>,
+}
 
 #[cfg(test)]
 mod tests {

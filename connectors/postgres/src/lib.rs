@@ -23,6 +23,7 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 use chrono::{DateTime, Utc};
 use oppen_connector_api::{
     BatchKind, ChangeBatch, Error, Op, Position, Result, Source, SourceEvent,
+    SourceHealth,
 };
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -582,6 +583,12 @@ pub struct PostgresSource {
     pending_since: Option<Instant>,
     /// Rows appended in the transaction under way.
     txn_rows: usize,
+    /// What the engine's health checks see (see [`Source::health`]).
+    health: SourceHealth,
+    /// The server's WAL end seen by the poll that set `health.behind_since`.
+    behind_lsn: u64,
+    /// When the slot was last polled for its retained WAL.
+    last_poll: Option<Instant>,
 }
 
 impl fmt::Debug for PostgresSource {
@@ -628,6 +635,9 @@ impl PostgresSource {
             stream_started: Instant::now(),
             pending_since: None,
             txn_rows: 0,
+            health: SourceHealth::default(),
+            behind_lsn: 0,
+            last_poll: None,
         })
     }
 
@@ -1278,7 +1288,59 @@ impl PostgresSource {
             self.send_status().await?;
         }
         self.heartbeat().await;
+        self.poll_slot().await;
         Ok(SourceEvent::Idle)
+    }
+
+    /// The server has sent WAL up to `lsn`.
+    fn note_received(&mut self, lsn: u64) {
+        self.received = self.received.max(lsn);
+        if self.received >= self.behind_lsn {
+            self.health.behind_since = None;
+        }
+    }
+
+    /// Reads the slot's retained WAL and the server's WAL end, now and then.
+    /// WAL beyond what the stream has delivered marks the source as behind
+    /// until the stream reaches it: a walsender that stopped sending is seen
+    /// here, while the stream itself only goes quiet.
+    async fn poll_slot(&mut self) {
+        let every = Duration::from_secs(self.config.heartbeat_seconds.clamp(1, 10));
+        if self.last_poll.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last_poll = Some(Instant::now());
+        let slot = self.config.slot.clone();
+        let result = match self.client().await {
+            Ok(c) => c
+                .query_opt(
+                    "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                            ELSE pg_current_wal_lsn() END)::text, \
+                            pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                            ELSE pg_current_wal_lsn() END, restart_lsn)::bigint \
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| sql_error("read the replication slot", &e)),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Some(row)) => {
+                let end = row.get::<_, Option<String>>(0).and_then(|l| wire::parse_lsn(&l));
+                let retained = row.get::<_, Option<i64>>(1);
+                self.health.retained_bytes = retained.map(|b| b.max(0) as u64);
+                if let Some(end) = end
+                    && end > self.received
+                    && self.health.behind_since.is_none()
+                {
+                    self.behind_lsn = end;
+                    self.health.behind_since = Some(Instant::now());
+                }
+            }
+            Ok(None) => self.health.retained_bytes = None,
+            Err(e) => tracing::warn!(table = %self.table, error = %e, "could not read the replication slot's retained WAL"),
+        }
     }
 
     /// The next stream message, waiting at most `wait` for one; a message
@@ -1307,11 +1369,12 @@ impl PostgresSource {
     async fn on_stream(&mut self, msg: StreamMessage) -> Result<()> {
         match msg {
             StreamMessage::XLogData { data, start, .. } => {
-                self.received = self.received.max(start);
+                self.health.last_data = Some(Instant::now());
+                self.note_received(start);
                 self.on_message(&data).await
             }
             StreamMessage::Keepalive { end, reply } => {
-                self.received = self.received.max(end);
+                self.note_received(end);
                 if reply {
                     self.send_status().await?;
                 }
@@ -1328,6 +1391,10 @@ impl PostgresSource {
 impl Source for PostgresSource {
     fn key(&self) -> &[String] {
         &self.key
+    }
+
+    fn health(&self) -> SourceHealth {
+        self.health.clone()
     }
 
     async fn start(&mut self, resume: Option<Position>) -> Result<()> {
