@@ -44,11 +44,40 @@ fn pipeline_files(files: &[PathBuf]) -> impl Iterator<Item = &PathBuf> {
     files.iter().filter(|f| !is_rules_file(f))
 }
 
+/// The paths with every folder replaced by the YAML files in it, sorted (so a
+/// container or service can name one mounted folder).
+pub fn expand_folders(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            out.push(path.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(path).map_err(|e| {
+            CommandError::Message(format!("cannot read the folder {}: {e}", path.display()))
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(CommandError::Message(format!(
+                "{} holds no pipeline files (*.yaml)",
+                path.display()
+            )));
+        }
+        out.extend(files);
+    }
+    Ok(out)
+}
+
 /// Loads every pipeline, reporting all problems of all files at once.
 pub fn load_all(files: &[PathBuf]) -> Result<Vec<Pipeline>> {
+    let files = expand_folders(files)?;
     let mut pipelines = Vec::new();
     let mut problems = Diagnostics::default();
-    for file in pipeline_files(files) {
+    for file in pipeline_files(&files) {
         match config::load(file) {
             Ok(p) => pipelines.push(p),
             Err(d) => problems.0.extend(d.0),
@@ -251,7 +280,8 @@ fn peek_columns(pipeline: &Pipeline) -> Option<(String, std::result::Result<Reco
 /// against the newest file's columns too.
 pub async fn check(files: &[PathBuf], connect: bool) -> Result<ExitCode> {
     let mut ok = true;
-    for file in pipeline_files(files) {
+    let files = expand_folders(files)?;
+    for file in pipeline_files(&files) {
         let pipeline = match config::load(file) {
             Ok(p) => p,
             Err(d) => {

@@ -166,6 +166,7 @@ impl Setup {
         c.args(args)
             .current_dir(self.dir.path())
             .env("TEST_PG_URL", &self.url)
+            .env("OPPEN_METRICS_ADDR", "off")
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_OPPEN_LOG").unwrap_or("warn".into()),
@@ -735,4 +736,153 @@ fn changes_that_publish_nothing_still_let_the_slot_advance() {
         "{package:#}"
     );
     assert!(child.try_wait().unwrap().is_none(), "the pipeline stopped");
+}
+
+/// Operations against a live stream: `/readyz` is green while changes flow,
+/// turns red within the stall limit when the server's walsender stops sending
+/// (new changes wait upstream), and green again when it resumes; the slot's
+/// retained WAL is exported; SIGTERM commits the changes held back as a last
+/// version and exits 0; neither the database password nor the pseudonym key
+/// appears in any output, even at debug level.
+#[test]
+fn a_stalled_stream_turns_readiness_red_and_sigterm_commits_what_is_held() {
+    use support::http::{free_port, get, metrics, try_get};
+    const HMAC_KEY: &str = "pg-hmac-Secret-0c4e8a2f6b1d3f5a7c9e0b2d4f6a8c1e";
+    let setup = Setup::new("operations");
+    setup_table(&setup, 500);
+    let pipeline = setup.pipeline("drift", "public.supplier_invoices", "drift_slot", RULES);
+    // Versions only on the snapshot, on SIGTERM or after an hour: what streams
+    // in is held, so the last version at shutdown shows it was committed then.
+    let yaml = std::fs::read_to_string(&pipeline)
+        .unwrap()
+        .replace("heartbeat_seconds: 2", "heartbeat_seconds: 1")
+        .replace("interval_seconds: 1", "interval_seconds: 3600")
+        + "health:\n  stall_after_seconds: 4\npseudonym_key: { env: TEST_HMAC_KEY }\n";
+    std::fs::write(&pipeline, yaml).unwrap();
+    let port = free_port();
+    let log = setup.dir.path().join("oppen.log");
+    let mut child = Running(
+        setup
+            .command(&["run", pipeline.to_str().unwrap()])
+            .env("OPPEN_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "debug")
+            .env("TEST_HMAC_KEY", HMAC_KEY)
+            .stdout(std::fs::File::create(setup.dir.path().join("oppen.out")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    setup.wait_for_first("drift", &mut child);
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let readyz = || try_get(port, "/readyz").map(|r| (r.status, r.text()));
+    wait("/readyz to turn green", &|| {
+        readyz().is_some_and(|(s, _)| s == 200)
+    });
+    setup.psql(&insert_sql(501, 601));
+    let d = "dataset=\"drift\"";
+    let captured = format!("oppen_changes_captured_total{{{d},source=\"postgres\",op=\"insert\"}}");
+    wait("the inserts to be captured", &|| {
+        metrics(port).get(&captured).copied() == Some(100.0)
+    });
+    let m = metrics(port);
+    let retained = format!("oppen_replication_slot_retained_wal_bytes{{{d}}}");
+    assert!(m.get(&retained).is_some_and(|b| *b > 0.0), "{m:#?}");
+    assert_eq!(
+        m.get(&format!(
+            "oppen_changes_captured_total{{{d},source=\"postgres\",op=\"read\"}}"
+        )),
+        Some(&500.0)
+    );
+    assert_eq!(readyz().unwrap().0, 200, "green while changes flow");
+
+    // The walsender stops sending (as when the server is stuck), while new
+    // changes are committed upstream.
+    let pid = setup
+        .psql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'drift_slot'")
+        .trim()
+        .to_string();
+    assert!(!pid.is_empty(), "the slot is not active");
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    setup.psql(&insert_sql(601, 651));
+    let stopped = Instant::now();
+    wait("/readyz to turn red", &|| {
+        readyz().is_some_and(|(s, body)| s == 503 && body.contains("stalled"))
+    });
+    let took = stopped.elapsed();
+    let (_, body) = readyz().unwrap();
+    signal("-CONT");
+    assert!(body.contains("nothing has arrived"), "{body}");
+    assert!(
+        took >= Duration::from_secs(4),
+        "red after {took:?}, before the limit"
+    );
+    assert_eq!(
+        metrics(port).get(&format!("oppen_pipeline_ready{{{d}}}")),
+        Some(&0.0)
+    );
+    wait("/readyz to turn green again", &|| {
+        readyz().is_some_and(|(s, _)| s == 200)
+    });
+    wait("the resumed inserts to be captured", &|| {
+        metrics(port).get(&captured).copied() == Some(150.0)
+    });
+    assert_eq!(
+        setup.latest("drift").unwrap().version,
+        1,
+        "changes are held"
+    );
+
+    let scraped = get(port, "/metrics", &[]).text() + &readyz().unwrap().1;
+    // SIGTERM: what is held becomes the last version, then a clean exit.
+    support::terminate(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "exit {status:?}");
+    let last = setup.latest("drift").unwrap();
+    assert_eq!(last.version, 2);
+    assert_eq!(last.rows, 650);
+    assert_eq!(last.changes.inserts, 150);
+
+    assert!(
+        try_get(port, "/healthz").is_none(),
+        "the endpoints close with the process"
+    );
+    let outputs = [
+        std::fs::read_to_string(&log).unwrap(),
+        std::fs::read_to_string(setup.dir.path().join("oppen.out")).unwrap(),
+        body,
+        scraped,
+    ];
+    assert!(
+        outputs[0].contains("DEBUG"),
+        "the log was not at debug level"
+    );
+    for text in outputs {
+        assert!(
+            !text.contains(support::postgres::PASSWORD),
+            "the database password was printed"
+        );
+        assert!(!text.contains(HMAC_KEY), "the pseudonym key was printed");
+    }
 }

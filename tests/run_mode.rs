@@ -26,6 +26,7 @@ fn new_exports_are_picked_up_and_sigterm_stops_cleanly() {
     std::fs::write(&ws.pipeline, text).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"))
         .args(["run", "leverantorsfakturor.yaml"])
+        .env("OPPEN_METRICS_ADDR", "off")
         .current_dir(ws.dir.path())
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())

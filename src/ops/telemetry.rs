@@ -99,7 +99,9 @@ struct Families {
     retries: Family<EdgeLabels, Counter>,
     errors: Family<KindLabels, Counter>,
     last_version_time: Family<DatasetLabels, Gauge>,
+    accrual: Family<DatasetLabels, Gauge>,
     ready: Family<DatasetLabels, Gauge>,
+    stalled: Family<DatasetLabels, Gauge>,
     build: Family<BuildLabels, Gauge>,
 }
 
@@ -121,7 +123,9 @@ impl Families {
             retries: Family::default(),
             errors: Family::default(),
             last_version_time: Family::default(),
+            accrual: Family::default(),
             ready: Family::default(),
+            stalled: Family::default(),
             build: Family::default(),
         }
     }
@@ -136,6 +140,8 @@ pub struct Telemetry {
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
+    /// The exported sample names (see [`metric_names`]).
+    names: Vec<String>,
     m: Families,
     pipelines: Mutex<BTreeMap<String, Arc<Mutex<Health>>>>,
 }
@@ -151,90 +157,139 @@ impl Telemetry {
     pub fn new() -> Self {
         let m = Families::new();
         let mut r = Registry::default();
-        r.register(
+        let mut names = Vec::new();
+        register(
+            &mut r,
+            &mut names,
             "oppen_changes_captured",
             "Changes read from the source, by operation",
-            m.captured.clone(),
+            &m.captured,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_changes_published",
             "Changes published in committed versions, by operation",
-            m.published.clone(),
+            &m.published,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_rows_suppressed",
             "Rows withheld by a row rule (rule = its index in the rules file)",
-            m.suppressed.clone(),
+            &m.suppressed,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_values_redacted",
             "Values changed by redact rules",
-            m.redacted.clone(),
+            &m.redacted,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_unclassified_columns",
             "Source columns not published because no rule names them",
-            m.unclassified.clone(),
+            &m.unclassified,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_versions_committed",
             "Versions committed",
-            m.versions.clone(),
+            &m.versions,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_written_bytes",
             "Bytes of published files written, by format",
-            m.bytes.clone(),
+            &m.bytes,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_commit_duration_seconds",
             "Time to write and commit a version",
-            m.commit_duration.clone(),
+            &m.commit_duration,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_freshness_seconds",
             "Time from the source's commit of a change to the version holding it becoming visible",
-            m.freshness.clone(),
+            &m.freshness,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_source_lag_seconds",
             "How far behind its source the pipeline reads (0 when caught up)",
-            m.lag.clone(),
+            &m.lag,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_replication_slot_retained_wal_bytes",
             "WAL the PostgreSQL server retains for the pipeline's replication slot",
-            m.retained_wal.clone(),
+            &m.retained_wal,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_dead_letters",
             "Source inputs set aside as undecodable (dead-lettered), with the reason beside them",
-            m.dead_letters.clone(),
+            &m.dead_letters,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_retries",
             "Retries after transient errors, by network edge",
-            m.retries.clone(),
+            &m.retries,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_errors",
             "Errors, by kind (retried or fatal)",
-            m.errors.clone(),
+            &m.errors,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "oppen_last_version_timestamp_seconds",
             "Unix time of the newest committed version",
-            m.last_version_time.clone(),
+            &m.last_version_time,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
+            "oppen_accrual_period_seconds",
+            "The dataset's promised update period (accrual periodicity), for the no-recent-version alert",
+            &m.accrual,
+        );
+        register(
+            &mut r,
+            &mut names,
             "oppen_pipeline_ready",
             "1 when the pipeline passes its readiness check, else 0",
-            m.ready.clone(),
+            &m.ready,
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
+            "oppen_pipeline_stalled",
+            "1 when the pipeline has stalled: no progress while its source has changes waiting",
+            &m.stalled,
+        );
+        register(
+            &mut r,
+            &mut names,
             "oppen_build_info",
             "The running oppen version (value is always 1)",
-            m.build.clone(),
+            &m.build,
         );
         m.build
             .get_or_create(&BuildLabels {
@@ -244,6 +299,7 @@ impl Telemetry {
         Telemetry {
             inner: Arc::new(Inner {
                 registry: r,
+                names,
                 m,
                 pipelines: Mutex::new(BTreeMap::new()),
             }),
@@ -251,7 +307,12 @@ impl Telemetry {
     }
 
     /// The handle a pipeline reports through.
-    pub fn pipeline(&self, dataset: &str, source: &str, limits: &HealthLimits) -> PipelineTelemetry {
+    pub fn pipeline(
+        &self,
+        dataset: &str,
+        source: &str,
+        limits: &HealthLimits,
+    ) -> PipelineTelemetry {
         let health = Arc::new(Mutex::new(Health::new(limits)));
         lock(&self.inner.pipelines).insert(dataset.to_string(), health.clone());
         PipelineTelemetry {
@@ -286,13 +347,20 @@ impl Telemetry {
             let reasons = h.problems(now);
             let ready = reasons.is_empty();
             all &= ready;
+            let labels = DatasetLabels {
+                dataset: dataset.clone(),
+            };
+            let stalled = reasons.iter().any(|r| r.starts_with("stalled"));
             self.inner
                 .m
                 .ready
-                .get_or_create(&DatasetLabels {
-                    dataset: dataset.clone(),
-                })
+                .get_or_create(&labels)
                 .set(i64::from(ready));
+            self.inner
+                .m
+                .stalled
+                .get_or_create(&labels)
+                .set(i64::from(stalled));
             pipelines.insert(
                 dataset.clone(),
                 serde_json::json!({
@@ -351,7 +419,12 @@ impl Telemetry {
                     }
                 }),
             )
-            .fallback(|| async { Response::builder().status(404).body(axum::body::Body::from("not found\n")).unwrap_or_default() })
+            .fallback(|| async {
+                Response::builder()
+                    .status(404)
+                    .body(axum::body::Body::from("not found\n"))
+                    .unwrap_or_default()
+            })
     }
 
     /// Serves the routes on `listener` until the process ends.
@@ -360,6 +433,30 @@ impl Telemetry {
             tracing::error!(error = %e, "the metrics server stopped");
         }
     }
+}
+
+/// The sample names oppen exports (`_total` on counters; `_bucket`, `_count`
+/// and `_sum` on histograms), for checking dashboards and alert rules.
+pub fn metric_names(telemetry: &Telemetry) -> Vec<String> {
+    telemetry.inner.names.clone()
+}
+
+/// Registers a metric and records the names its samples carry.
+fn register<M: prometheus_client::registry::Metric + Clone>(
+    r: &mut Registry,
+    names: &mut Vec<String>,
+    name: &str,
+    help: &str,
+    metric: &M,
+) {
+    use prometheus_client::metrics::MetricType;
+    let suffixes: &[&str] = match metric.metric_type() {
+        MetricType::Counter => &["_total"],
+        MetricType::Histogram => &["_bucket", "_count", "_sum"],
+        _ => &[""],
+    };
+    names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+    r.register(name, help, metric.clone());
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -511,6 +608,30 @@ impl PipelineTelemetry {
         });
     }
 
+    /// The dataset's promised update period, and when its newest version was
+    /// committed (before this run).
+    pub fn describe(
+        &self,
+        accrual_seconds: Option<u64>,
+        last_version: Option<(u64, DateTime<Utc>)>,
+    ) {
+        if let Some(seconds) = accrual_seconds {
+            self.inner
+                .m
+                .accrual
+                .get_or_create(&self.dataset)
+                .set(i64::try_from(seconds).unwrap_or(i64::MAX));
+        }
+        if let Some((version, at)) = last_version {
+            self.inner
+                .m
+                .last_version_time
+                .get_or_create(&self.dataset)
+                .set(at.timestamp());
+            self.update(|h| h.last_version = Some(version));
+        }
+    }
+
     /// The source started: the pipeline runs.
     pub fn started(&self) {
         self.update(|h| {
@@ -613,7 +734,11 @@ impl PipelineTelemetry {
     pub fn committed(&mut self, c: &crate::publish::Committed, took: Duration) {
         let m = &self.inner.m;
         m.versions.get_or_create(&self.dataset).inc();
-        for (op, n) in [("insert", c.inserts), ("update", c.updates), ("delete", c.deletes)] {
+        for (op, n) in [
+            ("insert", c.inserts),
+            ("update", c.updates),
+            ("delete", c.deletes),
+        ] {
             let labels = self.with_dataset(|dataset| OpLabels {
                 dataset,
                 op: op.to_string(),
@@ -724,7 +849,10 @@ mod tests {
         assert!(reasons.contains("nothing has arrived"), "{reasons}");
         assert!(reasons.contains("lag 120 s"), "{reasons}");
         assert!(reasons.contains("retains 5 MiB"), "{reasons}");
-        assert!(t.encode().contains("oppen_pipeline_ready{dataset=\"econ\"} 0"));
+        assert!(
+            t.encode()
+                .contains("oppen_pipeline_ready{dataset=\"econ\"} 0")
+        );
         p.stopped(Some("bad credentials".into()));
         assert!(
             t.readiness().1["pipelines"]["econ"]["reasons"]

@@ -155,6 +155,8 @@ pub struct Recovered {
     pub source_types: BTreeMap<String, ColumnType>,
     /// Rows in the dataset.
     pub rows: u64,
+    /// When the newest version was committed.
+    pub created: Option<DateTime<Utc>>,
 }
 
 /// Publishes versions of one dataset.
@@ -325,6 +327,7 @@ impl Publisher {
             position: version.source_position.clone(),
             source_types: state.source_types,
             rows: version.rows,
+            created: Some(version.created),
         })
     }
 

@@ -262,6 +262,21 @@ pub fn published_key(pipeline: &Pipeline, key: &[String]) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The dataset's update period in seconds, where its accrual periodicity
+/// promises one (not for continuous or irregular datasets).
+pub fn accrual_seconds(pipeline: &Pipeline) -> Option<u64> {
+    use crate::config::pipeline::Accrual;
+    const DAY: u64 = 86_400;
+    match pipeline.spec.dataset.accrual? {
+        Accrual::Daily => Some(DAY),
+        Accrual::Weekly => Some(7 * DAY),
+        Accrual::Monthly => Some(31 * DAY),
+        Accrual::Quarterly => Some(92 * DAY),
+        Accrual::Annual => Some(366 * DAY),
+        Accrual::Continuous | Accrual::Irregular => None,
+    }
+}
+
 /// Opens the stores, the pseudonym key and the publisher of a pipeline.
 pub async fn open(
     pipeline: &Pipeline,
@@ -419,6 +434,10 @@ async fn run_pipeline(
 ) -> Result<RunSummary, RunError> {
     let dataset = pipeline.id().to_string();
     let (mut publisher, recovered, _keyer, key) = open(pipeline).await?;
+    tel.describe(
+        accrual_seconds(pipeline),
+        recovered.created.map(|t| (recovered.version, t)),
+    );
     if recovered.version > 0 {
         tracing::info!(dataset, version = recovered.version, rows = recovered.rows, position = ?recovered.position.as_ref().map(ToString::to_string), "resuming from committed version");
     }

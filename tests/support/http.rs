@@ -22,6 +22,35 @@ impl Reply {
     }
 }
 
+/// A GET request, or `None` while nothing listens on the port.
+pub fn try_get(port: u16, path: &str) -> Option<Reply> {
+    TcpStream::connect(("127.0.0.1", port)).ok()?;
+    Some(get(port, path, &[]))
+}
+
+/// The samples of a Prometheus/OpenMetrics text page: `name{labels}` → value.
+pub fn metrics(port: u16) -> std::collections::BTreeMap<String, f64> {
+    let page = get(port, "/metrics", &[]);
+    assert_eq!(page.status, 200);
+    page.text()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A GET request.
 pub fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Reply {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -99,7 +99,9 @@ impl Workspace {
         command
             .args(args)
             .current_dir(self.dir.path())
-            .env("RUST_LOG", log);
+            .env("RUST_LOG", log)
+            // Tests that scrape the endpoints set their own port.
+            .env("OPPEN_METRICS_ADDR", "off");
         command
     }
 
@@ -350,4 +352,13 @@ pub fn check_whole(published: &Path) -> Result<usize, String> {
         ));
     }
     Ok(seen)
+}
+
+/// Sends SIGTERM to a child process.
+pub fn terminate(child: &mut std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }

@@ -22,8 +22,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use chrono::{DateTime, Utc};
 use oppen_connector_api::{
-    BatchKind, ChangeBatch, Error, Op, Position, Result, Source, SourceEvent,
-    SourceHealth,
+    BatchKind, ChangeBatch, Error, Op, Position, Result, Source, SourceEvent, SourceHealth,
 };
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -1327,7 +1326,9 @@ impl PostgresSource {
         };
         match result {
             Ok(Some(row)) => {
-                let end = row.get::<_, Option<String>>(0).and_then(|l| wire::parse_lsn(&l));
+                let end = row
+                    .get::<_, Option<String>>(0)
+                    .and_then(|l| wire::parse_lsn(&l));
                 let retained = row.get::<_, Option<i64>>(1);
                 self.health.retained_bytes = retained.map(|b| b.max(0) as u64);
                 if let Some(end) = end
@@ -1339,7 +1340,9 @@ impl PostgresSource {
                 }
             }
             Ok(None) => self.health.retained_bytes = None,
-            Err(e) => tracing::warn!(table = %self.table, error = %e, "could not read the replication slot's retained WAL"),
+            Err(e) => {
+                tracing::warn!(table = %self.table, error = %e, "could not read the replication slot's retained WAL")
+            }
         }
     }
 
