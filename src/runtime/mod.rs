@@ -339,6 +339,13 @@ impl Source for PipelineSource {
             PipelineSource::Postgres(s) => s.idle_pause(),
         }
     }
+
+    fn health(&self) -> oppen_connector_api::SourceHealth {
+        match self {
+            PipelineSource::Files(s) => s.health(),
+            PipelineSource::Postgres(s) => s.health(),
+        }
+    }
 }
 
 /// The source of a pipeline, before start.
