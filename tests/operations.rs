@@ -283,3 +283,70 @@ fn the_deployment_pipelines_check() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Two pipelines in one process: one stops on a fatal error (its export
+/// folder does not exist), `/readyz` names it, and the other goes on publishing.
+#[test]
+fn one_failing_pipeline_leaves_the_others_running() {
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    let text = std::fs::read_to_string(&ws.pipeline).unwrap().replace(
+        "key: [verifikationsnummer]",
+        "key: [verifikationsnummer]\n    settle_seconds: 0",
+    );
+    std::fs::write(&ws.pipeline, text).unwrap();
+    for file in ["skolmat.yaml", "skolmat.rules.yaml"] {
+        std::fs::copy(support::examples().join(file), ws.dir.path().join(file)).unwrap();
+    }
+    let port = free_port();
+    let mut child = ws
+        .command(&["run", "--log-format", "json", "."], "info")
+        .env("OPPEN_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("/readyz to name the failed pipeline", 30, || {
+        try_get(port, "/readyz").is_some_and(|r| {
+            r.status == 503
+                && r.text()
+                    .contains("stopped: source: export folder ./data/skolmat does not exist")
+        })
+    });
+    ws.drop_export("leverantorsfakturor", "export-2025-01.csv");
+    wait_until("version 1 of the other pipeline", 60, || {
+        ws.versions() == vec![1]
+    });
+    let body: serde_json::Value = serde_json::from_slice(&get(port, "/readyz", &[]).body).unwrap();
+    assert_eq!(
+        body["pipelines"]["leverantorsfakturor"]["ready"], true,
+        "{body:#}"
+    );
+    assert_eq!(body["pipelines"]["skolmat"]["state"], "failed", "{body:#}");
+    let m = metrics(port);
+    assert_eq!(
+        m.get("oppen_errors_total{dataset=\"skolmat\",kind=\"source\"}"),
+        Some(&1.0)
+    );
+    support::terminate(&mut child);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed pipeline fails the run"
+    );
+    // JSON logs: every line is an object; the pipeline's lines carry its span.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut published = false;
+    for line in stderr.lines().filter(|l| l.starts_with('{')) {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        if record["message"] == "published version" {
+            assert_eq!(record["span"]["name"], "version", "{record}");
+            assert!(
+                record["spans"].to_string().contains("leverantorsfakturor"),
+                "{record}"
+            );
+            published = true;
+        }
+    }
+    assert!(published, "no JSON log line for the version: {stderr}");
+}
