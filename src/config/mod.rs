@@ -146,7 +146,7 @@ pub fn load(file: &Path) -> Result<Pipeline, Diagnostics> {
                 *dl = base.join(&*dl);
             }
         }
-        SourceConfig::Postgres(_) => {}
+        SourceConfig::Postgres(_) | SourceConfig::Debezium(_) => {}
     }
     let s3 = spec.publish.s3.clone().unwrap_or_default();
     let store = StoreLocation::parse_with(&spec.publish.store.value, &base, &s3)
@@ -221,6 +221,14 @@ fn validate_pipeline(file: &Path, spec: &PipelineFile, problems: &mut Diagnostic
                 problems.push(Diagnostic::new(
                     Place::of(file, &spec.source),
                     format!("source.postgres: {problem}"),
+                ));
+            }
+        }
+        SourceConfig::Debezium(dbz) => {
+            for problem in dbz.validate() {
+                problems.push(Diagnostic::new(
+                    Place::of(file, &spec.source),
+                    format!("source.debezium: {problem}"),
                 ));
             }
         }
@@ -417,5 +425,7 @@ pub fn source_key(pipeline: &Pipeline) -> &[String] {
         SourceConfig::Files(f) => &f.key,
         // Empty when the table's primary key is meant; the source resolves it.
         SourceConfig::Postgres(p) => p.key.as_deref().unwrap_or_default(),
+        // Empty when the record key's fields are meant; the source reads them.
+        SourceConfig::Debezium(d) => d.key.as_deref().unwrap_or_default(),
     }
 }

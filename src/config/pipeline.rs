@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use oppen_connector_debezium::DebeziumConfig;
 use oppen_connector_files::FilesConfig;
 use oppen_connector_postgres::PostgresConfig;
 use serde::Deserialize;
@@ -155,6 +156,8 @@ pub enum SourceConfig {
     Files(FilesConfig),
     /// A PostgreSQL table, by logical replication.
     Postgres(PostgresConfig),
+    /// A Debezium change topic on Kafka.
+    Debezium(DebeziumConfig),
 }
 
 /// Where a secret key comes from.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use oppen_connector_api::{Position, Source, SourceEvent, SourceHints};
+use oppen_connector_debezium::DebeziumSource;
 use oppen_connector_files::FilesSource;
 use oppen_connector_postgres::PostgresSource;
 use sha2::{Digest, Sha256};
@@ -295,6 +296,7 @@ pub async fn open(
 pub enum PipelineSource {
     Files(Box<FilesSource>),
     Postgres(Box<PostgresSource>),
+    Debezium(Box<DebeziumSource>),
 }
 
 impl Source for PipelineSource {
@@ -302,6 +304,7 @@ impl Source for PipelineSource {
         match self {
             PipelineSource::Files(s) => s.key(),
             PipelineSource::Postgres(s) => s.key(),
+            PipelineSource::Debezium(s) => s.key(),
         }
     }
 
@@ -309,6 +312,7 @@ impl Source for PipelineSource {
         match self {
             PipelineSource::Files(s) => s.start(resume).await,
             PipelineSource::Postgres(s) => s.start(resume).await,
+            PipelineSource::Debezium(s) => s.start(resume).await,
         }
     }
 
@@ -316,6 +320,7 @@ impl Source for PipelineSource {
         match self {
             PipelineSource::Files(s) => s.next().await,
             PipelineSource::Postgres(s) => s.next().await,
+            PipelineSource::Debezium(s) => s.next().await,
         }
     }
 
@@ -323,6 +328,7 @@ impl Source for PipelineSource {
         match self {
             PipelineSource::Files(s) => s.ack(position).await,
             PipelineSource::Postgres(s) => s.ack(position).await,
+            PipelineSource::Debezium(s) => s.ack(position).await,
         }
     }
 
@@ -330,6 +336,7 @@ impl Source for PipelineSource {
         match self {
             PipelineSource::Files(s) => s.schema(),
             PipelineSource::Postgres(s) => s.schema(),
+            PipelineSource::Debezium(s) => s.schema(),
         }
     }
 
@@ -337,6 +344,7 @@ impl Source for PipelineSource {
         match self {
             PipelineSource::Files(s) => s.idle_pause(),
             PipelineSource::Postgres(s) => s.idle_pause(),
+            PipelineSource::Debezium(s) => s.idle_pause(),
         }
     }
 
@@ -344,6 +352,7 @@ impl Source for PipelineSource {
         match self {
             PipelineSource::Files(s) => s.health(),
             PipelineSource::Postgres(s) => s.health(),
+            PipelineSource::Debezium(s) => s.health(),
         }
     }
 }
@@ -360,6 +369,9 @@ pub fn source(
         }
         SourceConfig::Postgres(config) => {
             PipelineSource::Postgres(Box::new(PostgresSource::new(config.clone())?))
+        }
+        SourceConfig::Debezium(config) => {
+            PipelineSource::Debezium(Box::new(DebeziumSource::new(config.clone())))
         }
     })
 }
@@ -406,6 +418,7 @@ pub async fn run(
     let kind = match &pipeline.spec.source.value {
         SourceConfig::Files(_) => "files",
         SourceConfig::Postgres(_) => "postgres",
+        SourceConfig::Debezium(_) => "debezium",
     };
     let mut tel = options
         .telemetry
@@ -472,10 +485,6 @@ async fn run_pipeline(
         .await?;
     }
     tel.started();
-    if crate::config::source_key(pipeline).is_empty() {
-        // The source found its key itself (a table's primary key): describe it.
-        publisher.set_primary_key(published_key(pipeline, source.key()));
-    }
     let progress = progress_bar(options.progress, &dataset);
     let mut summary = RunSummary {
         suppressed: vec![0; pipeline.rules.rows.len()],
@@ -551,6 +560,11 @@ async fn run_pipeline(
                         compiled.unclassified.clone(),
                     );
                     classifier = Some(compiled);
+                    if crate::config::source_key(pipeline).is_empty() {
+                        // The source found its key itself (a table's primary key,
+                        // a Debezium record key): describe it.
+                        publisher.set_primary_key(published_key(pipeline, source.key()));
+                    }
                 }
                 let Some(c) = classifier.as_ref() else {
                     continue;

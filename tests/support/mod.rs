@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod http;
+pub mod kafka;
 pub mod moto;
 pub mod postgres;
 
