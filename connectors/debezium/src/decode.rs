@@ -211,7 +211,7 @@ impl Decoder {
         if let Some((schema, payload)) = self.split_known(text)
             && let Ok(envelope) = serde_json::from_str::<Envelope>(payload)
         {
-            return self.change(Some(schema), envelope);
+            return self.change(Some(schema), &envelope);
         }
         let wrapped: Wrapped = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
         let (schema, payload) = match (wrapped.schema, wrapped.payload) {
@@ -224,7 +224,7 @@ impl Decoder {
         }
         let envelope: Envelope = serde_json::from_str(payload)
             .map_err(|e| format!("not a Debezium change envelope: {e}"))?;
-        self.change(schema, envelope)
+        self.change(schema, &envelope)
     }
 
     /// The schema and payload texts of a record that repeats the newest
@@ -242,7 +242,7 @@ impl Decoder {
         Some((&rest[..raw.len()], payload))
     }
 
-    fn change(&mut self, schema: Option<&str>, envelope: Envelope) -> Result<Record, String> {
+    fn change(&mut self, schema: Option<&str>, envelope: &Envelope) -> Result<Record, String> {
         let time = envelope
             .source
             .as_ref()
