@@ -95,6 +95,7 @@ struct Families {
     freshness: Family<DatasetLabels, Histogram, fn() -> Histogram>,
     lag: Family<DatasetLabels, FloatGauge>,
     retained_wal: Family<DatasetLabels, Gauge>,
+    kafka_lag: Family<DatasetLabels, Gauge>,
     dead_letters: Family<DatasetLabels, Counter>,
     retries: Family<EdgeLabels, Counter>,
     errors: Family<KindLabels, Counter>,
@@ -119,6 +120,7 @@ impl Families {
             freshness: Family::new_with_constructor(seconds_buckets),
             lag: Family::default(),
             retained_wal: Family::default(),
+            kafka_lag: Family::default(),
             dead_letters: Family::default(),
             retries: Family::default(),
             errors: Family::default(),
@@ -234,6 +236,13 @@ impl Telemetry {
             "oppen_replication_slot_retained_wal_bytes",
             "WAL the PostgreSQL server retains for the pipeline's replication slot",
             &m.retained_wal,
+        );
+        register(
+            &mut r,
+            &mut names,
+            "oppen_kafka_consumer_lag_messages",
+            "Messages in the source's Kafka topic not read yet",
+            &m.kafka_lag,
         );
         register(
             &mut r,
@@ -656,6 +665,13 @@ impl PipelineTelemetry {
     /// The source's own view of its upstream.
     pub fn source_health(&self, source: SourceHealth) {
         let retained = source.retained_bytes;
+        if let Some(backlog) = source.backlog {
+            self.inner
+                .m
+                .kafka_lag
+                .get_or_create(&self.dataset)
+                .set(i64::try_from(backlog).unwrap_or(i64::MAX));
+        }
         self.update(|h| h.source = source);
         if let Some(bytes) = retained {
             self.inner
@@ -840,6 +856,7 @@ mod tests {
             behind_since: Some(Instant::now()),
             last_data: None,
             retained_bytes: Some(5 * 1024 * 1024),
+            backlog: None,
         });
         std::thread::sleep(Duration::from_millis(250));
         let (ok, body) = t.readiness();

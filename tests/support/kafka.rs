@@ -73,7 +73,7 @@ impl Broker {
             .args([
                 "broker",
                 "--storage-engine",
-                "s3://tansu/",
+                &std::env::var("TEST_TANSU_STORAGE").unwrap_or("s3://tansu/".into()),
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
@@ -206,27 +206,21 @@ impl Broker {
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .unwrap();
         let mut list = rdkafka::TopicPartitionList::new();
-        let mut ends = Vec::new();
         for p in metadata.topics()[0].partitions() {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            list.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
                 .unwrap();
-            list.add_partition_offset(topic, p.id(), rdkafka::Offset::Offset(low))
-                .unwrap();
-            ends.push(high - low);
         }
         consumer.assign(&list).unwrap();
-        let total: i64 = ends.iter().sum();
+        // Read until nothing arrives for three seconds. (tansu 0.6 answers a
+        // ListOffsets for the latest offset with the last batch's first
+        // offset, so the watermark cannot say where the end is.)
         let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while (out.len() as i64) < total {
-            assert!(
-                Instant::now() < deadline,
-                "could not read {topic} to its end"
-            );
+        let mut last = Instant::now();
+        while last.elapsed() < Duration::from_secs(3) {
             let Some(m) = consumer.poll(Duration::from_millis(200)) else {
                 continue;
             };
+            last = Instant::now();
             let m = m.unwrap();
             let headers = m
                 .headers()

@@ -55,9 +55,39 @@ pub enum Position {
     /// A PostgreSQL log sequence number.
     Lsn { lsn: u64 },
     /// Kafka offsets per partition: the next offset to read.
-    Kafka { offsets: BTreeMap<i32, i64> },
+    Kafka {
+        #[serde(with = "partition_keys")]
+        offsets: BTreeMap<i32, i64>,
+    },
     /// The last export file fully processed, by name (files sort by name) and content.
     File { name: String, sha256: String },
+}
+
+/// Partition numbers as JSON object keys: written as strings, read back as
+/// numbers. (An internally tagged enum buffers its fields, and a buffered map
+/// key stays a string, so the derived integer keys would not read back.)
+mod partition_keys {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<i32, i64>, s: S) -> Result<S::Ok, S::Error> {
+        map.iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect::<BTreeMap<String, i64>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<i32, i64>, D::Error> {
+        BTreeMap::<String, i64>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| {
+                k.parse::<i32>().map(|k| (k, v)).map_err(|_| {
+                    serde::de::Error::custom(format!("partition `{k}` is not a number"))
+                })
+            })
+            .collect()
+    }
 }
 
 impl Position {
@@ -405,6 +435,9 @@ pub struct SourceHealth {
     pub last_data: Option<std::time::Instant>,
     /// Bytes the upstream retains for this source (a replication slot's WAL).
     pub retained_bytes: Option<u64>,
+    /// Messages the upstream holds that the source has not read (Kafka
+    /// consumer lag).
+    pub backlog: Option<u64>,
 }
 
 #[cfg(test)]
@@ -429,6 +462,16 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown type")
         );
+    }
+
+    #[test]
+    fn kafka_positions_read_back() {
+        let p = Position::Kafka {
+            offsets: [(0, 5), (12, 7)].into(),
+        };
+        let text = serde_json::to_string(&p).unwrap();
+        assert_eq!(text, r#"{"kind":"kafka","offsets":{"0":5,"12":7}}"#);
+        assert_eq!(serde_json::from_str::<Position>(&text).unwrap(), p);
     }
 
     #[test]

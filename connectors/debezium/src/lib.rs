@@ -12,7 +12,7 @@ pub mod decode;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
@@ -21,10 +21,14 @@ use oppen_connector_api::{
     BatchKind, ChangeBatch, Error, Op, Position, Rejection, Result, Source, SourceEvent,
     SourceHealth,
 };
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Deserialize;
 
@@ -165,16 +169,49 @@ fn transient(what: &str, e: KafkaError) -> Error {
     }
 }
 
+/// High watermark per partition, from librdkafka's statistics.
+type Watermarks = Arc<Mutex<BTreeMap<i32, i64>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The consumer's context: keeps the high watermarks its statistics report.
+struct StatsContext {
+    topic: String,
+    watermarks: Watermarks,
+}
+
+impl ClientContext for StatsContext {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(topic) = statistics.topics.get(&self.topic) {
+            let mut marks = lock(&self.watermarks);
+            for (p, partition) in &topic.partitions {
+                // Partition -1 is librdkafka's internal unassigned partition.
+                if *p >= 0 {
+                    marks.insert(*p, partition.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for StatsContext {}
+
 /// The Debezium source.
 pub struct DebeziumSource {
     config: DebeziumConfig,
-    consumer: Option<StreamConsumer>,
+    consumer: Option<StreamConsumer<StatsContext>>,
+    watermarks: Watermarks,
     producer: Option<FutureProducer>,
     decoder: Decoder,
     key: Vec<String>,
     partitions: Vec<i32>,
-    /// The next offset per partition, as far as handed to the engine.
+    /// The next offset per partition, as far as gathered into batches.
     emitted: BTreeMap<i32, i64>,
+    /// The next offset per partition, as far as the batches handed to the
+    /// engine go: where reading resumes after an error.
+    handed: BTreeMap<i32, i64>,
     /// The next offset per partition, as far as read (rows may still be gathered).
     read: BTreeMap<i32, i64>,
     rows: Option<RowBuilder>,
@@ -185,6 +222,8 @@ pub struct DebeziumSource {
     health: SourceHealth,
     /// Since when nothing has arrived while the topic is not read to its end.
     quiet_since: Option<Instant>,
+    /// Whether the dead-letter topic is known to exist.
+    dead_letter_ready: bool,
 }
 
 impl fmt::Debug for DebeziumSource {
@@ -203,10 +242,12 @@ impl DebeziumSource {
             key: config.key.clone().unwrap_or_default(),
             config,
             consumer: None,
+            watermarks: Watermarks::default(),
             producer: None,
             decoder: Decoder::new(),
             partitions: Vec::new(),
             emitted: BTreeMap::new(),
+            handed: BTreeMap::new(),
             read: BTreeMap::new(),
             rows: None,
             ops: Vec::new(),
@@ -215,6 +256,7 @@ impl DebeziumSource {
             schema: None,
             health: SourceHealth::default(),
             quiet_since: None,
+            dead_letter_ready: false,
         }
     }
 
@@ -226,9 +268,15 @@ impl DebeziumSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", "earliest");
-        let consumer: StreamConsumer = client
-            .create()
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "250");
+        lock(&self.watermarks).clear();
+        let context = StatsContext {
+            topic: self.config.topic.clone(),
+            watermarks: self.watermarks.clone(),
+        };
+        let consumer: StreamConsumer<StatsContext> = client
+            .create_with_context(context)
             .map_err(|e| Error::Config(format!("Kafka consumer for {}: {e}", self.config.topic)))?;
         let topic = self.config.topic.clone();
         let (partitions, marks) = tokio::task::block_in_place(|| {
@@ -282,7 +330,8 @@ impl DebeziumSource {
         tracing::info!(topic, partitions = partitions.len(), from = ?start, "reading the Debezium topic");
         self.partitions = partitions;
         self.read = start.clone();
-        self.emitted = start;
+        self.emitted = start.clone();
+        self.handed = start;
         self.rows = None;
         self.ops.clear();
         self.time = None;
@@ -291,23 +340,41 @@ impl DebeziumSource {
         Ok(())
     }
 
-    /// Whether every partition is read to its end.
-    fn at_end(&self) -> Result<bool> {
-        let Some(consumer) = &self.consumer else {
-            return Ok(false);
+    /// Whether every partition is read to its end, by the high watermarks
+    /// librdkafka reports in its statistics (from its fetch responses, which
+    /// are right on every broker; tansu 0.6 answers a ListOffsets for the
+    /// latest offset with the last batch's first offset).
+    fn at_end(&mut self) -> bool {
+        let Some(backlog) = self.backlog() else {
+            return false;
         };
-        let topic = &self.config.topic;
-        tokio::task::block_in_place(|| {
-            for p in &self.partitions {
-                let (_, high) = consumer
-                    .fetch_watermarks(topic, *p, REQUEST_TIMEOUT)
-                    .map_err(|e| transient(&format!("read the offsets of {topic}/{p}"), e))?;
-                if self.read.get(p).copied().unwrap_or(0) < high {
-                    return Ok(false);
-                }
+        self.health.backlog = Some(backlog);
+        backlog == 0
+    }
+
+    /// Records in the topic not read yet; `None` until every partition's high
+    /// watermark is known.
+    fn backlog(&self) -> Option<u64> {
+        let high = lock(&self.watermarks).clone();
+        let mut backlog = 0;
+        for p in &self.partitions {
+            let h = *high.get(p)?;
+            if h < 0 {
+                return None;
             }
-            Ok(true)
-        })
+            backlog += (h - self.read.get(p).copied().unwrap_or(0)).max(0) as u64;
+        }
+        Some(backlog)
+    }
+
+    /// Notes how far the engine has the source when an event goes out.
+    fn hand(&mut self, event: SourceEvent) -> SourceEvent {
+        if let SourceEvent::Batch(batch) = &event
+            && let Position::Kafka { offsets } = &batch.position
+        {
+            self.handed.clone_from(offsets);
+        }
+        event
     }
 
     /// Hands the gathered rows out as a batch.
@@ -322,6 +389,9 @@ impl DebeziumSource {
             .finish()
             .map_err(|e| Error::Config(format!("building a batch: {e}")))?;
         self.emitted = self.read.clone();
+        if let Some(backlog) = self.backlog() {
+            self.health.backlog = Some(backlog);
+        }
         self.ready.push_back(SourceEvent::Batch(ChangeBatch {
             data,
             ops: std::mem::take(&mut self.ops),
@@ -336,7 +406,8 @@ impl DebeziumSource {
         Ok(())
     }
 
-    /// Takes one record; returns whether the gathered batch should go out now.
+    /// Takes one record. Its offset counts as read only once it is handled,
+    /// so a batch handed out before it never claims it.
     async fn on_record(
         &mut self,
         partition: i32,
@@ -351,7 +422,6 @@ impl DebeziumSource {
             self.key = fields;
         }
         let decoded = self.decoder.decode(value.as_deref());
-        self.read.insert(partition, offset + 1);
         match decoded {
             Ok(Record::Change {
                 op,
@@ -362,9 +432,11 @@ impl DebeziumSource {
                 self.rows_for(&columns)?.append(cells);
                 self.ops.push(op);
                 self.time = self.time.max(time);
+                self.read.insert(partition, offset + 1);
             }
             Ok(Record::Truncate { time }) => {
                 self.flush()?;
+                self.read.insert(partition, offset + 1);
                 if let Some(schema) = self.schema.clone() {
                     self.emitted = self.read.clone();
                     self.ready.push_back(SourceEvent::Batch(ChangeBatch {
@@ -379,11 +451,14 @@ impl DebeziumSource {
                     }));
                 }
             }
-            Ok(Record::Skip) => {}
+            Ok(Record::Skip) => {
+                self.read.insert(partition, offset + 1);
+            }
             Err(reason) => {
                 self.flush()?;
                 let what = format!("{}/{partition}@{offset}", self.config.topic);
                 self.dead_letter(&what, &reason, key, value).await?;
+                self.read.insert(partition, offset + 1);
                 self.ready.push_back(SourceEvent::Rejected(Rejection {
                     what,
                     reason,
@@ -411,6 +486,36 @@ impl DebeziumSource {
             .ok_or_else(|| Error::Config("no row builder".into()))
     }
 
+    /// Creates the dead-letter topic unless it exists (brokers need not
+    /// create topics on first use).
+    async fn create_dead_letter_topic(&self, topic: &str) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = self
+            .config
+            .client()
+            .create()
+            .map_err(|e| Error::Config(format!("Kafka admin client: {e}")))?;
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(topic, 1, TopicReplication::Fixed(-1))],
+                &AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT)),
+            )
+            .await
+            .map_err(|e| transient(&format!("create the dead-letter topic {topic}"), e))?;
+        for result in results {
+            match result {
+                Ok(_) => tracing::info!(topic, "created the dead-letter topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(Error::Transient {
+                        message: format!("create the dead-letter topic {topic}: {code}"),
+                        source: None,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Produces an undecodable record to the dead-letter topic, with why.
     async fn dead_letter(
         &mut self,
@@ -428,10 +533,14 @@ impl DebeziumSource {
                 Error::Config(format!("Kafka producer for the dead-letter topic: {e}"))
             })?);
         }
+        let topic = self.config.dead_letter_topic();
+        if !self.dead_letter_ready {
+            self.create_dead_letter_topic(&topic).await?;
+            self.dead_letter_ready = true;
+        }
         let Some(producer) = &self.producer else {
             return Ok(());
         };
-        let topic = self.config.dead_letter_topic();
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "oppen.error",
@@ -488,11 +597,12 @@ impl Source for DebeziumSource {
 
     async fn next(&mut self) -> Result<SourceEvent> {
         if let Some(event) = self.ready.pop_front() {
-            return Ok(event);
+            return Ok(self.hand(event));
         }
         if self.consumer.is_none() {
-            // After an error: read again from what the engine has.
-            let from = self.emitted.clone();
+            // After an error: read again from what the engine has (batches
+            // gathered but not handed out are read again).
+            let from = self.handed.clone();
             self.connect(&from).await?;
         }
         let started = Instant::now();
@@ -535,7 +645,7 @@ impl Source for DebeziumSource {
                 None if gathering => self.flush()?,
                 None => {
                     if self.ready.is_empty() {
-                        if self.at_end()? {
+                        if self.at_end() {
                             self.health.behind_since = None;
                             return Ok(SourceEvent::Idle);
                         }
@@ -556,7 +666,7 @@ impl Source for DebeziumSource {
                 }
             }
             if let Some(event) = self.ready.pop_front() {
-                return Ok(event);
+                return Ok(self.hand(event));
             }
         }
     }
