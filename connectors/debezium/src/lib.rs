@@ -701,3 +701,27 @@ impl Source for DebeziumSource {
         self.health.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_property_values() {
+        let config: DebeziumConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "k:9092",
+            "topic": "econ.dbo.invoices",
+            "properties": { "sasl.password": "Sasl-Secret-77", "linger.ms": 5 }
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("Sasl-Secret-77"), "{shown}");
+        assert!(shown.contains("sasl.password"), "{shown}");
+        assert_eq!(config.properties["linger.ms"].to_string(), "5");
+        assert!(config.validate().is_empty());
+        let mut bad = config.clone();
+        bad.properties
+            .insert("group.id".into(), Property::Text("x".into()));
+        assert!(bad.validate()[0].contains("properties.group.id is set by oppen"));
+    }
+}
