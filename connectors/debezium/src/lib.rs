@@ -719,7 +719,7 @@ mod tests {
         assert!(shown.contains("sasl.password"), "{shown}");
         assert_eq!(config.properties["linger.ms"].to_string(), "5");
         assert!(config.validate().is_empty());
-        let mut bad = config.clone();
+        let mut bad = config;
         bad.properties
             .insert("group.id".into(), Property::Text("x".into()));
         assert!(bad.validate()[0].contains("properties.group.id is set by oppen"));
