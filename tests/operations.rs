@@ -8,20 +8,10 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
-
-use support::Workspace;
-use support::http::{free_port, get, metrics, try_get};
+use support::http::{get, metrics, try_get};
+use support::{Workspace, free_port, wait_until};
 
 const HMAC_KEY: &str = "hmac-Secret-7f3a9c1e5b2d4f6a8c0e1a3b5d7f9e2c";
-
-fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn sample(m: &BTreeMap<String, f64>, key: &str) -> f64 {
     *m.get(key)

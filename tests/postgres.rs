@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use oppen_connector_api::Position;
 use support::postgres::Cluster;
@@ -246,16 +245,9 @@ impl Setup {
 
 /// Every row of a dataset's newest version, each formatted as one string, sorted.
 fn rows_of(published: &Path) -> (Vec<String>, Vec<String>) {
-    let version = support::read_manifest(&published.join("manifest.json")).unwrap();
     let mut rows = Vec::new();
     let mut columns = Vec::new();
-    for partition in version.partitions.values() {
-        let (_, file) = partition
-            .files
-            .iter()
-            .find(|(f, _)| format!("{f:?}").eq_ignore_ascii_case("parquet"))
-            .unwrap();
-        let batch: RecordBatch = support::read_file(&published.join(&file.path));
+    for batch in support::newest_parquet(published) {
         columns = batch
             .schema()
             .fields()
@@ -746,7 +738,8 @@ fn changes_that_publish_nothing_still_let_the_slot_advance() {
 /// appears in any output, even at debug level.
 #[test]
 fn a_stalled_stream_turns_readiness_red_and_sigterm_commits_what_is_held() {
-    use support::http::{free_port, get, metrics, try_get};
+    use support::free_port;
+    use support::http::{get, metrics, try_get};
     const HMAC_KEY: &str = "pg-hmac-Secret-0c4e8a2f6b1d3f5a7c9e0b2d4f6a8c1e";
     let setup = Setup::new("operations");
     setup_table(&setup, 500);
@@ -869,14 +862,7 @@ fn a_stalled_stream_turns_readiness_red_and_sigterm_commits_what_is_held() {
     let captured_at_signal = metrics(port)[&captured] as u64;
     let signalled = chrono::Utc::now();
     support::terminate(&mut child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = support::wait_exit(&mut child, 30);
     assert!(status.success(), "exit {status:?}");
     let last = setup.latest("drift").unwrap();
     assert!(

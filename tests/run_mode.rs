@@ -4,17 +4,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
-use support::Workspace;
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use support::{Workspace, wait_until};
 
 #[test]
 fn new_exports_are_picked_up_and_sigterm_stops_cleanly() {
@@ -34,25 +24,11 @@ fn new_exports_are_picked_up_and_sigterm_stops_cleanly() {
         .spawn()
         .unwrap();
     ws.drop_export("leverantorsfakturor", "export-2025-01.csv");
-    wait_for("version 1", || ws.versions() == vec![1]);
+    wait_until("version 1", 60, || ws.versions() == vec![1]);
     ws.drop_export("leverantorsfakturor", "export-2025-02.csv");
-    wait_for("version 2", || ws.versions() == vec![1, 2]);
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "oppen did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    wait_until("version 2", 60, || ws.versions() == vec![1, 2]);
+    support::terminate(&mut child);
+    let exit = support::wait_exit(&mut child, 30);
     let output = child.wait_with_output().unwrap();
     assert!(
         exit.success(),

@@ -42,15 +42,6 @@ pub fn metrics(port: u16) -> std::collections::BTreeMap<String, f64> {
         .collect()
 }
 
-/// A port nothing listens on now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A GET request.
 pub fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Reply {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -1,7 +1,6 @@
 //! A private Kafka-compatible broker (`tansu`) on a free port, its records
 //! kept in a private S3 (moto), so a restarted broker still has them.
 
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,11 +42,7 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on a free port, storing its records in a new moto bucket.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::free_port();
         let storage = Moto::start();
         storage.create_bucket("tansu");
         let dir = tempfile::tempdir().unwrap();
@@ -79,12 +74,9 @@ impl Broker {
                 "--advertised-listener-url",
                 &url,
             ])
+            .envs(self.storage.env())
             .env("AWS_ENDPOINT", &self.storage.endpoint)
             .env("AWS_ALLOW_HTTP", "true")
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_DEFAULT_REGION", "us-east-1")
-            .env("AWS_REGION", "us-east-1")
             .env("RUST_LOG", "warn")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -98,16 +90,12 @@ impl Broker {
                 )
             });
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "tansu did not listen on port {} within 30 s: {}",
-                self.port,
+        super::wait_for_port(self.port, "tansu", || {
+            format!(
+                ": {}",
                 std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            )
+        });
     }
 
     /// `host:port` for clients.
@@ -167,7 +155,6 @@ impl Broker {
             if let Some(v) = value {
                 record = record.payload(v);
             }
-            let mut record = record;
             loop {
                 match producer.send(record) {
                     Ok(()) => break,

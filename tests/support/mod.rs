@@ -363,3 +363,65 @@ pub fn terminate(child: &mut std::process::Child) {
         .unwrap();
     assert!(status.success());
 }
+
+/// A local port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something listens on `port`; fails with `what` and `detail()`.
+pub fn wait_for_port(port: u16, what: &str, detail: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not listen on port {port} within 30 s{}",
+            detail()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Polls `done` every 100 ms; fails after `seconds` naming `what`.
+pub fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Waits for a child to exit; fails after `seconds`.
+pub fn wait_exit(child: &mut std::process::Child, seconds: u64) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process did not exit within {seconds} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The Parquet file of every partition of a dataset's newest version.
+pub fn newest_parquet(published: &Path) -> Vec<RecordBatch> {
+    let version = read_manifest(&published.join("manifest.json")).unwrap();
+    version
+        .partitions
+        .values()
+        .map(|partition| {
+            let file = &partition.files[&oppen::config::OutputFormat::Parquet];
+            read_file(&published.join(&file.path))
+        })
+        .collect()
+}

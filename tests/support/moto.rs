@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A running moto server; stopped when dropped.
 pub struct Moto {
@@ -17,11 +17,7 @@ impl Moto {
     /// Starts moto on a free port. Fails the test with how to install it when it
     /// is missing (scripts/test installs it).
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::free_port();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -35,14 +31,7 @@ impl Moto {
             endpoint: format!("http://127.0.0.1:{port}"),
             port,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on port {port} within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        super::wait_for_port(port, "moto_server", String::new);
         moto
     }
 

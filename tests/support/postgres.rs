@@ -3,7 +3,6 @@
 //! every test in a test binary (each test gets its own database) and stops when
 //! the test process ends.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -56,11 +55,7 @@ impl Cluster {
 
     fn start() -> Cluster {
         let bindir = bindir();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::free_port();
         let dir = std::env::temp_dir().join(format!("oppen-pg-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         if is_root() {
