@@ -207,8 +207,6 @@ pub struct DebeziumSource {
     decoder: Decoder,
     key: Vec<String>,
     partitions: Vec<i32>,
-    /// The next offset per partition, as far as gathered into batches.
-    emitted: BTreeMap<i32, i64>,
     /// The next offset per partition, as far as the batches handed to the
     /// engine go: where reading resumes after an error.
     handed: BTreeMap<i32, i64>,
@@ -230,7 +228,7 @@ impl fmt::Debug for DebeziumSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DebeziumSource")
             .field("topic", &self.config.topic)
-            .field("emitted", &self.emitted)
+            .field("handed", &self.handed)
             .finish_non_exhaustive()
     }
 }
@@ -246,7 +244,6 @@ impl DebeziumSource {
             producer: None,
             decoder: Decoder::new(),
             partitions: Vec::new(),
-            emitted: BTreeMap::new(),
             handed: BTreeMap::new(),
             read: BTreeMap::new(),
             rows: None,
@@ -330,7 +327,6 @@ impl DebeziumSource {
         tracing::info!(topic, partitions = partitions.len(), from = ?start, "reading the Debezium topic");
         self.partitions = partitions;
         self.read = start.clone();
-        self.emitted = start.clone();
         self.handed = start;
         self.rows = None;
         self.ops.clear();
@@ -388,7 +384,6 @@ impl DebeziumSource {
         let data = rows
             .finish()
             .map_err(|e| Error::Config(format!("building a batch: {e}")))?;
-        self.emitted = self.read.clone();
         if let Some(backlog) = self.backlog() {
             self.health.backlog = Some(backlog);
         }
@@ -397,7 +392,7 @@ impl DebeziumSource {
             ops: std::mem::take(&mut self.ops),
             kind: BatchKind::Changes,
             position: Position::Kafka {
-                offsets: self.emitted.clone(),
+                offsets: self.read.clone(),
             },
             commit_time: self.time.take(),
             // Debezium records are committed one by one (no transaction metadata).
@@ -438,13 +433,12 @@ impl DebeziumSource {
                 self.flush()?;
                 self.read.insert(partition, offset + 1);
                 if let Some(schema) = self.schema.clone() {
-                    self.emitted = self.read.clone();
                     self.ready.push_back(SourceEvent::Batch(ChangeBatch {
                         data: arrow::array::RecordBatch::new_empty(schema),
                         ops: Vec::new(),
                         kind: BatchKind::Snapshot,
                         position: Position::Kafka {
-                            offsets: self.emitted.clone(),
+                            offsets: self.read.clone(),
                         },
                         commit_time: time,
                         end_of_transaction: true,

@@ -1313,11 +1313,10 @@ impl PostgresSource {
         let result = match self.client().await {
             Ok(c) => c
                 .query_opt(
-                    "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                            ELSE pg_current_wal_lsn() END)::text, \
-                            pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                            ELSE pg_current_wal_lsn() END, restart_lsn)::bigint \
-                     FROM pg_replication_slots WHERE slot_name = $1",
+                    "WITH server AS (SELECT CASE WHEN pg_is_in_recovery() \
+                            THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS wal_end) \
+                     SELECT wal_end::text, pg_wal_lsn_diff(wal_end, restart_lsn)::bigint \
+                     FROM pg_replication_slots, server WHERE slot_name = $1",
                     &[&slot],
                 )
                 .await
