@@ -126,6 +126,35 @@ pub enum Accrual {
     Irregular,
 }
 
+impl Accrual {
+    /// The code in the EU frequency list (what the catalog links to).
+    pub fn eu_code(self) -> &'static str {
+        match self {
+            Accrual::Continuous => "CONT",
+            Accrual::Daily => "DAILY",
+            Accrual::Weekly => "WEEKLY",
+            Accrual::Monthly => "MONTHLY",
+            Accrual::Quarterly => "QUARTERLY",
+            Accrual::Annual => "ANNUAL",
+            Accrual::Irregular => "IRREG",
+        }
+    }
+
+    /// The longest time between two updates this promises, in seconds; none
+    /// for continuous or irregular datasets.
+    pub fn period_seconds(self) -> Option<u64> {
+        const DAY: u64 = 86_400;
+        match self {
+            Accrual::Daily => Some(DAY),
+            Accrual::Weekly => Some(7 * DAY),
+            Accrual::Monthly => Some(31 * DAY),
+            Accrual::Quarterly => Some(92 * DAY),
+            Accrual::Annual => Some(366 * DAY),
+            Accrual::Continuous | Accrual::Irregular => None,
+        }
+    }
+}
+
 /// Who may have the published data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -202,20 +202,8 @@ pub fn public_url(pipeline: &Pipeline) -> String {
 
 /// The catalog description of a pipeline's dataset.
 pub fn dataset_meta(pipeline: &Pipeline) -> DatasetMeta {
-    use crate::config::pipeline::Accrual;
     let d = &pipeline.spec.dataset;
-    let accrual = d.accrual.map(|a| {
-        match a {
-            Accrual::Continuous => "CONT",
-            Accrual::Daily => "DAILY",
-            Accrual::Weekly => "WEEKLY",
-            Accrual::Monthly => "MONTHLY",
-            Accrual::Quarterly => "QUARTERLY",
-            Accrual::Annual => "ANNUAL",
-            Accrual::Irregular => "IRREG",
-        }
-        .to_string()
-    });
+    let accrual = d.accrual.map(|a| a.eu_code().to_string());
     let access = match d.access.value {
         crate::config::Access::Open => "PUBLIC",
         crate::config::Access::Shared => "RESTRICTED",
@@ -261,21 +249,6 @@ pub fn published_key(pipeline: &Pipeline, key: &[String]) -> Vec<String> {
         })
         .collect::<Option<Vec<String>>>()
         .unwrap_or_default()
-}
-
-/// The dataset's update period in seconds, where its accrual periodicity
-/// promises one (not for continuous or irregular datasets).
-pub fn accrual_seconds(pipeline: &Pipeline) -> Option<u64> {
-    use crate::config::pipeline::Accrual;
-    const DAY: u64 = 86_400;
-    match pipeline.spec.dataset.accrual? {
-        Accrual::Daily => Some(DAY),
-        Accrual::Weekly => Some(7 * DAY),
-        Accrual::Monthly => Some(31 * DAY),
-        Accrual::Quarterly => Some(92 * DAY),
-        Accrual::Annual => Some(366 * DAY),
-        Accrual::Continuous | Accrual::Irregular => None,
-    }
 }
 
 /// Opens the stores, the pseudonym key and the publisher of a pipeline.
@@ -455,7 +428,11 @@ async fn run_pipeline(
     let dataset = pipeline.id().to_string();
     let (mut publisher, recovered, _keyer, key) = open(pipeline).await?;
     tel.describe(
-        accrual_seconds(pipeline),
+        pipeline
+            .spec
+            .dataset
+            .accrual
+            .and_then(|a| a.period_seconds()),
         recovered.created.map(|t| (recovered.version, t)),
     );
     if recovered.version > 0 {
