@@ -31,12 +31,8 @@ fn broken_export() -> Vec<u8> {
 
 #[test]
 fn metrics_and_health_follow_a_running_pipeline() {
-    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
-    let text = std::fs::read_to_string(&ws.pipeline).unwrap().replace(
-        "key: [verifikationsnummer]",
-        "key: [verifikationsnummer]\n    settle_seconds: 0",
-    ) + "pseudonym_key: { env: TEST_HMAC_KEY }\n";
-    std::fs::write(&ws.pipeline, text).unwrap();
+    let ws = Workspace::invoices_without_settling();
+    ws.edit_pipeline("rules:", "pseudonym_key: { env: TEST_HMAC_KEY }\nrules:");
     let port = free_port();
     let log = ws.dir.path().join("oppen.log");
     let mut child = ws
@@ -278,12 +274,7 @@ fn the_deployment_pipelines_check() {
 /// folder does not exist), `/readyz` names it, and the other goes on publishing.
 #[test]
 fn one_failing_pipeline_leaves_the_others_running() {
-    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
-    let text = std::fs::read_to_string(&ws.pipeline).unwrap().replace(
-        "key: [verifikationsnummer]",
-        "key: [verifikationsnummer]\n    settle_seconds: 0",
-    );
-    std::fs::write(&ws.pipeline, text).unwrap();
+    let ws = Workspace::invoices_without_settling();
     for file in ["skolmat.yaml", "skolmat.rules.yaml"] {
         std::fs::copy(support::examples().join(file), ws.dir.path().join(file)).unwrap();
     }

@@ -8,12 +8,7 @@ use support::{Workspace, wait_until};
 
 #[test]
 fn new_exports_are_picked_up_and_sigterm_stops_cleanly() {
-    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
-    let text = std::fs::read_to_string(&ws.pipeline).unwrap().replace(
-        "key: [verifikationsnummer]",
-        "key: [verifikationsnummer]\n    settle_seconds: 0",
-    );
-    std::fs::write(&ws.pipeline, text).unwrap();
+    let ws = Workspace::invoices_without_settling();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"))
         .args(["run", "leverantorsfakturor.yaml"])
         .env("OPPEN_METRICS_ADDR", "off")

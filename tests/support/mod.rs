@@ -65,6 +65,27 @@ impl Workspace {
         self.dir.path().join("state")
     }
 
+    /// Replaces text in the pipeline file (which must contain `from`).
+    pub fn edit_pipeline(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.pipeline).unwrap();
+        assert!(
+            text.contains(from),
+            "the pipeline does not contain {from:?}"
+        );
+        std::fs::write(&self.pipeline, text.replace(from, to)).unwrap();
+    }
+
+    /// The invoice pipeline reading exports as soon as they appear (a running
+    /// `oppen run` otherwise waits for files to settle).
+    pub fn invoices_without_settling() -> Self {
+        let ws = Self::new("leverantorsfakturor", "leverantorsfakturor");
+        ws.edit_pipeline(
+            "key: [verifikationsnummer]",
+            "key: [verifikationsnummer]\n    settle_seconds: 0",
+        );
+        ws
+    }
+
     /// Replaces text in the rules file.
     pub fn edit_rules(&self, from: &str, to: &str) {
         let path = self.dir.path().join(format!("{}.rules.yaml", self.dataset));
