@@ -141,6 +141,8 @@ pub struct OpsOptions {
     pub metrics_addr: Option<String>,
     /// How long a stop signal may take before the process exits anyway.
     pub grace: std::time::Duration,
+    /// Which part of the pipelines runs here.
+    pub role: crate::transport::Role,
 }
 
 /// Starts the metrics and health endpoints. At the default address a port in
@@ -218,6 +220,7 @@ pub async fn run(
         settle: None,
         resnapshot,
         telemetry,
+        role: ops.role,
     };
     let tasks: Vec<_> = pipelines
         .into_iter()
@@ -618,8 +621,8 @@ pub async fn status(files: &[PathBuf]) -> Result<ExitCode> {
         }
         let state = pipeline.state.open().map_err(RunError::from)?;
         let state_path = format!(
-            "{dataset}/versions/{}.json",
-            crate::publish::manifest::version_name(version.version)
+            "{dataset}/{}",
+            crate::publish::manifest::state_manifest_path(&version)
         );
         if let Ok(Some(bytes)) = state.get(&state_path).await
             && let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes)

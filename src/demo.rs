@@ -342,6 +342,7 @@ pub async fn run(
         settle: Some(Duration::ZERO),
         resnapshot: false,
         telemetry: Default::default(),
+        role: Default::default(),
     };
     let mut tasks = Vec::new();
     for pipeline in pipelines {

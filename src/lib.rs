@@ -11,3 +11,4 @@ pub mod demo;
 pub mod ops;
 pub mod publish;
 pub mod runtime;
+pub mod transport;

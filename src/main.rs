@@ -50,6 +50,11 @@ enum Command {
         /// process exits anyway.
         #[arg(long, default_value_t = 30.0, env = "OPPEN_SHUTDOWN_GRACE")]
         shutdown_grace: f64,
+        /// Which part of the pipelines runs here: `all` (embedded), or with a
+        /// Kafka transport `connector` (capture and classify, produce to the
+        /// topic) or `publisher` (consume the topic, commit versions).
+        #[arg(long, value_enum, default_value_t = oppen::transport::Role::All, env = "OPPEN_ROLE")]
+        role: oppen::transport::Role,
     },
     /// Validate pipeline and rules files without connecting to any source.
     /// Exits 1 if anything is wrong; every problem is listed with file:line:column.
@@ -110,8 +115,10 @@ enum Command {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.with_target(false).init(),
@@ -140,8 +147,10 @@ fn main() -> ExitCode {
                 resnapshot,
                 metrics_addr,
                 shutdown_grace,
+                role,
             } => {
                 let ops = commands::OpsOptions {
+                    role,
                     metrics_addr,
                     grace: std::time::Duration::from_secs_f64(shutdown_grace.max(0.0)),
                 };

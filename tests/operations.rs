@@ -270,6 +270,44 @@ fn the_deployment_pipelines_check() {
     );
 }
 
+/// The pipelines in the Kubernetes ConfigMaps are valid (the transport
+/// example included).
+#[test]
+fn the_kubernetes_pipelines_check() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut checked = 0;
+    for file in support::walk(&root) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in text.split("\n---\n") {
+            let doc: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
+            if doc["kind"] != "ConfigMap" {
+                continue;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            for (name, content) in doc["data"].as_object().unwrap() {
+                std::fs::write(dir.path().join(name), content.as_str().unwrap()).unwrap();
+            }
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_oppen"))
+                .arg("check")
+                .arg(dir.path())
+                .env("ECON_DB_URL", "postgres://oppen:pw@localhost:5432/econ")
+                .env("KAFKA_BROKERS", "kafka:9092")
+                .env("OPPEN_HMAC_KEY", HMAC_KEY)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}{}",
+                file.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2, "ConfigMaps in deploy/kubernetes");
+}
+
 /// Two pipelines in one process: one stops on a fatal error (its export
 /// folder does not exist), `/readyz` names it, and the other goes on publishing.
 #[test]

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use arrow::util::display::{ArrayFormatter, FormatOptions};
 use oppen_connector_api::Position;
 use support::postgres::Cluster;
 
@@ -243,32 +242,6 @@ impl Setup {
     }
 }
 
-/// Every row of a dataset's newest version, each formatted as one string, sorted.
-fn rows_of(published: &Path) -> (Vec<String>, Vec<String>) {
-    let mut rows = Vec::new();
-    let mut columns = Vec::new();
-    for batch in support::newest_parquet(published) {
-        columns = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        let options = FormatOptions::default().with_null("∅");
-        let formatters: Vec<ArrayFormatter> = batch
-            .columns()
-            .iter()
-            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
-            .collect();
-        for r in 0..batch.num_rows() {
-            let cells: Vec<String> = formatters.iter().map(|f| f.value(r).to_string()).collect();
-            rows.push(cells.join("|"));
-        }
-    }
-    rows.sort();
-    (columns, rows)
-}
-
 /// Publishes the table afresh (a new slot, snapshot only) and checks that
 /// `dataset` equals it row for row.
 fn assert_matches_fresh_snapshot(setup: &Setup, dataset: &str) {
@@ -285,8 +258,8 @@ fn assert_matches_fresh_snapshot(setup: &Setup, dataset: &str) {
         "reference run failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (columns, expected) = rows_of(&setup.published(&reference));
-    let (got_columns, got) = rows_of(&setup.published(dataset));
+    let (columns, expected) = support::newest_rows(&setup.published(&reference));
+    let (got_columns, got) = support::newest_rows(&setup.published(dataset));
     assert_eq!(got_columns, columns, "published columns differ");
     let source_rows: usize = setup
         .psql("SELECT count(*) FROM supplier_invoices")

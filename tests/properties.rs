@@ -132,6 +132,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         settle: None,
         resnapshot: false,
         telemetry: Default::default(),
+        role: Default::default(),
     };
     let result = runtime.block_on(oppen::runtime::run(
         &pipeline,

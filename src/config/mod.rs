@@ -233,6 +233,15 @@ fn validate_pipeline(file: &Path, spec: &PipelineFile, problems: &mut Diagnostic
             }
         }
     }
+    if let Some(transport) = &spec.transport {
+        let crate::transport::TransportConfig::Kafka(kafka) = &transport.value;
+        for problem in kafka.validate() {
+            problems.push(Diagnostic::new(
+                Place::of(file, transport),
+                format!("transport.kafka: {problem}"),
+            ));
+        }
+    }
     let publish = &spec.publish;
     if publish.formats.value.is_empty() {
         problems.push(

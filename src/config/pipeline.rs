@@ -34,6 +34,9 @@ pub struct PipelineFile {
     /// Limits of the readiness check (`/readyz`).
     #[serde(default)]
     pub health: HealthLimits,
+    /// A Kafka topic between connector and publishers (`oppen run --role`).
+    #[serde(default)]
+    pub transport: Option<Spanned<crate::transport::TransportConfig>>,
 }
 
 /// When `/readyz` reports a pipeline as not ready.

@@ -98,6 +98,55 @@ pub struct Version {
     pub source_position: Option<Position>,
     /// When the source committed the newest change in the version.
     pub source_time: Option<DateTime<Utc>>,
+    /// Names the private state manifest of this version
+    /// (`versions/<v>-<state_id>.json` in the state location). Each commit
+    /// attempt writes its own, so a publisher that loses a race for the
+    /// version never overwrites the winner's. Absent: `versions/<v>.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_id: Option<String>,
+    /// Publishers on a Kafka transport: how far each partition of the
+    /// transport topic is in this version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<TransportProgress>,
+}
+
+/// How far the transport topic is published (DESIGN.md "Transport and scale").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TransportProgress {
+    /// The transport topic.
+    pub topic: String,
+    /// Every partition any publisher has committed, ascending.
+    pub partitions: Vec<PartitionProgress>,
+}
+
+/// One partition of the transport topic in a version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionProgress {
+    /// The partition.
+    pub partition: i32,
+    /// The next offset to read: every message before it is in the version.
+    pub next_offset: i64,
+    /// The source position of the newest whole transaction read from this
+    /// partition: a connector that restarted sends it again, and it is skipped.
+    pub applied: Option<Position>,
+}
+
+impl TransportProgress {
+    /// The progress of one partition.
+    pub fn get(&self, partition: i32) -> Option<&PartitionProgress> {
+        self.partitions.iter().find(|p| p.partition == partition)
+    }
+
+    /// Sets one partition's progress.
+    pub fn set(&mut self, progress: PartitionProgress) {
+        match self
+            .partitions
+            .binary_search_by_key(&progress.partition, |p| p.partition)
+        {
+            Ok(i) => self.partitions[i] = progress,
+            Err(i) => self.partitions.insert(i, progress),
+        }
+    }
 }
 
 impl Version {
@@ -134,6 +183,14 @@ pub struct State {
     pub unclassified: Vec<String>,
     /// The source's column types, to keep inferred types stable across restarts.
     pub source_types: BTreeMap<String, oppen_connector_api::ColumnType>,
+}
+
+/// The path of a version's private state manifest, relative to the dataset folder.
+pub fn state_manifest_path(version: &Version) -> String {
+    match &version.state_id {
+        Some(id) => format!("versions/{}-{id}.json", version_name(version.version)),
+        None => format!("versions/{}.json", version_name(version.version)),
+    }
 }
 
 /// The zero-padded name of a version, so names sort by number.

@@ -31,7 +31,7 @@ use manifest::{
     ChangeSummary, ColumnInfo, FileRef, PartitionFiles, State, StateManifest, Version,
     VersionManifest, parse_version_path, version_name,
 };
-use state::{Entry, Key, KeyHash, KeyMap, KeySet, Partitions};
+use state::{Entry, Key, KeyHash, KeyMap, KeyScope, KeySet, Partitions};
 use store::Store;
 
 /// Files written to a store at once.
@@ -111,9 +111,10 @@ struct Pending {
     latest: KeyMap<(u32, u32, bool)>,
     /// Keys seen in the snapshot under way (full export or re-snapshot).
     snapshot_seen: Option<KeySet>,
-    /// The keys of a complete image (full export or re-snapshot) that ended:
-    /// committed keys it lacks are deleted at the next commit.
-    complete_image: Option<KeySet>,
+    /// The keys of each complete image (full export or re-snapshot) that
+    /// ended, by the keys it covers: committed keys of its scope it lacks are
+    /// deleted at the next commit. A newer image of a scope replaces the older.
+    complete_images: BTreeMap<KeyScope, KeySet>,
     /// Inside a source transaction (a version must not end here).
     open_transaction: bool,
     /// The kind of the newest staged batch.
@@ -157,6 +158,8 @@ pub struct Recovered {
     pub rows: u64,
     /// When the newest version was committed.
     pub created: Option<DateTime<Utc>>,
+    /// How far publishers on a Kafka transport have read (publisher role).
+    pub transport: Option<manifest::TransportProgress>,
 }
 
 /// Publishes versions of one dataset.
@@ -178,6 +181,10 @@ pub struct Publisher {
     /// The highest version named by an unreferenced file newer than the newest
     /// version (left by a crashed commit), to remove once that version exists.
     orphans_up_to: Option<u64>,
+    /// The keys an image staged next covers.
+    image_scope: KeyScope,
+    /// Transport progress recorded with the next version (publisher role).
+    transport: Option<manifest::TransportProgress>,
 }
 
 fn store_err(store: &Store) -> impl Fn(object_store::Error) -> PublishError + '_ {
@@ -217,6 +224,8 @@ impl Publisher {
             source_types: BTreeMap::new(),
             references: BTreeMap::new(),
             orphans_up_to: None,
+            image_scope: KeyScope::All,
+            transport: None,
         };
         let recovered = publisher.recover().await?;
         Ok((publisher, recovered))
@@ -251,7 +260,7 @@ impl Publisher {
             return Ok(Recovered::default());
         };
         let version = self.read_version(newest).await?;
-        let state_path = self.path(&format!("versions/{}.json", version_name(newest)));
+        let state_path = self.path(&manifest::state_manifest_path(&version));
         let state_bytes = self.state_store.get(&state_path).await.map_err(store_err(&self.state_store))?.ok_or_else(|| {
             PublishError::State(format!(
                 "version {newest} of {} is published, but its private state ({} in {}) is missing. The \
@@ -328,6 +337,7 @@ impl Publisher {
             source_types: state.source_types,
             rows: version.rows,
             created: Some(version.created),
+            transport: version.transport.clone(),
         })
     }
 
@@ -398,7 +408,7 @@ impl Publisher {
 
     /// Whether a complete snapshot is staged (a version should end after it).
     pub fn snapshot_complete(&self) -> bool {
-        self.pending.complete_image.is_some()
+        !self.pending.complete_images.is_empty()
     }
 
     /// Sets the primary key the catalog describes (a source may know its key
@@ -465,14 +475,25 @@ impl Publisher {
             // version is planned, against the state as it is then (another
             // publisher may have committed meanwhile).
             let seen = self.pending.snapshot_seen.take().unwrap_or_default();
+            let scope = self.image_scope;
             for (key, change) in &mut self.pending.latest {
-                if !change.2 && !seen.contains(key) {
+                if !change.2 && !seen.contains(key) && scope.contains(key) {
                     *change = (u32::MAX, 0, true);
                 }
             }
-            self.pending.complete_image = Some(seen);
+            self.pending.complete_images.insert(scope, seen);
         }
         Ok(())
+    }
+
+    /// Sets the keys the images staged from now on cover (see [`KeyScope`]).
+    pub fn set_image_scope(&mut self, scope: KeyScope) {
+        self.image_scope = scope;
+    }
+
+    /// Sets the transport progress the next version records.
+    pub fn set_transport(&mut self, progress: Option<manifest::TransportProgress>) {
+        self.transport = progress;
     }
 
     /// Drops staged changes (after a failed commit that will be retried from the source).
@@ -678,9 +699,9 @@ impl Publisher {
             removed.push(*key);
             added.push((*key, entry));
         }
-        if let Some(seen) = &pending.complete_image {
+        for (scope, seen) in &pending.complete_images {
             for (key, e) in index {
-                if !seen.contains(key) && !pending.latest.contains_key(key) {
+                if scope.contains(key) && !seen.contains(key) && !pending.latest.contains_key(key) {
                     removed_from.entry(e.partition).or_default().insert(*key);
                     deleted.insert(*key);
                     removed.push(*key);
@@ -915,9 +936,10 @@ impl Publisher {
         });
         let json = serde_json::to_vec_pretty(&state_manifest)
             .map_err(|e| PublishError::State(e.to_string()))?;
+        let state_id = uuid::Uuid::new_v4().simple().to_string();
         self.state_store
             .put(
-                &self.path(&format!("versions/{vname}.json")),
+                &self.path(&format!("versions/{vname}-{state_id}.json")),
                 Bytes::from(json),
             )
             .await
@@ -954,6 +976,8 @@ impl Publisher {
             rules_digest: self.settings.rules_digest.clone(),
             source_position: pending.position.clone(),
             source_time: pending.source_time,
+            state_id: Some(state_id),
+            transport: self.transport.clone(),
         };
         let json = Bytes::from(
             serde_json::to_vec_pretty(&VersionManifest::V1(manifest.clone()))
@@ -1026,6 +1050,7 @@ impl Publisher {
         let private_refs = all
             .values()
             .map(|(state_file, _)| self.path(&state_file.path))
+            .chain([self.path(&manifest::state_manifest_path(&manifest))])
             .collect();
         self.references.insert(version, (public_refs, private_refs));
 
@@ -1151,14 +1176,10 @@ impl Publisher {
     /// Remembers which files kept versions reference, reading their manifests.
     async fn load_references(&mut self, kept: &[u64]) -> Result<()> {
         for v in kept {
-            let public = self
-                .read_version(*v)
-                .await?
-                .files()
-                .map(|f| self.path(&f.path))
-                .collect();
-            let path = self.path(&format!("versions/{}.json", version_name(*v)));
-            let mut private = Vec::new();
+            let version = self.read_version(*v).await?;
+            let public = version.files().map(|f| self.path(&f.path)).collect();
+            let path = self.path(&manifest::state_manifest_path(&version));
+            let mut private = vec![path.clone()];
             if let Some(bytes) = self
                 .state_store
                 .get(&path)
@@ -1206,7 +1227,11 @@ impl Publisher {
         let mut later: Option<u64> = None;
         for (store, prefixes, referenced) in [
             (&self.store, ["data", "changes"].as_slice(), &public),
-            (&self.state_store, ["partitions"].as_slice(), &private),
+            (
+                &self.state_store,
+                ["partitions", "versions"].as_slice(),
+                &private,
+            ),
         ] {
             for prefix in prefixes {
                 for path in store

@@ -51,6 +51,37 @@ pub type KeyMap<V> = HashMap<Key, V, KeyHash>;
 /// A set of `_key`s.
 pub type KeySet = std::collections::HashSet<Key, KeyHash>;
 
+/// The share of keys a complete image covers: every key (the embedded engine),
+/// or the keys of one transport partition (a publisher on Kafka sees only the
+/// image rows of the partitions it owns, so the rest must not look deleted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KeyScope {
+    /// Every key.
+    #[default]
+    All,
+    /// The keys [`key_partition`] puts in `partition` of `of`.
+    Partition { partition: u32, of: u32 },
+}
+
+impl KeyScope {
+    /// Whether `key` is in the scope.
+    pub fn contains(&self, key: &Key) -> bool {
+        match *self {
+            KeyScope::All => true,
+            KeyScope::Partition { partition, of } => key_partition(key, of) == partition,
+        }
+    }
+}
+
+/// The transport partition of a key among `of`. Keys are HMAC outputs, so
+/// their bytes are already uniform; bytes 8..16 are used because bytes 0..8
+/// place keys in hash tables ([`KeyHasher`]).
+pub fn key_partition(key: &Key, of: u32) -> u32 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&key[8..16]);
+    (u64::from_le_bytes(bytes) % u64::from(of.max(1))) as u32
+}
+
 /// Where a key's row is, and what it looked like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {

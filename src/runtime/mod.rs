@@ -59,6 +59,8 @@ pub struct RunOptions {
     pub resnapshot: bool,
     /// Where the pipeline reports metrics and health.
     pub telemetry: Telemetry,
+    /// Which part of the pipeline runs here.
+    pub role: crate::transport::Role,
 }
 
 /// What a run did, for the caller and for tests.
@@ -373,7 +375,7 @@ pub fn files_source(
     })
 }
 
-fn retry_policy() -> ExponentialBuilder {
+pub(crate) fn retry_policy() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(30))
@@ -396,8 +398,8 @@ pub async fn run(
     let mut tel = options
         .telemetry
         .pipeline(pipeline.id(), kind, &pipeline.spec.health);
-    let span = tracing::info_span!("pipeline", dataset = pipeline.id());
-    let result = run_pipeline(pipeline, options, stop, &mut tel)
+    let span = tracing::info_span!("pipeline", dataset = pipeline.id(), role = %options.role);
+    let result = run_role(pipeline, options, stop, &mut tel)
         .instrument(span)
         .await;
     if let Err(e) = &result {
@@ -416,6 +418,29 @@ impl RunError {
             RunError::Classify(_) => "classify",
             RunError::Publish(_) | RunError::Store(_) => "publish",
         }
+    }
+}
+
+/// Runs the part of the pipeline `options.role` names.
+async fn run_role(
+    pipeline: &Pipeline,
+    options: &RunOptions,
+    stop: watch::Receiver<bool>,
+    tel: &mut PipelineTelemetry,
+) -> Result<RunSummary, RunError> {
+    use crate::transport::{Role, TransportConfig, connector, publisher};
+    let kafka = pipeline.spec.transport.as_ref().map(|t| match &t.value {
+        TransportConfig::Kafka(kafka) => kafka,
+    });
+    match (options.role, kafka) {
+        (Role::All, _) => run_pipeline(pipeline, options, stop, tel).await,
+        (Role::Connector, Some(kafka)) => connector::run(pipeline, kafka, options, stop, tel).await,
+        (Role::Publisher, Some(kafka)) => publisher::run(pipeline, kafka, options, stop, tel).await,
+        (role, None) => Err(RunError::Config(format!(
+            "{}: --role {role} needs a transport; add `transport: {{ kafka: {{ brokers: HOST:PORT }} }}` \
+             to the pipeline, or run with --role all",
+            pipeline.file.display()
+        ))),
     }
 }
 
@@ -449,25 +474,9 @@ async fn run_pipeline(
     } else {
         recovered.position.clone()
     };
-    // A database that is not up yet is waited for, unless the run is stopped.
-    let mut delays = retry_policy().build();
-    while let Err(e) = source.start(resume.clone()).await {
-        back_off(
-            e,
-            &mut delays,
-            ("source did not start", "source_start"),
-            tel,
-            Some(&mut stop),
-        )
-        .await?;
-    }
-    tel.started();
+    start_source(&mut source, resume, tel, &mut stop).await?;
     let progress = progress_bar(options.progress, &dataset);
-    let mut summary = RunSummary {
-        suppressed: vec![0; pipeline.rules.rows.len()],
-        ..RunSummary::default()
-    };
-    let mut classifier: Option<Classifier> = None;
+    let mut capture = Capture::new(pipeline, key);
     let interval = Duration::from_secs_f64(pipeline.spec.publish.interval_seconds);
     let max_changes = pipeline.spec.publish.max_changes;
     let mut first_pending: Option<Instant> = None;
@@ -480,87 +489,27 @@ async fn run_pipeline(
         if *stop.borrow() {
             break;
         }
-        let mut delays = retry_policy().build();
-        let event = loop {
-            match source.next().await {
-                Ok(event) => break event,
-                Err(e) => back_off(e, &mut delays, ("source failed", "source"), tel, None).await?,
-            }
-        };
-        tel.turned("reading the source");
-        let health = source.health();
-        let behind = health.behind_since.map(|t| t.elapsed().as_secs_f64());
-        tel.source_health(health);
+        let (event, behind) = next_event(&mut source, tel).await?;
         match event {
             SourceEvent::Batch(batch) => {
-                tel.captured(&batch.ops, batch.commit_time);
-                if let Some(t) = batch.commit_time {
-                    let lag = (chrono::Utc::now() - t).num_milliseconds() as f64 / 1000.0;
-                    tel.lag(lag.max(behind.unwrap_or(0.0)));
-                }
-                let schema = batch.data.schema();
-                if classifier
-                    .as_ref()
-                    .is_none_or(|c| c.source_schema() != &schema)
+                if capture.schema_changes(&batch)
+                    && capture.compiled()
+                    && publisher.pending_rows() > 0
+                    && publisher.at_boundary()
                 {
                     // One source schema per version: a column dropped at the source
                     // must not keep its old values because it came back (or changed
                     // type) before the version was cut.
-                    if classifier.is_some()
-                        && publisher.pending_rows() > 0
-                        && publisher.at_boundary()
-                    {
-                        commit(&mut publisher, &mut source, &mut summary, tel).await?;
-                        first_pending = None;
-                    }
-                    let compiled = Classifier::compile_keyed(
-                        pipeline,
-                        schema.clone(),
-                        &key,
-                        source.key(),
-                        matches!(source, PipelineSource::Files(_)),
-                    )
-                    .map_err(|d| RunError::Config(format!("{d}")))?;
-                    for column in &compiled.unclassified {
-                        tracing::warn!(
-                            dataset,
-                            column,
-                            "column has no rule and is not published (unclassified: drop)"
-                        );
-                    }
-                    // The source's types and the unclassified columns change only
-                    // with its schema: record them here, not for every batch.
-                    summary.unclassified.clone_from(&compiled.unclassified);
-                    tel.unclassified(compiled.unclassified.len());
-                    publisher.set_source_info(
-                        oppen_connector_api::known_types(&schema),
-                        compiled.unclassified.clone(),
-                    );
-                    classifier = Some(compiled);
-                    if crate::config::source_key(pipeline).is_empty() {
-                        // The source found its key itself (a table's primary key,
-                        // a Debezium record key): describe it.
-                        publisher.set_primary_key(published_key(pipeline, source.key()));
+                    commit(&mut publisher, &mut source, &mut capture.summary, tel).await?;
+                    first_pending = None;
+                }
+                let (classified, info) = capture.classify(&batch, &source, tel)?;
+                if let Some(info) = info {
+                    publisher.set_source_info(info.types, info.unclassified);
+                    if let Some(key) = info.primary_key {
+                        publisher.set_primary_key(key);
                     }
                 }
-                let Some(c) = classifier.as_ref() else {
-                    continue;
-                };
-                let started = Instant::now();
-                let classified = tokio::task::block_in_place(|| c.classify(&batch))?;
-                tracing::trace!(
-                    dataset,
-                    rows = batch.num_rows(),
-                    us = started.elapsed().as_micros() as u64,
-                    "classified batch"
-                );
-                summary.rows_read += batch.num_rows() as u64;
-                let suppressed = classified.suppressed_counts(pipeline.rules.rows.len());
-                tel.classified(&suppressed, classified.values_redacted);
-                for (total, n) in summary.suppressed.iter_mut().zip(suppressed) {
-                    *total += n;
-                }
-                summary.values_redacted += classified.values_redacted;
                 publisher.stage(
                     classified,
                     batch.kind,
@@ -577,26 +526,16 @@ async fn run_pipeline(
                     || first_pending.is_some_and(|t| t.elapsed() >= interval.max(last_commit * 2));
                 if due && publisher.at_boundary() {
                     let started = Instant::now();
-                    commit(&mut publisher, &mut source, &mut summary, tel).await?;
+                    commit(&mut publisher, &mut source, &mut capture.summary, tel).await?;
                     last_commit = started.elapsed();
                     first_pending = None;
                 }
             }
-            SourceEvent::Rejected(rejection) => {
-                summary.rejected += 1;
-                tel.dead_letter();
-                tracing::error!(
-                    dataset,
-                    what = rejection.what,
-                    moved_to = rejection.moved_to.as_deref().unwrap_or("-"),
-                    reason = rejection.reason,
-                    "input rejected; the pipeline goes on"
-                );
-            }
+            SourceEvent::Rejected(rejection) => capture.rejected(&rejection, tel),
             SourceEvent::Idle => {
                 tel.lag(behind.unwrap_or(0.0));
                 if publisher.pending_rows() > 0 && publisher.at_boundary() {
-                    commit(&mut publisher, &mut source, &mut summary, tel).await?;
+                    commit(&mut publisher, &mut source, &mut capture.summary, tel).await?;
                     first_pending = None;
                 }
                 if options.once {
@@ -614,19 +553,198 @@ async fn run_pipeline(
     }
     // Shutdown (or the end of a --once run): commit what is held, if whole.
     if publisher.pending_rows() > 0 && publisher.at_boundary() {
-        commit(&mut publisher, &mut source, &mut summary, tel).await?;
+        commit(&mut publisher, &mut source, &mut capture.summary, tel).await?;
     }
     if let Some(p) = progress {
         p.finish_and_clear();
     }
-    Ok(summary)
+    Ok(capture.summary)
+}
+
+/// Starts the source at `resume`. A database that is not up yet is waited
+/// for (backoff with jitter), unless the run is stopped.
+pub(crate) async fn start_source(
+    source: &mut PipelineSource,
+    resume: Option<Position>,
+    tel: &mut PipelineTelemetry,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let mut delays = retry_policy().build();
+    while let Err(e) = source.start(resume.clone()).await {
+        back_off(
+            e,
+            &mut delays,
+            ("source did not start", "source_start"),
+            tel,
+            Some(stop),
+        )
+        .await?;
+    }
+    tel.started();
+    Ok(())
+}
+
+/// The source's next event, retried with backoff while the error is
+/// transient; records the source's health, and a batch's capture and lag.
+/// Returns how long the source has known of changes it has not delivered.
+pub(crate) async fn next_event(
+    source: &mut PipelineSource,
+    tel: &mut PipelineTelemetry,
+) -> Result<(SourceEvent, Option<f64>), RunError> {
+    let mut delays = retry_policy().build();
+    let event = loop {
+        match source.next().await {
+            Ok(event) => break event,
+            Err(e) => back_off(e, &mut delays, ("source failed", "source"), tel, None).await?,
+        }
+    };
+    tel.turned("reading the source");
+    let health = source.health();
+    let behind = health.behind_since.map(|t| t.elapsed().as_secs_f64());
+    tel.source_health(health);
+    if let SourceEvent::Batch(batch) = &event {
+        tel.captured(&batch.ops, batch.commit_time);
+        if let Some(t) = batch.commit_time {
+            let lag = (chrono::Utc::now() - t).num_milliseconds() as f64 / 1000.0;
+            tel.lag(lag.max(behind.unwrap_or(0.0)));
+        }
+    }
+    Ok((event, behind))
+}
+
+/// What the classifier reports when the source's schema changed: the
+/// source's column types, the columns no rule names, and the key to describe
+/// when the source found it itself.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SourceInfo {
+    /// The source's column types.
+    pub types: BTreeMap<String, oppen_connector_api::ColumnType>,
+    /// Source columns no rule classifies (dropped).
+    pub unclassified: Vec<String>,
+    /// The published primary key, when the source found its key itself (a
+    /// table's primary key, a Debezium record key).
+    pub primary_key: Option<Vec<String>>,
+}
+
+/// The capture half of a pipeline: classifies source batches by the rules,
+/// compiling the classifier again whenever the source's schema changes, and
+/// keeps the run's counts. Shared by the embedded engine and the connector role.
+pub(crate) struct Capture<'a> {
+    pipeline: &'a Pipeline,
+    key: PseudonymKey,
+    classifier: Option<Classifier>,
+    pub summary: RunSummary,
+}
+
+impl<'a> Capture<'a> {
+    pub fn new(pipeline: &'a Pipeline, key: PseudonymKey) -> Self {
+        Capture {
+            pipeline,
+            key,
+            classifier: None,
+            summary: RunSummary {
+                suppressed: vec![0; pipeline.rules.rows.len()],
+                ..RunSummary::default()
+            },
+        }
+    }
+
+    /// Whether a classifier has been compiled.
+    pub fn compiled(&self) -> bool {
+        self.classifier.is_some()
+    }
+
+    /// Whether `batch` comes with another schema than the classifier's.
+    pub fn schema_changes(&self, batch: &oppen_connector_api::ChangeBatch) -> bool {
+        self.classifier
+            .as_ref()
+            .is_none_or(|c| c.source_schema() != &batch.data.schema())
+    }
+
+    /// Classifies a batch; with the source's description when the schema changed.
+    pub fn classify(
+        &mut self,
+        batch: &oppen_connector_api::ChangeBatch,
+        source: &PipelineSource,
+        tel: &mut PipelineTelemetry,
+    ) -> Result<(crate::classify::Classified, Option<SourceInfo>), RunError> {
+        let pipeline = self.pipeline;
+        let dataset = pipeline.id();
+        let mut info = None;
+        if self.schema_changes(batch) {
+            let schema = batch.data.schema();
+            let compiled = Classifier::compile_keyed(
+                pipeline,
+                schema.clone(),
+                &self.key,
+                source.key(),
+                matches!(source, PipelineSource::Files(_)),
+            )
+            .map_err(|d| RunError::Config(format!("{d}")))?;
+            for column in &compiled.unclassified {
+                tracing::warn!(
+                    dataset,
+                    column,
+                    "column has no rule and is not published (unclassified: drop)"
+                );
+            }
+            // The source's types and the unclassified columns change only
+            // with its schema: reported here, not for every batch.
+            self.summary.unclassified.clone_from(&compiled.unclassified);
+            tel.unclassified(compiled.unclassified.len());
+            info = Some(SourceInfo {
+                types: oppen_connector_api::known_types(&schema),
+                unclassified: compiled.unclassified.clone(),
+                primary_key: crate::config::source_key(pipeline)
+                    .is_empty()
+                    .then(|| published_key(pipeline, source.key())),
+            });
+            self.classifier = Some(compiled);
+        }
+        let Some(c) = self.classifier.as_ref() else {
+            return Err(RunError::Config("no classifier".into()));
+        };
+        let started = Instant::now();
+        let classified = tokio::task::block_in_place(|| c.classify(batch))?;
+        tracing::trace!(
+            dataset,
+            rows = batch.num_rows(),
+            us = started.elapsed().as_micros() as u64,
+            "classified batch"
+        );
+        self.summary.rows_read += batch.num_rows() as u64;
+        let suppressed = classified.suppressed_counts(pipeline.rules.rows.len());
+        tel.classified(&suppressed, classified.values_redacted);
+        for (total, n) in self.summary.suppressed.iter_mut().zip(suppressed) {
+            *total += n;
+        }
+        self.summary.values_redacted += classified.values_redacted;
+        Ok((classified, info))
+    }
+
+    /// Counts and logs an input the source set aside.
+    pub fn rejected(
+        &mut self,
+        rejection: &oppen_connector_api::Rejection,
+        tel: &mut PipelineTelemetry,
+    ) {
+        self.summary.rejected += 1;
+        tel.dead_letter();
+        tracing::error!(
+            dataset = self.pipeline.id(),
+            what = rejection.what,
+            moved_to = rejection.moved_to.as_deref().unwrap_or("-"),
+            reason = rejection.reason,
+            "input rejected; the pipeline goes on"
+        );
+    }
 }
 
 /// What to do after a source operation failed with `e`: waits for the next
 /// retry (backoff with jitter) and returns, or returns the error when it is
 /// not transient or the retries are used up. With `stop`, the wait ends when it
 /// turns true, and no retry is made once it is.
-async fn back_off(
+pub(crate) async fn back_off(
     e: oppen_connector_api::Error,
     delays: &mut impl Iterator<Item = Duration>,
     (what, edge): (&str, &str),

@@ -77,7 +77,10 @@ impl Broker {
             .envs(self.storage.env())
             .env("AWS_ENDPOINT", &self.storage.endpoint)
             .env("AWS_ALLOW_HTTP", "true")
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_TANSU_LOG").unwrap_or("warn".into()),
+            )
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
@@ -96,6 +99,11 @@ impl Broker {
                 std::fs::read_to_string(&self.log).unwrap_or_default()
             )
         });
+    }
+
+    /// What the broker logged (`TEST_TANSU_LOG` sets its level).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// `host:port` for clients.

@@ -103,6 +103,7 @@ impl Workspace {
             settle: None,
             resnapshot: false,
             telemetry: Default::default(),
+            role: Default::default(),
         };
         let (_tx, rx) = tokio::sync::watch::channel(false);
         oppen::runtime::run(&pipeline, &options, rx).await
@@ -408,12 +409,23 @@ pub fn wait_for_port(port: u16, what: &str, detail: impl Fn() -> String) {
 }
 
 /// Polls `done` every 100 ms; fails after `seconds` naming `what`.
-pub fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, seconds: u64, done: impl FnMut() -> bool) {
+    wait_until_or(what, seconds, done, String::new);
+}
+
+/// [`wait_until`], adding `detail()` (say, the processes' logs) to the failure.
+pub fn wait_until_or(
+    what: &str,
+    seconds: u64,
+    mut done: impl FnMut() -> bool,
+    detail: impl Fn() -> String,
+) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
     while !done() {
         assert!(
             std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
+            "timed out waiting for {what}\n{}",
+            detail()
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -445,4 +457,30 @@ pub fn newest_parquet(published: &Path) -> Vec<RecordBatch> {
             read_file(&published.join(&file.path))
         })
         .collect()
+}
+
+/// Every row of a dataset's newest version, each formatted as one string, sorted.
+pub fn newest_rows(published: &Path) -> (Vec<String>, Vec<String>) {
+    let mut rows = Vec::new();
+    let mut columns = Vec::new();
+    for batch in newest_parquet(published) {
+        columns = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let options = arrow::util::display::FormatOptions::default().with_null("∅");
+        let formatters: Vec<arrow::util::display::ArrayFormatter> = batch
+            .columns()
+            .iter()
+            .map(|c| arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+            .collect();
+        for r in 0..batch.num_rows() {
+            let cells: Vec<String> = formatters.iter().map(|f| f.value(r).to_string()).collect();
+            rows.push(cells.join("|"));
+        }
+    }
+    rows.sort();
+    (columns, rows)
 }

@@ -1,0 +1,115 @@
+//! The floor for the transport benchmark (`bench/transport`): the same
+//! messages as a topic holds, produced to a new topic with a bare rdkafka
+//! producer and consumed back, timed.
+//!
+//! usage: kafka_roundtrip BROKERS SOURCE_TOPIC
+//! prints: messages bytes produce_seconds roundtrip_seconds
+
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+fn config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    c
+}
+
+/// Every message of `topic` from the start, until it is quiet for 3 s:
+/// (partition, payload).
+fn read_all(brokers: &str, topic: &str, expect: Option<usize>) -> Vec<(i32, Vec<u8>)> {
+    let consumer: BaseConsumer = config(brokers)
+        .set("group.id", format!("roundtrip-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.max.bytes", "52428800")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        list.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&list).expect("assign");
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < Duration::from_secs(3) && expect.is_none_or(|n| out.len() < n) {
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m.expect("message");
+        last = Instant::now();
+        out.push((m.partition(), m.payload().unwrap_or_default().to_vec()));
+    }
+    out
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, brokers, source] = &args[..] else {
+        eprintln!("usage: kafka_roundtrip BROKERS SOURCE_TOPIC");
+        std::process::exit(2);
+    };
+    let messages = read_all(brokers, source, None);
+    let bytes: usize = messages.iter().map(|(_, m)| m.len()).sum();
+    let partitions = messages.iter().map(|(p, _)| *p).max().unwrap_or(0) + 1;
+    let topic = format!("{source}.roundtrip.{}", std::process::id());
+    let admin: AdminClient<DefaultClientContext> = config(brokers).create().expect("admin");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime
+        .block_on(admin.create_topics(
+            &[NewTopic::new(
+                &topic,
+                partitions,
+                TopicReplication::Fixed(-1),
+            )],
+            &AdminOptions::new(),
+        ))
+        .expect("create topic");
+
+    let started = Instant::now();
+    let producer: BaseProducer = config(brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.max.bytes", "4000000")
+        .create()
+        .expect("producer");
+    for (p, payload) in &messages {
+        let mut record = BaseRecord::<[u8], [u8]>::to(&topic)
+            .partition(*p)
+            .payload(payload.as_slice());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    producer.poll(Duration::from_millis(5));
+                    record = back;
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(120)).expect("flush");
+    let produced = started.elapsed();
+    let back = read_all(brokers, &topic, Some(messages.len()));
+    let roundtrip = started.elapsed();
+    assert_eq!(back.len(), messages.len(), "consumed back every message");
+    println!(
+        "{} {} {:.3} {:.3}",
+        messages.len(),
+        bytes,
+        produced.as_secs_f64(),
+        roundtrip.as_secs_f64()
+    );
+}
