@@ -801,14 +801,16 @@ fn a_stalled_stream_turns_readiness_red_and_sigterm_commits_what_is_held() {
         readyz().is_some_and(|(s, body)| s == 503 && body.contains("stalled"))
     });
     let took = stopped.elapsed();
+    // Read while the stream is still stopped: once it goes on, readiness
+    // turns green again within moments.
     let (_, body) = readyz().unwrap();
+    let m = metrics(port);
     signal("-CONT");
     assert!(body.contains("nothing has arrived"), "{body}");
     assert!(
         took >= Duration::from_secs(4),
         "red after {took:?}, before the limit"
     );
-    let m = metrics(port);
     assert_eq!(m.get(&format!("oppen_pipeline_ready{{{d}}}")), Some(&0.0));
     assert_eq!(m.get(&format!("oppen_pipeline_stalled{{{d}}}")), Some(&1.0));
     wait("/readyz to turn green again", &|| {

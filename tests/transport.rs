@@ -39,6 +39,17 @@ fn spawn(ws: &Workspace, role: &str, log: &str) -> Child {
     .unwrap()
 }
 
+/// `oppen run --once --role ROLE`, which must succeed.
+fn run_once(ws: &Workspace, role: &str) {
+    let pipeline = ws.pipeline.to_str().unwrap();
+    let out = ws.oppen(&["run", "--once", "--role", role, pipeline], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn log(ws: &Workspace, name: &str) -> String {
     std::fs::read_to_string(ws.dir.path().join(name)).unwrap_or_default()
 }
@@ -209,21 +220,7 @@ async fn the_topic_carries_no_sensitive_value() {
     ] {
         ws.drop_export("leverantorsfakturor", export);
     }
-    let out = ws.oppen(
-        &[
-            "run",
-            "--once",
-            "--role",
-            "connector",
-            ws.pipeline.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_once(&ws, "connector");
     let records = broker.consume_all("oppen.leverantorsfakturor");
     assert!(!records.is_empty(), "the connector produced nothing");
     let mut raw = Vec::new();
@@ -243,21 +240,7 @@ async fn the_topic_carries_no_sensitive_value() {
         );
     }
     // The rows are there, classified: a publisher run publishes them.
-    let out = ws.oppen(
-        &[
-            "run",
-            "--once",
-            "--role",
-            "publisher",
-            ws.pipeline.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_once(&ws, "publisher");
     let expected = embedded_rows(
         &ws,
         &[

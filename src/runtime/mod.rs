@@ -266,6 +266,34 @@ pub async fn open(
     Ok((publisher, recovered, keyer, key))
 }
 
+/// [`open`], and the dataset described to the telemetry (accrual period,
+/// newest version).
+pub(crate) async fn open_described(
+    pipeline: &Pipeline,
+    tel: &mut PipelineTelemetry,
+) -> Result<(Publisher, publish::Recovered, Keyer, PseudonymKey), RunError> {
+    let opened = open(pipeline).await?;
+    let recovered = &opened.1;
+    tel.describe(
+        pipeline
+            .spec
+            .dataset
+            .accrual
+            .and_then(|a| a.period_seconds()),
+        recovered.created.map(|t| (recovered.version, t)),
+    );
+    Ok(opened)
+}
+
+/// Where the source starts: at `committed`, or with `--resnapshot` afresh.
+pub(crate) fn resume_at(options: &RunOptions, committed: Option<Position>) -> Option<Position> {
+    if options.resnapshot {
+        tracing::warn!("--resnapshot: reading the source from a fresh snapshot");
+        return None;
+    }
+    committed
+}
+
 /// Any source a pipeline may have.
 #[derive(Debug)]
 pub enum PipelineSource {
@@ -451,29 +479,13 @@ async fn run_pipeline(
     tel: &mut PipelineTelemetry,
 ) -> Result<RunSummary, RunError> {
     let dataset = pipeline.id().to_string();
-    let (mut publisher, recovered, _keyer, key) = open(pipeline).await?;
-    tel.describe(
-        pipeline
-            .spec
-            .dataset
-            .accrual
-            .and_then(|a| a.period_seconds()),
-        recovered.created.map(|t| (recovered.version, t)),
-    );
+    let (mut publisher, recovered, _keyer, key) = open_described(pipeline, tel).await?;
     if recovered.version > 0 {
         tracing::info!(dataset, version = recovered.version, rows = recovered.rows, position = ?recovered.position.as_ref().map(ToString::to_string), "resuming from committed version");
     }
     let settle_now = options.once || options.settle.is_some_and(|d| d.is_zero());
     let mut source = source(pipeline, recovered.source_types.clone(), settle_now)?;
-    let resume = if options.resnapshot {
-        tracing::warn!(
-            dataset,
-            "--resnapshot: reading the source from a fresh snapshot"
-        );
-        None
-    } else {
-        recovered.position.clone()
-    };
+    let resume = resume_at(options, recovered.position.clone());
     start_source(&mut source, resume, tel, &mut stop).await?;
     let progress = progress_bar(options.progress, &dataset);
     let mut capture = Capture::new(pipeline, key);
@@ -841,18 +853,7 @@ async fn commit_version(
         }
     };
     if let Some(c) = committed {
-        tel.committed(&c, started.elapsed());
-        tracing::info!(
-            dataset,
-            version = c.version,
-            rows = c.rows,
-            inserts = c.inserts,
-            updates = c.updates,
-            deletes = c.deletes,
-            partitions = c.partitions_written,
-            ms = started.elapsed().as_millis() as u64,
-            "published version"
-        );
+        published(tel, &c, started.elapsed());
         if let Some(position) = &c.position {
             source.ack(position).await?;
         }
@@ -867,6 +868,22 @@ async fn commit_version(
         source.ack(position).await?;
     }
     Ok(())
+}
+
+/// Records and logs a committed version.
+pub(crate) fn published(tel: &mut PipelineTelemetry, c: &publish::Committed, took: Duration) {
+    tel.committed(c, took);
+    tracing::info!(
+        dataset = tel.dataset(),
+        version = c.version,
+        rows = c.rows,
+        inserts = c.inserts,
+        updates = c.updates,
+        deletes = c.deletes,
+        partitions = c.partitions_written,
+        ms = took.as_millis() as u64,
+        "published version"
+    );
 }
 
 fn progress_bar(enabled: bool, dataset: &str) -> Option<indicatif::ProgressBar> {

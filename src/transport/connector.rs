@@ -469,15 +469,7 @@ pub async fn run(
     let store = pipeline.store.open()?;
     let state = pipeline.state.open()?;
     let key = runtime::pseudonym_key(pipeline, &state).await?;
-    let resume = if options.resnapshot {
-        tracing::warn!(
-            dataset,
-            "--resnapshot: reading the source from a fresh snapshot"
-        );
-        None
-    } else {
-        read_checkpoint(&state, &dataset).await?
-    };
+    let resume = runtime::resume_at(options, read_checkpoint(&state, &dataset).await?);
     if let Some(position) = &resume {
         tracing::info!(dataset, %position, "resuming the source where publishers last committed");
     }

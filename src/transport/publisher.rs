@@ -260,15 +260,7 @@ pub async fn run(
 ) -> Result<RunSummary, RunError> {
     let dataset = pipeline.id().to_string();
     let topic = config.topic(&dataset);
-    let (mut publisher, recovered, _keyer, _key) = runtime::open(pipeline).await?;
-    tel.describe(
-        pipeline
-            .spec
-            .dataset
-            .accrual
-            .and_then(|a| a.period_seconds()),
-        recovered.created.map(|t| (recovered.version, t)),
-    );
+    let (mut publisher, recovered, _keyer, _key) = runtime::open_described(pipeline, tel).await?;
     let mut client = config.client();
     client
         .set("group.id", config.group(&dataset))
@@ -544,17 +536,7 @@ async fn commit(
         match publisher.commit().await {
             Ok(committed) => {
                 if let Some(c) = committed {
-                    tel.committed(&c, started.elapsed());
-                    tracing::info!(
-                        dataset = tel.dataset(),
-                        version = c.version,
-                        rows = c.rows,
-                        inserts = c.inserts,
-                        updates = c.updates,
-                        deletes = c.deletes,
-                        ms = started.elapsed().as_millis() as u64,
-                        "published version"
-                    );
+                    runtime::published(tel, &c, started.elapsed());
                     summary.versions.push(c);
                     reader.committed = progress.clone();
                 }
