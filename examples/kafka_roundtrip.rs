@@ -2,7 +2,8 @@
 //! messages as a topic holds, produced to a new topic with a bare rdkafka
 //! producer and consumed back, timed.
 //!
-//! usage: kafka_roundtrip BROKERS SOURCE_TOPIC
+//! usage: kafka_roundtrip BROKERS SOURCE_TOPIC [COMPRESSION]
+//! (COMPRESSION as librdkafka's compression.type; default lz4, as the connector)
 //! prints: messages bytes produce_seconds roundtrip_seconds
 
 use std::time::{Duration, Instant};
@@ -26,7 +27,9 @@ fn read_all(brokers: &str, topic: &str, expect: Option<usize>) -> Vec<(i32, Vec<
     let consumer: BaseConsumer = config(brokers)
         .set("group.id", format!("roundtrip-{}", std::process::id()))
         .set("enable.auto.commit", "false")
-        .set("fetch.max.bytes", "52428800")
+        .set("max.partition.fetch.bytes", "8388608")
+        // The publisher's consumer settings (src/transport/publisher.rs).
+        .set("fetch.wait.max.ms", "10")
         .create()
         .expect("consumer");
     let metadata = consumer
@@ -53,9 +56,13 @@ fn read_all(brokers: &str, topic: &str, expect: Option<usize>) -> Vec<(i32, Vec<
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let [_, brokers, source] = &args[..] else {
-        eprintln!("usage: kafka_roundtrip BROKERS SOURCE_TOPIC");
-        std::process::exit(2);
+    let (brokers, source, compression) = match &args[..] {
+        [_, b, s] => (b, s, "lz4"),
+        [_, b, s, c] => (b, s, c.as_str()),
+        _ => {
+            eprintln!("usage: kafka_roundtrip BROKERS SOURCE_TOPIC [COMPRESSION]");
+            std::process::exit(2);
+        }
     };
     let messages = read_all(brokers, source, None);
     let bytes: usize = messages.iter().map(|(_, m)| m.len()).sum();
@@ -82,6 +89,7 @@ fn main() {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
+        .set("compression.type", compression)
         .set("message.max.bytes", "4000000")
         .create()
         .expect("producer");

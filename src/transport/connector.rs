@@ -91,8 +91,14 @@ impl Sender {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.max.bytes", "4000000");
-        if !config.properties.contains_key("linger.ms") {
-            client.set("linger.ms", "5");
+        // Defaults a pipeline's properties may override: batches linger a
+        // little, and go compressed (Arrow buffers of text and decimals shrink
+        // several times with lz4, which costs less CPU than the bytes cost the
+        // broker).
+        for (name, value) in [("linger.ms", "5"), ("compression.type", "lz4")] {
+            if !config.properties.contains_key(name) {
+                client.set(name, value);
+            }
         }
         let producer: FutureProducer = client
             .create()

@@ -268,6 +268,19 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest");
+    // Defaults a pipeline's properties may override. Messages are up to about
+    // half a megabyte: fetch several at a time. A fetch waits at most 10 ms
+    // for data: Kafka answers as soon as data is there anyway, but brokers that
+    // hold every fetch for its whole wait (tansu 0.6) would otherwise add half
+    // a second per round (measured: 1.4 s instead of 5.5 s for 160 MB).
+    for (name, value) in [
+        ("max.partition.fetch.bytes", "8388608"),
+        ("fetch.wait.max.ms", "10"),
+    ] {
+        if !config.properties.contains_key(name) {
+            client.set(name, value);
+        }
+    }
     let consumer: StreamConsumer = client
         .create()
         .map_err(|e| RunError::Config(format!("Kafka consumer for {topic}: {e}")))?;
@@ -315,6 +328,10 @@ pub async fn run(
     let interval = Duration::from_secs_f64(pipeline.spec.publish.interval_seconds);
     let max_changes = pipeline.spec.publish.max_changes;
     let mut first_pending: Option<Instant> = None;
+    // As in the embedded engine: under a sustained stream versions are cut no
+    // more often than every two commit durations, so a backlog is read rather
+    // than written out in many small versions.
+    let mut last_commit = Duration::ZERO;
     let mut quiet_since = Instant::now();
     loop {
         if *stop.borrow() {
@@ -333,8 +350,9 @@ pub async fn run(
                 quiet_since = Instant::now();
             }
         }
+        let every = interval.max(last_commit * 2);
         let wait = first_pending
-            .map_or(interval, |t| interval.saturating_sub(t.elapsed()))
+            .map_or(interval, |t| every.saturating_sub(t.elapsed()))
             .min(membership.due());
         let received = tokio::select! {
             // What the message says is read at once: the message borrows the consumer.
@@ -443,10 +461,12 @@ pub async fn run(
             None => {}
         }
         let due = publisher.pending_rows() >= max_changes
-            || first_pending.is_some_and(|t| t.elapsed() >= interval)
+            || first_pending.is_some_and(|t| t.elapsed() >= every)
             || (idle && publisher.pending_rows() > 0);
         if due && publisher.at_boundary() {
+            let started = Instant::now();
             commit(&mut publisher, &mut reader, &mut summary, tel).await?;
+            last_commit = started.elapsed();
             first_pending = None;
         } else if idle && publisher.pending_rows() == 0 {
             // Skipped messages moved offsets on without staging anything.
