@@ -582,6 +582,60 @@ fn check_connect_reports_what_the_connector_needs() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
 
+/// TLS on both kinds of connection: `verify-full` with the server's CA
+/// publishes the table, without the CA the connection is refused with a clear
+/// error, and with `require` every session oppen opens is encrypted, the
+/// replication connection included.
+#[test]
+fn tls_connections_encrypt_and_verify_the_server() {
+    let mut setup = Setup::new("tls");
+    setup.psql(
+        "CREATE TABLE t (id int PRIMARY KEY, b text); \
+         INSERT INTO t SELECT i, 'rad ' || i FROM generate_series(1, 100) i",
+    );
+    let rules = "columns:\n  id: keep\n  b: keep\n";
+    let plain = setup.url.clone();
+    let ca = Cluster::get().ca_cert();
+
+    setup.url = format!("{plain}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let full = setup.pipeline("tls_full", "public.t", "tls_full_slot", rules);
+    let out = setup.oppen(&["run", "--once", full.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(setup.latest("tls_full").map(|v| v.rows), Some(100));
+
+    setup.url = format!("{plain}?sslmode=verify-full");
+    let untrusted = setup.pipeline("tls_untrusted", "public.t", "tls_untrusted_slot", rules);
+    let out = setup.oppen(&["check", "--connect", untrusted.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+
+    setup.url = format!("{plain}?sslmode=require");
+    let required = setup.pipeline("tls_required", "public.t", "tls_required_slot", rules);
+    let _running = setup.spawn(&required);
+    let sessions = |ssl: bool| {
+        setup
+            .psql(&format!(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.usename = '{}' AND a.backend_type = 'walsender' AND s.ssl = {ssl}",
+                support::postgres::USER
+            ))
+            .trim()
+            .to_string()
+    };
+    support::wait_until("an encrypted replication connection", 60, || {
+        sessions(true) == "1"
+    });
+    assert_eq!(sessions(false), "0", "a replication connection without TLS");
+    support::wait_until("the table published over TLS", 60, || {
+        setup.latest("tls_required").is_some_and(|v| v.rows == 100)
+    });
+}
+
 #[test]
 fn a_dropped_slot_is_a_clear_error_and_resnapshot_recovers() {
     let setup = Setup::new("slotloss");

@@ -89,11 +89,64 @@ impl Cluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // A test CA and a server certificate it signed for localhost and
+        // 127.0.0.1, so TLS is there to test (with and without verification).
+        let (ca_key, ca) = (dir.join("ca.key"), dir.join("ca.crt"));
+        let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+        let csr = dir.join("server.csr");
+        let ext = dir.join("server.ext");
+        std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+        let p = |p: &PathBuf| p.display().to_string();
+        for args in [
+            format!(
+                "req -x509 -newkey rsa:2048 -nodes -days 3 -subj /CN=oppen-test-ca -keyout {} -out {}",
+                p(&ca_key),
+                p(&ca)
+            ),
+            format!(
+                "req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout {} -out {}",
+                p(&key),
+                p(&csr)
+            ),
+            format!(
+                "x509 -req -in {} -CA {} -CAkey {} -CAcreateserial -days 3 -extfile {} -out {}",
+                p(&csr),
+                p(&ca),
+                p(&ca_key),
+                p(&ext),
+                p(&cert)
+            ),
+        ] {
+            let out = Command::new("openssl")
+                .args(args.split(' '))
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("openssl not found ({e}): install it to run these tests")
+                });
+            assert!(
+                out.status.success(),
+                "openssl {args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        if is_root() {
+            let ok = Command::new("chown")
+                .arg("postgres:postgres")
+                .args([&cert, &key])
+                .status()
+                .unwrap();
+            assert!(ok.success(), "chown of the server key failed");
+        }
         let options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -k {} -c wal_level=logical -c max_replication_slots=64 \
+            "-p {port} -c listen_addresses=127.0.0.1 -k {} -c ssl=on -c ssl_cert_file={} \
+             -c ssl_key_file={} -c wal_level=logical -c max_replication_slots=64 \
              -c max_wal_senders=64 -c max_connections=200 -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c shared_buffers=256MB -c max_wal_size=4GB",
-            dir.display()
+            dir.display(),
+            cert.display(),
+            key.display()
         );
         let out = as_server_user(&bindir.join("pg_ctl"))
             .arg("-D")
@@ -137,6 +190,11 @@ impl Cluster {
             &format!("CREATE ROLE {USER} LOGIN REPLICATION CREATEDB PASSWORD '{PASSWORD}'"),
         );
         cluster
+    }
+
+    /// The test CA that signed the server's certificate (for `verify-full`).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
     }
 
     /// Runs SQL as the superuser over the socket; panics with psql's message on failure.

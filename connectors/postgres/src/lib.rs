@@ -10,6 +10,7 @@
 
 pub mod pgoutput;
 pub mod snapshot;
+pub mod tls;
 pub mod types;
 pub mod wire;
 
@@ -112,8 +113,10 @@ impl PostgresConfig {
     /// Problems found without connecting.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if let Err(e) = self.url.parse::<tokio_postgres::Config>() {
-            problems.push(format!("url is not a PostgreSQL connection string: {e}"));
+        if let Err(e) = tls::DbConfig::parse(&self.url) {
+            problems.push(format!(
+                "url is not a usable PostgreSQL connection string: {e}"
+            ));
         }
         if self.table.trim().is_empty() || self.table.split('.').count() > 2 {
             problems.push(format!(
@@ -152,14 +155,11 @@ impl PostgresConfig {
         }
     }
 
-    fn sql_config(&self) -> Result<tokio_postgres::Config> {
-        let mut c: tokio_postgres::Config = self
-            .url
-            .parse()
-            .map_err(|e| Error::Config(format!("source.postgres.url: {e}")))?;
-        c.options(SESSION_OPTIONS);
-        c.application_name("oppen");
-        c.connect_timeout(Duration::from_secs(10));
+    fn sql_config(&self) -> Result<tls::DbConfig> {
+        let mut c = tls::DbConfig::parse(&self.url)?;
+        c.sql.options(SESSION_OPTIONS);
+        c.sql.application_name("oppen");
+        c.sql.connect_timeout(Duration::from_secs(10));
         Ok(c)
     }
 }
@@ -216,6 +216,9 @@ pub struct Inspection {
 }
 
 pub(crate) fn sql_error(what: &str, e: &tokio_postgres::Error) -> Error {
+    if let Some(untrusted) = tls::certificate_error(e) {
+        return untrusted;
+    }
     let fatal = e
         .as_db_error()
         .is_some_and(|db| wire::is_fatal_sqlstate(db.code().code()));
@@ -227,7 +230,11 @@ pub(crate) fn sql_error(what: &str, e: &tokio_postgres::Error) -> Error {
             }
             m
         }
-        None => format!("{what}: {e}"),
+        // The cause too: "error performing TLS handshake" alone says little.
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{what}: {e}: {cause}"),
+            None => format!("{what}: {e}"),
+        },
     };
     if fatal {
         Error::Config(message)
@@ -237,13 +244,13 @@ pub(crate) fn sql_error(what: &str, e: &tokio_postgres::Error) -> Error {
 }
 
 /// Connects a plain SQL session.
-async fn connect_sql(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client> {
+async fn connect_sql(config: &tls::DbConfig) -> Result<tokio_postgres::Client> {
     let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
+        .connect()
         .await
         .map_err(|e| sql_error("connect to PostgreSQL", &e))?;
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
+        if let Ok(Err(e)) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection ended");
         }
     });
@@ -540,7 +547,7 @@ enum Phase {
 /// The PostgreSQL source.
 pub struct PostgresSource {
     config: PostgresConfig,
-    sql_config: tokio_postgres::Config,
+    sql_config: tls::DbConfig,
     table: Table,
     key: Vec<String>,
     client: Option<tokio_postgres::Client>,

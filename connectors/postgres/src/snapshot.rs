@@ -27,7 +27,7 @@ pub type SnapshotItem = Result<RecordBatch, Error>;
 /// Everything a snapshot copy needs.
 #[derive(Debug, Clone)]
 pub struct SnapshotPlan {
-    pub config: tokio_postgres::Config,
+    pub config: crate::tls::DbConfig,
     pub table: Table,
     pub columns: Vec<ColumnInfo>,
     pub schema: SchemaRef,
@@ -103,12 +103,11 @@ async fn copy_range(
     range: Option<(i64, Option<i64>)>,
     tx: &mpsc::Sender<SnapshotItem>,
 ) -> Result<(), Error> {
-    let (client, connection) = plan
+    let (client, conn) = plan
         .config
-        .connect(tokio_postgres::NoTls)
+        .connect()
         .await
         .map_err(|e| crate::sql_error("snapshot connection", &e))?;
-    let conn = tokio::spawn(connection);
     client
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",

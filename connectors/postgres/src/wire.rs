@@ -135,21 +135,15 @@ impl ReplicationConnection {
     /// Connects and authenticates. `options` are server settings sent at startup
     /// (`-c name=value ...`): the connector pins DateStyle, IntervalStyle and
     /// TimeZone so values stream in the forms it decodes.
-    pub async fn connect(config: &tokio_postgres::Config, options: &str) -> Result<Self, Error> {
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(Error::Config(
-                "sslmode=require: the replication connection does not support TLS yet; use \
-                 sslmode=disable or prefer on a trusted network (or a TLS tunnel)"
-                    .into(),
-            ));
-        }
+    pub async fn connect(db: &crate::tls::DbConfig, options: &str) -> Result<Self, Error> {
+        let config = &db.sql;
         let user = config
             .get_user()
             .map(str::to_string)
             .or_else(|| std::env::var("PGUSER").ok())
             .unwrap_or_else(|| "postgres".into());
         let dbname = config.get_dbname().unwrap_or(&user).to_string();
-        let stream = Self::open_socket(config).await?;
+        let stream = Self::open_socket(db).await?;
         let mut conn = ReplicationConnection {
             stream,
             buf: BytesMut::with_capacity(1 << 20),
@@ -169,7 +163,8 @@ impl ReplicationConnection {
         Ok(conn)
     }
 
-    async fn open_socket(config: &tokio_postgres::Config) -> Result<Pin<Box<dyn Stream>>, Error> {
+    async fn open_socket(db: &crate::tls::DbConfig) -> Result<Pin<Box<dyn Stream>>, Error> {
+        let config = &db.sql;
         let hosts = config.get_hosts();
         let ports = config.get_ports();
         let mut last = None;
@@ -185,12 +180,14 @@ impl ReplicationConnection {
                 .copied()
                 .unwrap_or(5432);
             let result: std::io::Result<Pin<Box<dyn Stream>>> = match host {
-                Host::Tcp(h) => tokio::net::TcpStream::connect((h.as_str(), port))
-                    .await
-                    .map(|s| {
+                Host::Tcp(h) => match tokio::net::TcpStream::connect((h.as_str(), port)).await {
+                    Ok(s) => {
                         let _ = s.set_nodelay(true);
-                        Box::pin(s) as Pin<Box<dyn Stream>>
-                    }),
+                        return Self::negotiate_tls(s, h, config.get_ssl_mode(), db.tls.as_ref())
+                            .await;
+                    }
+                    Err(e) => Err(e),
+                },
                 Host::Unix(dir) => {
                     tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
                         .await
@@ -206,6 +203,50 @@ impl ReplicationConnection {
             "cannot connect to PostgreSQL: {}",
             last.unwrap_or_default()
         )))
+    }
+
+    /// Asks the server for TLS (SSLRequest) where `sslmode` wants it, and
+    /// wraps the socket. Unix sockets never use TLS (as in libpq).
+    async fn negotiate_tls(
+        mut tcp: tokio::net::TcpStream,
+        host: &str,
+        mode: SslMode,
+        tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Pin<Box<dyn Stream>>, Error> {
+        let Some(tls) = tls.filter(|_| mode != SslMode::Disable) else {
+            return Ok(Box::pin(tcp));
+        };
+        let mut request = BytesMut::new();
+        frontend::ssl_request(&mut request);
+        tcp.write_all(&request)
+            .await
+            .map_err(|e| transient(format!("TLS request to {host}: {e}")))?;
+        let answer = tcp
+            .read_u8()
+            .await
+            .map_err(|e| transient(format!("TLS request to {host}: {e}")))?;
+        match answer {
+            b'S' => {
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| Error::Config(format!("host {host} as a TLS name: {e}")))?;
+                let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| {
+                        crate::tls::certificate_error(&e)
+                            .unwrap_or_else(|| transient(format!("TLS handshake with {host}: {e}")))
+                    })?;
+                Ok(Box::pin(stream))
+            }
+            b'N' if mode == SslMode::Prefer => Ok(Box::pin(tcp)),
+            b'N' => Err(Error::Config(format!(
+                "{host} does not accept TLS connections, and sslmode asks for TLS; enable ssl \
+                 on the server, or use sslmode=prefer"
+            ))),
+            other => Err(transient(format!(
+                "unexpected answer {other:#x} to the TLS request from {host}"
+            ))),
+        }
     }
 
     async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), Error> {
