@@ -356,6 +356,11 @@ impl Publisher {
             return Ok(());
         }
         tracing::warn!(dataset = %self.settings.dataset, version = version.version, "repairing manifest.json and latest/ after an interrupted commit");
+        self.write_pointer(version).await
+    }
+
+    /// Writes `latest/` and `manifest.json` from a version's manifest.
+    async fn write_pointer(&self, version: &Version) -> Result<()> {
         for (name, files) in &version.partitions {
             for (format, file) in &files.files {
                 let latest = self.path(&format!("latest/{name}.{}", format.extension()));
@@ -843,7 +848,14 @@ impl Publisher {
             for format in &formats {
                 jobs.push(FileJob {
                     role: FileRole::Changes { format: *format },
-                    path: format!("changes/{vname}.{}", format.extension()),
+                    // Unique like every file a commit writes: a publisher that
+                    // loses the race for this version must not overwrite the
+                    // winner's change file.
+                    path: format!(
+                        "changes/{vname}-{}.{}",
+                        uuid::Uuid::new_v4().simple(),
+                        format.extension()
+                    ),
                     rows: changes.clone(),
                 });
             }
@@ -1071,8 +1083,55 @@ impl Publisher {
         })
     }
 
+    /// The newest committed version, when another publisher committed one
+    /// after this publisher's newest.
+    async fn newer_version(&self) -> Result<Option<u64>> {
+        // One HEAD in the usual case; a listing only when there is a newer one.
+        let next = self.path(&format!("versions/{}.json", version_name(self.version + 1)));
+        if !self
+            .store
+            .exists(&next)
+            .await
+            .map_err(store_err(&self.store))?
+        {
+            return Ok(None);
+        }
+        Ok(self
+            .versions()
+            .await?
+            .last()
+            .copied()
+            .filter(|v| *v > self.version))
+    }
+
     async fn after_commit(
         &mut self,
+        pointer: Bytes,
+        latest: Vec<(String, String)>,
+        emptied: Vec<String>,
+    ) -> Result<()> {
+        // Publishers sharing a dataset: the pointer and latest/ never go back
+        // to an older version. A newer one committed already writes them; one
+        // committed while these were written gets them written again.
+        if self.newer_version().await?.is_none() {
+            self.update_pointer(pointer, latest, emptied).await?;
+            if let Some(newer) = self.newer_version().await? {
+                let version = self.read_version(newer).await?;
+                self.write_pointer(&version).await?;
+            }
+        }
+        self.publish_catalog().await?;
+        let removed = self.apply_retention().await?;
+        // Files of a crashed attempt at this version (or earlier) are garbage now.
+        if removed || self.orphans_up_to.is_some_and(|v| v <= self.version) {
+            self.collect_garbage().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes this publisher's new version to `manifest.json` and `latest/`.
+    async fn update_pointer(
+        &self,
         pointer: Bytes,
         latest: Vec<(String, String)>,
         emptied: Vec<String>,
@@ -1100,12 +1159,6 @@ impl Publisher {
                     .await
                     .map_err(store_err(&self.store))?;
             }
-        }
-        self.publish_catalog().await?;
-        let removed = self.apply_retention().await?;
-        // Files of a crashed attempt at this version (or earlier) are garbage now.
-        if removed || self.orphans_up_to.is_some_and(|v| v <= self.version) {
-            self.collect_garbage().await?;
         }
         Ok(())
     }

@@ -351,6 +351,15 @@ impl Store {
             .await
     }
 
+    /// Whether an object exists (a HEAD request).
+    pub async fn exists(&self, path: &str) -> object_store::Result<bool> {
+        match self.inner.head(&ObjectPath::from(path)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads an object; `None` if it does not exist.
     pub async fn get(&self, path: &str) -> object_store::Result<Option<Bytes>> {
         match self.inner.get(&ObjectPath::from(path)).await {
