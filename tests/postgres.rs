@@ -511,6 +511,11 @@ fn a_million_row_transaction_is_published_whole() {
     let lsn = setup.current_lsn();
     setup.psql("INSERT INTO big VALUES (0, 0, 'marker')");
     setup.wait_for("big", lsn, &mut child);
+    // The version that reaches `lsn` may be the big transaction's own; the
+    // marker follows in the next.
+    support::wait_until("the marker row published", 60, || {
+        setup.latest("big").is_some_and(|v| v.rows == 1_000_011)
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     // No version ever held part of the big transaction.
