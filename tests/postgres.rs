@@ -587,6 +587,59 @@ fn check_connect_reports_what_the_connector_needs() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
 
+/// Transactions the server streams before they commit (the test cluster's
+/// `logical_decoding_work_mem` is 64 kB): one with a subtransaction rolled
+/// back to a savepoint publishes without the rolled-back rows, and one rolled
+/// back whole publishes nothing.
+#[test]
+fn streamed_transactions_with_rollbacks_publish_what_committed() {
+    let setup = Setup::new("streamed");
+    setup.psql("CREATE TABLE s (id bigint PRIMARY KEY, note text)");
+    setup.psql("INSERT INTO s SELECT g, 'rad ' || g FROM generate_series(1, 10) g");
+    let rules = "columns:\n  id: keep\n  note: keep\n";
+    let pipeline = setup.pipeline("s", "public.s", "s_slot", rules);
+    let mut child = setup.spawn(&pipeline);
+    setup.wait_for_first("s", &mut child);
+    // Each part is far beyond 64 kB of decoded changes.
+    setup.psql(
+        "BEGIN; \
+         INSERT INTO s SELECT g, repeat('x', 50) FROM generate_series(100, 20099) g; \
+         SAVEPOINT a; \
+         INSERT INTO s SELECT g, 'rolled back' FROM generate_series(30000, 49999) g; \
+         UPDATE s SET note = 'rolled back' WHERE id <= 10; \
+         ROLLBACK TO SAVEPOINT a; \
+         UPDATE s SET note = 'kept' WHERE id <= 5; \
+         INSERT INTO s SELECT g, repeat('y', 50) FROM generate_series(50000, 69999) g; \
+         COMMIT;",
+    );
+    setup.psql(
+        "BEGIN; INSERT INTO s SELECT g, 'never' FROM generate_series(100000, 129999) g; ROLLBACK;",
+    );
+    let lsn = setup.current_lsn();
+    setup.psql("INSERT INTO s VALUES (1, 'marker') ON CONFLICT (id) DO UPDATE SET note = 'marker'");
+    setup.wait_for("s", lsn, &mut child);
+    support::wait_until("the marker published", 60, || {
+        setup.latest("s").is_some_and(|v| v.rows == 40_010) && {
+            let (_, rows) = support::newest_rows(&setup.published("s"));
+            rows.iter().any(|r| r.contains("marker"))
+        }
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (_, rows) = support::newest_rows(&setup.published("s"));
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r.contains("rolled back") || r.contains("never"))
+    );
+    assert_eq!(
+        rows.iter().filter(|r| r.contains("kept")).count(),
+        4,
+        "ids 2-5 kept, 1 is the marker"
+    );
+    assert_eq!(setup.psql("SELECT count(*) FROM s").trim(), "40010");
+}
+
 /// TLS on both kinds of connection: `verify-full` with the server's CA
 /// publishes the table, without the CA the connection is refused with a clear
 /// error, and with `require` every session oppen opens is encrypted, the

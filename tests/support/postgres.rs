@@ -1,5 +1,8 @@
 //! A private PostgreSQL cluster for the tests: `initdb` in a temporary folder,
-//! `wal_level=logical`, a free port, SCRAM-SHA-256 over TCP. One cluster serves
+//! `wal_level=logical`, a free port, SCRAM-SHA-256 over TCP, TLS, and the
+//! smallest `logical_decoding_work_mem` (64 kB), so that every transaction
+//! beyond a few hundred rows is streamed to the connector before it commits
+//! (protocol 2) and the tests exercise that path. One cluster serves
 //! every test in a test binary (each test gets its own database) and stops when
 //! the test process ends.
 
@@ -141,7 +144,7 @@ impl Cluster {
         }
         let options = format!(
             "-p {port} -c listen_addresses=127.0.0.1 -k {} -c ssl=on -c ssl_cert_file={} \
-             -c ssl_key_file={} -c wal_level=logical -c max_replication_slots=64 \
+             -c ssl_key_file={} -c logical_decoding_work_mem=64kB -c wal_level=logical -c max_replication_slots=64 \
              -c max_wal_senders=64 -c max_connections=200 -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c shared_buffers=256MB -c max_wal_size=4GB",
             dir.display(),

@@ -28,7 +28,7 @@ use oppen_connector_api::{
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::pgoutput::{Message, Value};
+use crate::pgoutput::{Message, StreamControl, Value};
 use crate::types::{ColumnBuilder, Kind};
 use crate::wire::{ReplicationConnection, StreamMessage, quote_ident, quote_literal, transient};
 
@@ -595,6 +595,23 @@ pub struct PostgresSource {
     behind_lsn: u64,
     /// When the slot was last polled for its retained WAL.
     last_poll: Option<Instant>,
+    /// The streamed transaction whose block is being read.
+    stream_xid: Option<u32>,
+    /// Transactions the server streams before they commit, kept until their
+    /// commit (replayed then) or abort (dropped).
+    streamed: HashMap<u32, Streamed>,
+}
+
+/// The messages of a transaction streamed before its commit, one buffer per
+/// transaction (not one allocation per message: a million-row transaction
+/// streams a million messages).
+#[derive(Debug, Default)]
+struct Streamed {
+    bytes: Vec<u8>,
+    /// (subtransaction xid, start, end) of each message in `bytes`.
+    messages: Vec<(u32, usize, usize)>,
+    /// Subtransactions rolled back (ROLLBACK TO SAVEPOINT): their messages are skipped.
+    aborted: std::collections::HashSet<u32>,
 }
 
 impl fmt::Debug for PostgresSource {
@@ -644,6 +661,8 @@ impl PostgresSource {
             health: SourceHealth::default(),
             behind_lsn: 0,
             last_poll: None,
+            stream_xid: None,
+            streamed: HashMap::new(),
         })
     }
 
@@ -1066,6 +1085,51 @@ impl PostgresSource {
             .collect())
     }
 
+    /// Handles one message of the stream: a streamed transaction's messages
+    /// are kept until it commits, then replayed as one transaction.
+    async fn on_wal(&mut self, data: &[u8]) -> Result<()> {
+        let decode_error = |e: pgoutput::DecodeError| transient(e.to_string());
+        match pgoutput::decode_stream_control(data).map_err(decode_error)? {
+            Some(StreamControl::Start { xid }) => self.stream_xid = Some(xid),
+            Some(StreamControl::Stop) => self.stream_xid = None,
+            Some(StreamControl::Abort { xid, subxid }) => {
+                if xid == subxid {
+                    self.streamed.remove(&xid);
+                } else if let Some(s) = self.streamed.get_mut(&xid) {
+                    s.aborted.insert(subxid);
+                }
+            }
+            Some(StreamControl::Commit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_time,
+            }) => {
+                let s = self.streamed.remove(&xid).unwrap_or_default();
+                self.on_message(&pgoutput::begin_message(commit_lsn, commit_time, xid))
+                    .await?;
+                for &(sub, start, end) in &s.messages {
+                    if !s.aborted.contains(&sub) {
+                        self.on_message(&s.bytes[start..end]).await?;
+                    }
+                }
+                self.on_message(&pgoutput::commit_message(commit_lsn, end_lsn, commit_time))
+                    .await?;
+            }
+            None => match self.stream_xid {
+                Some(xid) => {
+                    let (sub, plain) = pgoutput::unwrap_streamed(data).map_err(decode_error)?;
+                    let s = self.streamed.entry(xid).or_default();
+                    let start = s.bytes.len();
+                    s.bytes.extend_from_slice(&plain);
+                    s.messages.push((sub, start, s.bytes.len()));
+                }
+                None => self.on_message(data).await?,
+            },
+        }
+        Ok(())
+    }
+
     /// Handles one pgoutput message.
     async fn on_message(&mut self, data: &[u8]) -> Result<()> {
         let message = pgoutput::decode(data).map_err(|e| transient(e.to_string()))?;
@@ -1371,6 +1435,8 @@ impl PostgresSource {
             self.pending = None;
             self.relation = None;
             self.in_transaction = false;
+            self.stream_xid = None;
+            self.streamed.clear();
         }
         result
     }
@@ -1380,7 +1446,7 @@ impl PostgresSource {
             StreamMessage::XLogData { data, start, .. } => {
                 self.health.last_data = Some(Instant::now());
                 self.note_received(start);
-                self.on_message(&data).await
+                self.on_wal(&data).await
             }
             StreamMessage::Keepalive { end, reply } => {
                 self.note_received(end);

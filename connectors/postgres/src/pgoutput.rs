@@ -207,6 +207,98 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A protocol-2 message that frames a transaction the server streams before
+/// it commits (`streaming 'on'`): the server sends such a transaction in
+/// blocks as it decodes it, instead of spilling it to disk until the commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamControl {
+    /// A block of the transaction `xid` follows.
+    Start { xid: u32 },
+    /// The block ends.
+    Stop,
+    /// The streamed transaction committed.
+    Commit {
+        xid: u32,
+        commit_lsn: u64,
+        end_lsn: u64,
+        /// Microseconds since 2000-01-01.
+        commit_time: i64,
+    },
+    /// The transaction (`subxid == xid`) or one of its subtransactions aborted.
+    Abort { xid: u32, subxid: u32 },
+}
+
+/// Reads a stream control message (`S`, `E`, `c`, `A`); `None` for any other.
+pub fn decode_stream_control(data: &[u8]) -> Result<Option<StreamControl>, DecodeError> {
+    let Some(&tag) = data.first() else {
+        return Ok(None);
+    };
+    if !matches!(tag, b'S' | b'E' | b'c' | b'A') {
+        return Ok(None);
+    }
+    let mut r = Reader { data, pos: 1, tag };
+    let control = match tag {
+        b'S' => {
+            let xid = r.u32("xid")?;
+            r.u8("first segment")?;
+            StreamControl::Start { xid }
+        }
+        b'E' => StreamControl::Stop,
+        b'c' => {
+            let xid = r.u32("xid")?;
+            r.u8("flags")?;
+            StreamControl::Commit {
+                xid,
+                commit_lsn: r.u64("commit LSN")?,
+                end_lsn: r.u64("end LSN")?,
+                commit_time: r.u64("commit time")? as i64,
+            }
+        }
+        _ => StreamControl::Abort {
+            xid: r.u32("xid")?,
+            subxid: r.u32("subtransaction xid")?,
+        },
+    };
+    r.done()?;
+    Ok(Some(control))
+}
+
+/// A message inside a stream block carries its (sub)transaction's xid after
+/// its type byte: returns that xid and the message in protocol-1 form.
+pub fn unwrap_streamed(data: &[u8]) -> Result<(u32, Vec<u8>), DecodeError> {
+    let Some(&tag) = data.first() else {
+        return Err(DecodeError {
+            message: 0,
+            offset: 0,
+            what: "empty message",
+        });
+    };
+    let mut r = Reader { data, pos: 1, tag };
+    let xid = r.u32("streamed xid")?;
+    let mut plain = Vec::with_capacity(data.len() - 4);
+    plain.push(tag);
+    plain.extend_from_slice(&data[5..]);
+    Ok((xid, plain))
+}
+
+/// A protocol-1 Begin message (to replay a streamed transaction).
+pub fn begin_message(final_lsn: u64, commit_time: i64, xid: u32) -> Vec<u8> {
+    let mut m = vec![b'B'];
+    m.extend_from_slice(&final_lsn.to_be_bytes());
+    m.extend_from_slice(&commit_time.to_be_bytes());
+    m.extend_from_slice(&xid.to_be_bytes());
+    m
+}
+
+/// A protocol-1 Commit message (to replay a streamed transaction).
+pub fn commit_message(commit_lsn: u64, end_lsn: u64, commit_time: i64) -> Vec<u8> {
+    let mut m = vec![b'C', 0];
+    m.extend_from_slice(&commit_lsn.to_be_bytes());
+    m.extend_from_slice(&end_lsn.to_be_bytes());
+    m.extend_from_slice(&commit_time.to_be_bytes());
+    m
+}
+
 /// Decodes one pgoutput message.
 pub fn decode(data: &[u8]) -> Result<Message<'_>, DecodeError> {
     let Some((&tag, _)) = data.split_first() else {
@@ -404,6 +496,52 @@ mod tests {
     }
 
     #[test]
+    fn stream_framing_round_trips() {
+        let mut start = vec![b'S'];
+        start.extend_from_slice(&7u32.to_be_bytes());
+        start.push(1);
+        assert_eq!(
+            decode_stream_control(&start).unwrap(),
+            Some(StreamControl::Start { xid: 7 })
+        );
+        let mut commit = vec![b'c'];
+        commit.extend_from_slice(&7u32.to_be_bytes());
+        commit.extend_from_slice(&commit_message(100, 200, 300)[1..]);
+        assert_eq!(
+            decode_stream_control(&commit).unwrap(),
+            Some(StreamControl::Commit {
+                xid: 7,
+                commit_lsn: 100,
+                end_lsn: 200,
+                commit_time: 300
+            })
+        );
+        assert_eq!(decode_stream_control(b"I").unwrap(), None);
+        let mut insert = vec![b'I'];
+        insert.extend_from_slice(&9u32.to_be_bytes());
+        insert.extend_from_slice(&16384u32.to_be_bytes());
+        insert.push(b'N');
+        insert.extend_from_slice(&tuple(&[Some("1")]));
+        let (xid, plain) = unwrap_streamed(&insert).unwrap();
+        assert_eq!(xid, 9);
+        assert!(matches!(
+            decode(&plain).unwrap(),
+            Message::Insert {
+                relation: 16384,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decode(&begin_message(1, 2, 3)).unwrap(),
+            Message::Begin {
+                final_lsn: 1,
+                commit_time: 2,
+                xid: 3
+            }
+        ));
+    }
+
+    #[test]
     fn rejects_truncated_messages() {
         let mut ins = vec![b'I'];
         ins.extend(16384u32.to_be_bytes());
@@ -420,6 +558,14 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(20_000))]
         /// Fuzz: any bytes decode to a message or an error, never a panic.
+        #[test]
+        fn stream_decoding_never_panics(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_stream_control(&data);
+            if let Ok((_, plain)) = unwrap_streamed(&data) {
+                let _ = decode(&plain);
+            }
+        }
+
         #[test]
         fn never_panics(data in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode(&data);

@@ -457,7 +457,11 @@ impl ReplicationConnection {
         publication: &str,
     ) -> Result<(), Error> {
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
+            // Protocol 2 with streaming: a large transaction arrives while it is
+            // decoded instead of being spilled to disk on the server until it
+            // commits (PostgreSQL 14 and newer, which the connector requires).
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '2', streaming 'on', \
+             publication_names {}, messages 'true')",
             quote_ident(slot),
             format_lsn(lsn),
             quote_literal(&quote_ident(publication)),
