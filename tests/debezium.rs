@@ -28,28 +28,10 @@ unclassified: drop
 ";
 
 fn pipeline(dir: &Path, brokers: &str, topic: &str) -> PathBuf {
-    let yaml = format!(
-        "dataset:
-  id: fakturor
-  title: Leverantörsfakturor (Debezium)
-  description: Test
-  publisher: {{ name: Testkommun, org_nr: \"212000-0000\" }}
-  contact: test@exempel.se
-  license: CC0-1.0
-  accrual: continuous
-  access: open
-source:
-  debezium:
-    brokers: {brokers}
-    topic: {topic}
-    format: json
-rules: fakturor.rules.yaml
-publish:
-  store: file://published
-  state: file://state
-  formats: [parquet, csv]
-  interval_seconds: 1
-"
+    let yaml = support::pipeline_yaml(
+        "fakturor",
+        &format!("  debezium:\n    brokers: {brokers}\n    topic: {topic}\n    format: json\n"),
+        "",
     );
     std::fs::write(dir.join("fakturor.rules.yaml"), RULES).unwrap();
     let path = dir.join("fakturor.yaml");

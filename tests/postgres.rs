@@ -83,31 +83,18 @@ fn insert_sql(from: i64, to: i64) -> String {
 }
 
 fn pipeline_yaml(dataset: &str, table: &str, slot: &str) -> String {
-    format!(
-        "dataset:
-  id: {dataset}
-  title: Leverantörsfakturor (test)
-  description: Test
-  publisher: {{ name: Testkommun, org_nr: \"212000-0000\" }}
-  contact: test@exempel.se
-  license: CC0-1.0
-  accrual: continuous
-  access: open
-source:
-  postgres:
+    support::pipeline_yaml(
+        dataset,
+        &format!(
+            "  postgres:
     url: ${{TEST_PG_URL}}
     table: {table}
     slot: {slot}
     publication: {slot}_pub
     heartbeat_seconds: 2
-rules: {dataset}.rules.yaml
-publish:
-  store: file://published
-  state: file://state
-  formats: [parquet, csv]
-  interval_seconds: 1
-  keep_versions: 1000
 "
+        ),
+        "  keep_versions: 1000\n",
     )
 }
 

@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::FutureExt as _;
 use oppen_connector_api::{BatchKind, Op, Position, Source as _, SourceEvent};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -103,7 +101,7 @@ impl Sender {
         let producer: FutureProducer = client
             .create()
             .map_err(|e| RunError::Config(format!("Kafka producer for {topic}: {e}")))?;
-        let partitions = ensure_topic(config, producer.client(), &topic).await?;
+        let partitions = super::ensure_topic(config, producer.client(), &topic).await?;
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed)
             .map_err(|e| RunError::Config(format!("no randomness for a session id: {e}")))?;
@@ -352,88 +350,8 @@ impl Sender {
     }
 }
 
-/// Creates the topic unless it exists (connector and publishers each do, so
-/// whichever starts first creates it with the configured partitions); returns
-/// its partition count.
-pub(crate) async fn ensure_topic<C: rdkafka::client::ClientContext>(
-    config: &KafkaTransport,
-    client: &rdkafka::client::Client<C>,
-    topic: &str,
-) -> Result<u32, RunError> {
-    let admin: AdminClient<DefaultClientContext> = config
-        .client()
-        .create()
-        .map_err(|e| RunError::Config(format!("Kafka admin client: {e}")))?;
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(
-                topic,
-                config.partitions,
-                TopicReplication::Fixed(-1),
-            )],
-            &AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT)),
-        )
-        .await
-        .map_err(|e| transient(&format!("create the transport topic {topic}"), e))?;
-    for result in results {
-        match result {
-            Ok(_) => tracing::info!(
-                topic,
-                partitions = config.partitions,
-                "created the transport topic"
-            ),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => {
-                return Err(RunError::Source(oppen_connector_api::Error::Transient {
-                    message: format!("create the transport topic {topic}: {code}"),
-                    source: None,
-                }));
-            }
-        }
-    }
-    partition_count(client, topic, &config.brokers)
-}
-
-/// The partitions of a topic, by metadata.
-pub(crate) fn partition_count<C: rdkafka::client::ClientContext>(
-    client: &rdkafka::client::Client<C>,
-    topic: &str,
-    brokers: &str,
-) -> Result<u32, RunError> {
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
-    loop {
-        let metadata =
-            tokio::task::block_in_place(|| client.fetch_metadata(Some(topic), REQUEST_TIMEOUT))
-                .map_err(|e| transient(&format!("reach the brokers {brokers}"), e))?;
-        let found = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .filter(|t| t.error().is_none())
-            .map(|t| t.partitions().len() as u32)
-            .filter(|n| *n > 0);
-        match found {
-            Some(n) => return Ok(n),
-            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
-            None => {
-                return Err(RunError::Source(oppen_connector_api::Error::Transient {
-                    message: format!("topic {topic} does not exist (yet) on {brokers}"),
-                    source: None,
-                }));
-            }
-        }
-    }
-}
-
-fn transient(what: &str, e: KafkaError) -> RunError {
-    RunError::Source(oppen_connector_api::Error::Transient {
-        message: format!("{what}: {e}"),
-        source: Some(Box::new(e)),
-    })
-}
-
 /// The transport progress of the newest committed version (its pointer).
-pub(crate) async fn committed_progress(
+async fn committed_progress(
     store: &Store,
     dataset: &str,
 ) -> Result<Option<TransportProgress>, RunError> {

@@ -27,17 +27,21 @@ pub mod publisher;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, RecordBatch, UInt8Array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema};
 use arrow::error::ArrowError;
 use chrono::{DateTime, Utc};
 use oppen_connector_api::{BatchKind, Op, Position};
 use oppen_connector_debezium::Property;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::runtime::SourceInfo;
+use crate::runtime::{RunError, SourceInfo};
 
 /// Partitions of a transport topic the connector creates, unless set.
 pub const DEFAULT_PARTITIONS: i32 = 6;
@@ -167,12 +171,7 @@ impl KafkaTransport {
 
     /// A client configuration with the brokers and the passed-through properties.
     fn client(&self) -> rdkafka::ClientConfig {
-        let mut c = rdkafka::ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
-        for (name, value) in &self.properties {
-            c.set(name, value.to_string());
-        }
-        c
+        oppen_connector_debezium::client_config(&self.brokers, &self.properties)
     }
 }
 
@@ -304,10 +303,87 @@ pub fn take_rows(
     Ok((taken, rows.iter().map(|&r| ops[r as usize]).collect()))
 }
 
-/// An empty batch of a schema (for the end-of-image marker a partition without
-/// rows still needs).
-pub fn empty(schema: &SchemaRef) -> RecordBatch {
-    RecordBatch::new_empty(schema.clone())
+/// How long broker requests (metadata, topic creation) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Creates the topic unless it exists (connector and publishers each do, so
+/// whichever starts first creates it with the configured partitions); returns
+/// its partition count.
+pub(crate) async fn ensure_topic<C: rdkafka::client::ClientContext>(
+    config: &KafkaTransport,
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+) -> Result<u32, RunError> {
+    let admin: AdminClient<DefaultClientContext> = config
+        .client()
+        .create()
+        .map_err(|e| RunError::Config(format!("Kafka admin client: {e}")))?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(
+                topic,
+                config.partitions,
+                TopicReplication::Fixed(-1),
+            )],
+            &AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT)),
+        )
+        .await
+        .map_err(|e| transient(&format!("create the transport topic {topic}"), e))?;
+    for result in results {
+        match result {
+            Ok(_) => tracing::info!(
+                topic,
+                partitions = config.partitions,
+                "created the transport topic"
+            ),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
+                return Err(RunError::Source(oppen_connector_api::Error::Transient {
+                    message: format!("create the transport topic {topic}: {code}"),
+                    source: None,
+                }));
+            }
+        }
+    }
+    partition_count(client, topic, &config.brokers).await
+}
+
+/// The partitions of a topic, by metadata (a topic just created may take a
+/// moment to show).
+async fn partition_count<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    brokers: &str,
+) -> Result<u32, RunError> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let metadata =
+            tokio::task::block_in_place(|| client.fetch_metadata(Some(topic), REQUEST_TIMEOUT))
+                .map_err(|e| transient(&format!("reach the brokers {brokers}"), e))?;
+        let found = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none())
+            .map(|t| t.partitions().len() as u32)
+            .filter(|n| *n > 0);
+        match found {
+            Some(n) => return Ok(n),
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            None => {
+                return Err(RunError::Source(oppen_connector_api::Error::Transient {
+                    message: format!("topic {topic} does not exist (yet) on {brokers}"),
+                    source: None,
+                }));
+            }
+        }
+    }
+}
+
+fn transient(what: &str, e: rdkafka::error::KafkaError) -> RunError {
+    RunError::Source(oppen_connector_debezium::transient(what, e))
 }
 
 /// Reads a header's value as text.

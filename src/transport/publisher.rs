@@ -288,7 +288,7 @@ pub async fn run(
     // creates the topic.
     let mut delays = runtime::retry_policy().build();
     let partitions = loop {
-        match super::connector::ensure_topic(config, consumer.client(), &topic).await {
+        match super::ensure_topic(config, consumer.client(), &topic).await {
             Ok(n) => break n,
             Err(RunError::Source(e)) if e.is_retryable() => {
                 let Some(delay) = delays.next() else {

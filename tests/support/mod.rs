@@ -313,7 +313,7 @@ pub fn planted_identifiers() -> Vec<String> {
     let truth: serde_json::Value =
         serde_json::from_slice(&std::fs::read(examples().join("data/truth.json")).unwrap())
             .unwrap();
-    truth
+    let ids = truth
         .as_object()
         .unwrap()
         .values()
@@ -323,7 +323,13 @@ pub fn planted_identifiers() -> Vec<String> {
                 .iter()
                 .map(|s| s.as_str().unwrap().to_string())
         })
-        .collect()
+        .collect::<Vec<String>>();
+    // A check against no identifiers would pass whatever leaked.
+    assert!(
+        !ids.is_empty(),
+        "data/truth.json names no planted identifiers"
+    );
+    ids
 }
 
 /// Checks that every visible version is whole: its manifest parses and every
@@ -483,4 +489,30 @@ pub fn newest_rows(published: &Path) -> (Vec<String>, Vec<String>) {
     }
     rows.sort();
     (columns, rows)
+}
+
+/// A test pipeline file: dataset `id` read from `source` (the YAML under
+/// `source:`, indented two spaces), rules in `<id>.rules.yaml`, published as
+/// Parquet and CSV to `file://published` every second; `publish_extra` adds
+/// lines under `publish:`.
+pub fn pipeline_yaml(id: &str, source: &str, publish_extra: &str) -> String {
+    format!(
+        "dataset:
+  id: {id}
+  title: Leverantörsfakturor (test)
+  description: Test
+  publisher: {{ name: Testkommun, org_nr: \"212000-0000\" }}
+  contact: test@exempel.se
+  license: CC0-1.0
+  accrual: continuous
+  access: open
+source:
+{source}rules: {id}.rules.yaml
+publish:
+  store: file://published
+  state: file://state
+  formats: [parquet, csv]
+  interval_seconds: 1
+{publish_extra}"
+    )
 }

@@ -153,16 +153,23 @@ impl DebeziumConfig {
     }
 
     fn client(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
-        for (name, value) in &self.properties {
-            c.set(name, value.to_string());
-        }
-        c
+        client_config(&self.brokers, &self.properties)
     }
 }
 
-fn transient(what: &str, e: KafkaError) -> Error {
+/// A librdkafka client configuration: the brokers and the passed-through
+/// properties (shared with oppen's Kafka transport).
+pub fn client_config(brokers: &str, properties: &BTreeMap<String, Property>) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (name, value) in properties {
+        c.set(name, value.to_string());
+    }
+    c
+}
+
+/// A broker error worth retrying, saying what was attempted.
+pub fn transient(what: &str, e: KafkaError) -> Error {
     Error::Transient {
         message: format!("{what}: {e}"),
         source: Some(Box::new(e)),

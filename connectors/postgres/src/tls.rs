@@ -133,7 +133,11 @@ pub fn split_options(url: &str) -> (String, TlsOptions) {
                 Some("sslmode=require".into())
             }
             ("sslrootcert", path) => {
-                options.root_cert = Some(PathBuf::from(percent_decode(path)));
+                options.root_cert = Some(PathBuf::from(
+                    percent_encoding::percent_decode_str(path)
+                        .decode_utf8_lossy()
+                        .into_owned(),
+                ));
                 None
             }
             _ => Some(format!("{key}={value}")),
@@ -168,26 +172,6 @@ pub fn split_options(url: &str) -> (String, TlsOptions) {
             .join(" ")
     };
     (rest, options)
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The rustls client configuration for these options, or `None` when TLS is off.
