@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDate, Utc};
+use futures::{StreamExt, TryStreamExt};
 use oxrdf::{BlankNode, Literal, NamedNode, NamedOrBlankNode, Term, Triple};
 use serde::{Deserialize, Serialize};
 
@@ -527,31 +528,43 @@ pub async fn publish(store: &Store, base: &str, meta: &DatasetMeta) -> object_st
     let json =
         |v: &serde_json::Value| Bytes::from(serde_json::to_vec_pretty(v).unwrap_or_default());
     let described = serde_json::to_value(meta).unwrap_or_default();
-    store
-        .put(&format!("{}/dataset.json", meta.id), json(&described))
-        .await?;
-    store
-        .put(
-            &format!("{}/datapackage.json", meta.id),
-            json(&data_package(base, meta)),
-        )
-        .await?;
+    // Independent writes and reads go out together: on a remote store each is
+    // a round trip.
+    let (described_at, package_at) = (
+        format!("{}/dataset.json", meta.id),
+        format!("{}/datapackage.json", meta.id),
+    );
+    futures::try_join!(
+        store.put(&described_at, json(&described)),
+        store.put(&package_at, json(&data_package(base, meta))),
+    )?;
     let _one_at_a_time = CATALOG.lock().await;
-    let mut datasets = Vec::new();
-    for dir in store.list_dirs().await? {
-        if let Some(bytes) = store.get(&format!("{dir}/dataset.json")).await?
-            && let Ok(d) = serde_json::from_slice::<DatasetMeta>(&bytes)
-        {
-            datasets.push(d);
-        }
-    }
+    // This dataset's description is the one in hand; the others are read.
+    let paths: Vec<String> = store
+        .list_dirs()
+        .await?
+        .into_iter()
+        .filter(|dir| *dir != meta.id)
+        .map(|dir| format!("{dir}/dataset.json"))
+        .collect();
+    let reads: Vec<_> = paths.iter().map(|path| store.get(path)).collect();
+    let mut datasets: Vec<DatasetMeta> = futures::stream::iter(reads)
+        .buffer_unordered(8)
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .flatten()
+        .filter_map(|bytes| serde_json::from_slice::<DatasetMeta>(&bytes).ok())
+        .collect();
+    datasets.push(meta.clone());
     datasets.sort_by(|a, b| a.id.cmp(&b.id));
     let rdf = rdf_xml(base, &datasets).map_err(|e| object_store::Error::Generic {
         store: "catalog",
         source: Box::new(e),
     })?;
-    store.put("catalog.rdf", Bytes::from(rdf)).await?;
-    store
-        .put("catalog.jsonld", json(&json_ld(base, &datasets)))
-        .await
+    futures::try_join!(
+        store.put("catalog.rdf", Bytes::from(rdf)),
+        store.put("catalog.jsonld", json(&json_ld(base, &datasets))),
+    )?;
+    Ok(())
 }

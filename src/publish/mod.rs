@@ -544,6 +544,23 @@ impl Publisher {
     }
 }
 
+/// One independent write of the tidy-up after a commit.
+enum StoreOp<'a> {
+    Put(String, Bytes),
+    Copy(&'a str, &'a str),
+    Delete(&'a str),
+}
+
+impl StoreOp<'_> {
+    async fn apply(self, store: &Store) -> object_store::Result<()> {
+        match self {
+            Self::Put(path, bytes) => store.put(&path, bytes).await,
+            Self::Copy(from, to) => store.copy(from, to).await,
+            Self::Delete(path) => store.delete(path).await,
+        }
+    }
+}
+
 /// What a file of a version holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum FileRole {
@@ -1068,7 +1085,10 @@ impl Publisher {
 
         // The version is committed: what follows only tidies up. A failure here is
         // repaired at the next start (pointer, latest/) or the next retention run.
-        if let Err(e) = self.after_commit(json, latest_files, emptied).await {
+        if let Err(e) = self
+            .after_commit(&manifest, json, latest_files, emptied)
+            .await
+        {
             tracing::warn!(dataset = %self.settings.dataset, version, error = %e, "version committed, but updating manifest.json, latest/ or retention failed");
         }
         Ok(Committed {
@@ -1106,21 +1126,31 @@ impl Publisher {
 
     async fn after_commit(
         &mut self,
+        committed: &Version,
         pointer: Bytes,
         latest: Vec<(String, String)>,
         emptied: Vec<String>,
     ) -> Result<()> {
-        // Publishers sharing a dataset: the pointer and latest/ never go back
-        // to an older version. A newer one committed already writes them; one
-        // committed while these were written gets them written again.
-        if self.newer_version().await?.is_none() {
-            self.update_pointer(pointer, latest, emptied).await?;
-            if let Some(newer) = self.newer_version().await? {
-                let version = self.read_version(newer).await?;
-                self.write_pointer(&version).await?;
+        // The pointer and the catalog are independent: on a remote store each is
+        // a few round trips, so they overlap.
+        let pointer = async {
+            // Publishers sharing a dataset: the pointer and latest/ never go back
+            // to an older version. A newer one committed already writes them; one
+            // committed while these were written gets them written again.
+            if self.newer_version().await?.is_none() {
+                self.update_pointer(pointer, latest, emptied).await?;
+                if let Some(newer) = self.newer_version().await? {
+                    let version = self.read_version(newer).await?;
+                    self.write_pointer(&version).await?;
+                }
             }
+            Ok::<_, PublishError>(())
+        };
+        let (pointer, described) = futures::join!(pointer, self.describe(committed));
+        pointer?;
+        if let Some(catalog) = described? {
+            self.settings.catalog = Some(catalog);
         }
-        self.publish_catalog().await?;
         let removed = self.apply_retention().await?;
         // Files of a crashed attempt at this version (or earlier) are garbage now.
         if removed || self.orphans_up_to.is_some_and(|v| v <= self.version) {
@@ -1136,40 +1166,38 @@ impl Publisher {
         latest: Vec<(String, String)>,
         emptied: Vec<String>,
     ) -> Result<()> {
-        self.store
-            .put(&self.path("manifest.json"), pointer)
-            .await
-            .map_err(store_err(&self.store))?;
-        // Copies are independent: a remote store answers each in a round trip.
-        let store = &self.store;
-        let copies: Vec<_> = latest
+        // Every write here is independent (the commit point is the version
+        // manifest, already written): a remote store answers each in a round
+        // trip, so they go out together.
+        let deletes: Vec<String> = emptied
             .iter()
-            .map(|(from, to)| store.copy(from, to))
+            .flat_map(|name| {
+                self.settings
+                    .formats
+                    .iter()
+                    .map(move |f| format!("latest/{name}.{}", f.extension()))
+            })
+            .map(|rest| self.path(&rest))
             .collect();
-        futures::stream::iter(copies)
+        let ops: Vec<_> = std::iter::once(StoreOp::Put(self.path("manifest.json"), pointer))
+            .chain(latest.iter().map(|(from, to)| StoreOp::Copy(from, to)))
+            .chain(deletes.iter().map(|path| StoreOp::Delete(path)))
+            .map(|op| op.apply(&self.store))
+            .collect();
+        futures::stream::iter(ops)
             .buffer_unordered(UPLOAD_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await
             .map_err(store_err(&self.store))?;
-        for name in emptied {
-            for format in &self.settings.formats {
-                let path = self.path(&format!("latest/{name}.{}", format.extension()));
-                self.store
-                    .delete(&path)
-                    .await
-                    .map_err(store_err(&self.store))?;
-            }
-        }
         Ok(())
     }
 
-    /// Refreshes the dataset's description from the newest version and rebuilds
-    /// the store's catalog.
-    async fn publish_catalog(&mut self) -> Result<()> {
+    /// Refreshes the dataset's description from the version just committed and
+    /// rebuilds the store's catalog; returns the description to keep.
+    async fn describe(&self, version: &Version) -> Result<Option<(catalog::DatasetMeta, String)>> {
         let Some((mut meta, base)) = self.settings.catalog.clone() else {
-            return Ok(());
+            return Ok(None);
         };
-        let version = self.read_version(self.version).await?;
         if meta.issued.is_none() {
             // Keep the first version's time across restarts.
             let path = self.path("dataset.json");
@@ -1184,12 +1212,11 @@ impl Publisher {
                     .and_then(|m| m.issued);
             }
         }
-        catalog::refresh(&mut meta, &version, self.temporal_coverage());
+        catalog::refresh(&mut meta, version, self.temporal_coverage());
         catalog::publish(&self.store, &base, &meta)
             .await
             .map_err(store_err(&self.store))?;
-        self.settings.catalog = Some((meta, base));
-        Ok(())
+        Ok(Some((meta, base)))
     }
 
     /// First and last day in the data's first date or timestamp column.
@@ -1249,8 +1276,15 @@ impl Publisher {
 
     /// Deletes versions beyond `keep_versions`. Returns whether any went.
     async fn apply_retention(&mut self) -> Result<bool> {
-        let versions = self.versions().await?;
         let keep = self.settings.keep_versions as usize;
+        // Every version this publisher kept or committed is in `references`;
+        // while they fit, there is nothing to delete that it knows of, and the
+        // listing is saved. Versions other publishers committed are counted
+        // once this one's own pass the limit: retention is deferred, never lost.
+        if self.references.len() <= keep {
+            return Ok(false);
+        }
+        let versions = self.versions().await?;
         if versions.len() <= keep {
             return Ok(false);
         }
@@ -1278,32 +1312,36 @@ impl Publisher {
         let private: HashSet<&String> = self.references.values().flat_map(|(_, p)| p).collect();
         let newest = self.version;
         let mut later: Option<u64> = None;
-        for (store, prefixes, referenced) in [
-            (&self.store, ["data", "changes"].as_slice(), &public),
-            (
-                &self.state_store,
-                ["partitions", "versions"].as_slice(),
-                &private,
-            ),
-        ] {
-            for prefix in prefixes {
-                for path in store
-                    .list(&self.path(prefix))
-                    .await
-                    .map_err(store_err(store))?
-                {
-                    if referenced.contains(&path) {
-                        continue;
+        // The four listings are independent round trips on a remote store.
+        let listings: Vec<_> = [
+            (&self.store, "data", &public),
+            (&self.store, "changes", &public),
+            (&self.state_store, "partitions", &private),
+            (&self.state_store, "versions", &private),
+        ]
+        .into_iter()
+        .map(|(store, prefix, referenced)| {
+            let prefix = self.path(prefix);
+            (store, prefix, referenced)
+        })
+        .map(|(store, prefix, referenced)| async move {
+            let paths = store.list(&prefix).await.map_err(store_err(store))?;
+            Ok::<_, PublishError>((store, paths, referenced))
+        })
+        .collect();
+        for (store, paths, referenced) in futures::future::try_join_all(listings).await? {
+            for path in paths {
+                if referenced.contains(&path) {
+                    continue;
+                }
+                let file = path.rsplit('/').next().unwrap_or_default();
+                match file.get(..20).and_then(|v| v.parse::<u64>().ok()) {
+                    Some(v) if v <= newest => {
+                        tracing::debug!(path, "removing unreferenced file");
+                        store.delete(&path).await.map_err(store_err(store))?;
                     }
-                    let file = path.rsplit('/').next().unwrap_or_default();
-                    match file.get(..20).and_then(|v| v.parse::<u64>().ok()) {
-                        Some(v) if v <= newest => {
-                            tracing::debug!(path, "removing unreferenced file");
-                            store.delete(&path).await.map_err(store_err(store))?;
-                        }
-                        Some(v) => later = later.max(Some(v)),
-                        None => {}
-                    }
+                    Some(v) => later = later.max(Some(v)),
+                    None => {}
                 }
             }
         }
