@@ -201,3 +201,19 @@ async fn a_new_unclassified_column_is_dropped_or_halts() {
     assert_eq!(summary.unclassified, vec!["agare_epost".to_string()]);
     assert!(!String::from_utf8_lossy(&ws.all_published_bytes()).contains("someone@example.se"));
 }
+
+#[test]
+fn a_zero_file_size_is_located() {
+    let ws = invoices();
+    let text = std::fs::read_to_string(&ws.pipeline)
+        .unwrap()
+        .replace("keep_versions: 30", "keep_versions: 30\n  max_file_rows: 0");
+    std::fs::write(&ws.pipeline, text).unwrap();
+    let out = ws.oppen(&["check", "leverantorsfakturor.yaml"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("leverantorsfakturor.yaml:28:18: error: max_file_rows must be at least 1"),
+        "{err}"
+    );
+}

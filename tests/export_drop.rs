@@ -287,3 +287,102 @@ async fn school_menus_and_bathing_sites_publish_without_personal_data() {
         "{latitude}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_partitions_are_split_into_parts_and_a_version_rewrites_only_touched_parts() {
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    let text = std::fs::read_to_string(&ws.pipeline).unwrap().replace(
+        "keep_versions: 30",
+        "keep_versions: 30\n  max_file_rows: 100",
+    );
+    std::fs::write(&ws.pipeline, text).unwrap();
+    // The full dump without its last ten March postings (single-line records,
+    // so the cut leaves whole records), then the full dump: the ten are appends.
+    let bytes = std::fs::read(
+        support::examples()
+            .join("data")
+            .join("leverantorsfakturor")
+            .join(EXPORTS[2]),
+    )
+    .unwrap();
+    let full: String = bytes.iter().map(|&b| b as char).collect();
+    let lines: Vec<&str> = full.split_inclusive('\n').collect();
+    let mut cut = lines.len();
+    while lines.len() - cut < 10 {
+        let line = lines[cut - 1];
+        assert!(line.contains(";2025-03-") && !line.contains('"'), "{line}");
+        cut -= 1;
+    }
+    let latin1 = |s: &str| s.chars().map(|c| c as u8).collect::<Vec<u8>>();
+    ws.write_export("export-2025-03.csv", &latin1(&lines[..cut].concat()));
+    ws.run_once().await.unwrap();
+    let first = ws.version(1);
+    // Every partition is parts of at most 100 rows named <month>[@NNNN], and
+    // only a month's last part may be short.
+    let mut months: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+    for (name, part) in &first.partitions {
+        assert!(part.rows <= 100, "{name}: {} rows", part.rows);
+        let month = name.split('@').next().unwrap();
+        assert!(month.starts_with("2025-0"), "{name}");
+        months.entry(month).or_default().push(part.rows);
+    }
+    assert_eq!(months.len(), 3);
+    for (month, rows) in &months {
+        assert!(rows.len() > 1, "{month} is one part");
+        assert!(
+            rows[..rows.len() - 1].iter().all(|&r| r == 100),
+            "{month}: {rows:?}"
+        );
+    }
+    assert_eq!(
+        first.partitions.values().map(|p| p.rows).sum::<u64>(),
+        first.rows
+    );
+
+    // The ten appended postings rewrite March's last part (and start a new
+    // one when it fills); every other part is referenced again.
+    ws.write_export("export-2025-04.csv", &latin1(&full));
+    let summary = ws.run_once().await.unwrap();
+    // Some of the ten may be rows the rules drop (sole traders, social care).
+    let inserts = summary.versions[0].inserts;
+    assert!((1..=10).contains(&inserts), "{inserts} inserts");
+    let second = ws.version(2);
+    let last_march = first
+        .partitions
+        .keys()
+        .rfind(|n| n.starts_with("2025-03"))
+        .unwrap();
+    for (name, part) in &first.partitions {
+        if name != last_march {
+            assert_eq!(second.partitions[name], *part, "{name} was rewritten");
+        }
+    }
+    assert!(second.partitions.len() - first.partitions.len() <= 1);
+
+    // One corrected amount in an early March posting rewrites its part only.
+    let line = lines
+        .iter()
+        .find(|l| l.contains(";2025-03-") && !l.contains(";4690;") && !l.contains('"'))
+        .unwrap();
+    let mut fields: Vec<&str> = line.split(';').collect();
+    fields[8] = "12345,67";
+    let changed = full.replacen(*line, &fields.join(";"), 1);
+    ws.write_export("export-2025-05.csv", &latin1(&changed));
+    let summary = ws.run_once().await.unwrap();
+    let c = &summary.versions[0];
+    assert_eq!((c.inserts, c.updates, c.deletes), (0, 1, 0));
+    assert_eq!(c.partitions_written, 1);
+    let third = ws.version(3);
+    let rewritten: Vec<&String> = third
+        .partitions
+        .iter()
+        .filter(|(name, part)| second.partitions.get(*name) != Some(*part))
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(rewritten.len(), 1, "{rewritten:?}");
+    assert!(rewritten[0].starts_with("2025-03"));
+    // The parts together are the whole table.
+    assert_eq!(published_keys(&ws, 3, "csv"), expected_keys());
+    assert_eq!(published_keys(&ws, 3, "parquet"), expected_keys());
+    assert_eq!(support::check_whole(&ws.published()), Ok(3));
+}

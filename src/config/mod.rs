@@ -255,6 +255,12 @@ fn validate_pipeline(file: &Path, spec: &PipelineFile, problems: &mut Diagnostic
             "keep_versions must be at least 1",
         ));
     }
+    if publish.max_file_rows.value == 0 {
+        problems.push(Diagnostic::new(
+            Place::of(file, &publish.max_file_rows),
+            "max_file_rows must be at least 1",
+        ));
+    }
     if !(publish.interval_seconds.is_finite() && publish.interval_seconds > 0.0) {
         problems.push(Diagnostic::new(
             Place::file(file),

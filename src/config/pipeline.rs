@@ -14,6 +14,10 @@ pub const DEFAULT_KEEP_VERSIONS: u32 = 30;
 pub const DEFAULT_INTERVAL_SECONDS: f64 = 1.0;
 /// Most changes in one version, when `max_changes` is not set.
 pub const DEFAULT_MAX_CHANGES: usize = 1_000_000;
+/// Most rows in one published file, when `max_file_rows` is not set: about
+/// 25-35 MB of CSV for an invoice table, and a tail part a version rewrites
+/// in a fraction of a second.
+pub const DEFAULT_MAX_FILE_ROWS: usize = 200_000;
 
 /// A whole pipeline file.
 #[derive(Debug, Deserialize)]
@@ -220,6 +224,11 @@ pub struct Publish {
     /// How many versions to keep.
     #[serde(default = "default_keep_versions")]
     pub keep_versions: Spanned<u32>,
+    /// Most rows in one published file; a larger partition is split into
+    /// parts (`<partition>@0001`, ...), and a version rewrites only the parts
+    /// its changes touch (new rows go to the last part).
+    #[serde(default = "default_max_file_rows")]
+    pub max_file_rows: Spanned<usize>,
     /// Longest time, in seconds, that changes wait before a version is cut.
     #[serde(default = "default_interval")]
     pub interval_seconds: f64,
@@ -246,6 +255,13 @@ fn default_formats() -> Spanned<Vec<OutputFormat>> {
 fn default_keep_versions() -> Spanned<u32> {
     Spanned::new(
         DEFAULT_KEEP_VERSIONS,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+fn default_max_file_rows() -> Spanned<usize> {
+    Spanned::new(
+        DEFAULT_MAX_FILE_ROWS,
         serde_saphyr::Location::UNKNOWN,
         serde_saphyr::Location::UNKNOWN,
     )

@@ -140,11 +140,11 @@ impl Graph {
     }
 }
 
-/// Percent-encodes a path segment for an IRI.
+/// Percent-encodes a path segment for an IRI (`@` may stay: a path character, RFC 3986).
 fn segment(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'@' => {
                 (b as char).to_string()
             }
             other => format!("%{other:02X}"),

@@ -87,6 +87,9 @@ pub struct Settings {
     pub partition_by: Option<(String, PartitionGrain)>,
     /// Versions to keep.
     pub keep_versions: u32,
+    /// Most rows in one published file: a larger partition is split into
+    /// parts, and a version rewrites only the parts its changes touch.
+    pub max_file_rows: usize,
     /// SHA-256 of the rules file.
     pub rules_digest: String,
     /// Identifies the pseudonym key.
@@ -637,6 +640,76 @@ struct Plan {
     schema_changed: bool,
 }
 
+/// The parts partitions are split into, for placing rows during a plan.
+struct Parts<'a> {
+    names: &'a mut Partitions,
+    /// The partition (the id of its first part) of every part.
+    base: HashMap<u32, u32>,
+    /// Per partition: its last part's id and number, and the rows it holds
+    /// (committed, plus those placed by this plan).
+    last: HashMap<u32, (u32, u32, usize)>,
+}
+
+impl<'a> Parts<'a> {
+    fn new(committed: &BTreeMap<String, Partition>, names: &'a mut Partitions) -> Self {
+        let mut base = HashMap::new();
+        let mut last: HashMap<u32, (u32, u32, usize)> = HashMap::new();
+        for (name, p) in committed {
+            let (partition, number) = split_part_name(name);
+            let (id, base_id) = (names.id(name), names.id(partition));
+            base.insert(id, base_id);
+            let rows = p.rows.num_rows();
+            let tail = last.entry(base_id).or_insert((id, number, rows));
+            if number > tail.1 {
+                *tail = (id, number, rows);
+            }
+        }
+        Self { names, base, last }
+    }
+
+    /// The partition a part belongs to.
+    fn base(&self, part: u32) -> u32 {
+        self.base.get(&part).copied().unwrap_or(part)
+    }
+
+    /// The part of partition `base` a new row goes to.
+    fn place(&mut self, base: u32, max_rows: usize) -> u32 {
+        let tail = self.last.entry(base).or_insert((base, 0, 0));
+        if tail.2 >= max_rows.max(1) {
+            let number = tail.1 + 1;
+            let name = part_name(self.names.name(base), number);
+            let id = self.names.id(&name);
+            self.base.insert(id, base);
+            *tail = (id, number, 0);
+        }
+        tail.2 += 1;
+        tail.0
+    }
+}
+
+/// The name of part `number` of a partition: the partition's own name for the
+/// first, `<partition>@0001` and on for the next (`@` never occurs in a
+/// partition name, object stores keep it as it is in keys and file names,
+/// and the padding keeps parts in order when listed).
+fn part_name(partition: &str, number: u32) -> String {
+    if number == 0 {
+        partition.to_string()
+    } else {
+        format!("{partition}@{number:04}")
+    }
+}
+
+/// A part's partition and number.
+fn split_part_name(name: &str) -> (&str, u32) {
+    match name.rsplit_once('@') {
+        Some((partition, n)) => match n.parse() {
+            Ok(number) => (partition, number),
+            Err(_) => (name, 0),
+        },
+        None => (name, 0),
+    }
+}
+
 impl Publisher {
     fn plan(&mut self, pending: &Pending, target: &SchemaRef) -> Result<Option<Plan>> {
         let schema_changed = self.schema.as_ref().is_some_and(|s| s != target);
@@ -682,6 +755,13 @@ impl Publisher {
             &self.index
         };
 
+        // A partition is stored as parts of at most `max_file_rows` rows (the
+        // first part carries the partition's name): an updated row stays in its
+        // part, a new row (or one that moved partition) goes to the partition's
+        // last part, and a full last part starts the next. Appends then rewrite
+        // one part, not the partition.
+        let mut parts = Parts::new(&self.partitions, &mut self.names);
+
         let mut removed_from: HashMap<u32, KeySet> = HashMap::new();
         let mut added_to: BTreeMap<u32, Vec<(usize, usize)>> = BTreeMap::new();
         let mut deleted = KeySet::default();
@@ -689,6 +769,8 @@ impl Publisher {
         let (mut inserts, mut updates, mut deletes) = (0u64, 0u64, 0u64);
         let mut removed = Vec::new();
         let mut added = Vec::new();
+        // Rows that need a place in their partition's last part.
+        let mut placed_last: Vec<(usize, usize, Key, Entry)> = Vec::new();
         for (key, &(b, r, delete)) in &pending.latest {
             let previous = index.get(key);
             if delete {
@@ -706,20 +788,48 @@ impl Publisher {
                 hash: hash_of[b][r],
             };
             match previous {
-                Some(e) if *e == entry => continue,
+                Some(e) if parts.base(e.partition) == entry.partition => {
+                    if e.hash == entry.hash {
+                        continue;
+                    }
+                    // Updated in place: its part is rewritten.
+                    removed_from.entry(e.partition).or_default().insert(*key);
+                    updates += 1;
+                    change_rows.push((b, r, "update"));
+                    let entry = Entry {
+                        partition: e.partition,
+                        hash: entry.hash,
+                    };
+                    added_to.entry(entry.partition).or_default().push((b, r));
+                    removed.push(*key);
+                    added.push((*key, entry));
+                }
                 Some(e) => {
                     removed_from.entry(e.partition).or_default().insert(*key);
                     updates += 1;
                     change_rows.push((b, r, "update"));
+                    placed_last.push((b, r, *key, entry));
                 }
                 None => {
                     inserts += 1;
                     change_rows.push((b, r, "insert"));
+                    placed_last.push((b, r, *key, entry));
                 }
             }
-            added_to.entry(entry.partition).or_default().push((b, r));
-            removed.push(*key);
-            added.push((*key, entry));
+        }
+        // In source order, so parts fill in the order rows arrived.
+        placed_last.sort_unstable_by_key(|&(b, r, _, _)| (b, r));
+        for (b, r, key, entry) in placed_last {
+            let part = parts.place(entry.partition, self.settings.max_file_rows);
+            added_to.entry(part).or_default().push((b, r));
+            removed.push(key);
+            added.push((
+                key,
+                Entry {
+                    partition: part,
+                    hash: entry.hash,
+                },
+            ));
         }
         for (scope, seen) in &pending.complete_images {
             for (key, e) in index {

@@ -188,6 +188,7 @@ pub fn settings(pipeline: &Pipeline, keyer: &Keyer) -> Settings {
         formats: publish.formats.value.clone(),
         partition_by,
         keep_versions: publish.keep_versions.value,
+        max_file_rows: publish.max_file_rows.value,
         rules_digest: digest_file(&pipeline.rules_file),
         key_fingerprint: keyer.fingerprint(),
         catalog: Some((dataset_meta(pipeline), public_url(pipeline))),
