@@ -271,7 +271,7 @@ pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, Arr
 /// Encodes a state batch as Arrow IPC (LZ4): fast to write and to read back.
 pub fn encode_state(batch: &RecordBatch) -> Result<Bytes, ArrowError> {
     let options = arrow::ipc::writer::IpcWriteOptions::default()
-        .try_with_compression(Some(arrow::ipc::CompressionType::LZ4_FRAME))?;
+        .try_with_compression(Some(arrow::ipc::CompressionType::ZSTD))?;
     let mut out = Vec::with_capacity(batch.get_array_memory_size() / 2);
     {
         let mut writer = arrow::ipc::writer::FileWriter::try_new_with_options(
