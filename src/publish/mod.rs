@@ -633,7 +633,8 @@ struct Plan {
     summary: (u64, u64, u64),
     /// The first version of an empty dataset: its data files are its changes.
     initial: bool,
-    /// Index changes to apply after the commit.
+    /// Index changes to apply after the commit: keys deleted, and keys
+    /// inserted or moved (an insert replaces an older entry).
     removed: Vec<Key>,
     added: Vec<(Key, Entry)>,
     /// Every partition was realigned to a new schema.
@@ -801,7 +802,6 @@ impl Publisher {
                         hash: entry.hash,
                     };
                     added_to.entry(entry.partition).or_default().push((b, r));
-                    removed.push(*key);
                     added.push((*key, entry));
                 }
                 Some(e) => {
@@ -822,7 +822,6 @@ impl Publisher {
         for (b, r, key, entry) in placed_last {
             let part = parts.place(entry.partition, self.settings.max_file_rows);
             added_to.entry(part).or_default().push((b, r));
-            removed.push(key);
             added.push((
                 key,
                 Entry {
@@ -847,7 +846,6 @@ impl Publisher {
         }
         // Deterministic order in files (the same input gives the same bytes): new
         // rows in source order.
-        change_rows.sort_unstable_by_key(|&(b, r, _)| (b, r));
         for rows in added_to.values_mut() {
             rows.sort_unstable();
         }
@@ -901,6 +899,7 @@ impl Publisher {
         let initial = self.partitions.is_empty() && updates == 0 && deletes == 0 && !schema_changed;
         let mut change_parts = Vec::new();
         if !change_rows.is_empty() && !initial {
+            change_rows.sort_unstable_by_key(|&(b, r, _)| (b, r));
             let indices: Vec<(usize, usize)> =
                 change_rows.iter().map(|&(b, r, _)| (b, r)).collect();
             let rows = take_rows(&batch_refs, &indices, target)?;
@@ -1162,6 +1161,8 @@ impl Publisher {
                 state::index_rows(&mut self.index, rows, id)?;
             }
         } else {
+            // One allocation for a large first version, not a rehash per doubling.
+            self.index.reserve(plan.added.len());
             for (key, entry) in plan.added {
                 self.index.insert(key, entry);
             }
