@@ -435,6 +435,14 @@ fn killed_at_random_points_loses_and_doubles_nothing() {
     let setup = Setup::new("crashes");
     setup_table(&setup, 3000);
     let pipeline = setup.pipeline("crashing", "public.supplier_invoices", "crash_slot", RULES);
+    // Small parts, so kills also land while parts fill, split, are rewritten
+    // in place and emptied.
+    let text = std::fs::read_to_string(&pipeline).unwrap().replace(
+        "  keep_versions: 1000\n",
+        "  keep_versions: 1000\n  max_file_rows: 400\n",
+    );
+    assert!(text.contains("max_file_rows: 400"));
+    std::fs::write(&pipeline, text).unwrap();
     // The workload runs while the pipeline is killed and restarted.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker = {
@@ -480,6 +488,8 @@ fn killed_at_random_points_loses_and_doubles_nothing() {
     child.kill().unwrap();
     child.wait().unwrap();
     support::check_whole(&setup.published("crashing")).unwrap();
+    let parts = setup.latest("crashing").unwrap().partitions.len();
+    assert!(parts > 1, "the table is in {parts} part(s), not split");
     assert_matches_fresh_snapshot(&setup, "crashing");
 }
 
