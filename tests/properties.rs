@@ -77,6 +77,15 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         })
 }
 
+/// The runtime the properties run pipelines on, with one worker.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn run_case(case: &Case) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let inbox = dir.path().join("in");
@@ -119,26 +128,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     }
     std::fs::write(inbox.join("export.csv"), csv.into_inner().unwrap()).unwrap();
 
-    let pipeline =
-        oppen::config::load(&dir.path().join("p.yaml")).unwrap_or_else(|d| panic!("{d}"));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let options = oppen::runtime::RunOptions {
-        once: true,
-        progress: false,
-        settle: None,
-        resnapshot: false,
-        telemetry: Default::default(),
-        role: Default::default(),
-    };
-    let result = runtime.block_on(oppen::runtime::run(
-        &pipeline,
-        &options,
-        tokio::sync::watch::channel(false).1,
-    ));
+    let result = runtime().block_on(support::run_once(&dir.path().join("p.yaml")));
 
     // Everything published: CSV bytes as they are, Parquet values read back.
     let mut text = String::new();
@@ -225,21 +215,7 @@ fn run_dumps(dumps: &[Dump]) -> Result<(), TestCaseError> {
          publish: { store: file://pub, state: file://state, max_file_rows: 3, partition_by: { column: d, by: value } }\n",
     )
     .unwrap();
-    let pipeline =
-        oppen::config::load(&dir.path().join("p.yaml")).unwrap_or_else(|d| panic!("{d}"));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let options = oppen::runtime::RunOptions {
-        once: true,
-        progress: false,
-        settle: None,
-        resnapshot: false,
-        telemetry: Default::default(),
-        role: Default::default(),
-    };
+    let runtime = runtime();
     let published = dir.path().join("pub/p");
     let mut before: Option<oppen::publish::manifest::Version> = None;
     let mut previous: Dump = Vec::new();
@@ -255,11 +231,7 @@ fn run_dumps(dumps: &[Dump]) -> Result<(), TestCaseError> {
         expected.sort();
         std::fs::write(inbox.join(format!("export-{step:03}.csv")), text).unwrap();
         runtime
-            .block_on(oppen::runtime::run(
-                &pipeline,
-                &options,
-                tokio::sync::watch::channel(false).1,
-            ))
+            .block_on(support::run_once(&dir.path().join("p.yaml")))
             .unwrap();
         if expected.is_empty() && before.is_none() {
             continue; // nothing published yet

@@ -96,17 +96,7 @@ impl Workspace {
 
     /// Runs the pipeline once in process.
     pub async fn run_once(&self) -> Result<oppen::runtime::RunSummary, oppen::runtime::RunError> {
-        let pipeline = oppen::config::load(&self.pipeline).unwrap_or_else(|d| panic!("{d}"));
-        let options = oppen::runtime::RunOptions {
-            once: true,
-            progress: false,
-            settle: None,
-            resnapshot: false,
-            telemetry: Default::default(),
-            role: Default::default(),
-        };
-        let (_tx, rx) = tokio::sync::watch::channel(false);
-        oppen::runtime::run(&pipeline, &options, rx).await
+        run_once(&self.pipeline).await
     }
 
     /// Runs `oppen` as a process in this folder.
@@ -276,6 +266,21 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Runs the pipeline file at `path` once in process (`oppen run --once`).
+pub async fn run_once(path: &Path) -> Result<oppen::runtime::RunSummary, oppen::runtime::RunError> {
+    let pipeline = oppen::config::load(path).unwrap_or_else(|d| panic!("{d}"));
+    let options = oppen::runtime::RunOptions {
+        once: true,
+        progress: false,
+        settle: None,
+        resnapshot: false,
+        telemetry: Default::default(),
+        role: Default::default(),
+    };
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    oppen::runtime::run(&pipeline, &options, rx).await
 }
 
 pub fn read_manifest(path: &Path) -> Option<Version> {
