@@ -17,7 +17,6 @@ use tower_http::compression::CompressionLayer;
 use tower_http::cors::{Any, CorsLayer};
 
 use crate::publish::catalog::DatasetMeta;
-use crate::publish::manifest::VersionManifest;
 use crate::publish::store::Store;
 
 /// What a dataset folder may serve, by first path segment.
@@ -134,14 +133,11 @@ async fn manifest(
     {
         return version.clone();
     }
-    let bytes = store
-        .get(&format!("{dataset}/manifest.json"))
+    let version = crate::publish::read_pointer(store, dataset)
         .await
         .ok()
-        .flatten();
-    let version = bytes
-        .and_then(|b| serde_json::from_slice::<VersionManifest>(&b).ok())
-        .map(|VersionManifest::V1(v)| std::sync::Arc::new(v));
+        .flatten()
+        .map(std::sync::Arc::new);
     if let Ok(mut cache) = manifest_cache().lock() {
         cache.insert(key, (std::time::Instant::now(), version.clone()));
     }

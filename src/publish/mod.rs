@@ -347,16 +347,11 @@ impl Publisher {
     /// Rewrites `manifest.json` and `latest/` if a crash came between the commit
     /// point and their update.
     async fn repair_pointer(&self, version: &Version) -> Result<()> {
-        let pointer = self
-            .store
-            .get(&self.path("manifest.json"))
-            .await
-            .map_err(store_err(&self.store))?;
-        let current = pointer
-            .and_then(|b| serde_json::from_slice::<VersionManifest>(&b).ok())
-            .map(|m| m.version().version);
-        if current == Some(version.version) {
-            return Ok(());
+        // An unreadable pointer is repaired like a stale one.
+        match read_pointer(&self.store, &self.settings.dataset).await {
+            Ok(Some(current)) if current.version == version.version => return Ok(()),
+            Ok(_) | Err(PublishError::Corrupt { .. }) => {}
+            Err(e) => return Err(e),
         }
         tracing::warn!(dataset = %self.settings.dataset, version = version.version, "repairing manifest.json and latest/ after an interrupted commit");
         self.write_pointer(version).await
@@ -1515,6 +1510,22 @@ pub async fn read_version(store: &Store, dataset: &str, version: u64) -> Result<
             message: e.to_string(),
         })?;
     Ok(manifest.version().clone())
+}
+
+/// Reads the version a dataset's pointer (`manifest.json`) names: the newest
+/// committed, or an older one while a commit's tidy-up is under way.
+pub async fn read_pointer(store: &Store, dataset: &str) -> Result<Option<Version>> {
+    let path = format!("{dataset}/manifest.json");
+    let Some(bytes) = store.get(&path).await.map_err(store_err(store))? else {
+        return Ok(None);
+    };
+    let manifest: VersionManifest =
+        serde_json::from_slice(&bytes).map_err(|e| PublishError::Corrupt {
+            path,
+            message: e.to_string(),
+        })?;
+    let VersionManifest::V1(version) = manifest;
+    Ok(Some(version))
 }
 
 /// Reads the newest version of a dataset (by listing, not trusting the pointer).

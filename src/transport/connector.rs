@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use super::{HEADER_META, HEADER_SCHEMA, KafkaTransport, Meta};
 use crate::config::Pipeline;
 use crate::ops::telemetry::PipelineTelemetry;
-use crate::publish::manifest::{TransportProgress, VersionManifest};
+use crate::publish::manifest::TransportProgress;
 use crate::publish::store::Store;
 use crate::runtime::{self, Capture, RunError, RunOptions, RunSummary, SourceInfo};
 
@@ -350,23 +350,6 @@ impl Sender {
     }
 }
 
-/// The transport progress of the newest committed version (its pointer).
-async fn committed_progress(
-    store: &Store,
-    dataset: &str,
-) -> Result<Option<TransportProgress>, RunError> {
-    let Some(bytes) = store.get(&format!("{dataset}/manifest.json")).await? else {
-        return Ok(None);
-    };
-    let manifest: VersionManifest = serde_json::from_slice(&bytes).map_err(|e| {
-        RunError::Config(format!(
-            "{dataset}/manifest.json in {}: {e}",
-            store.location()
-        ))
-    })?;
-    Ok(manifest.version().transport.clone())
-}
-
 async fn read_checkpoint(state: &Store, dataset: &str) -> Result<Option<Position>, RunError> {
     let path = format!("{dataset}/{CHECKPOINT_FILE}");
     let Some(bytes) = state.get(&path).await? else {
@@ -463,8 +446,11 @@ async fn acknowledge(
     if sender.deliverable.is_empty() {
         return Ok(());
     }
-    let committed = committed_progress(store, dataset)
+    // The pointer may lag the newest version, never lead it: acknowledging by
+    // it is at worst late.
+    let committed = crate::publish::read_pointer(store, dataset)
         .await?
+        .and_then(|v| v.transport)
         .unwrap_or_default();
     let committed = sender.with_group_offsets(committed);
     let Some(position) = sender.acknowledgeable(&committed) else {
