@@ -641,23 +641,35 @@ struct Parts<'a> {
     names: &'a mut Partitions,
     /// The partition (the id of its first part) of every part.
     base: HashMap<u32, u32>,
-    /// Per partition: its last part's id and number, and the rows it holds
-    /// (committed, plus those placed by this plan).
-    last: HashMap<u32, (u32, u32, usize)>,
+    /// The last part of every partition.
+    last: HashMap<u32, LastPart>,
+}
+
+/// A partition's last part, where new rows go.
+#[derive(Clone, Copy)]
+struct LastPart {
+    id: u32,
+    number: u32,
+    /// Rows committed, plus those this plan placed.
+    rows: usize,
 }
 
 impl<'a> Parts<'a> {
     fn new(committed: &BTreeMap<String, Partition>, names: &'a mut Partitions) -> Self {
         let mut base = HashMap::new();
-        let mut last: HashMap<u32, (u32, u32, usize)> = HashMap::new();
+        let mut last: HashMap<u32, LastPart> = HashMap::new();
         for (name, p) in committed {
             let (partition, number) = split_part_name(name);
             let (id, base_id) = (names.id(name), names.id(partition));
             base.insert(id, base_id);
-            let rows = p.rows.num_rows();
-            let tail = last.entry(base_id).or_insert((id, number, rows));
-            if number > tail.1 {
-                *tail = (id, number, rows);
+            let part = LastPart {
+                id,
+                number,
+                rows: p.rows.num_rows(),
+            };
+            let tail = last.entry(base_id).or_insert(part);
+            if number > tail.number {
+                *tail = part;
             }
         }
         Self { names, base, last }
@@ -670,16 +682,23 @@ impl<'a> Parts<'a> {
 
     /// The part of partition `base` a new row goes to.
     fn place(&mut self, base: u32, max_rows: usize) -> u32 {
-        let tail = self.last.entry(base).or_insert((base, 0, 0));
-        if tail.2 >= max_rows.max(1) {
-            let number = tail.1 + 1;
-            let name = part_name(self.names.name(base), number);
-            let id = self.names.id(&name);
+        let tail = self.last.entry(base).or_insert(LastPart {
+            id: base,
+            number: 0,
+            rows: 0,
+        });
+        if tail.rows >= max_rows.max(1) {
+            let number = tail.number + 1;
+            let id = self.names.id(&part_name(self.names.name(base), number));
             self.base.insert(id, base);
-            *tail = (id, number, 0);
+            *tail = LastPart {
+                id,
+                number,
+                rows: 0,
+            };
         }
-        tail.2 += 1;
-        tail.0
+        tail.rows += 1;
+        tail.id
     }
 }
 
@@ -1420,16 +1439,12 @@ impl Publisher {
         let mut later: Option<u64> = None;
         // The four listings are independent round trips on a remote store.
         let listings: Vec<_> = [
-            (&self.store, "data", &public),
-            (&self.store, "changes", &public),
-            (&self.state_store, "partitions", &private),
-            (&self.state_store, "versions", &private),
+            (&self.store, self.path("data"), &public),
+            (&self.store, self.path("changes"), &public),
+            (&self.state_store, self.path("partitions"), &private),
+            (&self.state_store, self.path("versions"), &private),
         ]
         .into_iter()
-        .map(|(store, prefix, referenced)| {
-            let prefix = self.path(prefix);
-            (store, prefix, referenced)
-        })
         .map(|(store, prefix, referenced)| async move {
             let paths = store.list(&prefix).await.map_err(store_err(store))?;
             Ok::<_, PublishError>((store, paths, referenced))
