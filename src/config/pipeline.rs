@@ -14,6 +14,8 @@ pub const DEFAULT_KEEP_VERSIONS: u32 = 30;
 pub const DEFAULT_INTERVAL_SECONDS: f64 = 1.0;
 /// Most changes in one version, when `max_changes` is not set.
 pub const DEFAULT_MAX_CHANGES: usize = 1_000_000;
+/// Megabytes of committed rows cached in memory, when `cache_mb` is not set.
+pub const DEFAULT_CACHE_MB: usize = 256;
 /// Most rows in one published file, when `max_file_rows` is not set: about
 /// 25-35 MB of CSV for an invoice table, and a tail part a version rewrites
 /// in a fraction of a second.
@@ -229,6 +231,11 @@ pub struct Publish {
     /// its changes touch (new rows go to the last part).
     #[serde(default = "default_max_file_rows")]
     pub max_file_rows: Spanned<usize>,
+    /// Megabytes of committed rows kept in memory for the next versions to
+    /// update (the most recently used parts); a version reads any other part
+    /// it touches from the state location.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: usize,
     /// Longest time, in seconds, that changes wait before a version is cut.
     #[serde(default = "default_interval")]
     pub interval_seconds: f64,
@@ -265,6 +272,9 @@ fn default_max_file_rows() -> Spanned<usize> {
         serde_saphyr::Location::UNKNOWN,
         serde_saphyr::Location::UNKNOWN,
     )
+}
+fn default_cache_mb() -> usize {
+    DEFAULT_CACHE_MB
 }
 fn default_interval() -> f64 {
     DEFAULT_INTERVAL_SECONDS

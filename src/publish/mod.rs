@@ -12,6 +12,9 @@ pub mod catalog;
 pub mod manifest;
 pub mod state;
 pub mod store;
+mod stream;
+#[cfg(test)]
+mod tests;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -90,6 +93,10 @@ pub struct Settings {
     /// Most rows in one published file: a larger partition is split into
     /// parts, and a version rewrites only the parts its changes touch.
     pub max_file_rows: usize,
+    /// Bytes of committed rows kept in memory. A version reads the parts it
+    /// touches from the private state; the most recently used stay cached
+    /// (the last part of a table that grows, the parts a stream keeps updating).
+    pub row_cache_bytes: usize,
     /// SHA-256 of the rules file.
     pub rules_digest: String,
     /// Identifies the pseudonym key.
@@ -98,12 +105,28 @@ pub struct Settings {
     pub catalog: Option<(catalog::DatasetMeta, String)>,
 }
 
-/// A committed partition in memory.
+/// A committed part.
 #[derive(Debug, Clone)]
 struct Partition {
-    rows: RecordBatch,
+    /// Its rows, while cached; read from `state_file` when a version needs them.
+    rows: Option<RecordBatch>,
+    /// First and last day of its first date or timestamp column.
+    dates: Option<(i32, i32)>,
+    /// The version that last wrote or read it (the cache keeps the newest).
+    used: u64,
     state_file: FileRef,
     files: PartitionFiles,
+}
+
+/// The files of one written part.
+#[derive(Debug, Clone)]
+struct PartFiles {
+    state: FileRef,
+    data: BTreeMap<OutputFormat, FileRef>,
+    rows: u64,
+    dates: Option<(i32, i32)>,
+    /// The schema of the rows written.
+    schema: SchemaRef,
 }
 
 /// Changes staged for the next version.
@@ -188,6 +211,10 @@ pub struct Publisher {
     image_scope: KeyScope,
     /// Transport progress recorded with the next version (publisher role).
     transport: Option<manifest::TransportProgress>,
+    /// Whether a first version is written while its image is read (see `stream`).
+    stream_images: bool,
+    /// The first version under way, written as it is staged.
+    streamed: Option<stream::Streamed>,
 }
 
 fn store_err(store: &Store) -> impl Fn(object_store::Error) -> PublishError + '_ {
@@ -229,6 +256,8 @@ impl Publisher {
             orphans_up_to: None,
             image_scope: KeyScope::All,
             transport: None,
+            stream_images: false,
+            streamed: None,
         };
         let recovered = publisher.recover().await?;
         Ok((publisher, recovered))
@@ -287,28 +316,30 @@ impl Publisher {
                 self.state_store.location()
             )));
         }
-        let loads: Vec<_> = state.partitions.iter().map(|(name, file)| {
-            let store = self.state_store.clone();
-            let path = self.path(&file.path);
-            async move {
-                let bytes = store.get(&path).await.map_err(store_err(&store))?.ok_or_else(|| PublishError::State(format!(
-                    "state file {path} of the newest version is missing in {}; restore the state location",
-                    store.location()
-                )))?;
-                let batch = tokio::task::spawn_blocking(move || state::decode_state(bytes))
-                    .await
-                    .map_err(|e| PublishError::State(e.to_string()))??;
-                Ok::<_, PublishError>((name.clone(), file.clone(), batch))
-            }
-        }).collect();
-        let loaded: Vec<(String, FileRef, RecordBatch)> = futures::stream::iter(loads)
-            .buffered(UPLOAD_CONCURRENCY)
-            .try_collect()
-            .await?;
-        for (name, state_file, rows) in loaded {
+        // Every part is read once to index its keys; the rows stay cached
+        // only while they fit the cache (versions read the parts they touch).
+        let loads: Vec<_> = state
+            .partitions
+            .iter()
+            .map(|(name, file)| {
+                let store = self.state_store.clone();
+                let path = self.path(&file.path);
+                let (name, file) = (name.clone(), file.clone());
+                async move {
+                    let rows = read_part(&store, path).await?;
+                    Ok::<_, PublishError>((name, file, rows))
+                }
+            })
+            .collect();
+        let mut loaded = futures::stream::iter(loads).buffered(UPLOAD_CONCURRENCY);
+        let mut cached = 0;
+        while let Some((name, state_file, rows)) = loaded.try_next().await? {
             let id = self.names.id(&name);
             state::index_rows(&mut self.index, &rows, id)?;
             self.schema.get_or_insert_with(|| rows.schema());
+            let dates = date_range(&rows);
+            cached += rows.get_array_memory_size();
+            let rows = (cached <= self.settings.row_cache_bytes).then_some(rows);
             let files =
                 version
                     .partitions
@@ -322,11 +353,14 @@ impl Publisher {
                 name,
                 Partition {
                     rows,
+                    dates,
+                    used: newest,
                     state_file,
                     files,
                 },
             );
         }
+        drop(loaded);
         self.version = newest;
         self.unclassified = state.unclassified.clone();
         self.source_types = state.source_types.clone();
@@ -442,8 +476,6 @@ impl Publisher {
         commit_time: Option<DateTime<Utc>>,
     ) -> Result<()> {
         let Classified { data, ops, .. } = batch;
-        let index = self.pending.batches.len() as u32;
-        let keys = state::keys(&data)?;
         // A snapshot batch after change batches starts a new image (a second
         // TRUNCATE before the first one's transaction boundary was seen): the
         // image under way is replaced, not extended.
@@ -451,6 +483,23 @@ impl Publisher {
             && (self.pending.snapshot_seen.is_none()
                 || self.pending.last_kind == Some(BatchKind::Changes));
         self.pending.last_kind = Some(kind);
+        if new_image && self.may_stream() {
+            self.streamed = Some(stream::Streamed::new(data.schema()));
+        } else if new_image && let Some(streamed) = &mut self.streamed {
+            streamed.start_image();
+        }
+        if self.streamed.is_some() {
+            return self.stage_streamed(
+                &data,
+                &ops,
+                new_image,
+                end_of_transaction,
+                position,
+                commit_time,
+            );
+        }
+        let index = self.pending.batches.len() as u32;
+        let keys = state::keys(&data)?;
         if new_image {
             self.pending.snapshot_seen = Some(KeySet::with_capacity_and_hasher(
                 self.index.len(),
@@ -489,6 +538,136 @@ impl Publisher {
         Ok(())
     }
 
+    /// Whether the image starting now may be written as it is staged: the
+    /// first version of a dataset, the whole image, nothing staged before it.
+    fn may_stream(&self) -> bool {
+        self.stream_images
+            && self.streamed.is_none()
+            && self.version == 0
+            && self.partitions.is_empty()
+            && self.index.is_empty()
+            && self.image_scope == KeyScope::All
+            && self.pending.batches.is_empty()
+            && self.pending.latest.is_empty()
+            && self.pending.complete_images.is_empty()
+    }
+
+    /// [`Publisher::stage`] for a first version written while it is staged:
+    /// rows go to parts, full parts to the encoders.
+    fn stage_streamed(
+        &mut self,
+        data: &RecordBatch,
+        ops: &[Op],
+        new_image: bool,
+        end_of_transaction: bool,
+        position: Position,
+        commit_time: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        let Some(mut streamed) = self.streamed.take() else {
+            return Ok(());
+        };
+        let staged = self.stage_parts(&mut streamed, data, ops);
+        let in_image = new_image || self.pending.snapshot_seen.is_some();
+        if staged.is_ok() && in_image && end_of_transaction {
+            streamed.end_image();
+        }
+        self.streamed = Some(streamed);
+        staged?;
+        // The image bookkeeping `at_boundary` and `snapshot_complete` read; the
+        // keys themselves are in the streamed version.
+        if new_image {
+            self.pending.snapshot_seen = Some(KeySet::default());
+        }
+        self.pending.rows += data.num_rows();
+        self.pending.open_transaction = !end_of_transaction;
+        self.pending.position = Some(position);
+        self.pending.source_time = commit_time.or(self.pending.source_time);
+        if self.pending.snapshot_seen.is_some() && end_of_transaction {
+            self.pending.snapshot_seen = None;
+            self.pending
+                .complete_images
+                .insert(self.image_scope, KeySet::default());
+        }
+        Ok(())
+    }
+
+    /// Places a batch's rows in the streamed version's parts and starts
+    /// writing the parts that filled.
+    fn stage_parts(
+        &mut self,
+        streamed: &mut stream::Streamed,
+        data: &RecordBatch,
+        ops: &[Op],
+    ) -> Result<()> {
+        let placement = stream::Placement {
+            partition_by: self.settings.partition_by.as_ref(),
+            single: &self.settings.dataset,
+            max_rows: self.settings.max_file_rows,
+        };
+        streamed.stage(data, ops, &mut self.names, &placement)?;
+        let version = self.version + 1;
+        let context = self.job_context();
+        for (i, rows) in streamed.take_full()? {
+            let name = streamed.parts[i].name.clone();
+            streamed.parts[i].write = stream::PartWrite::Running(spawn_part(
+                context.clone(),
+                self.settings.formats.clone(),
+                version,
+                name,
+                rows,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes a dataset's first version while its image is staged (the
+    /// embedded engine; a publisher sharing a dataset on a transport stages
+    /// images of its partitions only, and commits them on top of others').
+    pub fn stream_images(&mut self, on: bool) {
+        self.stream_images = on;
+    }
+
+    /// Whether staged changes are partly written already (a first version
+    /// streamed): they cannot be committed on top of another publisher's
+    /// version, only read again from the source.
+    pub fn is_streaming(&self) -> bool {
+        self.streamed.is_some()
+    }
+
+    /// Waits while more parts of a streamed version are being written than
+    /// there are cores, so a fast source cannot pile up parts in memory.
+    pub async fn settle(&mut self) {
+        let Some(streamed) = &mut self.streamed else {
+            return;
+        };
+        let limit = std::thread::available_parallelism().map_or(2, usize::from);
+        loop {
+            let running: Vec<usize> = streamed
+                .parts
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| matches!(p.write, stream::PartWrite::Running(_)))
+                .map(|(i, _)| i)
+                .collect();
+            if running.len() <= limit {
+                return;
+            }
+            let part = &mut streamed.parts[running[0]];
+            if let Err(e) = finish_part(part).await {
+                // Its rows are kept; the commit writes the part again.
+                tracing::warn!(dataset = %self.settings.dataset, part = %part.name, error = %e, "writing a part failed; retrying at the commit");
+            }
+        }
+    }
+
+    fn job_context(&self) -> JobContext {
+        JobContext {
+            store: self.store.clone(),
+            state_store: self.state_store.clone(),
+            dataset: self.settings.dataset.clone(),
+        }
+    }
+
     /// Sets the keys the images staged from now on cover (see [`KeyScope`]).
     pub fn set_image_scope(&mut self, scope: KeyScope) {
         self.image_scope = scope;
@@ -502,16 +681,27 @@ impl Publisher {
     /// Drops staged changes (after a failed commit that will be retried from the source).
     pub fn discard_pending(&mut self) {
         self.pending = Pending::default();
+        // Parts written for it are unreferenced; the next garbage collection removes them.
+        self.streamed = None;
     }
 
     /// Commits staged changes as a new version. Returns `None` (and commits
     /// nothing) when they change nothing published; the source position still
     /// moves on in memory.
     pub async fn commit(&mut self) -> Result<Option<Committed>> {
-        if self.pending.batches.is_empty() && self.pending.latest.is_empty() {
+        if !self.at_boundary() {
             return Ok(None);
         }
-        if !self.at_boundary() {
+        if let Some(mut streamed) = self.streamed.take() {
+            let result = self.commit_streamed(&mut streamed).await;
+            match &result {
+                Ok(_) => self.pending = Pending::default(),
+                // Keep what was written and staged, so a retry commits exactly the same.
+                Err(_) => self.streamed = Some(streamed),
+            }
+            return result;
+        }
+        if self.pending.batches.is_empty() && self.pending.latest.is_empty() {
             return Ok(None);
         }
         let pending = std::mem::take(&mut self.pending);
@@ -523,22 +713,334 @@ impl Publisher {
         let Some(target) = target else {
             return Ok(None);
         };
-        let started = std::time::Instant::now();
-        let planned = self.plan(&pending, &target);
-        tracing::debug!(dataset = %self.settings.dataset, ms = started.elapsed().as_millis() as u64, "planned version");
-        let result = match planned {
-            Ok(Some(plan)) => self.write(plan, &pending, target).await.map(Some),
-            Ok(None) => {
-                tracing::debug!(dataset = %self.settings.dataset, "staged changes publish nothing new; no version");
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        };
+        let result = self.commit_pending(&pending, target).await;
         if result.is_err() {
             // Keep what was staged, so a retry commits exactly the same changes.
             self.pending = pending;
         }
         result
+    }
+
+    async fn commit_pending(
+        &mut self,
+        pending: &Pending,
+        target: SchemaRef,
+    ) -> Result<Option<Committed>> {
+        let started = std::time::Instant::now();
+        let prepared = self.prepare(pending, &target)?;
+        self.load_parts(pending, &prepared).await?;
+        let planned = self.plan(pending, prepared, &target)?;
+        tracing::debug!(dataset = %self.settings.dataset, ms = started.elapsed().as_millis() as u64, "planned version");
+        let Some(plan) = planned else {
+            tracing::debug!(dataset = %self.settings.dataset, "staged changes publish nothing new; no version");
+            return Ok(None);
+        };
+        self.write(plan, pending, target).await.map(Some)
+    }
+
+    /// Commits a streamed first version: the parts still filling are written,
+    /// written parts with replaced rows (or an older schema) are written again,
+    /// then the version is committed like any other.
+    async fn commit_streamed(
+        &mut self,
+        streamed: &mut stream::Streamed,
+    ) -> Result<Option<Committed>> {
+        use stream::PartWrite;
+        let target = streamed.schema.clone();
+        let version = self.version + 1;
+        streamed.close(&self.names);
+        for part in &mut streamed.parts {
+            finish_part(part).await?;
+        }
+        for part in &mut streamed.parts {
+            if let PartWrite::Written(files) = &part.write
+                && (streamed.dirty.contains(&part.id) || files.schema != target)
+            {
+                let rows = self.read_state(&files.state).await?;
+                part.write = PartWrite::Rows(vec![rows]);
+            }
+        }
+        let context = self.job_context();
+        for i in 0..streamed.parts.len() {
+            if let Some(rows) = streamed.prepare(i, &target)? {
+                let name = streamed.parts[i].name.clone();
+                streamed.parts[i].write = PartWrite::Running(spawn_part(
+                    context.clone(),
+                    self.settings.formats.clone(),
+                    version,
+                    name,
+                    rows,
+                ));
+            }
+        }
+        for part in &mut streamed.parts {
+            finish_part(part).await?;
+        }
+        let written: BTreeMap<String, (PartFiles, Option<RecordBatch>)> = streamed
+            .parts
+            .iter()
+            .filter_map(|p| match &p.write {
+                PartWrite::Written(files) => Some((p.name.clone(), (files.clone(), None))),
+                _ => None,
+            })
+            .collect();
+        if written.is_empty() {
+            // An empty image publishes nothing; the source still moved on.
+            return Ok(None);
+        }
+        let outcome = Outcome {
+            summary: (streamed.keys.len() as u64, 0, 0),
+            written,
+            emptied: Vec::new(),
+            change_files: BTreeMap::new(),
+            initial: true,
+            index: IndexUpdate::Replace(&mut streamed.keys),
+        };
+        let position = self.pending.position.clone();
+        let source_time = self.pending.source_time;
+        self.finish(outcome, position, source_time, target)
+            .await
+            .map(Some)
+    }
+
+    /// Reads a committed part's rows from the private state.
+    async fn read_state(&self, file: &FileRef) -> Result<RecordBatch> {
+        read_part(&self.state_store, self.path(&file.path)).await
+    }
+
+    /// Reads the committed parts this version needs into memory: those
+    /// holding a key it changes, the last part of each partition it adds
+    /// rows to, and every part when the schema changed.
+    async fn load_parts(&mut self, pending: &Pending, prepared: &Prepared) -> Result<()> {
+        let mut needed: HashSet<String> = HashSet::new();
+        if prepared.schema_changed {
+            needed.extend(self.partitions.keys().cloned());
+        } else {
+            let mut last: HashMap<&str, (u32, &str)> = HashMap::new();
+            for name in self.partitions.keys() {
+                let (partition, number) = split_part_name(name);
+                let tail = last.entry(partition).or_insert((number, name));
+                if number >= tail.0 {
+                    *tail = (number, name);
+                }
+            }
+            let mut bases = HashSet::new();
+            for (key, &(b, r, delete)) in &pending.latest {
+                if let Some(e) = self.index.get(key) {
+                    needed.insert(self.names.name(e.partition).to_string());
+                }
+                if !delete && b != u32::MAX {
+                    bases.insert(prepared.part_of[b as usize][r as usize]);
+                }
+            }
+            for base in bases {
+                if let Some((_, name)) = last.get(self.names.name(base)) {
+                    needed.insert((*name).to_string());
+                }
+            }
+            for (scope, seen) in &pending.complete_images {
+                for (key, e) in &self.index {
+                    if scope.contains(key)
+                        && !seen.contains(key)
+                        && !pending.latest.contains_key(key)
+                    {
+                        needed.insert(self.names.name(e.partition).to_string());
+                    }
+                }
+            }
+        }
+        let version = self.version + 1;
+        let dataset = self.settings.dataset.clone();
+        let loads: Vec<_> = needed
+            .into_iter()
+            .filter_map(|name| {
+                let p = self.partitions.get_mut(&name)?;
+                p.used = version;
+                let path = format!("{dataset}/{}", p.state_file.path);
+                let store = self.state_store.clone();
+                p.rows.is_none().then_some(async move {
+                    Ok::<_, PublishError>((name, read_part(&store, path).await?))
+                })
+            })
+            .collect();
+        let loaded: Vec<(String, RecordBatch)> = futures::stream::iter(loads)
+            .buffer_unordered(UPLOAD_CONCURRENCY)
+            .try_collect()
+            .await?;
+        for (name, rows) in loaded {
+            if let Some(p) = self.partitions.get_mut(&name) {
+                p.rows = Some(rows);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the cached rows of the least recently used parts beyond
+    /// `row_cache_bytes`.
+    fn trim_cache(&mut self) {
+        let mut cached: Vec<(u64, &String, usize)> = self
+            .partitions
+            .iter()
+            .filter_map(|(name, p)| {
+                p.rows
+                    .as_ref()
+                    .map(|r| (p.used, name, r.get_array_memory_size()))
+            })
+            .collect();
+        let budget = self.settings.row_cache_bytes;
+        let mut total: usize = cached.iter().map(|c| c.2).sum();
+        if total <= budget {
+            return;
+        }
+        cached.sort_unstable();
+        let mut evict = Vec::new();
+        for (_, name, bytes) in cached {
+            if total <= budget {
+                break;
+            }
+            total -= bytes;
+            evict.push(name.clone());
+        }
+        for name in evict {
+            if let Some(p) = self.partitions.get_mut(&name) {
+                p.rows = None;
+            }
+        }
+    }
+}
+
+/// Reads a part's rows from a state file.
+async fn read_part(store: &Store, path: String) -> Result<RecordBatch> {
+    let bytes = store
+        .get(&path)
+        .await
+        .map_err(store_err(store))?
+        .ok_or_else(|| {
+            PublishError::State(format!(
+                "state file {path} is missing in {}; restore the state location",
+                store.location()
+            ))
+        })?;
+    tokio::task::spawn_blocking(move || state::decode_state(bytes))
+        .await
+        .map_err(|e| PublishError::State(e.to_string()))?
+        .map_err(PublishError::from)
+}
+
+/// First and last day in a batch's first date or timestamp column.
+fn date_range(rows: &RecordBatch) -> Option<(i32, i32)> {
+    let (i, _) = rows.schema().fields().iter().enumerate().find(|(_, f)| {
+        matches!(
+            f.data_type(),
+            arrow::datatypes::DataType::Date32 | arrow::datatypes::DataType::Timestamp(_, _)
+        )
+    })?;
+    let days = arrow::compute::cast(rows.column(i), &arrow::datatypes::DataType::Date32).ok()?;
+    let days = days.as_any().downcast_ref::<arrow::array::Date32Array>()?;
+    Some((arrow::compute::min(days)?, arrow::compute::max(days)?))
+}
+
+/// Encodes and writes one part: its private state and one file per format,
+/// named for `version` and unique.
+async fn write_part(
+    context: &JobContext,
+    formats: &[OutputFormat],
+    version: u64,
+    name: &str,
+    rows: RecordBatch,
+) -> Result<PartFiles> {
+    let vname = version_name(version);
+    let unique = uuid::Uuid::new_v4();
+    let mut jobs = vec![FileJob {
+        role: FileRole::State {
+            partition: name.to_string(),
+        },
+        path: format!("partitions/{name}/{vname}-{unique}.arrow"),
+        rows: rows.clone(),
+    }];
+    for format in formats {
+        jobs.push(FileJob {
+            role: FileRole::Data {
+                partition: name.to_string(),
+                format: *format,
+            },
+            path: format!("data/{name}/{vname}-{unique}.{}", format.extension()),
+            rows: rows.clone(),
+        });
+    }
+    let schema = rows.schema();
+    let count = rows.num_rows() as u64;
+    let (dates, written) = futures::join!(
+        tokio::task::spawn_blocking(move || date_range(&rows)),
+        futures::future::try_join_all(jobs.into_iter().map(|job| context.clone().run(job)))
+    );
+    let mut state = None;
+    let mut data = BTreeMap::new();
+    for (role, file) in written? {
+        match role {
+            FileRole::State { .. } => state = Some(file),
+            FileRole::Data { format, .. } => {
+                data.insert(format, file);
+            }
+            FileRole::Changes { .. } => {}
+        }
+    }
+    let state =
+        state.ok_or_else(|| PublishError::State(format!("part {name}: no state file written")))?;
+    Ok(PartFiles {
+        state,
+        data,
+        rows: count,
+        dates: dates.map_err(|e| PublishError::State(e.to_string()))?,
+        schema,
+    })
+}
+
+/// Encodes and writes a part on the runtime, giving its rows back if that fails.
+fn spawn_part(
+    context: JobContext,
+    formats: Vec<OutputFormat>,
+    version: u64,
+    name: String,
+    rows: RecordBatch,
+) -> stream::PartTask {
+    tokio::spawn(async move {
+        write_part(&context, &formats, version, &name, rows.clone())
+            .await
+            .map_err(|e| (e, rows))
+    })
+}
+
+/// Waits for a part being written; a failed write keeps its rows for the retry.
+async fn finish_part(part: &mut stream::StreamedPart) -> Result<()> {
+    let task = match &mut part.write {
+        stream::PartWrite::Running(task) => task,
+        stream::PartWrite::Lost => {
+            return Err(PublishError::State(format!(
+                "writing part {} failed earlier; the version cannot be completed",
+                part.name
+            )));
+        }
+        _ => return Ok(()),
+    };
+    match task.await {
+        Ok(Ok(files)) => {
+            part.write = stream::PartWrite::Written(files);
+            Ok(())
+        }
+        Ok(Err((e, rows))) => {
+            part.write = stream::PartWrite::Rows(vec![rows]);
+            Err(e)
+        }
+        Err(e) => {
+            // The task's rows are gone with it: this version cannot be committed;
+            // the pipeline fails and a restart reads the source again.
+            part.write = stream::PartWrite::Lost;
+            Err(PublishError::State(format!(
+                "writing part {} failed: {e}",
+                part.name
+            )))
+        }
     }
 }
 
@@ -636,6 +1138,42 @@ struct Plan {
     schema_changed: bool,
 }
 
+/// What a version wrote, ready to commit.
+struct Outcome<'a> {
+    /// Parts written: their files, and their rows to keep cached.
+    written: BTreeMap<String, (PartFiles, Option<RecordBatch>)>,
+    /// Parts the version empties.
+    emptied: Vec<String>,
+    change_files: BTreeMap<OutputFormat, FileRef>,
+    /// Inserts, updates, deletes.
+    summary: (u64, u64, u64),
+    /// The first version of an empty dataset: its data files are its changes.
+    initial: bool,
+    index: IndexUpdate<'a>,
+}
+
+/// How the key index follows a committed version.
+enum IndexUpdate<'a> {
+    /// Keys deleted, and keys inserted or moved.
+    Delta {
+        removed: Vec<Key>,
+        added: Vec<(Key, Entry)>,
+    },
+    /// Rebuilt from the written parts (the schema changed, every part was rewritten).
+    Rebuild,
+    /// The streamed version's keys.
+    Replace(&'a mut KeyMap<Entry>),
+}
+
+/// Staged batches aligned to the version's schema, with every row's
+/// partition and fingerprint.
+struct Prepared {
+    batches: Vec<RecordBatch>,
+    part_of: Vec<Vec<u32>>,
+    hash_of: Vec<Vec<u64>>,
+    schema_changed: bool,
+}
+
 /// The parts partitions are split into, for placing rows during a plan.
 struct Parts<'a> {
     names: &'a mut Partitions,
@@ -665,7 +1203,7 @@ impl<'a> Parts<'a> {
             let part = LastPart {
                 id,
                 number,
-                rows: p.rows.num_rows(),
+                rows: p.files.rows as usize,
             };
             let tail = last.entry(base_id).or_insert(part);
             if number > tail.number {
@@ -726,7 +1264,9 @@ fn split_part_name(name: &str) -> (&str, u32) {
 }
 
 impl Publisher {
-    fn plan(&mut self, pending: &Pending, target: &SchemaRef) -> Result<Option<Plan>> {
+    /// Aligns the staged batches to the version's schema and works out every
+    /// row's partition and fingerprint.
+    fn prepare(&mut self, pending: &Pending, target: &SchemaRef) -> Result<Prepared> {
         let schema_changed = self.schema.as_ref().is_some_and(|s| s != target);
         let batches = pending
             .batches
@@ -749,15 +1289,39 @@ impl Publisher {
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()?,
         );
+        Ok(Prepared {
+            batches,
+            part_of,
+            hash_of,
+            schema_changed,
+        })
+    }
+
+    fn plan(
+        &mut self,
+        pending: &Pending,
+        prepared: Prepared,
+        target: &SchemaRef,
+    ) -> Result<Option<Plan>> {
+        let Prepared {
+            batches,
+            part_of,
+            hash_of,
+            schema_changed,
+        } = prepared;
+        // The parts the version touches were read into memory (`load_parts`).
         // With a new schema every old row's fingerprint is recomputed on the aligned rows.
         let mut old: BTreeMap<u32, RecordBatch> = BTreeMap::new();
         let mut rehashed: KeyMap<Entry> = KeyMap::default();
         for (name, p) in &self.partitions {
             let id = self.names.id(name);
+            let Some(rows) = &p.rows else {
+                continue;
+            };
             let rows = if schema_changed {
-                state::align(&p.rows, target)?
+                state::align(rows, target)?
             } else {
-                p.rows.clone()
+                rows.clone()
             };
             if schema_changed {
                 state::index_rows(&mut rehashed, &rows, id)?;
@@ -880,6 +1444,13 @@ impl Publisher {
         let mut deleted_rows = Vec::new();
         let empty = RecordBatch::new_empty(target.clone());
         for id in touched {
+            let name = self.names.name(id);
+            if self.partitions.contains_key(name) && !old.contains_key(&id) {
+                return Err(PublishError::State(format!(
+                    "part {name} of {} was not read before planning a version",
+                    self.settings.dataset
+                )));
+            }
             let old_rows = old.get(&id).unwrap_or(&empty);
             let kept = match removed_from.get(&id) {
                 Some(gone) if !gone.is_empty() => {
@@ -956,37 +1527,22 @@ impl Publisher {
         let version = self.version + 1;
         let vname = version_name(version);
         let formats = self.settings.formats.clone();
-        // Every file is its own job, largest first, as many at once as there are
-        // cores; bytes are dropped as soon as they are written, so memory holds a
-        // few files, not the whole version.
-        let mut jobs = Vec::new();
-        for (name, rows) in plan
+        let context = self.job_context();
+        // Every part is written by its own task (its state and each format
+        // encoded at once), largest first, about as many at once as there are
+        // cores; bytes are dropped as soon as they are written, so memory holds
+        // a few files, not the whole version.
+        let mut parts: Vec<(String, RecordBatch)> = plan
             .partitions
             .iter()
             .filter(|(_, rows)| rows.num_rows() > 0)
-        {
-            let unique = uuid::Uuid::new_v4();
-            jobs.push(FileJob {
-                role: FileRole::State {
-                    partition: name.clone(),
-                },
-                path: format!("partitions/{name}/{vname}-{unique}.arrow"),
-                rows: rows.clone(),
-            });
-            for format in &formats {
-                jobs.push(FileJob {
-                    role: FileRole::Data {
-                        partition: name.clone(),
-                        format: *format,
-                    },
-                    path: format!("data/{name}/{vname}-{unique}.{}", format.extension()),
-                    rows: rows.clone(),
-                });
-            }
-        }
+            .map(|(name, rows)| (name.clone(), rows.clone()))
+            .collect();
+        parts.sort_by_key(|(_, rows)| std::cmp::Reverse(rows.num_rows()));
+        let mut change_jobs = Vec::new();
         if let Some(changes) = &plan.changes {
             for format in &formats {
-                jobs.push(FileJob {
+                change_jobs.push(FileJob {
                     role: FileRole::Changes { format: *format },
                     // Unique like every file a commit writes: a publisher that
                     // loses the race for this version must not overwrite the
@@ -1000,80 +1556,119 @@ impl Publisher {
                 });
             }
         }
-        jobs.sort_by_key(|j| std::cmp::Reverse(j.rows.num_rows()));
-        let context = JobContext {
-            store: self.store.clone(),
-            state_store: self.state_store.clone(),
-            dataset: self.settings.dataset.clone(),
-        };
-        // Locally, two more jobs than cores: while one waits for its fsync, others
-        // encode. Remote stores answer in round trips, so more uploads overlap.
+        // Locally, a part per core and a spare (while one waits for its fsync,
+        // others encode). Remote stores answer in round trips, so more overlap.
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         let parallel = if self.store.location().local_root().is_some() {
-            cores + 2
+            cores + 1
         } else {
-            cores * 4
+            cores * 2
         };
-        let written: Vec<(FileRole, FileRef)> =
-            futures::stream::iter(jobs.into_iter().map(|job| context.clone().run(job)))
-                .buffer_unordered(parallel)
-                .try_collect()
-                .await?;
-        let mut state_files: BTreeMap<String, FileRef> = BTreeMap::new();
-        let mut data_files: BTreeMap<String, BTreeMap<OutputFormat, FileRef>> = BTreeMap::new();
-        let mut bytes_by_format: BTreeMap<OutputFormat, u64> = BTreeMap::new();
-        let mut change_files = BTreeMap::new();
-        let mut latest_files = Vec::new();
-        for (role, file) in written {
-            match role {
-                FileRole::State { partition } => {
-                    state_files.insert(partition, file);
-                }
-                FileRole::Data { partition, format } => {
-                    *bytes_by_format.entry(format).or_default() += file.bytes;
-                    latest_files.push((
-                        self.path(&file.path),
-                        self.path(&format!("latest/{partition}.{}", format.extension())),
-                    ));
-                    data_files
-                        .entry(partition)
-                        .or_default()
-                        .insert(format, file);
-                }
-                FileRole::Changes { format } => {
-                    *bytes_by_format.entry(format).or_default() += file.bytes;
-                    change_files.insert(format, file);
-                }
+        let part_writes = futures::stream::iter(parts.into_iter().map(|(name, rows)| {
+            let (context, formats) = (context.clone(), formats.clone());
+            async move {
+                let files = write_part(&context, &formats, version, &name, rows.clone()).await?;
+                Ok::<_, PublishError>((name, (files, Some(rows))))
             }
-        }
-        // Every written partition has one state file (jobs are made per partition).
-        let mut new_partitions: BTreeMap<String, (FileRef, PartitionFiles)> = state_files
+        }))
+        .buffer_unordered(parallel)
+        .try_collect::<BTreeMap<_, _>>();
+        let change_writes = futures::future::try_join_all(
+            change_jobs.into_iter().map(|job| context.clone().run(job)),
+        );
+        let (written, changes) = futures::future::try_join(part_writes, change_writes).await?;
+        let change_files = changes
             .into_iter()
-            .map(|(name, state_file)| {
-                let rows = plan
-                    .partitions
-                    .get(&name)
-                    .map_or(0, |r| r.num_rows() as u64);
-                let files = data_files.remove(&name).unwrap_or_default();
-                (name, (state_file, PartitionFiles { rows, files }))
+            .filter_map(|(role, file)| match role {
+                FileRole::Changes { format } => Some((format, file)),
+                _ => None,
             })
             .collect();
-        // Partitions after this version: untouched ones referenced again, not copied.
-        let mut all: BTreeMap<String, (FileRef, PartitionFiles)> = self
-            .partitions
-            .iter()
-            .filter(|(name, _)| !plan.partitions.contains_key(*name))
-            .map(|(name, p)| (name.clone(), (p.state_file.clone(), p.files.clone())))
-            .collect();
-        all.extend(new_partitions.clone());
-        let partitions_written = plan.partitions.len();
         let emptied: Vec<String> = plan
             .partitions
             .iter()
             .filter(|(_, rows)| rows.num_rows() == 0)
             .map(|(name, _)| name.clone())
             .collect();
+        let index = if plan.schema_changed {
+            IndexUpdate::Rebuild
+        } else {
+            IndexUpdate::Delta {
+                removed: plan.removed,
+                added: plan.added,
+            }
+        };
+        let outcome = Outcome {
+            written,
+            emptied,
+            change_files,
+            summary: plan.summary,
+            initial: plan.initial,
+            index,
+        };
+        self.finish(
+            outcome,
+            pending.position.clone(),
+            pending.source_time,
+            target,
+        )
+        .await
+    }
 
+    /// Commits a version whose files are written: the state manifest, the
+    /// version manifest (the commit point), then the in-memory state and the
+    /// tidy-up.
+    async fn finish(
+        &mut self,
+        outcome: Outcome<'_>,
+        position: Option<Position>,
+        source_time: Option<DateTime<Utc>>,
+        target: SchemaRef,
+    ) -> Result<Committed> {
+        let version = self.version + 1;
+        let vname = version_name(version);
+        let Outcome {
+            written,
+            emptied,
+            change_files,
+            summary,
+            initial,
+            index,
+        } = outcome;
+        let mut bytes_by_format: BTreeMap<OutputFormat, u64> = BTreeMap::new();
+        let mut latest_files = Vec::new();
+        for (name, (files, _)) in &written {
+            for (format, file) in &files.data {
+                *bytes_by_format.entry(*format).or_default() += file.bytes;
+                latest_files.push((
+                    self.path(&file.path),
+                    self.path(&format!("latest/{name}.{}", format.extension())),
+                ));
+            }
+        }
+        for (format, file) in &change_files {
+            *bytes_by_format.entry(*format).or_default() += file.bytes;
+        }
+        // Parts after this version: untouched ones referenced again, not copied.
+        let mut all: BTreeMap<String, (FileRef, PartitionFiles)> = self
+            .partitions
+            .iter()
+            .filter(|(name, _)| !written.contains_key(*name) && !emptied.contains(name))
+            .map(|(name, p)| (name.clone(), (p.state_file.clone(), p.files.clone())))
+            .collect();
+        for (name, (files, _)) in &written {
+            all.insert(
+                name.clone(),
+                (
+                    files.state.clone(),
+                    PartitionFiles {
+                        rows: files.rows,
+                        files: files.data.clone(),
+                    },
+                ),
+            );
+        }
+        let partitions_written = written.len() + emptied.len();
         tracing::debug!(dataset = %self.settings.dataset, "wrote files");
         let state_manifest = StateManifest::V1(State {
             dataset: self.settings.dataset.clone(),
@@ -1098,7 +1693,7 @@ impl Publisher {
             .map_err(store_err(&self.state_store))?;
         crate::runtime::failpoint("before-version-manifest");
 
-        let (inserts, updates, deletes) = plan.summary;
+        let (inserts, updates, deletes) = summary;
         let rows: u64 = all.values().map(|(_, p)| p.rows).sum();
         let manifest = Version {
             dataset: self.settings.dataset.clone(),
@@ -1123,11 +1718,11 @@ impl Publisher {
                 updates,
                 deletes,
                 files: change_files,
-                initial: plan.initial,
+                initial,
             },
             rules_digest: self.settings.rules_digest.clone(),
-            source_position: pending.position.clone(),
-            source_time: pending.source_time,
+            source_position: position.clone(),
+            source_time,
             state_id: Some(state_id),
             transport: self.transport.clone(),
         };
@@ -1153,51 +1748,48 @@ impl Publisher {
         crate::runtime::failpoint("after-version-manifest");
 
         // Committed: now the in-memory state follows.
-        for key in &plan.removed {
-            self.index.remove(key);
+        match index {
+            IndexUpdate::Delta { removed, added } => {
+                for key in &removed {
+                    self.index.remove(key);
+                }
+                // One allocation for a large first version, not a rehash per doubling.
+                self.index.reserve(added.len());
+                for (key, entry) in added {
+                    self.index.insert(key, entry);
+                }
+            }
+            IndexUpdate::Rebuild => {
+                // A new schema: every part was rewritten with new fingerprints.
+                self.index.clear();
+                for (name, (_, rows)) in &written {
+                    if let Some(rows) = rows {
+                        let id = self.names.id(name);
+                        state::index_rows(&mut self.index, rows, id)?;
+                    }
+                }
+            }
+            IndexUpdate::Replace(keys) => self.index = std::mem::take(keys),
         }
-        if plan.schema_changed {
-            for (name, p) in &mut self.partitions {
-                if !plan.partitions.contains_key(name) {
-                    p.rows = state::align(&p.rows, &target)?;
-                }
-            }
-            self.index.clear();
-            for (name, p) in &self.partitions {
-                if plan.partitions.contains_key(name) {
-                    continue;
-                }
-                let id = self.names.id(name);
-                state::index_rows(&mut self.index, &p.rows, id)?;
-            }
-            for (name, rows) in &plan.partitions {
-                let id = self.names.id(name);
-                state::index_rows(&mut self.index, rows, id)?;
-            }
-        } else {
-            // One allocation for a large first version, not a rehash per doubling.
-            self.index.reserve(plan.added.len());
-            for (key, entry) in plan.added {
-                self.index.insert(key, entry);
-            }
+        for name in &emptied {
+            self.partitions.remove(name);
         }
-        for (name, rows) in plan.partitions {
-            match new_partitions.remove(&name) {
-                Some((state_file, files)) => {
-                    self.partitions.insert(
-                        name,
-                        Partition {
-                            rows,
-                            state_file,
-                            files,
-                        },
-                    );
-                }
-                None => {
-                    self.partitions.remove(&name);
-                }
-            }
+        for (name, (files, rows)) in written {
+            self.partitions.insert(
+                name,
+                Partition {
+                    rows,
+                    dates: files.dates,
+                    used: version,
+                    state_file: files.state,
+                    files: PartitionFiles {
+                        rows: files.rows,
+                        files: files.data,
+                    },
+                },
+            );
         }
+        self.trim_cache();
         self.schema = Some(target);
         self.version = version;
         let public_refs = manifest.files().map(|f| self.path(&f.path)).collect();
@@ -1224,7 +1816,7 @@ impl Publisher {
             deletes,
             partitions_written,
             bytes: bytes_by_format,
-            position: pending.position.clone(),
+            position,
         })
     }
 
@@ -1346,30 +1938,13 @@ impl Publisher {
 
     /// First and last day in the data's first date or timestamp column.
     fn temporal_coverage(&self) -> Option<(chrono::NaiveDate, chrono::NaiveDate)> {
-        let schema = self.schema.as_ref()?;
-        let column = schema.fields().iter().find(|f| {
-            matches!(
-                f.data_type(),
-                arrow::datatypes::DataType::Date32 | arrow::datatypes::DataType::Timestamp(_, _)
-            )
-        })?;
-        let mut range: Option<(i32, i32)> = None;
-        for p in self.partitions.values() {
-            let Some(array) = p.rows.column_by_name(column.name()) else {
-                continue;
-            };
-            let Ok(days) = arrow::compute::cast(array, &arrow::datatypes::DataType::Date32) else {
-                continue;
-            };
-            let Some(days) = days.as_any().downcast_ref::<arrow::array::Date32Array>() else {
-                continue;
-            };
-            if let (Some(lo), Some(hi)) = (arrow::compute::min(days), arrow::compute::max(days)) {
-                range = Some(range.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
-            }
-        }
+        let range = self
+            .partitions
+            .values()
+            .filter_map(|p| p.dates)
+            .reduce(|(a, b), (lo, hi)| (a.min(lo), b.max(hi)))?;
         let date = |d: i32| chrono::NaiveDate::from_num_days_from_ce_opt(d + 719_163);
-        range.and_then(|(lo, hi)| Some((date(lo)?, date(hi)?)))
+        Some((date(range.0)?, date(range.1)?))
     }
 
     async fn kept_versions(&self) -> Result<Vec<u64>> {

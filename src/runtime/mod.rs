@@ -189,6 +189,7 @@ pub fn settings(pipeline: &Pipeline, keyer: &Keyer) -> Settings {
         partition_by,
         keep_versions: publish.keep_versions.value,
         max_file_rows: publish.max_file_rows.value,
+        row_cache_bytes: publish.cache_mb << 20,
         rules_digest: digest_file(&pipeline.rules_file),
         key_fingerprint: keyer.fingerprint(),
         catalog: Some((dataset_meta(pipeline), public_url(pipeline))),
@@ -481,6 +482,8 @@ async fn run_pipeline(
 ) -> Result<RunSummary, RunError> {
     let dataset = pipeline.id().to_string();
     let (mut publisher, recovered, _keyer, key) = open_described(pipeline, tel).await?;
+    // The first version is encoded while the source is still read.
+    publisher.stream_images(true);
     if recovered.version > 0 {
         tracing::info!(dataset, version = recovered.version, rows = recovered.rows, position = ?recovered.position.as_ref().map(ToString::to_string), "resuming from committed version");
     }
@@ -530,6 +533,7 @@ async fn run_pipeline(
                     batch.position,
                     batch.commit_time,
                 )?;
+                publisher.settle().await;
                 first_pending.get_or_insert_with(Instant::now);
                 if let Some(p) = &progress {
                     p.inc(batch.data.num_rows() as u64);
@@ -821,17 +825,28 @@ async fn commit_version(
                         "{dataset}: version {version} kept being committed by another publisher"
                     )));
                 };
+                // A first version written while it was staged cannot be put on
+                // top of another: its changes are read from the source again.
+                let streamed = publisher.is_streaming();
                 let recovered = publisher.reload().await?;
                 let covered = match (&recovered.position, publisher.pending_position()) {
                     (Some(theirs), Some(ours)) => theirs.is_at_or_after(ours),
                     _ => false,
                 };
-                if covered {
-                    tracing::info!(
-                        dataset,
-                        version = recovered.version,
-                        "another publisher committed these changes; resuming after its position"
-                    );
+                if covered || streamed {
+                    if covered {
+                        tracing::info!(
+                            dataset,
+                            version = recovered.version,
+                            "another publisher committed these changes; resuming after its position"
+                        );
+                    } else {
+                        tracing::warn!(
+                            dataset,
+                            version = recovered.version,
+                            "another publisher committed first; reading the source again after its position"
+                        );
+                    }
                     publisher.discard_pending();
                     tel.discarded();
                     source.start(recovered.position).await?;
