@@ -857,6 +857,7 @@ mod tests {
             last_data: None,
             retained_bytes: Some(5 * 1024 * 1024),
             backlog: None,
+            image_rows: None,
         });
         std::thread::sleep(Duration::from_millis(250));
         let (ok, body) = t.readiness();

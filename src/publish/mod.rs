@@ -9,6 +9,7 @@
 //! on the next start.
 
 pub mod catalog;
+mod csv;
 pub mod manifest;
 pub mod state;
 pub mod store;
@@ -625,6 +626,27 @@ impl Publisher {
     /// images of its partitions only, and commits them on top of others').
     pub fn stream_images(&mut self, on: bool) {
         self.stream_images = on;
+    }
+
+    /// Sizes the key index for an image of about `rows` rows (once per
+    /// image; an estimate from the source), so it is not grown step by step.
+    pub fn expect_image_rows(&mut self, rows: usize) {
+        // Bounded: an estimate is not a promise.
+        let rows = rows.min(1 << 28);
+        match &mut self.streamed {
+            Some(streamed) => {
+                let more = rows.saturating_sub(streamed.keys.len());
+                if streamed.keys.capacity() < rows {
+                    streamed.keys.reserve(more);
+                }
+            }
+            None => {
+                let more = rows.saturating_sub(self.pending.latest.len());
+                if self.pending.latest.capacity() < rows {
+                    self.pending.latest.reserve(more);
+                }
+            }
+        }
     }
 
     /// Whether staged changes are partly written already (a first version

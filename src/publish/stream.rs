@@ -151,7 +151,7 @@ impl Streamed {
         let keys = state::keys(data)?;
         // Rows of this batch per part, in order; a part that fills takes its
         // rows at once, so the next part starts empty.
-        let mut rows: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut rows: HashMap<u32, Vec<u32>, state::KeyHash> = HashMap::default();
         for (r, op) in ops.iter().enumerate() {
             let key = state::key_at(keys, r);
             if *op == Op::Delete {

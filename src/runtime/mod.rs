@@ -533,6 +533,11 @@ async fn run_pipeline(
                     batch.position,
                     batch.commit_time,
                 )?;
+                if batch.kind == oppen_connector_api::BatchKind::Snapshot
+                    && let Some(rows) = source.health().image_rows
+                {
+                    publisher.expect_image_rows(rows as usize);
+                }
                 publisher.settle().await;
                 first_pending.get_or_insert_with(Instant::now);
                 if let Some(p) = &progress {

@@ -438,6 +438,10 @@ pub struct SourceHealth {
     /// Messages the upstream holds that the source has not read (Kafka
     /// consumer lag).
     pub backlog: Option<u64>,
+    /// About how many rows the image being read holds (a table's row
+    /// estimate during its snapshot), so the engine can size its key index
+    /// once instead of growing it step by step.
+    pub image_rows: Option<u64>,
 }
 
 #[cfg(test)]

@@ -750,16 +750,19 @@ impl PostgresSource {
             .clone()
             .ok_or_else(|| transient("CREATE_REPLICATION_SLOT exported no snapshot"))?;
         let size_sql = format!(
-            "SELECT relpages::int8 FROM pg_class WHERE oid = {}::regclass",
+            "SELECT relpages::int8, reltuples::int8 FROM pg_class WHERE oid = {}::regclass",
             quote_literal(&self.table.quoted())
         );
-        let pages: i64 = self
+        let size = self
             .client()
             .await?
             .query_one(&size_sql, &[])
             .await
-            .map_err(|e| sql_error("reading the table size", &e))?
-            .get(0);
+            .map_err(|e| sql_error("reading the table size", &e))?;
+        let pages: i64 = size.get(0);
+        // -1 when the table was never vacuumed or analyzed: no estimate.
+        let estimate: i64 = size.get(1);
+        self.health.image_rows = u64::try_from(estimate).ok();
         let workers = self.config.snapshot_workers.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get().min(4))
@@ -851,6 +854,7 @@ impl PostgresSource {
                     repl.close().await;
                 }
                 tracing::info!(table = %self.table, "snapshot copied; streaming changes");
+                self.health.image_rows = None;
                 self.phase = Phase::Streaming;
                 self.emitted = consistent_point;
                 self.last_commit = consistent_point;
@@ -1327,11 +1331,18 @@ impl PostgresSource {
             self.start_stream(from).await?;
         }
         let deadline = Instant::now() + IDLE_WAIT;
+        let was_caught_up = self.caught_up;
         loop {
             if let Some(batch) = self.ready.pop_front() {
                 return Ok(SourceEvent::Batch(batch));
             }
             let has_rows = self.pending.as_ref().is_some_and(|p| !p.ops.is_empty());
+            if self.caught_up && !was_caught_up && !has_rows && !self.in_transaction {
+                // The start's heartbeat just arrived: everything committed before
+                // the stream started is read, so idle is known now, not after a
+                // wait (a `run --once` ends here).
+                break;
+            }
             if has_rows && !self.in_transaction {
                 // Nothing more arriving right now: hand out whole transactions.
                 match self.recv_within(Duration::from_millis(1)).await? {
