@@ -639,8 +639,9 @@ fn streamed_transactions_with_rollbacks_publish_what_committed() {
 
 /// TLS on both kinds of connection: `verify-full` with the server's CA
 /// publishes the table, without the CA the connection is refused with a clear
-/// error, and with `require` every session oppen opens is encrypted, the
-/// replication connection included.
+/// error, `verify-ca` trusts the chain but not the name (a server reached by
+/// an address its certificate does not name), and with `require` every
+/// session oppen opens is encrypted, the replication connection included.
 #[test]
 fn tls_connections_encrypt_and_verify_the_server() {
     let mut setup = Setup::new("tls");
@@ -661,6 +662,40 @@ fn tls_connections_encrypt_and_verify_the_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(setup.latest("tls_full").map(|v| v.rows), Some(100));
+
+    // The certificate names localhost and 127.0.0.1; `hostaddr` reaches the
+    // server under a name it does not carry (as libpq: connect to the
+    // address, verify against the host).
+    let port = plain
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap()
+        .to_string();
+    let renamed = format!(
+        "postgres://{}:{}@db.example.invalid:{port}/{}?hostaddr=127.0.0.1&sslrootcert={}",
+        support::postgres::USER,
+        support::postgres::PASSWORD,
+        plain.rsplit('/').next().unwrap(),
+        ca.display()
+    );
+    setup.url = format!("{renamed}&sslmode=verify-ca");
+    let by_chain = setup.pipeline("tls_ca", "public.t", "tls_ca_slot", rules);
+    let out = setup.oppen(&["run", "--once", by_chain.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "verify-ca refused a server whose certificate chains to the root: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(setup.latest("tls_ca").map(|v| v.rows), Some(100));
+    setup.url = format!("{renamed}&sslmode=verify-full");
+    let misnamed = setup.pipeline("tls_misnamed", "public.t", "tls_misnamed_slot", rules);
+    let out = setup.oppen(&["check", "--connect", misnamed.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "verify-full accepted a certificate for another name"
+    );
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
 
     setup.url = format!("{plain}?sslmode=verify-full");
     let untrusted = setup.pipeline("tls_untrusted", "public.t", "tls_untrusted_slot", rules);

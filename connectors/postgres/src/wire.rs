@@ -167,11 +167,14 @@ impl ReplicationConnection {
         let config = &db.sql;
         let hosts = config.get_hosts();
         let ports = config.get_ports();
+        // `hostaddr` (as in libpq): connect to that address, but verify the
+        // server's certificate against `host`.
+        let addrs = config.get_hostaddrs();
         let mut last = None;
-        let candidates: Vec<Host> = if hosts.is_empty() {
-            vec![Host::Tcp("localhost".into())]
-        } else {
-            hosts.to_vec()
+        let candidates: Vec<Host> = match (hosts.is_empty(), addrs.is_empty()) {
+            (false, _) => hosts.to_vec(),
+            (true, false) => addrs.iter().map(|a| Host::Tcp(a.to_string())).collect(),
+            (true, true) => vec![Host::Tcp("localhost".into())],
         };
         for (i, host) in candidates.iter().enumerate() {
             let port = ports
@@ -180,7 +183,10 @@ impl ReplicationConnection {
                 .copied()
                 .unwrap_or(5432);
             let result: std::io::Result<Pin<Box<dyn Stream>>> = match host {
-                Host::Tcp(h) => match tokio::net::TcpStream::connect((h.as_str(), port)).await {
+                Host::Tcp(h) => match match addrs.get(i) {
+                    Some(addr) => tokio::net::TcpStream::connect((*addr, port)).await,
+                    None => tokio::net::TcpStream::connect((h.as_str(), port)).await,
+                } {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
                         return Self::negotiate_tls(s, h, config.get_ssl_mode(), db.tls.as_ref())
