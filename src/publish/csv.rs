@@ -17,6 +17,9 @@ use arrow::datatypes::{
 use arrow::error::ArrowError;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 
+/// Rows written before the output is sized for the rest.
+const SAMPLE_ROWS: usize = 1024;
+
 /// Writes an integer column's cell `row`.
 type IntWriter<'a> = Box<dyn Fn(usize, &mut Vec<u8>) + 'a>;
 
@@ -54,7 +57,15 @@ pub fn encode(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<(), ArrowError> 
         text(field.name(), single, out);
     }
     out.push(b'\n');
-    for row in 0..batch.num_rows() {
+    let rows = batch.num_rows();
+    for row in 0..rows {
+        if row == SAMPLE_ROWS {
+            // Size the output once from the rows written so far: text is often
+            // larger than the columns in memory (dates, decimals), and growing
+            // a large buffer by doubling holds both copies for a moment.
+            let per_row = out.len() / SAMPLE_ROWS + 1;
+            out.reserve(per_row * (rows - row) * 21 / 20);
+        }
         for (i, (column, array)) in columns.iter().zip(batch.columns()).enumerate() {
             if i > 0 {
                 out.push(b',');

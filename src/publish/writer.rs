@@ -48,7 +48,7 @@ fn parquet_bytes(batch: &RecordBatch) -> Result<Bytes, EncodeError> {
 }
 
 fn csv_bytes(batch: &RecordBatch) -> Result<Bytes, EncodeError> {
-    let mut out = Vec::with_capacity(batch.get_array_memory_size());
+    let mut out = Vec::new();
     super::csv::encode(batch, &mut out)?;
     Ok(Bytes::from(out))
 }
