@@ -150,3 +150,57 @@ fn two_publishers_racing_for_a_version_publish_each_change_once() {
     assert_eq!(history(&ws), expected);
     assert!(support::check_whole(&ws.published()).is_ok());
 }
+
+/// A first version written while its export is read cannot be put on top of
+/// another publisher's version. When another publisher commits first with less
+/// (an older export, read from another folder), the streamed one reads its
+/// source again from that version's position and publishes on top of it.
+#[test]
+fn a_streamed_first_version_that_loses_the_race_reads_the_source_again() {
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    ws.drop_export("leverantorsfakturor", EXPORTS[1]);
+    let older = ws.dir.path().join("data/older");
+    std::fs::create_dir_all(&older).unwrap();
+    std::fs::copy(
+        support::examples()
+            .join("data/leverantorsfakturor")
+            .join(EXPORTS[0]),
+        older.join(EXPORTS[0]),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&ws.pipeline).unwrap();
+    let other = ws.dir.path().join("older.yaml");
+    std::fs::write(
+        &other,
+        text.replace("path: data/leverantorsfakturor", "path: data/older"),
+    )
+    .unwrap();
+
+    // The slow publisher stops before creating version 1 (its export, written
+    // as it was read); meanwhile the other commits version 1 from the older export.
+    let slow = ws.spawn_racer(Some("before-version-manifest=sleep:4000"), &[]);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let fast = ws.oppen(&["run", "--once", other.to_str().unwrap()], &[]);
+    assert!(
+        fast.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fast.stderr)
+    );
+    let slow = slow.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&slow.stderr);
+    assert!(slow.status.success(), "{log}");
+    assert!(log.contains("reading the source again"), "{log}");
+
+    // Version 1 is the older export, version 2 the newer one, whole.
+    assert_eq!(ws.versions(), vec![1, 2]);
+    let alone = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    alone.drop_export("leverantorsfakturor", EXPORTS[1]);
+    let out = alone.oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[]);
+    assert!(out.status.success());
+    assert_eq!(
+        support::newest_rows(&ws.published()),
+        support::newest_rows(&alone.published())
+    );
+    assert!(support::check_whole(&ws.published()).is_ok());
+    ws.assert_only_referenced_files();
+}
