@@ -487,7 +487,7 @@ impl Publisher {
         if new_image && self.may_stream() {
             self.streamed = Some(stream::Streamed::new(data.schema()));
         } else if new_image && let Some(streamed) = &mut self.streamed {
-            streamed.start_image();
+            streamed.start_image(self.image_scope);
         }
         if self.streamed.is_some() {
             return self.stage_streamed(
@@ -540,14 +540,15 @@ impl Publisher {
     }
 
     /// Whether the image starting now may be written as it is staged: the
-    /// first version of a dataset, the whole image, nothing staged before it.
+    /// first version of a dataset, nothing staged before it. (An image of a
+    /// share of the keys, as a publisher on a transport stages per partition,
+    /// is as good: with nothing committed, every row is an insert.)
     fn may_stream(&self) -> bool {
         self.stream_images
             && self.streamed.is_none()
             && self.version == 0
             && self.partitions.is_empty()
             && self.index.is_empty()
-            && self.image_scope == KeyScope::All
             && self.pending.batches.is_empty()
             && self.pending.latest.is_empty()
             && self.pending.complete_images.is_empty()
@@ -621,9 +622,9 @@ impl Publisher {
         Ok(())
     }
 
-    /// Writes a dataset's first version while its image is staged (the
-    /// embedded engine; a publisher sharing a dataset on a transport stages
-    /// images of its partitions only, and commits them on top of others').
+    /// Writes a dataset's first version while its image is staged. A
+    /// streamed version cannot be committed on top of another publisher's:
+    /// on a conflict its changes are read from the source again.
     pub fn stream_images(&mut self, on: bool) {
         self.stream_images = on;
     }

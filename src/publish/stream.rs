@@ -25,7 +25,7 @@ use arrow::error::ArrowError;
 use oppen_connector_api::Op;
 use tokio::task::JoinHandle;
 
-use super::state::{self, Entry, KeyMap, KeySet, Partitions};
+use super::state::{self, Entry, KeyMap, KeyScope, KeySet, Partitions};
 use super::{PartFiles, PublishError, Result, part_name};
 use crate::config::PartitionGrain;
 
@@ -75,9 +75,10 @@ pub(super) struct Streamed {
     pub schema: SchemaRef,
     /// Every key of the version: the part of its current row and its fingerprint.
     pub keys: KeyMap<Entry>,
-    /// Keys seen by an image under way that is not the first: when it ends,
-    /// the keys it lacks are deleted (a newer image replaces the older).
-    seen: Option<KeySet>,
+    /// Keys seen by an image under way that is not the first, and the keys
+    /// it covers: when it ends, the keys of its scope it lacks are deleted (a
+    /// newer image replaces the older).
+    seen: Option<(KeyScope, KeySet)>,
     filling: BTreeMap<u32, Filling>,
     /// Parts handed over, in the order they filled.
     pub parts: Vec<StreamedPart>,
@@ -113,19 +114,20 @@ impl Streamed {
         }
     }
 
-    /// A new image starts (after the first): it replaces what was staged.
-    pub fn start_image(&mut self) {
-        self.seen = Some(KeySet::default());
+    /// A new image of the keys in `scope` starts (after the first): it
+    /// replaces what was staged of them.
+    pub fn start_image(&mut self, scope: KeyScope) {
+        self.seen = Some((scope, KeySet::default()));
     }
 
     /// The image under way is whole: keys staged before it that it lacks are deleted.
     pub fn end_image(&mut self) {
-        let Some(seen) = self.seen.take() else {
+        let Some((scope, seen)) = self.seen.take() else {
             return;
         };
         let dirty = &mut self.dirty;
         self.keys.retain(|key, e| {
-            let keep = seen.contains(key);
+            let keep = seen.contains(key) || !scope.contains(key);
             if !keep {
                 dirty.insert(e.partition);
             }
@@ -160,7 +162,7 @@ impl Streamed {
                 }
                 continue;
             }
-            if let Some(seen) = &mut self.seen {
+            if let Some((_, seen)) = &mut self.seen {
                 seen.insert(key);
             }
             let base = part_of[r];

@@ -8,15 +8,17 @@ use arrow::datatypes::{DataType, Field, Schema};
 use oppen_connector_api::{BatchKind, Op, Position};
 use proptest::prelude::*;
 
+use super::state::KeyScope;
 use super::store::{Store, StoreLocation};
 use super::{Committed, Publisher, Settings};
 use crate::classify::{Classified, KEY_COLUMN};
 use crate::config::OutputFormat;
 
-/// One staged step: an image (rows, in batches) or changes (`None` deletes).
+/// One staged step: an image (rows, in batches; of the keys of one of two
+/// transport partitions, or of all) or changes (`None` deletes).
 #[derive(Debug, Clone)]
 enum Step {
-    Image(Vec<Vec<(u8, u8)>>),
+    Image(Vec<Vec<(u8, u8)>>, Option<u32>),
     Changes(Vec<(u8, Option<u8>)>),
 }
 
@@ -98,7 +100,14 @@ async fn open(dir: &std::path::Path, s: Settings, streamed: bool) -> Publisher {
 async fn stage(publisher: &mut Publisher, steps: &[Staged], lsn: &mut u64) {
     for (step, wide) in steps {
         match step {
-            Step::Image(batches) => {
+            Step::Image(batches, scope) => {
+                publisher.set_image_scope(match scope {
+                    Some(partition) => KeyScope::Partition {
+                        partition: *partition,
+                        of: 2,
+                    },
+                    None => KeyScope::All,
+                });
                 let last = batches.len() - 1;
                 for (i, rows) in batches.iter().enumerate() {
                     *lsn += 1;
@@ -208,7 +217,11 @@ fn rows() -> impl Strategy<Value = Vec<(u8, u8)>> {
 }
 
 fn step() -> impl Strategy<Value = Staged> {
-    let image = proptest::collection::vec(rows(), 1..4).prop_map(Step::Image);
+    let image = (
+        proptest::collection::vec(rows(), 1..4),
+        proptest::option::of(0u32..2),
+    )
+        .prop_map(|(rows, scope)| Step::Image(rows, scope));
     let changes =
         proptest::collection::vec((0u8..12, proptest::option::weighted(0.7, 0u8..3)), 1..6)
             .prop_map(Step::Changes);
@@ -217,7 +230,11 @@ fn step() -> impl Strategy<Value = Staged> {
 
 fn first_image() -> impl Strategy<Value = Staged> {
     (
-        proptest::collection::vec(rows(), 1..5).prop_map(Step::Image),
+        (
+            proptest::collection::vec(rows(), 1..5),
+            proptest::option::of(0u32..2),
+        )
+            .prop_map(|(rows, scope)| Step::Image(rows, scope)),
         proptest::bool::weighted(0.15),
     )
 }
@@ -243,7 +260,7 @@ proptest! {
 fn duplicate_keys_and_deletes_in_written_parts_are_rewritten() {
     // Parts of two rows: ids 1 and 2 fill the first part, which is written
     // before id 1 comes again and id 2 is deleted.
-    let image = Step::Image(vec![vec![(1, 0), (2, 0)], vec![(3, 0), (1, 1)]]);
+    let image = Step::Image(vec![vec![(1, 0), (2, 0)], vec![(3, 0), (1, 1)]], None);
     let changes = Step::Changes(vec![(2, None), (4, Some(2))]);
     let then = Step::Changes(vec![(1, Some(2)), (3, None)]);
     differential(&[(image, false), (changes, false)], &[(then, false)], 2, 0);
@@ -251,7 +268,7 @@ fn duplicate_keys_and_deletes_in_written_parts_are_rewritten() {
 
 #[test]
 fn a_schema_change_within_a_streamed_version_realigns_written_parts() {
-    let image = Step::Image(vec![vec![(1, 0), (2, 0), (3, 0)], vec![(4, 0)]]);
+    let image = Step::Image(vec![vec![(1, 0), (2, 0), (3, 0)], vec![(4, 0)]], None);
     let wide = Step::Changes(vec![(5, Some(1)), (1, Some(1))]);
     differential(
         &[(image, false), (wide, true)],

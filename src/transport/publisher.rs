@@ -261,6 +261,8 @@ pub async fn run(
     let dataset = pipeline.id().to_string();
     let topic = config.topic(&dataset);
     let (mut publisher, recovered, _keyer, _key) = runtime::open_described(pipeline, tel).await?;
+    // The first version is encoded while the topic is still read.
+    publisher.stream_images(true);
     let mut client = config.client();
     client
         .set("group.id", config.group(&dataset))
@@ -445,6 +447,7 @@ pub async fn run(
                         }
                     }
                     stage(&mut publisher, &mut reader.schema, p, buffered)?;
+                    publisher.settle().await;
                     first_pending.get_or_insert_with(Instant::now);
                     if let Some(state) = reader.partitions.get_mut(&p) {
                         state.staged_next = offset + 1;
@@ -568,6 +571,9 @@ async fn commit(
             Err(publish::PublishError::Conflict { version, .. }) => {
                 tel.error("conflict");
                 let before = reader.committed.clone();
+                // A first version written while it was staged cannot be put on
+                // top of another: it is read from the topic again.
+                let streamed = publisher.is_streaming();
                 let recovered = publisher.reload().await?;
                 let theirs = recovered.transport.unwrap_or_default();
                 // Another publisher moved on a partition this one staged from:
@@ -576,6 +582,15 @@ async fn commit(
                     theirs.get(*p).map_or(0, |t| t.next_offset)
                         > before.get(*p).map_or(0, |b| b.next_offset)
                 });
+                if streamed && !taken {
+                    tracing::info!(
+                        dataset = tel.dataset(),
+                        version,
+                        "another publisher committed first; reading the topic again from its version"
+                    );
+                    reader.restart(publisher).await?;
+                    return Ok(true);
+                }
                 if taken {
                     tracing::info!(
                         dataset = tel.dataset(),
