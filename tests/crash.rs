@@ -204,3 +204,50 @@ fn a_streamed_first_version_that_loses_the_race_reads_the_source_again() {
     assert!(support::check_whole(&ws.published()).is_ok());
     ws.assert_only_referenced_files();
 }
+
+/// A first version killed while its parts are being written (the image is
+/// still read) publishes nothing; the next run publishes the same as a run
+/// that was never killed, and no file of the killed one is left.
+#[test]
+fn killed_while_a_streamed_first_version_writes_its_parts() {
+    let small_parts = |ws: &Workspace| {
+        ws.edit_pipeline("publish:\n", "publish:\n  max_file_rows: 50\n");
+        ws.drop_export("leverantorsfakturor", EXPORTS[0]);
+    };
+    let clean = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    small_parts(&clean);
+    assert!(
+        clean
+            .oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[])
+            .status
+            .success()
+    );
+
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    small_parts(&ws);
+    let out = ws.oppen(
+        &["run", "--once", "leverantorsfakturor.yaml"],
+        &[("OPPEN_FAILPOINT", "streamed-part-written")],
+    );
+    assert!(!out.status.success(), "the failpoint did not fire");
+    assert!(ws.versions().is_empty(), "a version was committed");
+    let written = support::walk(&ws.published().join("data")).len();
+    assert!(written > 0, "no part was written before the kill");
+
+    let out = ws.oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ws.versions(), vec![1]);
+    assert!(
+        ws.version(1).partitions.len() > 1,
+        "the export was not split"
+    );
+    assert_eq!(
+        support::newest_rows(&ws.published()),
+        support::newest_rows(&clean.published())
+    );
+    ws.assert_only_referenced_files();
+}

@@ -1028,9 +1028,9 @@ fn spawn_part(
     rows: RecordBatch,
 ) -> stream::PartTask {
     tokio::spawn(async move {
-        write_part(&context, &formats, version, &name, rows.clone())
-            .await
-            .map_err(|e| (e, rows))
+        let written = write_part(&context, &formats, version, &name, rows.clone()).await;
+        crate::runtime::failpoint("streamed-part-written");
+        written.map_err(|e| (e, rows))
     })
 }
 
