@@ -660,10 +660,10 @@ impl Publisher {
     /// Waits while more parts of a streamed version are being written than
     /// there are cores, so a fast source cannot pile up parts in memory.
     pub async fn settle(&mut self) {
+        let limit = self.parts_in_flight();
         let Some(streamed) = &mut self.streamed else {
             return;
         };
-        let limit = std::thread::available_parallelism().map_or(2, usize::from);
         loop {
             let running: Vec<usize> = streamed
                 .parts
@@ -680,6 +680,17 @@ impl Publisher {
                 // Its rows are kept; the commit writes the part again.
                 tracing::warn!(dataset = %self.settings.dataset, part = %part.name, error = %e, "writing a part failed; retrying at the commit");
             }
+        }
+    }
+
+    /// Parts of a streamed version encoded and written at once: one per core
+    /// locally; more on a remote store, whose writes wait for round trips.
+    fn parts_in_flight(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        if self.store.location().local_root().is_some() {
+            cores
+        } else {
+            cores * 2
         }
     }
 
@@ -783,7 +794,13 @@ impl Publisher {
                 part.write = PartWrite::Rows(vec![rows]);
             }
         }
+        // Parts still to write (the last of each partition, those written
+        // again) go out a few at a time: a dataset of many partitions has as
+        // many parts filling, and encoding them all at once would hold every
+        // file in memory.
         let context = self.job_context();
+        let limit = self.parts_in_flight();
+        let mut running = std::collections::VecDeque::new();
         for i in 0..streamed.parts.len() {
             if let Some(rows) = streamed.prepare(i, &target)? {
                 let name = streamed.parts[i].name.clone();
@@ -794,6 +811,12 @@ impl Publisher {
                     name,
                     rows,
                 ));
+                running.push_back(i);
+                while running.len() > limit {
+                    if let Some(oldest) = running.pop_front() {
+                        finish_part(&mut streamed.parts[oldest]).await?;
+                    }
+                }
             }
         }
         for part in &mut streamed.parts {
