@@ -233,6 +233,15 @@ fn killed_while_a_streamed_first_version_writes_its_parts() {
     assert!(ws.versions().is_empty(), "a version was committed");
     let written = support::walk(&ws.published().join("data")).len();
     assert!(written > 0, "no part was written before the kill");
+    // A write the kill stopped midway leaves its staging file (`<name>#<n>`,
+    // which listings do not show); make sure there is one.
+    let staging = ws.published().join("data/2025-01");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(
+        staging.join("00000000000000000001-00000000-0000-0000-0000-000000000000.csv#3"),
+        b"half a file",
+    )
+    .unwrap();
 
     let out = ws.oppen(&["run", "--once", "leverantorsfakturor.yaml"], &[]);
     assert!(

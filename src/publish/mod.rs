@@ -2071,6 +2071,27 @@ impl Publisher {
             Ok::<_, PublishError>((store, paths, referenced))
         })
         .collect();
+        // Staging files of writes a crash stopped (local stores): removed by the
+        // same rule, by the version in the name they were to get.
+        for (store, prefix) in [
+            (&self.store, self.path("data")),
+            (&self.store, self.path("changes")),
+            (&self.state_store, self.path("partitions")),
+            (&self.state_store, self.path("versions")),
+        ] {
+            for (name, path) in store.staged_leftovers(&prefix) {
+                match name.get(..20).and_then(|v| v.parse::<u64>().ok()) {
+                    Some(v) if v <= newest => {
+                        tracing::debug!(path = %path.display(), "removing the staging file of an interrupted write");
+                        if let Err(e) = std::fs::remove_file(&path) {
+                            tracing::warn!(path = %path.display(), error = %e, "cannot remove a staging file");
+                        }
+                    }
+                    Some(v) => later = later.max(Some(v)),
+                    None => {}
+                }
+            }
+        }
         for (store, paths, referenced) in futures::future::try_join_all(listings).await? {
             for path in paths {
                 if referenced.contains(&path) {

@@ -387,6 +387,37 @@ impl Store {
             .collect())
     }
 
+    /// Staging files under `prefix` of a local store: a write stopped by a
+    /// crash leaves `<name>#<n>` behind, which listings do not show. Returned
+    /// with the name they were to get (for its version) and their own path.
+    pub fn staged_leftovers(&self, prefix: &str) -> Vec<(String, PathBuf)> {
+        let Some(root) = self.location().local_root() else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        let mut folders = vec![root.join(prefix)];
+        while let Some(folder) = folders.pop() {
+            let Ok(entries) = std::fs::read_dir(&folder) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    folders.push(path);
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().to_string();
+                if let Some((base, n)) = name.rsplit_once('#')
+                    && !n.is_empty()
+                    && n.bytes().all(|b| b.is_ascii_digit())
+                {
+                    found.push((base.to_string(), path));
+                }
+            }
+        }
+        found
+    }
+
     /// Every object under `prefix`, as paths.
     pub async fn list(&self, prefix: &str) -> object_store::Result<Vec<String>> {
         use futures::TryStreamExt;
