@@ -515,11 +515,8 @@ impl Publisher {
             }
             self.pending.latest.insert(key, (index, row as u32, delete));
         }
-        self.pending.rows += data.num_rows();
+        self.note_staged(data.num_rows(), end_of_transaction, position, commit_time);
         self.pending.batches.push(data);
-        self.pending.open_transaction = !end_of_transaction;
-        self.pending.position = Some(position);
-        self.pending.source_time = commit_time.or(self.pending.source_time);
         // An image is whole at the end of its transaction. A TRUNCATE starts an
         // (empty) image mid-transaction; the changes after it join that image.
         if self.pending.snapshot_seen.is_some() && end_of_transaction {
@@ -537,6 +534,21 @@ impl Publisher {
             self.pending.complete_images.insert(scope, seen);
         }
         Ok(())
+    }
+
+    /// What every staged batch moves on, streamed or not: the count, the
+    /// transaction boundary and the source position.
+    fn note_staged(
+        &mut self,
+        rows: usize,
+        end_of_transaction: bool,
+        position: Position,
+        commit_time: Option<DateTime<Utc>>,
+    ) {
+        self.pending.rows += rows;
+        self.pending.open_transaction = !end_of_transaction;
+        self.pending.position = Some(position);
+        self.pending.source_time = commit_time.or(self.pending.source_time);
     }
 
     /// Whether the image starting now may be written as it is staged: the
@@ -580,10 +592,7 @@ impl Publisher {
         if new_image {
             self.pending.snapshot_seen = Some(KeySet::default());
         }
-        self.pending.rows += data.num_rows();
-        self.pending.open_transaction = !end_of_transaction;
-        self.pending.position = Some(position);
-        self.pending.source_time = commit_time.or(self.pending.source_time);
+        self.note_staged(data.num_rows(), end_of_transaction, position, commit_time);
         if self.pending.snapshot_seen.is_some() && end_of_transaction {
             self.pending.snapshot_seen = None;
             self.pending
@@ -862,14 +871,6 @@ impl Publisher {
         if prepared.schema_changed {
             needed.extend(self.partitions.keys().cloned());
         } else {
-            let mut last: HashMap<&str, (u32, &str)> = HashMap::new();
-            for name in self.partitions.keys() {
-                let (partition, number) = split_part_name(name);
-                let tail = last.entry(partition).or_insert((number, name));
-                if number >= tail.0 {
-                    *tail = (number, name);
-                }
-            }
             let mut bases = HashSet::new();
             for (key, &(b, r, delete)) in &pending.latest {
                 if let Some(e) = self.index.get(key) {
@@ -879,9 +880,11 @@ impl Publisher {
                     bases.insert(prepared.part_of[b as usize][r as usize]);
                 }
             }
+            // New rows go to a partition's last part (see `Parts::place`).
+            let parts = Parts::new(&self.partitions, &mut self.names);
             for base in bases {
-                if let Some((_, name)) = last.get(self.names.name(base)) {
-                    needed.insert((*name).to_string());
+                if let Some(tail) = parts.last.get(&base) {
+                    needed.insert(parts.names.name(tail.id).to_string());
                 }
             }
             for (scope, seen) in &pending.complete_images {
