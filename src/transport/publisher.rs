@@ -572,17 +572,9 @@ async fn commit(
                 tel.error("conflict");
                 let before = reader.committed.clone();
                 // A first version written while it was staged cannot be put on
-                // top of another: it is read from the topic again.
-                let streamed = publisher.is_streaming();
-                let recovered = publisher.reload().await?;
-                let theirs = recovered.transport.unwrap_or_default();
-                // Another publisher moved on a partition this one staged from:
-                // the group gave it away. What is staged is not ours to commit.
-                let taken = reader.partitions.keys().any(|p| {
-                    theirs.get(*p).map_or(0, |t| t.next_offset)
-                        > before.get(*p).map_or(0, |b| b.next_offset)
-                });
-                if streamed && !taken {
+                // top of another: it is read from the topic again (`restart`
+                // reads the winner's version).
+                if publisher.is_streaming() {
                     tracing::info!(
                         dataset = tel.dataset(),
                         version,
@@ -591,6 +583,14 @@ async fn commit(
                     reader.restart(publisher).await?;
                     return Ok(true);
                 }
+                let recovered = publisher.reload().await?;
+                let theirs = recovered.transport.unwrap_or_default();
+                // Another publisher moved on a partition this one staged from:
+                // the group gave it away. What is staged is not ours to commit.
+                let taken = reader.partitions.keys().any(|p| {
+                    theirs.get(*p).map_or(0, |t| t.next_offset)
+                        > before.get(*p).map_or(0, |b| b.next_offset)
+                });
                 if taken {
                     tracing::info!(
                         dataset = tel.dataset(),
