@@ -178,18 +178,17 @@ fn a_streamed_first_version_that_loses_the_race_reads_the_source_again() {
 
     // The slow publisher stops before creating version 1 (its export, written
     // as it was read); meanwhile the other commits version 1 from the older export.
-    let slow = ws.spawn_racer(Some("before-version-manifest=sleep:4000"), &[]);
-    std::thread::sleep(std::time::Duration::from_millis(800));
-    let fast = ws.oppen(&["run", "--once", other.to_str().unwrap()], &[]);
-    assert!(
-        fast.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fast.stderr)
+    support::race_between(
+        || ws.spawn_racer(Some("before-version-manifest=sleep:4000"), &[]),
+        || {
+            ws.command(&["run", "--once", other.to_str().unwrap()], "warn")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        },
+        "reading the source again",
     );
-    let slow = slow.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&slow.stderr);
-    assert!(slow.status.success(), "{log}");
-    assert!(log.contains("reading the source again"), "{log}");
 
     // Version 1 is the older export, version 2 the newer one, whole.
     assert_eq!(ws.versions(), vec![1, 2]);

@@ -234,9 +234,24 @@ pub fn demo_once() -> (tempfile::TempDir, PathBuf) {
 /// manifest while the other commits; both must succeed, and the slow one must
 /// notice that its changes are already published.
 pub fn race(spawn: impl Fn(Option<&str>) -> std::process::Child) {
-    let slow = spawn(Some("before-version-manifest=sleep:4000"));
+    race_between(
+        || spawn(Some("before-version-manifest=sleep:4000")),
+        || spawn(None),
+        "another publisher committed these changes",
+    );
+}
+
+/// [`race`] between two different runs: `slow()` must pause before its first
+/// version manifest (the `before-version-manifest=sleep:4000` failpoint) while
+/// `fast()` commits; both must succeed, and the slow one's log must say `noticed`.
+pub fn race_between(
+    slow: impl FnOnce() -> std::process::Child,
+    fast: impl FnOnce() -> std::process::Child,
+    noticed: &str,
+) {
+    let slow = slow();
     std::thread::sleep(std::time::Duration::from_millis(800));
-    let fast = spawn(None).wait_with_output().unwrap();
+    let fast = fast().wait_with_output().unwrap();
     assert!(
         fast.status.success(),
         "{}",
@@ -245,10 +260,7 @@ pub fn race(spawn: impl Fn(Option<&str>) -> std::process::Child) {
     let slow = slow.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&slow.stderr);
     assert!(slow.status.success(), "{log}");
-    assert!(
-        log.contains("another publisher committed these changes"),
-        "{log}"
-    );
+    assert!(log.contains(noticed), "{log}");
 }
 
 /// Files below a folder.
