@@ -673,18 +673,11 @@ impl Publisher {
         let Some(streamed) = &mut self.streamed else {
             return;
         };
-        loop {
-            let running: Vec<usize> = streamed
-                .parts
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| matches!(p.write, stream::PartWrite::Running(_)))
-                .map(|(i, _)| i)
-                .collect();
-            if running.len() <= limit {
+        let running = |p: &stream::StreamedPart| matches!(p.write, stream::PartWrite::Running(_));
+        while streamed.parts.iter().filter(|p| running(p)).count() > limit {
+            let Some(part) = streamed.parts.iter_mut().find(|p| running(p)) else {
                 return;
-            }
-            let part = &mut streamed.parts[running[0]];
+            };
             if let Err(e) = finish_part(part).await {
                 // Its rows are kept; the commit writes the part again.
                 tracing::warn!(dataset = %self.settings.dataset, part = %part.name, error = %e, "writing a part failed; retrying at the commit");

@@ -154,6 +154,7 @@ impl Streamed {
         // Rows of this batch per part, in order; a part that fills takes its
         // rows at once, so the next part starts empty.
         let mut rows: HashMap<u32, Vec<u32>, state::KeyHash> = HashMap::default();
+        let max = placement.max_rows.max(1);
         for (r, op) in ops.iter().enumerate() {
             let key = state::key_at(keys, r);
             if *op == Op::Delete {
@@ -166,7 +167,6 @@ impl Streamed {
                 seen.insert(key);
             }
             let base = part_of[r];
-            let max = placement.max_rows.max(1);
             let filling = self.filling.entry(base).or_insert_with(|| Filling {
                 id: base,
                 number: 0,
