@@ -315,7 +315,8 @@ pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, Arr
     RecordBatch::try_new(target.clone(), columns)
 }
 
-/// Encodes a state batch as Arrow IPC (LZ4): fast to write and to read back.
+/// Encodes a state batch as Arrow IPC (zstd): fast to read back, and small on
+/// remote stores and disks, where bytes cost more than the compression.
 pub fn encode_state(batch: &RecordBatch) -> Result<Bytes, ArrowError> {
     let options = arrow::ipc::writer::IpcWriteOptions::default()
         .try_with_compression(Some(arrow::ipc::CompressionType::ZSTD))?;
