@@ -56,7 +56,7 @@ fn parquet_bytes(batch: &RecordBatch) -> Result<Bytes, EncodeError> {
 }
 
 /// Rows sampled to judge a column's cardinality.
-const SAMPLE_ROWS: usize = 4096;
+const SAMPLE_ROWS: usize = 1024;
 
 /// The flat columns whose sampled values are more than half distinct (keys,
 /// timestamps, free text). A dictionary does not pay for them: the writer
