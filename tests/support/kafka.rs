@@ -138,14 +138,33 @@ impl Broker {
             .enable_all()
             .build()
             .unwrap();
-        let results = runtime
-            .block_on(admin.create_topics(
-                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            ))
-            .unwrap();
-        for r in results {
-            r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+        // A broker on a loaded two-core machine can miss the client's request
+        // timeout: retry, and take a topic that the timed-out attempt created.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = runtime.block_on(
+                admin.create_topics(
+                    &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                    &AdminOptions::new()
+                        .operation_timeout(Some(Duration::from_secs(10)))
+                        .request_timeout(Some(Duration::from_secs(30))),
+                ),
+            );
+            let error = match outcome {
+                Ok(results) => match results.into_iter().find_map(Result::err) {
+                    None => return,
+                    Some((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists))
+                        if attempt > 1 =>
+                    {
+                        return;
+                    }
+                    Some((t, e)) => format!("creating topic {t}: {e}"),
+                },
+                Err(e) => format!("creating topic {topic}: {e}"),
+            };
+            assert!(attempt < 5, "{error} (broker at {})", self.brokers());
+            std::thread::sleep(Duration::from_millis(500 * attempt));
         }
     }
 
