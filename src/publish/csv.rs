@@ -248,40 +248,56 @@ fn civil(days: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(month <= 2), month, day)
 }
 
-/// `YYYY-MM-DD` of a year in 0..=9999.
-fn put_date(year: u32, month: u32, day: u32, out: &mut [u8]) {
-    put_digits(year, &mut out[0..4]);
-    out[4] = b'-';
-    put_digits(month, &mut out[5..7]);
-    out[7] = b'-';
-    put_digits(day, &mut out[8..10]);
+/// Fills month and day into `text`, which starts `YYYY-MM-DD`.
+fn put_month_day(month: u32, day: u32, text: &mut [u8]) {
+    put_digits(month, &mut text[5..7]);
+    put_digits(day, &mut text[8..10]);
 }
 
-/// A date as `YYYY-MM-DD` (years beyond four digits as chrono writes them).
-fn date(array: &Date32Array, row: usize, out: &mut Vec<u8>) {
-    let (year, month, day) = civil(i64::from(array.value(row)));
+/// Writes `text` (starting `YYYY-`) with `year` in front: four digits in
+/// 0..=9999 (the whole text in one copy), otherwise signed, as chrono writes it.
+#[inline]
+fn put_with_year(year: i64, text: &mut [u8], out: &mut Vec<u8>) {
     if (0..=9999).contains(&year) {
-        let mut text = [0u8; 10];
-        put_date(year as u32, month, day, &mut text);
-        out.extend_from_slice(&text);
-    } else if let Some(d) = array.value_as_date(row) {
-        out.extend_from_slice(d.to_string().as_bytes());
+        put_digits(year as u32, &mut text[..4]);
+        out.extend_from_slice(text);
+    } else {
+        put_signed_year(year, &text[4..], out);
     }
 }
 
+#[cold]
+fn put_signed_year(year: i64, rest: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(format!("{year:+05}").as_bytes());
+    out.extend_from_slice(rest);
+}
+
+/// A date as `YYYY-MM-DD`; a date chrono cannot represent is left empty, as
+/// arrow's writer leaves it.
+fn date(array: &Date32Array, row: usize, out: &mut Vec<u8>) {
+    let (year, month, day) = civil(i64::from(array.value(row)));
+    if !(0..=9999).contains(&year) && array.value_as_date(row).is_none() {
+        return;
+    }
+    let mut text = *b"0000-00-00";
+    put_month_day(month, day, &mut text);
+    put_with_year(year, &mut text, out);
+}
+
 /// A UTC timestamp as `2024-01-01T00:00:00Z`, a fraction as chrono's `%.f`
-/// writes it (none, 3, 6 or 9 digits). Arrow formats timestamps through a
-/// chrono format string parsed again for every value: this writes the digits.
+/// writes it (none, 3 or 6 digits for microseconds). Arrow formats timestamps
+/// through a chrono format string parsed again for every value: this writes
+/// the digits.
 fn utc_micros(us: i64, out: &mut Vec<u8>) {
     let seconds = us.div_euclid(1_000_000);
     let micros = us.rem_euclid(1_000_000) as u32;
     let (year, month, day) = civil(seconds.div_euclid(86_400));
-    if !(0..=9999).contains(&year) {
-        return utc_micros_chrono(us, out);
+    if !(0..=9999).contains(&year) && chrono::DateTime::from_timestamp_micros(us).is_none() {
+        return;
     }
     let of_day = seconds.rem_euclid(86_400) as u32;
     let mut text = *b"0000-00-00T00:00:00.000000Z";
-    put_date(year as u32, month, day, &mut text);
+    put_month_day(month, day, &mut text);
     put_digits(of_day / 3600, &mut text[11..13]);
     put_digits(of_day / 60 % 60, &mut text[14..16]);
     put_digits(of_day % 60, &mut text[17..19]);
@@ -294,43 +310,8 @@ fn utc_micros(us: i64, out: &mut Vec<u8>) {
         put_digits(micros, &mut text[20..26]);
         26
     };
-    out.extend_from_slice(&text[..end]);
-    out.push(b'Z');
-}
-
-/// Years outside 0..=9999, as chrono writes them (with a sign).
-fn utc_micros_chrono(us: i64, out: &mut Vec<u8>) {
-    use chrono::{Datelike as _, Timelike as _};
-    let Some(t) = chrono::DateTime::from_timestamp_micros(us) else {
-        return;
-    };
-    out.extend_from_slice(format!("{:+05}", t.year()).as_bytes());
-    for (sep, value) in [
-        (b'-', t.month()),
-        (b'-', t.day()),
-        (b'T', t.hour()),
-        (b':', t.minute()),
-        (b':', t.second()),
-    ] {
-        out.push(sep);
-        let mut two = [0u8; 2];
-        put_digits(value, &mut two);
-        out.extend_from_slice(&two);
-    }
-    let micros = t.nanosecond() / 1000 % 1_000_000;
-    if micros != 0 {
-        let mut fraction = [0u8; 7];
-        fraction[0] = b'.';
-        let end = if micros.is_multiple_of(1000) {
-            put_digits(micros / 1000, &mut fraction[1..4]);
-            4
-        } else {
-            put_digits(micros, &mut fraction[1..7]);
-            7
-        };
-        out.extend_from_slice(&fraction[..end]);
-    }
-    out.push(b'Z');
+    text[end] = b'Z';
+    put_with_year(year, &mut text[..=end], out);
 }
 
 /// `value` as exactly `out.len()` decimal digits, zero-padded.
