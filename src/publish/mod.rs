@@ -814,10 +814,11 @@ impl Publisher {
                     rows,
                 ));
                 running.push_back(i);
-                while running.len() > limit {
-                    if let Some(oldest) = running.pop_front() {
-                        finish_part(&mut streamed.parts[oldest]).await?;
-                    }
+                // Parts start one at a time, so at most one is over the limit.
+                if running.len() > limit
+                    && let Some(oldest) = running.pop_front()
+                {
+                    finish_part(&mut streamed.parts[oldest]).await?;
                 }
             }
         }
@@ -2053,54 +2054,48 @@ impl Publisher {
         let public: HashSet<&String> = self.references.values().flat_map(|(p, _)| p).collect();
         let private: HashSet<&String> = self.references.values().flat_map(|(_, p)| p).collect();
         let newest = self.version;
-        let mut later: Option<u64> = None;
-        // The four listings are independent round trips on a remote store.
-        let listings: Vec<_> = [
+        let places = [
             (&self.store, self.path("data"), &public),
             (&self.store, self.path("changes"), &public),
             (&self.state_store, self.path("partitions"), &private),
             (&self.state_store, self.path("versions"), &private),
-        ]
-        .into_iter()
-        .map(|(store, prefix, referenced)| async move {
-            let paths = store.list(&prefix).await.map_err(store_err(store))?;
-            Ok::<_, PublishError>((store, paths, referenced))
-        })
-        .collect();
-        // Staging files of writes a crash stopped (local stores): removed by the
-        // same rule, by the version in the name they were to get.
-        for (store, prefix) in [
-            (&self.store, self.path("data")),
-            (&self.store, self.path("changes")),
-            (&self.state_store, self.path("partitions")),
-            (&self.state_store, self.path("versions")),
-        ] {
-            for (name, path) in store.staged_leftovers(&prefix) {
-                match name.get(..20).and_then(|v| v.parse::<u64>().ok()) {
-                    Some(v) if v <= newest => {
-                        tracing::debug!(path = %path.display(), "removing the staging file of an interrupted write");
-                        if let Err(e) = std::fs::remove_file(&path) {
-                            tracing::warn!(path = %path.display(), error = %e, "cannot remove a staging file");
-                        }
+        ];
+        // One rule for every unreferenced file, by the version its name
+        // begins with: up to the newest version it is garbage; a later one
+        // may belong to a version still being written, so it is only noted.
+        let mut later: Option<u64> = None;
+        let mut garbage = |file: &str| match file.get(..20).and_then(|v| v.parse::<u64>().ok()) {
+            Some(v) if v <= newest => true,
+            Some(v) => {
+                later = later.max(Some(v));
+                false
+            }
+            None => false,
+        };
+        // Staging files of writes a crash stopped (local stores), named
+        // after the file they were to become.
+        for (store, prefix, _) in &places {
+            for (name, path) in store.staged_leftovers(prefix) {
+                if garbage(&name) {
+                    tracing::debug!(path = %path.display(), "removing the staging file of an interrupted write");
+                    if let Err(e) = tokio::fs::remove_file(&path).await {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a staging file");
                     }
-                    Some(v) => later = later.max(Some(v)),
-                    None => {}
                 }
             }
         }
+        // The four listings are independent round trips on a remote store.
+        let listings = places.iter().map(|(store, prefix, referenced)| async move {
+            let paths = store.list(prefix).await.map_err(store_err(store))?;
+            Ok::<_, PublishError>((*store, paths, *referenced))
+        });
         for (store, paths, referenced) in futures::future::try_join_all(listings).await? {
             for path in paths {
-                if referenced.contains(&path) {
-                    continue;
-                }
-                let file = path.rsplit('/').next().unwrap_or_default();
-                match file.get(..20).and_then(|v| v.parse::<u64>().ok()) {
-                    Some(v) if v <= newest => {
-                        tracing::debug!(path, "removing unreferenced file");
-                        store.delete(&path).await.map_err(store_err(store))?;
-                    }
-                    Some(v) => later = later.max(Some(v)),
-                    None => {}
+                if !referenced.contains(&path)
+                    && garbage(path.rsplit('/').next().unwrap_or_default())
+                {
+                    tracing::debug!(path, "removing unreferenced file");
+                    store.delete(&path).await.map_err(store_err(store))?;
                 }
             }
         }
