@@ -800,6 +800,74 @@ fn a_backlog_read_in_one_go_equals_the_table() {
     assert_matches_fresh_snapshot(&setup, "backlog");
 }
 
+/// `run --once` publishes everything committed before it started, also when
+/// the server pauses longer than a running pipeline waits for a new stream
+/// to catch up (a pause while it decodes a large transaction on a loaded
+/// machine ended such a run early, with the rest of the backlog unread).
+#[test]
+fn a_once_run_reads_the_whole_backlog_through_a_pause_of_the_server() {
+    let setup = Setup::new("pause");
+    setup_table(&setup, 100);
+    let pipeline = setup.pipeline("pause", "public.supplier_invoices", "pause_slot", RULES);
+    let p = pipeline.to_str().unwrap();
+    let out = setup.oppen(&["run", "--once", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A backlog the server takes a while to decode.
+    for t in 0..30 {
+        let from = 1000 + t * 10_000;
+        setup.psql(&insert_sql(from, from + 10_000));
+    }
+    setup.psql("UPDATE supplier_invoices SET status = 'disputed' WHERE invoice_id % 1000 = 7");
+    let mut child = Running(
+        setup
+            .command(&["run", "--once", p])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    // Stop the walsender as soon as the run has one.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        let pid = setup
+            .psql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'pause_slot'");
+        if !pid.trim().is_empty() {
+            break pid.trim().to_string();
+        }
+        assert!(Instant::now() < deadline, "the run never started streaming");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it streamed"
+        );
+    };
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    // Longer than a running pipeline waits for a new stream to catch up.
+    std::thread::sleep(Duration::from_secs(65));
+    let still_running = child.try_wait().unwrap().is_none();
+    signal("-CONT");
+    assert!(
+        still_running,
+        "the run ended while the server was paused, before the end of the backlog"
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the run failed: {status}");
+    support::check_whole(&setup.published("pause")).unwrap();
+    assert_matches_fresh_snapshot(&setup, "pause");
+}
+
 #[test]
 fn changes_that_publish_nothing_still_let_the_slot_advance() {
     let setup = Setup::new("noop");

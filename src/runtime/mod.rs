@@ -362,7 +362,9 @@ impl Source for PipelineSource {
     }
 }
 
-/// The source of a pipeline, before start.
+/// The source of a pipeline, before start. With `settle_now` (`run --once`)
+/// it takes what is there now: export files are not waited on to settle, and
+/// a database's or topic's backlog is read to its end before it reports idle.
 pub fn source(
     pipeline: &Pipeline,
     known: BTreeMap<String, oppen_connector_api::ColumnType>,
@@ -373,10 +375,20 @@ pub fn source(
             PipelineSource::Files(Box::new(files_source(pipeline, known, settle_now)?))
         }
         SourceConfig::Postgres(config) => {
-            PipelineSource::Postgres(Box::new(PostgresSource::new(config.clone())?))
+            let source = PostgresSource::new(config.clone())?;
+            PipelineSource::Postgres(Box::new(if settle_now {
+                source.reading_whole_backlog()
+            } else {
+                source
+            }))
         }
         SourceConfig::Debezium(config) => {
-            PipelineSource::Debezium(Box::new(DebeziumSource::new(config.clone())))
+            let source = DebeziumSource::new(config.clone());
+            PipelineSource::Debezium(Box::new(if settle_now {
+                source.reading_whole_topic()
+            } else {
+                source
+            }))
         }
     })
 }

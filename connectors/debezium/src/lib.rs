@@ -227,6 +227,9 @@ pub struct DebeziumSource {
     health: SourceHealth,
     /// Since when nothing has arrived while the topic is not read to its end.
     quiet_since: Option<Instant>,
+    /// Whether idle waits for the end of the topic however long records take
+    /// to arrive (`run --once`), instead of reporting idle after a quiet spell.
+    whole_topic: bool,
     /// Whether the dead-letter topic is known to exist.
     dead_letter_ready: bool,
 }
@@ -241,6 +244,15 @@ impl fmt::Debug for DebeziumSource {
 }
 
 impl DebeziumSource {
+    /// Reports idle only at the end of every partition, however long the
+    /// records take (for `run --once`: a broker that pauses is not the end
+    /// of the topic, and stopping there would publish a stale version as done).
+    #[must_use]
+    pub fn reading_whole_topic(mut self) -> Self {
+        self.whole_topic = true;
+        self
+    }
+
     /// A source for `config`; nothing connects until [`Source::start`].
     pub fn new(config: DebeziumConfig) -> Self {
         DebeziumSource {
@@ -260,6 +272,7 @@ impl DebeziumSource {
             schema: None,
             health: SourceHealth::default(),
             quiet_since: None,
+            whole_topic: false,
             dead_letter_ready: false,
         }
     }
@@ -661,7 +674,9 @@ impl Source for DebeziumSource {
                                 "the topic has unread records, but none arrive"
                             );
                             self.quiet_since = None;
-                            return Ok(SourceEvent::Idle);
+                            if !self.whole_topic {
+                                return Ok(SourceEvent::Idle);
+                            }
                         }
                     }
                 }

@@ -46,7 +46,8 @@ const GATHER: Duration = Duration::from_millis(200);
 const IDLE_WAIT: Duration = Duration::from_millis(250);
 /// The prefix of the logical messages the connector emits (heartbeats).
 const HEARTBEAT_PREFIX: &str = "oppen-heartbeat";
-/// How long a new stream may take to reach the heartbeat emitted at its start.
+/// How long a new stream may take to reach the heartbeat emitted at its start
+/// before it reports idle anyway (a running pipeline; `run --once` waits).
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
 
 /// `source: postgres:` in a pipeline file.
@@ -584,6 +585,9 @@ pub struct PostgresSource {
     caught_up: bool,
     /// Where the heartbeat emitted at the stream's start is.
     catch_up_target: Option<u64>,
+    /// Whether idle waits for the start's heartbeat however long the backlog
+    /// takes (`run --once`), instead of at most [`CATCH_UP_LIMIT`].
+    whole_backlog: bool,
     stream_started: Instant,
     /// When the oldest pending row arrived.
     pending_since: Option<Instant>,
@@ -625,6 +629,15 @@ impl fmt::Debug for PostgresSource {
 }
 
 impl PostgresSource {
+    /// Reports idle only once everything committed before the stream started
+    /// is read, however long that takes (for `run --once`: a pause while the
+    /// server decodes a large transaction is not the end of the backlog).
+    #[must_use]
+    pub fn reading_whole_backlog(mut self) -> Self {
+        self.whole_backlog = true;
+        self
+    }
+
     /// A source for `config`; nothing connects until [`Source::start`].
     pub fn new(config: PostgresConfig) -> Result<Self> {
         let sql_config = config.sql_config()?;
@@ -655,6 +668,7 @@ impl PostgresSource {
             restart_snapshot: false,
             caught_up: false,
             catch_up_target: None,
+            whole_backlog: false,
             stream_started: Instant::now(),
             pending_since: None,
             txn_rows: 0,
@@ -809,6 +823,15 @@ impl PostgresSource {
         self.last_status = Instant::now();
         self.stream_started = Instant::now();
         self.catch_up_target = self.emit_heartbeat().await;
+        if self.catch_up_target.is_none() && self.whole_backlog {
+            // Without the mark a run that reads the backlog and stops could
+            // stop at any pause of the stream, before the end: start again.
+            self.repl = None;
+            return Err(transient(format!(
+                "cannot emit the heartbeat that marks the end of {}'s backlog (see the warning before)",
+                self.table
+            )));
+        }
         self.caught_up = self.catch_up_target.is_none();
         Ok(())
     }
@@ -1352,7 +1375,8 @@ impl PostgresSource {
                 continue;
             }
             let wait = deadline.saturating_duration_since(Instant::now());
-            let catching_up = !self.caught_up && self.stream_started.elapsed() < CATCH_UP_LIMIT;
+            let catching_up = !self.caught_up
+                && (self.whole_backlog || self.stream_started.elapsed() < CATCH_UP_LIMIT);
             if wait.is_zero() && !self.in_transaction && !catching_up {
                 break;
             }
