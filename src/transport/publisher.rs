@@ -212,6 +212,25 @@ impl Reader {
         progress
     }
 
+    /// Whether every partition this publisher reads is staged up to its high
+    /// watermark. A broker that cannot say counts as not at the end.
+    fn read_to_end(&self) -> bool {
+        tokio::task::block_in_place(|| {
+            self.partitions.iter().all(|(p, state)| {
+                match self
+                    .consumer
+                    .fetch_watermarks(&self.topic, *p, Duration::from_secs(10))
+                {
+                    Ok((_, high)) => state.staged_next >= high,
+                    Err(e) => {
+                        tracing::debug!(partition = p, error = %e, "cannot read the high watermark");
+                        false
+                    }
+                }
+            })
+        })
+    }
+
     /// Stores the group's offsets for the partitions this publisher owns
     /// (after a version commit only: operators' lag tools read them, and the
     /// connector counts them as published).
@@ -479,12 +498,16 @@ pub async fn run(
             }
         }
         // A `--once` run ends when its partitions have been quiet for a while
-        // (with partitions assigned: joining the group takes a moment).
+        // (with partitions assigned: joining the group takes a moment) and are
+        // read to their ends: a broker that pauses is not the end of the topic.
         if options.once && quiet_since.elapsed() >= interval.max(Duration::from_secs(3)) {
             if !reader.owned.is_empty() {
-                break;
-            }
-            if quiet_since.elapsed() >= Duration::from_secs(60) {
+                if reader.read_to_end() {
+                    break;
+                }
+                tracing::info!(topic, "records wait that have not arrived yet; reading on");
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= Duration::from_secs(60) {
                 return Err(RunError::Config(format!(
                     "no partition of {topic} was assigned to this publisher within 60 s; are \
                      there more publishers than partitions?"
