@@ -17,22 +17,47 @@ impl Moto {
     /// Starts moto on a free port. Fails the test with how to install it when it
     /// is missing (scripts/test installs it).
     pub fn start() -> Self {
-        let port = super::free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start moto_server ({e}): install it with `pip install 'moto[server]'` (scripts/test does this)")
-            });
-        let moto = Self {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            port,
+        // A free port may be taken by another test's server before moto binds
+        // it (moto then exits, and what answered on the port goes away later):
+        // a server that is not moto answering HTTP is tried again on another port.
+        for _ in 0..5 {
+            let port = super::free_port();
+            let child = Command::new("moto_server")
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start moto_server ({e}): install it with `pip install 'moto[server]'` (scripts/test does this)")
+                });
+            let mut moto = Self {
+                child,
+                endpoint: format!("http://127.0.0.1:{port}"),
+                port,
+            };
+            super::wait_for_port(port, "moto_server", String::new);
+            if moto.answers() && moto.child.try_wait().unwrap().is_none() {
+                return moto;
+            }
+        }
+        panic!("moto_server did not start on any of five free ports")
+    }
+
+    /// Whether an S3 request on the port gets moto's answer.
+    fn answers(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
         };
-        super::wait_for_port(port, "moto_server", String::new);
-        moto
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+            self.port
+        );
+        let mut response = String::new();
+        stream.write_all(request.as_bytes()).is_ok()
+            && stream.read_to_string(&mut response).is_ok()
+            && response.starts_with("HTTP/1.1 200")
+            && response.contains("ListAllMyBucketsResult")
     }
 
     /// Creates a bucket (moto accepts unsigned requests).
