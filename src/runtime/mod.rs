@@ -362,30 +362,32 @@ impl Source for PipelineSource {
     }
 }
 
-/// The source of a pipeline, before start. With `settle_now` (`run --once`)
-/// it takes what is there now: export files are not waited on to settle, and
-/// a database's or topic's backlog is read to its end before it reports idle.
+/// The source of a pipeline, before start. Export files are read without
+/// waiting for them to settle in a `--once` run or with `--settle 0`; in a
+/// `--once` run a database's or topic's backlog is read to its end before
+/// the source reports idle.
 pub fn source(
     pipeline: &Pipeline,
     known: BTreeMap<String, oppen_connector_api::ColumnType>,
-    settle_now: bool,
+    options: &RunOptions,
 ) -> Result<PipelineSource, RunError> {
+    let settle_now = options.once || options.settle.is_some_and(|d| d.is_zero());
     Ok(match &pipeline.spec.source.value {
         SourceConfig::Files(_) => {
             PipelineSource::Files(Box::new(files_source(pipeline, known, settle_now)?))
         }
         SourceConfig::Postgres(config) => {
             let source = PostgresSource::new(config.clone())?;
-            PipelineSource::Postgres(Box::new(if settle_now {
-                source.reading_whole_backlog()
+            PipelineSource::Postgres(Box::new(if options.once {
+                source.reading_to_the_end()
             } else {
                 source
             }))
         }
         SourceConfig::Debezium(config) => {
             let source = DebeziumSource::new(config.clone());
-            PipelineSource::Debezium(Box::new(if settle_now {
-                source.reading_whole_topic()
+            PipelineSource::Debezium(Box::new(if options.once {
+                source.reading_to_the_end()
             } else {
                 source
             }))
@@ -499,8 +501,7 @@ async fn run_pipeline(
     if recovered.version > 0 {
         tracing::info!(dataset, version = recovered.version, rows = recovered.rows, position = ?recovered.position.as_ref().map(ToString::to_string), "resuming from committed version");
     }
-    let settle_now = options.once || options.settle.is_some_and(|d| d.is_zero());
-    let mut source = source(pipeline, recovered.source_types.clone(), settle_now)?;
+    let mut source = source(pipeline, recovered.source_types.clone(), options)?;
     let resume = resume_at(options, recovered.position.clone());
     start_source(&mut source, resume, tel, &mut stop).await?;
     let progress = progress_bar(options.progress, &dataset);

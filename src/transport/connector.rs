@@ -380,8 +380,7 @@ pub async fn run(
     if let Some(position) = &resume {
         tracing::info!(dataset, %position, "resuming the source where publishers last committed");
     }
-    let settle_now = options.once || options.settle.is_some_and(|d| d.is_zero());
-    let mut source = runtime::source(pipeline, BTreeMap::new(), settle_now)?;
+    let mut source = runtime::source(pipeline, BTreeMap::new(), options)?;
     runtime::start_source(&mut source, resume, tel, &mut stop).await?;
     let mut sender =
         Sender::connect(config, config.topic(&dataset), config.group(&dataset)).await?;

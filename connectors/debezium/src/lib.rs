@@ -248,7 +248,7 @@ impl DebeziumSource {
     /// records take (for `run --once`: a broker that pauses is not the end
     /// of the topic, and stopping there would publish a stale version as done).
     #[must_use]
-    pub fn reading_whole_topic(mut self) -> Self {
+    pub fn reading_to_the_end(mut self) -> Self {
         self.whole_topic = true;
         self
     }

@@ -633,7 +633,7 @@ impl PostgresSource {
     /// is read, however long that takes (for `run --once`: a pause while the
     /// server decodes a large transaction is not the end of the backlog).
     #[must_use]
-    pub fn reading_whole_backlog(mut self) -> Self {
+    pub fn reading_to_the_end(mut self) -> Self {
         self.whole_backlog = true;
         self
     }
