@@ -121,6 +121,17 @@ impl Drop for Running {
     }
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`) to process `pid`.
+fn signal(pid: &str, sig: &str) {
+    assert!(
+        Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
 /// A folder with pipelines on one database.
 struct Setup {
     dir: tempfile::TempDir,
@@ -164,13 +175,35 @@ impl Setup {
     }
 
     fn spawn(&self, pipeline: &Path) -> Running {
+        self.spawn_with(&["run", pipeline.to_str().unwrap()])
+    }
+
+    fn spawn_with(&self, args: &[&str]) -> Running {
         Running(
-            self.command(&["run", pipeline.to_str().unwrap()])
+            self.command(args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()
                 .unwrap(),
         )
+    }
+
+    /// `oppen run --once PIPELINE`, which must succeed.
+    fn run_once(&self, pipeline: &str) {
+        let out = self.oppen(&["run", "--once", pipeline]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The pid of the walsender streaming `slot`, if one is.
+    fn walsender(&self, slot: &str) -> Option<String> {
+        let pid = self.psql(&format!(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ));
+        Some(pid.trim().to_string()).filter(|p| !p.is_empty())
     }
 
     fn published(&self, dataset: &str) -> PathBuf {
@@ -655,12 +688,7 @@ fn tls_connections_encrypt_and_verify_the_server() {
 
     setup.url = format!("{plain}?sslmode=verify-full&sslrootcert={}", ca.display());
     let full = setup.pipeline("tls_full", "public.t", "tls_full_slot", rules);
-    let out = setup.oppen(&["run", "--once", full.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    setup.run_once(full.to_str().unwrap());
     assert_eq!(setup.latest("tls_full").map(|v| v.rows), Some(100));
 
     // The certificate names localhost and 127.0.0.1; `hostaddr` reaches the
@@ -734,12 +762,7 @@ fn a_dropped_slot_is_a_clear_error_and_resnapshot_recovers() {
     let rules = "columns:\n  id: keep\n  b: keep\n";
     let pipeline = setup.pipeline("t", "public.t", "lost_slot", rules);
     let p = pipeline.to_str().unwrap();
-    let out = setup.oppen(&["run", "--once", p]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    setup.run_once(p);
     assert_eq!(setup.latest("t").unwrap().rows, 100);
     setup.psql("SELECT pg_drop_replication_slot('lost_slot')");
     setup.psql("DELETE FROM t WHERE id <= 10; INSERT INTO t VALUES (500, 'new')");
@@ -761,12 +784,7 @@ fn a_dropped_slot_is_a_clear_error_and_resnapshot_recovers() {
     assert_eq!((v.changes.inserts, v.changes.deletes), (1, 10));
     // Streaming goes on from the new slot.
     setup.psql("UPDATE t SET b = 'changed' WHERE id = 50");
-    let out = setup.oppen(&["run", "--once", p]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    setup.run_once(p);
     assert_eq!(setup.latest("t").unwrap().changes.updates, 1);
 }
 
@@ -776,12 +794,7 @@ fn a_backlog_read_in_one_go_equals_the_table() {
     setup_table(&setup, 1000);
     let pipeline = setup.pipeline("backlog", "public.supplier_invoices", "backlog_slot", RULES);
     let p = pipeline.to_str().unwrap();
-    let out = setup.oppen(&["run", "--once", p]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    setup.run_once(p);
     // Two rounds of the workload (two truncates, schema changes back and
     // forth) while the pipeline is down, then one catch-up run.
     let mut next_id = 10_000;
@@ -790,12 +803,7 @@ fn a_backlog_read_in_one_go_equals_the_table() {
         setup.psql("ALTER TABLE supplier_invoices ADD COLUMN IF NOT EXISTS obsolete integer");
     }
     setup.psql("INSERT INTO supplier_invoices (invoice_id, supplier) VALUES (99999999, 'marker')");
-    let out = setup.oppen(&["run", "--once", p]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    setup.run_once(p);
     support::check_whole(&setup.published("backlog")).unwrap();
     assert_matches_fresh_snapshot(&setup, "backlog");
 }
@@ -810,33 +818,19 @@ fn a_once_run_reads_the_whole_backlog_through_a_pause_of_the_server() {
     setup_table(&setup, 100);
     let pipeline = setup.pipeline("pause", "public.supplier_invoices", "pause_slot", RULES);
     let p = pipeline.to_str().unwrap();
-    let out = setup.oppen(&["run", "--once", p]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    setup.run_once(p);
     // A backlog the server takes a while to decode.
     for t in 0..30 {
         let from = 1000 + t * 10_000;
         setup.psql(&insert_sql(from, from + 10_000));
     }
     setup.psql("UPDATE supplier_invoices SET status = 'disputed' WHERE invoice_id % 1000 = 7");
-    let mut child = Running(
-        setup
-            .command(&["run", "--once", p])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = setup.spawn_with(&["run", "--once", p]);
     // Stop the walsender as soon as the run has one.
     let deadline = Instant::now() + Duration::from_secs(60);
     let pid = loop {
-        let pid = setup
-            .psql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'pause_slot'");
-        if !pid.trim().is_empty() {
-            break pid.trim().to_string();
+        if let Some(pid) = setup.walsender("pause_slot") {
+            break pid;
         }
         assert!(Instant::now() < deadline, "the run never started streaming");
         assert!(
@@ -844,20 +838,11 @@ fn a_once_run_reads_the_whole_backlog_through_a_pause_of_the_server() {
             "the run ended before it streamed"
         );
     };
-    let signal = |sig: &str| {
-        assert!(
-            Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
-    signal("-STOP");
+    signal(&pid, "-STOP");
     // Longer than a running pipeline waits for a new stream to catch up.
     std::thread::sleep(Duration::from_secs(65));
     let still_running = child.try_wait().unwrap().is_none();
-    signal("-CONT");
+    signal(&pid, "-CONT");
     assert!(
         still_running,
         "the run ended while the server was paused, before the end of the backlog"
@@ -993,20 +978,9 @@ fn a_stalled_stream_turns_readiness_red_and_sigterm_commits_what_is_held() {
     // The walsender stops sending (as when the server is stuck), while new
     // changes are committed upstream.
     let pid = setup
-        .psql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'drift_slot'")
-        .trim()
-        .to_string();
-    assert!(!pid.is_empty(), "the slot is not active");
-    let signal = |sig: &str| {
-        assert!(
-            Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
-    signal("-STOP");
+        .walsender("drift_slot")
+        .expect("the slot is not active");
+    signal(&pid, "-STOP");
     setup.psql(&insert_sql(601, 651));
     let stopped = Instant::now();
     wait("/readyz to turn red", &|| {
@@ -1017,7 +991,7 @@ fn a_stalled_stream_turns_readiness_red_and_sigterm_commits_what_is_held() {
     // turns green again within moments.
     let (_, body) = readyz().unwrap();
     let m = metrics(port);
-    signal("-CONT");
+    signal(&pid, "-CONT");
     assert!(body.contains("nothing has arrived"), "{body}");
     assert!(
         took >= Duration::from_secs(4),

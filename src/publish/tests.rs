@@ -180,15 +180,19 @@ fn summary(c: &Option<Committed>) -> Option<(u64, u64, u64, u64)> {
         .map(|c| (c.rows, c.inserts, c.updates, c.deletes))
 }
 
-/// Stages `first`, commits, stages `then`, commits, with and without a
-/// streamed first version; both must publish the same and report the same.
-fn differential(first: &[Staged], then: &[Staged], max_file_rows: usize, cache: usize) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// A runtime with two workers, as the publisher's blocking work expects.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    runtime.block_on(async {
+        .unwrap()
+}
+
+/// Stages `first`, commits, stages `then`, commits, with and without a
+/// streamed first version; both must publish the same and report the same.
+fn differential(first: &[Staged], then: &[Staged], max_file_rows: usize, cache: usize) {
+    runtime().block_on(async {
         let mut outcomes = Vec::new();
         for streamed in [true, false] {
             let dir = tempfile::tempdir().unwrap();
@@ -422,12 +426,7 @@ fn model(transactions: &[(Transaction, Cuts)]) -> Vec<String> {
 /// change, after a complete image, and where the cuts say) and returns what
 /// the newest version publishes.
 fn replay(transactions: &[(Transaction, Cuts)], max_file_rows: usize, cache: usize) -> Vec<String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let open_now = || open(dir.path(), settings(max_file_rows, cache), true);
         let mut publisher = open_now().await;
