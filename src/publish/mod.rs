@@ -444,6 +444,12 @@ impl Publisher {
         !self.pending.open_transaction && self.pending.snapshot_seen.is_none()
     }
 
+    /// Whether staged changes are whole (not inside a transaction or
+    /// snapshot) and there are any: a version may be committed now.
+    pub fn holds_whole_changes(&self) -> bool {
+        self.pending.rows > 0 && self.at_boundary()
+    }
+
     /// Whether a complete snapshot is staged (a version should end after it).
     pub fn snapshot_complete(&self) -> bool {
         !self.pending.complete_images.is_empty()

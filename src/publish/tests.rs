@@ -432,10 +432,7 @@ fn replay(transactions: &[(Transaction, Cuts)], max_file_rows: usize, cache: usi
         let mut publisher = open_now().await;
         let mut schema_wide = None;
         for (lsn, ((kind, rows, eot, wide), cut)) in (1..).zip(emit(transactions)) {
-            if schema_wide.is_some_and(|w| w != wide)
-                && publisher.pending_rows() > 0
-                && publisher.at_boundary()
-            {
+            if schema_wide.is_some_and(|w| w != wide) && publisher.holds_whole_changes() {
                 publisher.commit().await.unwrap();
             }
             schema_wide = Some(wide);

@@ -523,8 +523,7 @@ async fn run_pipeline(
             SourceEvent::Batch(batch) => {
                 if capture.schema_changes(&batch)
                     && capture.compiled()
-                    && publisher.pending_rows() > 0
-                    && publisher.at_boundary()
+                    && publisher.holds_whole_changes()
                 {
                     // One source schema per version: a column dropped at the source
                     // must not keep its old values because it came back (or changed
@@ -569,7 +568,7 @@ async fn run_pipeline(
             SourceEvent::Rejected(rejection) => capture.rejected(&rejection, tel),
             SourceEvent::Idle => {
                 tel.lag(behind.unwrap_or(0.0));
-                if publisher.pending_rows() > 0 && publisher.at_boundary() {
+                if publisher.holds_whole_changes() {
                     commit(&mut publisher, &mut source, &mut capture.summary, tel).await?;
                     first_pending = None;
                 }
@@ -587,7 +586,7 @@ async fn run_pipeline(
         }
     }
     // Shutdown (or the end of a --once run): commit what is held, if whole.
-    if publisher.pending_rows() > 0 && publisher.at_boundary() {
+    if publisher.holds_whole_changes() {
         commit(&mut publisher, &mut source, &mut capture.summary, tel).await?;
     }
     if let Some(p) = progress {

@@ -457,8 +457,7 @@ pub async fn run(
                     // transaction with another schema starts a new version.
                     if buffered.first().is_some_and(|b| b.schema != reader.schema)
                         && !reader.schema.is_empty()
-                        && publisher.pending_rows() > 0
-                        && publisher.at_boundary()
+                        && publisher.holds_whole_changes()
                     {
                         first_pending = None;
                         if commit(&mut publisher, &mut reader, &mut summary, tel).await? {
@@ -515,7 +514,7 @@ pub async fn run(
             }
         }
     }
-    if publisher.pending_rows() > 0 && publisher.at_boundary() {
+    if publisher.holds_whole_changes() {
         commit(&mut publisher, &mut reader, &mut summary, tel).await?;
     }
     membership.leave().await;
