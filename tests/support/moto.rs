@@ -45,31 +45,35 @@ impl Moto {
 
     /// Whether an S3 request on the port gets moto's answer.
     fn answers(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-        let request = format!(
-            "GET / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
-            self.port
-        );
-        let mut response = String::new();
-        stream.write_all(request.as_bytes()).is_ok()
-            && stream.read_to_string(&mut response).is_ok()
-            && response.starts_with("HTTP/1.1 200")
-            && response.contains("ListAllMyBucketsResult")
+        self.request("GET /").is_ok_and(|response| {
+            response.starts_with("HTTP/1.1 200") && response.contains("ListAllMyBucketsResult")
+        })
     }
 
     /// Creates a bucket (moto accepts unsigned requests).
     pub fn create_bucket(&self, bucket: &str) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(stream, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port).unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
+        let response = self
+            .request(&format!("PUT /{bucket}"))
+            .unwrap_or_else(|e| panic!("creating bucket {bucket}: {e}"));
         assert!(
             response.starts_with("HTTP/1.1 200"),
             "creating bucket {bucket}: {response}"
         );
+    }
+
+    /// Sends `method_and_path` without a body and returns the whole response.
+    fn request(&self, method_and_path: &str) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        // What answers on the port may not be moto and may never reply.
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            stream,
+            "{method_and_path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
     }
 
     /// A client for checking what a test wrote, with moto's test credentials.
