@@ -214,6 +214,8 @@ pub async fn run(
             }
         });
     }
+    // Pipelines naming the same replication slot read it through one stream.
+    let shared_slots = shared_slots(&pipelines)?;
     let options = RunOptions {
         once,
         progress: true,
@@ -221,6 +223,7 @@ pub async fn run(
         resnapshot,
         telemetry,
         role: ops.role,
+        shared_slots,
     };
     let tasks: Vec<_> = pipelines
         .into_iter()
@@ -284,6 +287,12 @@ fn peek_columns(pipeline: &Pipeline) -> Option<(String, std::result::Result<Reco
 pub async fn check(files: &[PathBuf], connect: bool) -> Result<ExitCode> {
     let mut ok = true;
     let files = expand_folders(files)?;
+    // Pipelines checked together that name one slot share it when run
+    // together: each adds its table to the publication they share.
+    let loaded: Vec<_> = pipeline_files(&files)
+        .filter_map(|f| config::load(f).ok())
+        .collect();
+    let shared = shared_slots(&loaded)?;
     for file in pipeline_files(&files) {
         let pipeline = match config::load(file) {
             Ok(p) => p,
@@ -295,7 +304,7 @@ pub async fn check(files: &[PathBuf], connect: bool) -> Result<ExitCode> {
         };
         let mut line = format!("{}: ok, dataset {}", file.display(), pipeline.id());
         if connect && let config::SourceConfig::Postgres(pg) = &pipeline.spec.source.value {
-            ok &= check_postgres(&pipeline, pg).await;
+            ok &= check_postgres(&pipeline, pg, shared.hub(pg).is_some()).await;
             continue;
         }
         if let Some((name, read)) = peek_columns(&pipeline) {
@@ -341,14 +350,27 @@ pub async fn check(files: &[PathBuf], connect: bool) -> Result<ExitCode> {
     })
 }
 
+/// The replication slots that several of `pipelines` name (see
+/// [`oppen_connector_postgres::shared`]).
+fn shared_slots(pipelines: &[Pipeline]) -> Result<oppen_connector_postgres::shared::SharedSlots> {
+    oppen_connector_postgres::shared::SharedSlots::for_sources(pipelines.iter().filter_map(|p| {
+        match &p.spec.source.value {
+            config::SourceConfig::Postgres(c) => Some(c),
+            _ => None,
+        }
+    }))
+    .map_err(|e| CommandError::Message(e.to_string()))
+}
+
 /// `check --connect` for a PostgreSQL source: prints what the connector needs
 /// and finds, and every column with its rule. Returns whether all is well.
 async fn check_postgres(
     pipeline: &Pipeline,
     pg: &oppen_connector_postgres::PostgresConfig,
+    shares_slot: bool,
 ) -> bool {
     let file = pipeline.file.display();
-    let i = match oppen_connector_postgres::inspect(pg).await {
+    let i = match oppen_connector_postgres::inspect(pg, shares_slot).await {
         Ok(i) => i,
         Err(e) => {
             eprintln!("{file}: cannot connect to the source: {e}");

@@ -343,6 +343,7 @@ pub async fn run(
         resnapshot: false,
         telemetry: Default::default(),
         role: Default::default(),
+        shared_slots: Default::default(),
     };
     let mut tasks = Vec::new();
     for pipeline in pipelines {

@@ -256,22 +256,28 @@ impl Setup {
         }
     }
 
+    /// Where the WAL ends now: every commit so far is before it. The insert
+    /// position, not `pg_current_wal_lsn()` (the write position): with
+    /// `synchronous_commit=off` that lags behind commits not yet written, so a
+    /// version of an earlier transaction could seem to hold the next one.
     fn current_lsn(&self) -> u64 {
-        oppen_connector_postgres::wire::parse_lsn(self.psql("SELECT pg_current_wal_lsn()").trim())
-            .unwrap()
+        oppen_connector_postgres::wire::parse_lsn(
+            self.psql("SELECT pg_current_wal_insert_lsn()").trim(),
+        )
+        .unwrap()
     }
 }
 
 /// Publishes the table afresh (a new slot, snapshot only) and checks that
 /// `dataset` equals it row for row.
 fn assert_matches_fresh_snapshot(setup: &Setup, dataset: &str) {
+    assert_matches_fresh_snapshot_of(setup, dataset, "public.supplier_invoices");
+}
+
+/// As [`assert_matches_fresh_snapshot`], for a dataset of `table` (an invoice table).
+fn assert_matches_fresh_snapshot_of(setup: &Setup, dataset: &str, table: &str) {
     let reference = format!("{dataset}_ref");
-    let pipeline = setup.pipeline(
-        &reference,
-        "public.supplier_invoices",
-        &format!("{reference}_slot"),
-        RULES,
-    );
+    let pipeline = setup.pipeline(&reference, table, &format!("{reference}_slot"), RULES);
     let out = setup.oppen(&["run", "--once", pipeline.to_str().unwrap()]);
     assert!(
         out.status.success(),
@@ -282,7 +288,7 @@ fn assert_matches_fresh_snapshot(setup: &Setup, dataset: &str) {
     let (got_columns, got) = support::newest_rows(&setup.published(dataset));
     assert_eq!(got_columns, columns, "published columns differ");
     let source_rows: usize = setup
-        .psql("SELECT count(*) FROM supplier_invoices")
+        .psql(&format!("SELECT count(*) FROM {table}"))
         .trim()
         .parse()
         .unwrap();
@@ -469,6 +475,149 @@ fn snapshot_then_streamed_changes_equal_the_table() {
             "{} holds a dropped column's values",
             file.display()
         );
+    }
+}
+
+/// Rows `from..to` of the invoice table in schema `archive`, in one transaction
+/// with an update of some of its earlier rows.
+fn archive_sql(from: i64, to: i64) -> String {
+    format!(
+        "SET search_path = archive, public; BEGIN; {}; \
+         UPDATE supplier_invoices SET amount = amount + 1 WHERE invoice_id % 97 = {}; \
+         DELETE FROM supplier_invoices WHERE invoice_id = {}; COMMIT",
+        insert_sql(from, to),
+        from % 97,
+        from - 7
+    )
+}
+
+/// Several pipelines of one process on one slot: one stream feeds them all,
+/// each publishes its own table exactly, the slot is confirmed only as far as
+/// all of them have committed, and a pipeline joining later copies its
+/// snapshot while the others stream.
+#[test]
+fn pipelines_sharing_a_slot_each_publish_their_table() {
+    let setup = Setup::new("sharing");
+    setup_table(&setup, 1000);
+    setup.psql(
+        "CREATE SCHEMA archive; \
+         CREATE TABLE archive.supplier_invoices (LIKE public.supplier_invoices INCLUDING ALL)",
+    );
+    setup.psql(&archive_sql(1, 600));
+    // Both name the same slot and publication; the second adds its table.
+    let invoices = setup.pipeline("invoices", "public.supplier_invoices", "shared_slot", RULES);
+    let archive = setup.pipeline("archive", "archive.supplier_invoices", "shared_slot", RULES);
+    let run = |paths: &[&PathBuf]| {
+        let mut args = vec!["run"];
+        args.extend(paths.iter().map(|p| p.to_str().unwrap()));
+        setup.spawn_with(&args)
+    };
+    let mut child = run(&[&invoices, &archive]);
+    setup.wait_for_first("invoices", &mut child);
+    setup.wait_for_first("archive", &mut child);
+    assert_eq!(setup.latest("archive").unwrap().rows, 599);
+
+    // Both tables change at once, in shared transactions and on their own;
+    // the shared stream's connection is cut halfway.
+    let archive_writes = {
+        let db = setup.db.clone();
+        std::thread::spawn(move || {
+            for t in 0..30 {
+                let from = 1000 + t * 10;
+                Cluster::get().psql(&db, &archive_sql(from, from + 10));
+            }
+        })
+    };
+    let mut next_id = 10_000;
+    workload(&setup, &mut next_id);
+    if let Some(pid) = setup.walsender("shared_slot") {
+        setup.psql(&format!("SELECT pg_terminate_backend({pid})"));
+    }
+    archive_writes.join().unwrap();
+    setup.psql(&format!(
+        "BEGIN; INSERT INTO supplier_invoices (invoice_id, supplier) VALUES ({next_id}, 'both'); \
+         INSERT INTO archive.supplier_invoices (invoice_id, supplier) VALUES ({next_id}, 'both'); COMMIT"
+    ));
+    next_id += 1;
+    let lsn = setup.current_lsn();
+    let marker = |id: i64| {
+        setup.psql(&format!(
+            "INSERT INTO supplier_invoices (invoice_id, supplier) VALUES ({id}, 'marker'); \
+             INSERT INTO archive.supplier_invoices (invoice_id, supplier) VALUES ({id}, 'marker')"
+        ));
+    };
+    marker(next_id);
+    next_id += 1;
+    setup.wait_for("invoices", lsn, &mut child);
+    setup.wait_for("archive", lsn, &mut child);
+    // The slot moves once both have committed; no temporary slot is left.
+    let confirmed = || {
+        oppen_connector_postgres::wire::parse_lsn(
+            setup
+                .psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'shared_slot'")
+                .trim(),
+        )
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while confirmed() < lsn {
+        assert!(
+            Instant::now() < deadline,
+            "shared slot confirmed {:X} 30 s after both pipelines published {lsn:X}",
+            confirmed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        setup
+            .psql("SELECT string_agg(slot_name, ',') FROM pg_replication_slots WHERE database = 'sharing'")
+            .trim(),
+        "shared_slot"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // A third pipeline joins the slot: it copies its table while the other
+    // two resume, and writes go on meanwhile.
+    let late = setup.pipeline("late", "archive.supplier_invoices", "shared_slot", RULES);
+    let mut child = run(&[&invoices, &archive, &late]);
+    let writes = {
+        let db = setup.db.clone();
+        std::thread::spawn(move || {
+            for t in 0..20 {
+                let from = 5000 + t * 10;
+                Cluster::get().psql(&db, &archive_sql(from, from + 10));
+                // (The workload dropped a column, so not `insert_sql` here.)
+                Cluster::get().psql(
+                    &db,
+                    &format!(
+                        "INSERT INTO supplier_invoices (invoice_id, supplier, amount) \
+                         SELECT g, 'Ny', g / 3.0 FROM generate_series({}, {}) g; \
+                         UPDATE supplier_invoices SET amount = amount + 1 WHERE invoice_id % 31 = {t}",
+                        900_000 + from,
+                        900_000 + from + 9
+                    ),
+                );
+            }
+        })
+    };
+    setup.wait_for_first("late", &mut child);
+    writes.join().unwrap();
+    let lsn = setup.current_lsn();
+    marker(next_id);
+    for dataset in ["invoices", "archive", "late"] {
+        setup.wait_for(dataset, lsn, &mut child);
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the pipelines stopped");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for (dataset, table) in [
+        ("invoices", "public.supplier_invoices"),
+        ("archive", "archive.supplier_invoices"),
+        ("late", "archive.supplier_invoices"),
+    ] {
+        support::check_whole(&setup.published(dataset)).unwrap();
+        assert_matches_fresh_snapshot_of(&setup, dataset, table);
     }
 }
 

@@ -61,6 +61,9 @@ pub struct RunOptions {
     pub telemetry: Telemetry,
     /// Which part of the pipeline runs here.
     pub role: crate::transport::Role,
+    /// The replication slots several pipelines of this run name: they read
+    /// each through one stream.
+    pub shared_slots: oppen_connector_postgres::shared::SharedSlots,
 }
 
 /// What a run did, for the caller and for tests.
@@ -377,7 +380,8 @@ pub fn source(
             PipelineSource::Files(Box::new(files_source(pipeline, known, settle_now)?))
         }
         SourceConfig::Postgres(config) => {
-            let source = PostgresSource::new(config.clone())?;
+            let source =
+                PostgresSource::new(config.clone())?.sharing(options.shared_slots.hub(config));
             PipelineSource::Postgres(Box::new(if options.once {
                 source.reading_to_the_end()
             } else {

@@ -290,6 +290,7 @@ pub async fn run_once(path: &Path) -> Result<oppen::runtime::RunSummary, oppen::
         resnapshot: false,
         telemetry: Default::default(),
         role: Default::default(),
+        shared_slots: Default::default(),
     };
     let (_tx, rx) = tokio::sync::watch::channel(false);
     oppen::runtime::run(&pipeline, &options, rx).await

@@ -7,8 +7,14 @@
 //! committed before it is in the copy, every one after it in the stream. With a
 //! committed position the stream resumes there. The slot's confirmed flush
 //! position moves only when the engine acknowledges a committed version.
+//!
+//! Pipelines of one process that name the same slot share it (see
+//! [`shared`]): one stream feeds them all, and each copies its snapshot
+//! inside a temporary slot's exported snapshot instead of re-creating the
+//! shared one.
 
 pub mod pgoutput;
+pub mod shared;
 pub mod snapshot;
 pub mod tls;
 pub mod types;
@@ -311,14 +317,34 @@ fn known_as_text(sql_type: &str) -> bool {
 }
 
 /// Connects and checks everything the connector needs.
-pub async fn inspect(config: &PostgresConfig) -> Result<Inspection> {
+pub async fn inspect(config: &PostgresConfig, shares_slot: bool) -> Result<Inspection> {
     let client = connect_sql(&config.sql_config()?).await?;
-    inspect_with(&client, config).await
+    inspect_with(&client, config, shares_slot).await
 }
 
+/// Whether `publication` publishes `table`.
+async fn publication_has(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    table: &Table,
+) -> Result<bool> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &table.schema, &table.name],
+        )
+        .await
+        .map_err(|e| sql_error("reading the publication", &e))?
+        .is_some())
+}
+
+/// `shared`: the pipeline shares its slot with others of its process, which
+/// add their tables to the publication they share (so a publication without
+/// the table is no problem).
 async fn inspect_with(
     client: &tokio_postgres::Client,
     config: &PostgresConfig,
+    shared: bool,
 ) -> Result<Inspection> {
     let q = |e: tokio_postgres::Error| sql_error("inspecting the source", &e);
     let table = config.table();
@@ -407,17 +433,11 @@ async fn inspect_with(
     }
     .into();
     if i.publication_exists {
-        i.publication_has_table = client
-            .query_opt(
-                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                &[&config.publication, &table.schema, &table.name],
-            )
-            .await
-            .map_err(q)?
-            .is_some();
-        if !i.publication_has_table {
+        i.publication_has_table = publication_has(client, &config.publication, &table).await?;
+        if !i.publication_has_table && !shared {
             i.problems.push(format!(
-                "publication `{}` exists but does not include {table}: ALTER PUBLICATION {} ADD TABLE {}",
+                "publication `{}` exists but does not include {table}: ALTER PUBLICATION {} ADD TABLE {} \
+                 (pipelines that share a slot in one `oppen run` add their tables themselves)",
                 config.publication,
                 quote_ident(&config.publication),
                 table.quoted()
@@ -545,6 +565,50 @@ enum Phase {
     Streaming,
 }
 
+/// Where the replication stream comes from.
+enum Stream {
+    /// The slot's own connection.
+    Own(ReplicationConnection),
+    /// A slot shared with other pipelines of the process.
+    Shared(shared::Subscription),
+}
+
+impl Stream {
+    fn try_recv(&mut self) -> Result<Option<StreamMessage>> {
+        match self {
+            Stream::Own(repl) => repl.try_recv(),
+            Stream::Shared(sub) => sub.try_recv(),
+        }
+    }
+
+    async fn recv(&mut self) -> Result<StreamMessage> {
+        match self {
+            Stream::Own(repl) => repl.recv().await,
+            Stream::Shared(sub) => sub.recv().await,
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Stream::Own(repl) => repl.close().await,
+            // Dropping the subscription leaves the shared stream.
+            Stream::Shared(_) => {}
+        }
+    }
+}
+
+/// The error for a slot that is gone, with the recovery.
+fn slot_gone(slot: &str, e: Error) -> Error {
+    match e {
+        Error::Config(m) if m.contains("does not exist") => Error::Config(format!(
+            "{m}. The replication slot `{slot}` is gone, so changes since the last version cannot be read. \
+             To recover, run `oppen run --resnapshot` on this pipeline once: it creates the slot again \
+             and publishes a fresh snapshot of the table as a new version"
+        )),
+        other => other,
+    }
+}
+
 /// The PostgreSQL source.
 pub struct PostgresSource {
     config: PostgresConfig,
@@ -552,7 +616,11 @@ pub struct PostgresSource {
     table: Table,
     key: Vec<String>,
     client: Option<tokio_postgres::Client>,
-    repl: Option<ReplicationConnection>,
+    repl: Option<Stream>,
+    /// The hub of the slot, when pipelines of this process share it.
+    hub: Option<Arc<shared::Hub>>,
+    /// This source's place in the shared slot, from start on.
+    membership: Option<shared::Membership>,
     phase: Phase,
     relation: Option<RelationState>,
     pending: Option<Pending>,
@@ -638,6 +706,14 @@ impl PostgresSource {
         self
     }
 
+    /// Reads the slot through `hub`, shared with other pipelines of the
+    /// process (see [`shared`]).
+    #[must_use]
+    pub fn sharing(mut self, hub: Option<Arc<shared::Hub>>) -> Self {
+        self.hub = hub;
+        self
+    }
+
     /// A source for `config`; nothing connects until [`Source::start`].
     pub fn new(config: PostgresConfig) -> Result<Self> {
         let sql_config = config.sql_config()?;
@@ -648,6 +724,8 @@ impl PostgresSource {
             sql_config,
             client: None,
             repl: None,
+            hub: None,
+            membership: None,
             phase: Phase::Idle,
             relation: None,
             pending: None,
@@ -702,32 +780,54 @@ impl PostgresSource {
         ))
     }
 
-    /// Creates the publication if missing.
+    /// Creates the publication if missing; a pipeline sharing its slot adds
+    /// its table to the publication if it lacks it.
     async fn ensure_publication(&mut self, inspection: &Inspection) -> Result<()> {
-        if inspection.publication_exists {
+        if inspection.publication_has_table {
             return Ok(());
         }
-        let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            quote_ident(&self.config.publication),
-            self.table.quoted()
-        );
+        let (publication, table) = (quote_ident(&self.config.publication), self.table.quoted());
+        let duplicate = |e: &tokio_postgres::Error| {
+            e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT)
+        };
+        let as_owner = |sql: &str, e: &tokio_postgres::Error| match sql_error(sql, e) {
+            Error::Config(m) => Error::Config(format!(
+                "{m}. Either connect as the table's owner, or have the owner run `{sql}` \
+                 and name that publication in `publication:`"
+            )),
+            other => other,
+        };
+        if !inspection.publication_exists {
+            let sql = format!("CREATE PUBLICATION {publication} FOR TABLE {table}");
+            match self.client().await?.batch_execute(&sql).await {
+                Ok(()) => {
+                    tracing::info!(publication = self.config.publication, table = %self.table, "created publication");
+                    return Ok(());
+                }
+                // Another pipeline created it meanwhile, maybe for its own table.
+                Err(e) if duplicate(&e) => {}
+                Err(e) => return Err(as_owner(&sql, &e)),
+            }
+            let (name, table) = (self.config.publication.clone(), self.table.clone());
+            if publication_has(self.client().await?, &name, &table).await? {
+                return Ok(());
+            }
+        }
+        if self.hub.is_none() {
+            return Err(Error::Config(format!(
+                "publication `{}` was created meanwhile without {}: ALTER PUBLICATION {publication} ADD TABLE {table}, \
+                 or name a publication of this pipeline's own",
+                self.config.publication, self.table
+            )));
+        }
+        let sql = format!("ALTER PUBLICATION {publication} ADD TABLE {table}");
         match self.client().await?.batch_execute(&sql).await {
             Ok(()) => {
-                tracing::info!(publication = self.config.publication, table = %self.table, "created publication");
+                tracing::info!(publication = self.config.publication, table = %self.table, "added the table to the shared slot's publication");
                 Ok(())
             }
-            // Another pipeline created it meanwhile.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
-                Ok(())
-            }
-            Err(e) => Err(match sql_error("CREATE PUBLICATION", &e) {
-                Error::Config(m) => Error::Config(format!(
-                    "{m}. Either connect as the table's owner, or have the owner run `{sql}` \
-                     and name that publication in `publication:`"
-                )),
-                other => other,
-            }),
+            Err(e) if duplicate(&e) => Ok(()),
+            Err(e) => Err(as_owner(&sql, &e)),
         }
     }
 
@@ -755,10 +855,56 @@ impl PostgresSource {
         Ok(())
     }
 
+    /// Creates the shared slot if it is missing: without a snapshot, as each
+    /// member copies its table inside a temporary slot's own.
+    async fn ensure_shared_slot(&mut self) -> Result<()> {
+        let slot = self.config.slot.clone();
+        let created = self
+            .client()
+            .await?
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await;
+        match created {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(slot, "created the shared replication slot");
+                }
+                Ok(())
+            }
+            // Another member created it meanwhile.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
+                Ok(())
+            }
+            Err(e) => Err(sql_error("creating the replication slot", &e)),
+        }
+    }
+
     async fn begin_snapshot(&mut self) -> Result<()> {
-        self.drop_slot().await?;
-        let mut repl = ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
-        let created = repl.create_slot(&self.config.slot).await?;
+        let mut repl;
+        let created = if self.hub.is_some() {
+            // The shared slot streams to the other members meanwhile: the copy
+            // takes a temporary slot's snapshot, and this member later skips
+            // the transactions before that slot's consistent point (they are
+            // in the copy). Its membership pins the shared slot from before
+            // the temporary one was made, so none after it is confirmed away.
+            static TEMPORARY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            self.ensure_shared_slot().await?;
+            let name = format!(
+                "oppen_snapshot_{}_{}",
+                std::process::id(),
+                TEMPORARY.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            repl = ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
+            repl.create_slot(&name, true).await?
+        } else {
+            self.drop_slot().await?;
+            repl = ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
+            repl.create_slot(&self.config.slot, false).await?
+        };
         let name = created
             .snapshot
             .clone()
@@ -803,19 +949,24 @@ impl PostgresSource {
     }
 
     async fn start_stream(&mut self, from: u64) -> Result<()> {
-        let mut repl = ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
-        repl.start_replication(&self.config.slot, from, &self.config.publication)
-            .await
-            .map_err(|e| match e {
-                Error::Config(m) if m.contains("does not exist") => Error::Config(format!(
-                    "{m}. The replication slot `{}` is gone, so changes since the last version cannot be read. \
-                     To recover, run `oppen run --resnapshot` on this pipeline once: it creates the slot again \
-                     and publishes a fresh snapshot of the table as a new version",
-                    self.config.slot
-                )),
-                other => other,
-            })?;
-        self.repl = Some(repl);
+        let stream = match &self.membership {
+            // The shared stream restarts from the lowest position of its
+            // members, which is at most `from`.
+            Some(membership) => Stream::Shared(membership.subscribe()),
+            None => {
+                let mut repl =
+                    ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
+                repl.start_replication(
+                    &self.config.slot,
+                    from,
+                    std::slice::from_ref(&self.config.publication),
+                )
+                .await
+                .map_err(|e| slot_gone(&self.config.slot, e))?;
+                Stream::Own(repl)
+            }
+        };
+        self.repl = Some(stream);
         self.known_relations.clear();
         self.relation = None;
         self.pending = None;
@@ -1305,8 +1456,11 @@ impl PostgresSource {
         } else {
             self.acked.max(self.received)
         };
-        if let Some(repl) = self.repl.as_mut() {
+        if let Some(Stream::Own(repl)) = self.repl.as_mut() {
             repl.send_status(self.received.max(flush), flush).await?;
+        }
+        if let Some(membership) = &self.membership {
+            membership.set_flush(flush);
         }
         self.last_status = Instant::now();
         Ok(())
@@ -1465,15 +1619,24 @@ impl PostgresSource {
             },
             other => other,
         };
-        if result.is_err() {
+        if let Err(e) = result {
             self.repl = None;
-            self.pending = None;
-            self.relation = None;
-            self.in_transaction = false;
-            self.stream_xid = None;
-            self.streamed.clear();
+            self.forget_partial();
+            return Err(slot_gone(&self.config.slot, e));
         }
         result
+    }
+
+    /// Forgets what was read of transactions not yet handed out: the stream
+    /// sends them again after a reconnect or a shared stream's restart.
+    fn forget_partial(&mut self) {
+        self.pending = None;
+        self.relation = None;
+        self.in_transaction = false;
+        self.skipping = false;
+        self.stream_xid = None;
+        self.streamed.clear();
+        self.known_relations.clear();
     }
 
     async fn on_stream(&mut self, msg: StreamMessage) -> Result<()> {
@@ -1494,6 +1657,12 @@ impl PostgresSource {
                 self.repl = None;
                 Err(transient("the server ended the replication stream"))
             }
+            StreamMessage::Restarted => {
+                // As after a reconnect: what was handed out is skipped.
+                self.forget_partial();
+                self.skip_through = self.emitted;
+                Ok(())
+            }
         }
     }
 }
@@ -1511,8 +1680,11 @@ impl Source for PostgresSource {
         if let Some(repl) = self.repl.take() {
             repl.close().await;
         }
+        // A new start takes a new place in a shared slot.
+        self.membership = None;
         let client_config = self.config.clone();
-        let inspection = inspect_with(self.client().await?, &client_config).await?;
+        let shared = self.hub.is_some();
+        let inspection = inspect_with(self.client().await?, &client_config, shared).await?;
         if !inspection.problems.is_empty() {
             return Err(Error::Config(inspection.problems.join("; ")));
         }
@@ -1522,6 +1694,15 @@ impl Source for PostgresSource {
         self.ready.clear();
         self.pending = None;
         self.relation = None;
+        if let Some(hub) = &self.hub {
+            // Joined before any snapshot is taken: the shared slot is not
+            // confirmed past this member's position until it says so.
+            let from = match &resume {
+                Some(Position::Lsn { lsn }) => *lsn,
+                _ => 0,
+            };
+            self.membership = Some(hub.join(from, &self.config.publication, &self.table));
+        }
         match resume {
             Some(Position::Lsn { lsn }) => {
                 if !inspection.slot_exists {
@@ -1568,9 +1749,7 @@ impl Source for PostgresSource {
     async fn ack(&mut self, position: &Position) -> Result<()> {
         if let Position::Lsn { lsn } = position {
             self.acked = self.acked.max(*lsn);
-            if self.repl.is_some() {
-                self.send_status().await?;
-            }
+            self.send_status().await?;
         }
         Ok(())
     }

@@ -88,7 +88,7 @@ fn io_error(what: &str, e: std::io::Error) -> Error {
 }
 
 /// One message of the replication stream.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum StreamMessage {
     /// WAL data: one pgoutput message.
     XLogData {
@@ -103,6 +103,10 @@ pub enum StreamMessage {
     Keepalive { end: u64, reply: bool },
     /// The server ended the stream.
     Done,
+    /// A shared slot's stream started again from the slot's confirmed
+    /// position (see [`crate::shared`]): what follows may repeat transactions
+    /// already read, and a transaction under way is not continued.
+    Restarted,
 }
 
 /// What `CREATE_REPLICATION_SLOT` returns.
@@ -433,12 +437,14 @@ impl ReplicationConnection {
         }
     }
 
-    /// `CREATE_REPLICATION_SLOT slot LOGICAL pgoutput`, exporting a snapshot.
-    pub async fn create_slot(&mut self, slot: &str) -> Result<CreatedSlot, Error> {
+    /// `CREATE_REPLICATION_SLOT slot LOGICAL pgoutput`, exporting a snapshot;
+    /// a `temporary` slot ends with the session.
+    pub async fn create_slot(&mut self, slot: &str, temporary: bool) -> Result<CreatedSlot, Error> {
         let rows = self
             .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-                quote_ident(slot)
+                "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(slot),
+                if temporary { " TEMPORARY" } else { "" }
             ))
             .await?;
         let row = rows
@@ -455,13 +461,18 @@ impl ReplicationConnection {
         })
     }
 
-    /// Starts streaming the slot from `lsn` with pgoutput over `publication`.
+    /// Starts streaming the slot from `lsn` with pgoutput over `publications`.
     pub async fn start_replication(
         &mut self,
         slot: &str,
         lsn: u64,
-        publication: &str,
+        publications: &[String],
     ) -> Result<(), Error> {
+        let names = publications
+            .iter()
+            .map(|p| quote_ident(p))
+            .collect::<Vec<_>>()
+            .join(",");
         let sql = format!(
             // Protocol 2 with streaming: a large transaction arrives while it is
             // decoded instead of being spilled to disk on the server until it
@@ -470,7 +481,7 @@ impl ReplicationConnection {
              publication_names {}, messages 'true')",
             quote_ident(slot),
             format_lsn(lsn),
-            quote_literal(&quote_ident(publication)),
+            quote_literal(&names),
         );
         frontend::query(&sql, &mut self.out).map_err(|e| io_error("START_REPLICATION", e))?;
         self.flush().await?;
