@@ -256,6 +256,26 @@ impl Setup {
         }
     }
 
+    /// Waits until `slot`'s confirmed position reaches `lsn`; fails after
+    /// `within`, saying `why` it should have.
+    fn wait_for_confirmed(&self, slot: &str, lsn: u64, within: Duration, why: &str) {
+        let deadline = Instant::now() + within;
+        loop {
+            let confirmed = self.psql(&format!(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ));
+            let confirmed = oppen_connector_postgres::wire::parse_lsn(confirmed.trim()).unwrap();
+            if confirmed >= lsn {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{slot}: confirmed at {confirmed:X}, not at {lsn:X} after {within:?}: {why}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Where the WAL ends now: every commit so far is before it. The insert
     /// position, not `pg_current_wal_lsn()` (the write position): with
     /// `synchronous_commit=off` that lags behind commits not yet written, so a
@@ -442,21 +462,12 @@ fn snapshot_then_streamed_changes_equal_the_table() {
     // The slot's confirmed position follows the committed versions. The
     // acknowledgement goes out just after the version is visible, so the
     // slot is polled before the pipeline is stopped.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let confirmed = setup.psql(
-            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'scenario_slot'",
-        );
-        let confirmed = oppen_connector_postgres::wire::parse_lsn(confirmed.trim()).unwrap();
-        if confirmed >= lsn {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slot confirmed {confirmed:X} 30 s after the version holding {lsn:X} was published"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    setup.wait_for_confirmed(
+        "scenario_slot",
+        lsn,
+        Duration::from_secs(30),
+        "the version holding it was published",
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     support::check_whole(&setup.published("invoices")).unwrap();
@@ -551,23 +562,12 @@ fn pipelines_sharing_a_slot_each_publish_their_table() {
     setup.wait_for("invoices", lsn, &mut child);
     setup.wait_for("archive", lsn, &mut child);
     // The slot moves once both have committed; no temporary slot is left.
-    let confirmed = || {
-        oppen_connector_postgres::wire::parse_lsn(
-            setup
-                .psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'shared_slot'")
-                .trim(),
-        )
-        .unwrap()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while confirmed() < lsn {
-        assert!(
-            Instant::now() < deadline,
-            "shared slot confirmed {:X} 30 s after both pipelines published {lsn:X}",
-            confirmed()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    setup.wait_for_confirmed(
+        "shared_slot",
+        lsn,
+        Duration::from_secs(30),
+        "both pipelines published it",
+    );
     assert_eq!(
         setup
             .psql("SELECT string_agg(slot_name, ',') FROM pg_replication_slots WHERE database = 'sharing'")
@@ -1025,21 +1025,12 @@ fn changes_that_publish_nothing_still_let_the_slot_advance() {
         setup.psql("UPDATE t SET last_seen = now()");
     }
     let lsn = setup.current_lsn();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let confirmed = setup.psql(
-            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'noop_slot'",
-        );
-        let confirmed = oppen_connector_postgres::wire::parse_lsn(confirmed.trim()).unwrap();
-        if confirmed >= lsn {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the slot stays at {confirmed:X}, before the changes at {lsn:X}: the server keeps their WAL"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    setup.wait_for_confirmed(
+        "noop_slot",
+        lsn,
+        Duration::from_secs(60),
+        "the slot stays before the changes, so the server keeps their WAL",
+    );
     assert_eq!(
         setup.latest("noop").unwrap().version,
         1,

@@ -197,11 +197,6 @@ impl Hub {
         })
     }
 
-    /// The slot's name.
-    pub fn slot(&self) -> &str {
-        &self.slot
-    }
-
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain numbers behind: go on.
         self.state
@@ -550,7 +545,7 @@ mod tests {
         let slots = SharedSlots::for_sources([&a, &b, &c, &d]).unwrap();
         let (ha, hb) = (slots.hub(&a).unwrap(), slots.hub(&b).unwrap());
         assert!(Arc::ptr_eq(&ha, &hb));
-        assert_eq!(ha.slot(), "s");
+        assert_eq!(ha.slot, "s");
         assert!(slots.hub(&c).is_none(), "the same name on another server");
         assert!(slots.hub(&d).is_none(), "a slot of its own");
     }
