@@ -574,6 +574,27 @@ fn pipelines_sharing_a_slot_each_publish_their_table() {
             .trim(),
         "shared_slot"
     );
+    // A transaction that only truncates is a version of its own; then only
+    // the other table changes, and the idle pipeline must not hold the slot
+    // back (it sees those transactions' bounds too).
+    let before_truncate = setup.current_lsn();
+    setup.psql("TRUNCATE archive.supplier_invoices");
+    let after_truncate = setup.current_lsn();
+    for id in next_id..next_id + 3 {
+        setup.psql(&format!(
+            "INSERT INTO supplier_invoices (invoice_id, supplier) VALUES ({id}, 'only invoices')"
+        ));
+    }
+    next_id += 3;
+    setup.wait_for("archive", before_truncate, &mut child);
+    assert_eq!(setup.latest("archive").unwrap().rows, 0);
+    setup.wait_for("invoices", after_truncate, &mut child);
+    setup.wait_for_confirmed(
+        "shared_slot",
+        after_truncate,
+        Duration::from_secs(30),
+        "the pipeline of the changed table published it and the other has nothing to publish",
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 

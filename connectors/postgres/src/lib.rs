@@ -633,8 +633,14 @@ pub struct PostgresSource {
     acked: u64,
     /// The end of the newest transaction handed to the engine.
     emitted: u64,
-    /// The end of the newest transaction read (emitted or pending).
+    /// The end of the newest transaction read (emitted or pending) that
+    /// touched this table. Other transactions do not count: a shared slot
+    /// streams every table's transactions to every pipeline, and an idle
+    /// pipeline must not hold the slot back waiting for versions that will
+    /// never come.
     last_commit: u64,
+    /// Whether the transaction under way changed this table.
+    txn_touched: bool,
     /// The server's sent WAL position from its newest keepalive.
     received: u64,
     /// Transactions ending at or before this were handed out already.
@@ -735,6 +741,7 @@ impl PostgresSource {
             acked: 0,
             emitted: 0,
             last_commit: 0,
+            txn_touched: false,
             received: 0,
             skip_through: 0,
             in_transaction: false,
@@ -808,8 +815,8 @@ impl PostgresSource {
                 Err(e) if duplicate(&e) => {}
                 Err(e) => return Err(as_owner(&sql, &e)),
             }
-            let (name, table) = (self.config.publication.clone(), self.table.clone());
-            if publication_has(self.client().await?, &name, &table).await? {
+            let (name, ours) = (self.config.publication.clone(), self.table.clone());
+            if publication_has(self.client().await?, &name, &ours).await? {
                 return Ok(());
             }
         }
@@ -1320,6 +1327,7 @@ impl PostgresSource {
                 ..
             } => {
                 self.in_transaction = true;
+                self.txn_touched = false;
                 self.txn_rows = 0;
                 self.skipping = final_lsn < self.skip_through;
                 self.commit_time =
@@ -1328,9 +1336,16 @@ impl PostgresSource {
             Message::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
                 if !self.skipping {
-                    self.last_commit = end_lsn;
+                    if self.txn_touched {
+                        self.last_commit = end_lsn;
+                    }
                     let rows = self.pending.as_ref().map_or(0, |p| p.ops.len());
+                    // `rows == 0` after touching the table: the transaction's
+                    // batches went out unfinished (a truncate, or rows flushed
+                    // in full batches), so close it now, or its version would
+                    // wait for the table's next transaction.
                     if rows >= BATCH_ROWS
+                        || (self.txn_touched && rows == 0)
                         || self.pending_since.is_some_and(|t| t.elapsed() >= GATHER)
                     {
                         self.flush(true)?;
@@ -1362,9 +1377,11 @@ impl PostgresSource {
             }
             _ if self.skipping => {}
             Message::Insert { relation, new } if ours(relation, &self.relation) => {
+                self.txn_touched = true;
                 self.append(Op::Insert, &new, None).await?;
             }
             Message::Update { relation, old, new } if ours(relation, &self.relation) => {
+                self.txn_touched = true;
                 match &old {
                     // The key changed: the old key is gone.
                     Some((b'K', old_key)) => self.append(Op::Delete, old_key, None).await?,
@@ -1381,6 +1398,7 @@ impl PostgresSource {
                 self.append(Op::Update, &new, full_old).await?;
             }
             Message::Delete { relation, old } if ours(relation, &self.relation) => {
+                self.txn_touched = true;
                 self.append(Op::Delete, &old.1, None).await?;
             }
             Message::Truncate { relations, .. } => {
@@ -1392,6 +1410,7 @@ impl PostgresSource {
                 {
                     // Everything before is replaced by an empty image; rows
                     // inserted later in the same transaction join that image.
+                    self.txn_touched = true;
                     self.flush(false)?;
                     if let Some(rel) = &self.relation {
                         self.ready.push_back(ChangeBatch {
