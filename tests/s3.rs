@@ -213,4 +213,56 @@ async fn large_files_go_up_in_parts() {
         back.as_ref() == data.as_slice(),
         "the uploaded parts do not add up to the file"
     );
+
+    // The same bytes produced chunk by chunk (as CSV files are written): in
+    // parts once past the threshold, in one put below it, and nothing at all
+    // when the producer stops before the end.
+    use oppen::publish::store::Chunk;
+    let streamed = |bytes: &[u8], end: bool| {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let chunks: Vec<bytes::Bytes> = bytes
+            .chunks(1 << 20)
+            .map(bytes::Bytes::copy_from_slice)
+            .collect();
+        tokio::spawn(async move {
+            for chunk in chunks {
+                tx.send(Chunk::Data(chunk)).await.unwrap();
+            }
+            if end {
+                tx.send(Chunk::End).await.unwrap();
+            }
+        });
+        rx
+    };
+    for (name, len) in [
+        ("streamed-large.bin", data.len()),
+        ("streamed-small.bin", 3 << 20),
+    ] {
+        store
+            .put_chunks(name, streamed(&data[..len], true))
+            .await
+            .unwrap();
+        let back = s3
+            .get(&object_store::path::Path::from(format!("p/{name}")))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(
+            back.as_ref() == &data[..len],
+            "{name} differs from what was sent"
+        );
+    }
+    for (name, len) in [("cut-large.bin", data.len()), ("cut-small.bin", 3 << 20)] {
+        let result = store.put_chunks(name, streamed(&data[..len], false)).await;
+        assert!(
+            result.is_err(),
+            "{name}: a stream without its end was accepted"
+        );
+        assert!(
+            !store.exists(name).await.unwrap(),
+            "{name}: a stream without its end left an object"
+        );
+    }
 }

@@ -71,6 +71,12 @@ fn needs_quotes(b: u8) -> bool {
 
 /// Encodes a batch as CSV with a header row.
 pub fn encode(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<(), ArrowError> {
+    encode_rows(batch, true, out)
+}
+
+/// Encodes a batch's rows as CSV, after a header row if `header`: a file
+/// written in chunks has its header in the first.
+pub fn encode_rows(batch: &RecordBatch, header: bool, out: &mut Vec<u8>) -> Result<(), ArrowError> {
     let schema = batch.schema();
     let options = FormatOptions::default()
         .with_null("")
@@ -88,13 +94,15 @@ pub fn encode(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<(), ArrowError> 
         .map(|a| a.logical_nulls().filter(|n| n.null_count() > 0))
         .collect();
     let mut scratch = String::new();
-    for (i, field) in schema.fields().iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
+    if header {
+        for (i, field) in schema.fields().iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            text(field.name(), single, Quoting::Check, out);
         }
-        text(field.name(), single, Quoting::Check, out);
+        out.push(b'\n');
     }
-    out.push(b'\n');
     let rows = batch.num_rows();
     for row in 0..rows {
         if row == SAMPLE_ROWS {

@@ -273,6 +273,18 @@ const MULTIPART_THRESHOLD: usize = 16 << 20;
 /// Size of each part (S3 needs at least 5 MiB for all but the last).
 const MULTIPART_PART: usize = 8 << 20;
 
+/// Size of each staged write when a file is streamed to a local store.
+const LOCAL_PART: usize = 2 << 20;
+
+/// A piece of an object written as it is produced (see [`Store::put_chunks`]).
+#[derive(Debug)]
+pub enum Chunk {
+    /// The next bytes.
+    Data(Bytes),
+    /// The object is whole.
+    End,
+}
+
 /// An open store with the operations versions need.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -315,6 +327,62 @@ impl Store {
         let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART);
         writer.put(bytes);
         writer.finish().await.map(|_| ())
+    }
+
+    /// Writes an object from chunks as they are produced, so it is never
+    /// whole in memory. It appears only at [`Chunk::End`]: a producer that
+    /// stops without it leaves nothing (the upload is aborted) and an error.
+    /// Locally the chunks go to a staged file that is renamed into place; to a
+    /// remote store an object that stays below the multipart threshold goes up
+    /// in one put, a larger one in parts, two uploading at a time.
+    pub async fn put_chunks(
+        &self,
+        path: &str,
+        mut chunks: tokio::sync::mpsc::Receiver<Chunk>,
+    ) -> object_store::Result<()> {
+        let unfinished = || object_store::Error::Generic {
+            store: "oppen",
+            source: format!("the writer of {path} stopped before its end").into(),
+        };
+        let location = ObjectPath::from(path);
+        let local = self.location.local_root().is_some();
+        let mut head = Vec::new();
+        let mut held = 0;
+        while !local && held < MULTIPART_THRESHOLD {
+            match chunks.recv().await {
+                Some(Chunk::Data(bytes)) => {
+                    held += bytes.len();
+                    head.push(bytes);
+                }
+                Some(Chunk::End) => {
+                    let payload: PutPayload = head.into_iter().collect();
+                    return self.inner.put(&location, payload).await.map(|_| ());
+                }
+                None => return Err(unfinished()),
+            }
+        }
+        let upload = self.inner.put_multipart(&location).await?;
+        let part = if local { LOCAL_PART } else { MULTIPART_PART };
+        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, part);
+        for bytes in head {
+            writer.put(bytes);
+        }
+        loop {
+            match chunks.recv().await {
+                Some(Chunk::Data(bytes)) => {
+                    if let Err(e) = writer.wait_for_capacity(2).await {
+                        let _ = writer.abort().await;
+                        return Err(e);
+                    }
+                    writer.put(bytes);
+                }
+                Some(Chunk::End) => return writer.finish().await.map(|_| ()),
+                None => {
+                    let _ = writer.abort().await;
+                    return Err(unfinished());
+                }
+            }
+        }
     }
 
     /// Creates an object only if it does not exist.
@@ -430,6 +498,44 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunks(parts: &[&'static [u8]], end: bool) -> tokio::sync::mpsc::Receiver<Chunk> {
+        let (tx, rx) = tokio::sync::mpsc::channel(parts.len() + 1);
+        for part in parts {
+            tx.try_send(Chunk::Data(Bytes::from_static(part))).unwrap();
+        }
+        if end {
+            tx.try_send(Chunk::End).unwrap();
+        }
+        rx
+    }
+
+    /// A file streamed to a local store appears whole at its end, and not at
+    /// all when its producer stops early.
+    #[tokio::test]
+    async fn streamed_files_appear_only_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreLocation::local(dir.path()).open().unwrap();
+        store
+            .put_chunks("d/whole.csv", chunks(&[b"a,b\n", b"1,2\n", b"3,4\n"], true))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get("d/whole.csv").await.unwrap().unwrap(),
+            Bytes::from_static(b"a,b\n1,2\n3,4\n")
+        );
+        let cut = store
+            .put_chunks("d/cut.csv", chunks(&[b"a,b\n", b"1,2\n"], false))
+            .await;
+        assert!(cut.is_err());
+        assert!(!store.exists("d/cut.csv").await.unwrap());
+        // Nothing staged is left behind either.
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["whole.csv".to_string()]);
+    }
 
     fn parse(text: &str) -> Result<StoreLocation, String> {
         StoreLocation::parse(text, Path::new("/srv/pipelines"))
