@@ -84,14 +84,20 @@ pub fn key_partition(key: &[u8], of: u32) -> u32 {
     (u64::from_le_bytes(bytes) % u64::from(of.max(1))) as u32
 }
 
-/// Where a key's row is, and what it looked like.
+/// Where a key's row is, and what it looked like. Packed to 4-byte
+/// alignment: the key index holds one per key, and (key, entry) then takes
+/// 28 bytes a slot instead of 32 (16 MB less for 2,000,000 keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C, packed(4))]
 pub struct Entry {
     /// Partition id (see [`Partitions`]).
     pub partition: u32,
     /// Fingerprint of the published values.
     pub hash: u64,
 }
+
+// The index's slot size the packing is for.
+const _: () = assert!(size_of::<(Key, Entry)>() == 28);
 
 /// Partition names interned as small ids.
 #[derive(Debug, Default, Clone)]
