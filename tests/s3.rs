@@ -202,13 +202,12 @@ async fn large_files_go_up_in_parts() {
         .unwrap();
     use object_store::ObjectStoreExt;
     let s3 = moto.client("big");
-    let back = s3
-        .get(&object_store::path::Path::from("p/large.bin"))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let read_back = |name: &str| {
+        let s3 = s3.clone();
+        let path = object_store::path::Path::from(format!("p/{name}"));
+        async move { s3.get(&path).await.unwrap().bytes().await.unwrap() }
+    };
+    let back = read_back("large.bin").await;
     assert!(
         back.as_ref() == data.as_slice(),
         "the uploaded parts do not add up to the file"
@@ -242,13 +241,7 @@ async fn large_files_go_up_in_parts() {
             .put_chunks(name, streamed(&data[..len], true))
             .await
             .unwrap();
-        let back = s3
-            .get(&object_store::path::Path::from(format!("p/{name}")))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let back = read_back(name).await;
         assert!(
             back.as_ref() == &data[..len],
             "{name} differs from what was sent"

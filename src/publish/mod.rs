@@ -1178,9 +1178,7 @@ impl JobContext {
             .map_err(store_err(store))?;
         Ok((role, file))
     }
-}
 
-impl JobContext {
     /// Encodes a CSV file in chunks of rows and writes each as it is done: CSV
     /// is the largest file of a part (text is bigger than the columns), and
     /// whole it was a quarter of the peak memory of a large first version.
