@@ -296,8 +296,13 @@ fn assert_matches_fresh_snapshot(setup: &Setup, dataset: &str) {
 
 /// As [`assert_matches_fresh_snapshot`], for a dataset of `table` (an invoice table).
 fn assert_matches_fresh_snapshot_of(setup: &Setup, dataset: &str, table: &str) {
+    assert_matches_fresh_snapshot_by(setup, dataset, table, RULES);
+}
+
+/// As [`assert_matches_fresh_snapshot_of`], for any table and its `rules`.
+fn assert_matches_fresh_snapshot_by(setup: &Setup, dataset: &str, table: &str, rules: &str) {
     let reference = format!("{dataset}_ref");
-    let pipeline = setup.pipeline(&reference, table, &format!("{reference}_slot"), RULES);
+    let pipeline = setup.pipeline(&reference, table, &format!("{reference}_slot"), rules);
     let out = setup.oppen(&["run", "--once", pipeline.to_str().unwrap()]);
     assert!(
         out.status.success(),
@@ -742,6 +747,55 @@ fn a_million_row_transaction_is_published_whole() {
         );
     }
     assert_eq!(setup.latest("big").unwrap().rows, 1_000_011);
+}
+
+/// A TRUNCATE followed in its transaction by a schema change and rows: the
+/// emptied table and the rows after it are one transaction, so no version
+/// may show the table empty. Nor may rows before a schema change be cut off
+/// from those after it.
+#[test]
+fn schema_changes_inside_a_transaction_keep_it_whole() {
+    let setup = Setup::new("midschema");
+    setup.psql("CREATE TABLE menu (id bigint PRIMARY KEY, dish text)");
+    setup.psql("INSERT INTO menu SELECT g, 'rätt ' || g FROM generate_series(1, 100) g");
+    let rules = "columns:\n  id: keep\n  dish: keep\n  extra: keep\n";
+    let pipeline = setup.pipeline("menu", "public.menu", "menu_slot", rules);
+    let mut child = setup.spawn(&pipeline);
+    setup.wait_for_first("menu", &mut child);
+    setup.psql(
+        "BEGIN; TRUNCATE menu; ALTER TABLE menu ADD COLUMN extra text; \
+         INSERT INTO menu SELECT g, 'ny ' || g, 'x' || g FROM generate_series(1000, 1049) g; COMMIT",
+    );
+    // Rows on both sides of a dropped column, in one transaction.
+    setup.psql(
+        "BEGIN; INSERT INTO menu SELECT g, 'före ' || g, 'y' || g FROM generate_series(2000, 2009) g; \
+         ALTER TABLE menu DROP COLUMN extra; \
+         INSERT INTO menu SELECT g, 'efter ' || g FROM generate_series(3000, 3009) g; COMMIT",
+    );
+    let lsn = setup.current_lsn();
+    setup.psql("INSERT INTO menu VALUES (0, 'marker')");
+    setup.wait_for("menu", lsn, &mut child);
+    support::wait_until("the marker row published", 60, || {
+        setup.latest("menu").is_some_and(|v| v.rows == 71)
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let published = setup.published("menu");
+    support::check_whole(&published).unwrap();
+    let mut counts = Vec::new();
+    for entry in std::fs::read_dir(published.join("versions")).unwrap() {
+        if let Some(v) = support::read_manifest(&entry.unwrap().path()) {
+            counts.push((v.version, v.rows));
+        }
+    }
+    counts.sort();
+    for (version, rows) in &counts {
+        assert!(
+            [100, 50, 70, 71].contains(rows),
+            "version {version} holds {rows} rows: part of a transaction (all: {counts:?})"
+        );
+    }
+    assert_matches_fresh_snapshot_by(&setup, "menu", "public.menu", rules);
 }
 
 #[test]

@@ -665,8 +665,6 @@ pub struct PostgresSource {
     stream_started: Instant,
     /// When the oldest pending row arrived.
     pending_since: Option<Instant>,
-    /// Rows appended in the transaction under way.
-    txn_rows: usize,
     /// What the engine's health checks see (see [`Source::health`]).
     health: SourceHealth,
     /// The server's WAL end seen by the poll that set `health.behind_since`.
@@ -756,7 +754,6 @@ impl PostgresSource {
             whole_backlog: false,
             stream_started: Instant::now(),
             pending_since: None,
-            txn_rows: 0,
             health: SourceHealth::default(),
             behind_lsn: 0,
             last_poll: None,
@@ -1139,8 +1136,9 @@ impl PostgresSource {
         if self.relation.is_some() {
             tracing::info!(table = %self.table, columns = ?columns.iter().map(|c| &c.name).collect::<Vec<_>>(), "table schema changed");
             // Rows gathered so far are whole transactions unless this one already
-            // has rows: then a version may end before the new schema.
-            self.flush(self.txn_rows == 0)?;
+            // touched the table (rows, or a truncate whose empty image is out
+            // already): then they continue it, whatever the schema.
+            self.flush(!self.txn_touched)?;
         }
         self.pending = Some(Pending::new(&columns));
         self.relation = Some(RelationState {
@@ -1214,7 +1212,6 @@ impl PostgresSource {
             }
         }
         p.ops.push(op);
-        self.txn_rows += 1;
         self.pending_since.get_or_insert_with(Instant::now);
         Ok(())
     }
@@ -1328,7 +1325,6 @@ impl PostgresSource {
             } => {
                 self.in_transaction = true;
                 self.txn_touched = false;
-                self.txn_rows = 0;
                 self.skipping = final_lsn < self.skip_through;
                 self.commit_time =
                     DateTime::from_timestamp_micros(commit_time + wire::PG_EPOCH_OFFSET_US);
