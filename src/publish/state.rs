@@ -321,11 +321,19 @@ pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, Arr
     RecordBatch::try_new(target.clone(), columns)
 }
 
+/// zstd level 1 for the private state, not the library's 3: the state is
+/// written for every part of every version and read only by oppen, and on
+/// a part of 200,000 invoice rows level 1 encodes in 55-68 ms instead of
+/// 95 ms for 10% more bytes (7.3 MB against 6.6 MB; `cargo bench --bench
+/// encode`). Published Parquet keeps level 3: consumers download it.
+const STATE_ZSTD_LEVEL: i32 = 1;
+
 /// Encodes a state batch as Arrow IPC (zstd): fast to read back, and small on
 /// remote stores and disks, where bytes cost more than the compression.
 pub fn encode_state(batch: &RecordBatch) -> Result<Bytes, ArrowError> {
     let options = arrow::ipc::writer::IpcWriteOptions::default()
-        .try_with_compression(Some(arrow::ipc::CompressionType::ZSTD))?;
+        .try_with_compression(Some(arrow::ipc::CompressionType::ZSTD))?
+        .try_with_compression_level(Some(STATE_ZSTD_LEVEL))?;
     let mut out = Vec::with_capacity(batch.get_array_memory_size() / 2);
     {
         let mut writer = arrow::ipc::writer::FileWriter::try_new_with_options(
