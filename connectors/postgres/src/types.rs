@@ -133,6 +133,12 @@ pub enum ColumnBuilder {
 impl ColumnBuilder {
     /// A builder for `kind` with room for `capacity` rows.
     pub fn new(kind: Kind, capacity: usize) -> Self {
+        Self::sized(kind, capacity, capacity * 16)
+    }
+
+    /// A builder for `kind` with room for `capacity` rows and, for text,
+    /// `text_bytes` bytes of values.
+    pub fn sized(kind: Kind, capacity: usize, text_bytes: usize) -> Self {
         match kind {
             Kind::Bool => ColumnBuilder::Bool(BooleanBuilder::with_capacity(capacity)),
             Kind::Int2 | Kind::Int4 | Kind::Int8 => {
@@ -148,12 +154,11 @@ impl ColumnBuilder {
                 scale,
             ),
             Kind::Text | Kind::Jsonb | Kind::Uuid | Kind::Other => {
-                ColumnBuilder::Text(StringBuilder::with_capacity(capacity, capacity * 16))
+                ColumnBuilder::Text(StringBuilder::with_capacity(capacity, text_bytes))
             }
-            Kind::Array(element) => ColumnBuilder::Array(
-                StringBuilder::with_capacity(capacity, capacity * 16),
-                element,
-            ),
+            Kind::Array(element) => {
+                ColumnBuilder::Array(StringBuilder::with_capacity(capacity, text_bytes), element)
+            }
             Kind::Date => ColumnBuilder::Date(Date32Builder::with_capacity(capacity)),
             Kind::Timestamp => ColumnBuilder::Timestamp(
                 TimestampMicrosecondBuilder::with_capacity(capacity),
