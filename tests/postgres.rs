@@ -798,6 +798,38 @@ fn schema_changes_inside_a_transaction_keep_it_whole() {
     assert_matches_fresh_snapshot_by(&setup, "menu", "public.menu", rules);
 }
 
+/// A snapshot copied by several connections, each a range of the table's
+/// pages (the last one open), equals one copied by a single connection.
+#[test]
+fn a_snapshot_copied_in_parallel_ranges_equals_the_table() {
+    let setup = Setup::new("ranges");
+    setup_table(&setup, 6000);
+    // Rows moved by updates land on later pages, deletes leave gaps.
+    setup.psql("UPDATE supplier_invoices SET amount = amount + 1 WHERE invoice_id % 7 = 0");
+    setup.psql("DELETE FROM supplier_invoices WHERE invoice_id % 11 = 0");
+    // relpages, which the ranges are cut from.
+    setup.psql("ANALYZE supplier_invoices");
+    let pipeline = setup.pipeline("ranged", "public.supplier_invoices", "ranged_slot", RULES);
+    let text = std::fs::read_to_string(&pipeline).unwrap().replace(
+        "    heartbeat_seconds: 2\n",
+        "    heartbeat_seconds: 2\n    snapshot_workers: 3\n",
+    );
+    assert!(text.contains("snapshot_workers: 3"));
+    std::fs::write(&pipeline, text).unwrap();
+    let out = setup
+        .command(&["run", "--once", pipeline.to_str().unwrap()])
+        .env("RUST_LOG", "oppen=info,oppen_connector_postgres=info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("workers=3"),
+        "not copied by 3 connections: {log}"
+    );
+    assert_matches_fresh_snapshot(&setup, "ranged");
+}
+
 #[test]
 fn check_connect_reports_what_the_connector_needs() {
     let setup = Setup::new("checks");

@@ -32,7 +32,7 @@ use oppen_connector_api::{
     BatchKind, ChangeBatch, Error, Op, Position, Result, Source, SourceEvent, SourceHealth,
 };
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::pgoutput::{Message, StreamControl, Value};
 use crate::types::{ColumnBuilder, Kind};
@@ -74,7 +74,9 @@ pub struct PostgresConfig {
     /// Seconds between heartbeats that let an idle table's slot advance.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_seconds: u64,
-    /// Connections copying the snapshot in parallel (default: the number of cores, at most 4).
+    /// Connections copying the snapshot in parallel (default: the number of
+    /// cores, at most 4, half of them when the server runs on this machine,
+    /// and one for tables under 64 MB; when set, it holds for any table).
     #[serde(default)]
     pub snapshot_workers: Option<usize>,
 }
@@ -198,6 +200,35 @@ pub struct ColumnInfo {
     /// The SQL type as the catalog names it.
     pub sql_type: String,
     pub kind: Kind,
+}
+
+/// Parallel COPY connections for a snapshot on a machine of `cores`. Each
+/// connection keeps a server backend busy; a server on this machine takes
+/// those cores from oppen's own decoding and encoding, so then only half.
+/// (2 cores, server local, 2,000,000 rows, eight alternating pairs: one
+/// connection instead of two took 4.87 s instead of 5.06 s and 400 MB
+/// instead of 435 MB at its peak.)
+fn default_snapshot_workers(cores: usize, server_here: bool) -> usize {
+    let workers = if server_here { cores / 2 } else { cores };
+    workers.clamp(1, 4)
+}
+
+/// Whether every host of `config` is this machine (a loopback address,
+/// `localhost` or a Unix socket).
+fn on_this_machine(config: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(|h| match h {
+            Host::Tcp(name) => {
+                name.eq_ignore_ascii_case("localhost")
+                    || name
+                        .trim_matches(|c| c == '[' || c == ']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            Host::Unix(_) => true,
+        })
 }
 
 /// What `oppen check --connect` reports.
@@ -558,8 +589,12 @@ enum Phase {
     Snapshot {
         rx: mpsc::Receiver<snapshot::SnapshotItem>,
         consistent_point: u64,
-        /// Held open until the copy has imported the exported snapshot.
+        /// Held open until every copying connection has imported the
+        /// exported snapshot.
         exporter: Option<ReplicationConnection>,
+        /// How many have.
+        imported: watch::Receiver<usize>,
+        workers: usize,
     },
     /// Streaming changes.
     Streaming,
@@ -928,12 +963,12 @@ impl PostgresSource {
         let estimate: i64 = size.get(1);
         self.health.image_rows = u64::try_from(estimate).ok();
         let workers = self.config.snapshot_workers.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get().min(4))
-                .unwrap_or(1)
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            default_snapshot_workers(cores, on_this_machine(&self.sql_config.sql))
         });
+        let workers = snapshot::connections(pages, workers, self.config.snapshot_workers.is_some());
         tracing::info!(table = %self.table, slot = self.config.slot, consistent_point = %wire::format_lsn(created.consistent_point), pages, workers, "copying snapshot");
-        let rx = snapshot::start(snapshot::SnapshotPlan {
+        let (rx, imported) = snapshot::start(snapshot::SnapshotPlan {
             config: self.sql_config.clone(),
             table: self.table.clone(),
             columns: self.columns.clone(),
@@ -948,6 +983,8 @@ impl PostgresSource {
             rx,
             consistent_point: created.consistent_point,
             exporter: Some(repl),
+            imported,
+            workers,
         };
         Ok(())
     }
@@ -997,6 +1034,8 @@ impl PostgresSource {
             rx,
             consistent_point,
             exporter,
+            imported,
+            workers,
         } = &mut self.phase
         else {
             return Ok(SourceEvent::Idle);
@@ -1004,9 +1043,12 @@ impl PostgresSource {
         let consistent_point = *consistent_point;
         match rx.recv().await {
             Some(Ok(data)) => {
-                // Workers have imported the snapshot once rows flow; the
-                // exporting session may end.
-                if let Some(repl) = exporter.take() {
+                // Once every connection has imported the snapshot, the
+                // exporting session may end. (Rows flowing from one is not
+                // enough: another may still be connecting.)
+                if *imported.borrow() >= *workers
+                    && let Some(repl) = exporter.take()
+                {
                     repl.close().await;
                 }
                 let ops = vec![Op::Read; data.num_rows()];
@@ -1786,6 +1828,24 @@ impl Source for PostgresSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_on_this_machine_gets_half_the_cores_for_the_snapshot() {
+        let here = |url: &str| on_this_machine(&url.parse::<tokio_postgres::Config>().unwrap());
+        assert!(here("postgres://u@127.0.0.1:5432/db"));
+        assert!(here("postgres://u@localhost/db"));
+        assert!(here("postgres://u@[::1]:5432/db"));
+        assert!(here("host=/var/run/postgresql user=u dbname=db"));
+        assert!(!here("postgres://u@db.kommun.se/db"));
+        assert!(!here("postgres://u@10.0.0.5/db"));
+        assert!(!here("host=127.0.0.1,db.kommun.se user=u"));
+        assert_eq!(default_snapshot_workers(2, true), 1);
+        assert_eq!(default_snapshot_workers(1, true), 1);
+        assert_eq!(default_snapshot_workers(8, true), 4);
+        assert_eq!(default_snapshot_workers(6, true), 3);
+        assert_eq!(default_snapshot_workers(2, false), 2);
+        assert_eq!(default_snapshot_workers(16, false), 4);
+    }
 
     #[test]
     fn redacts_passwords() {

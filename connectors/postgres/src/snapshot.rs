@@ -9,7 +9,7 @@ use arrow::datatypes::SchemaRef;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
 use oppen_connector_api::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::types::{ColumnBuilder, Kind};
 use crate::wire::{quote_ident, quote_literal, transient};
@@ -24,6 +24,19 @@ const PAGES_PER_WORKER: i64 = 4096;
 /// What a snapshot worker sends: a batch of rows, or why it failed.
 pub type SnapshotItem = Result<RecordBatch, Error>;
 
+/// How many connections copy a table of `pages` pages: `workers`, when the
+/// pipeline set it (a page each at least); otherwise `workers` only for large
+/// tables, at most one per [`PAGES_PER_WORKER`] pages.
+pub fn connections(pages: i64, workers: usize, set: bool) -> usize {
+    if set {
+        workers.clamp(1, pages.max(1) as usize)
+    } else if pages >= 2 * PAGES_PER_WORKER {
+        workers.clamp(1, (pages / PAGES_PER_WORKER) as usize)
+    } else {
+        1
+    }
+}
+
 /// Everything a snapshot copy needs.
 #[derive(Debug, Clone)]
 pub struct SnapshotPlan {
@@ -33,20 +46,20 @@ pub struct SnapshotPlan {
     pub schema: SchemaRef,
     pub snapshot: String,
     pub pages: i64,
+    /// Connections copying at once (see [`connections`]).
     pub workers: usize,
     pub batch_rows: usize,
 }
 
 /// Starts the copy; batches arrive on the returned channel, which closes when
-/// every worker is done.
-pub fn start(plan: SnapshotPlan) -> mpsc::Receiver<SnapshotItem> {
+/// every worker is done. The watch counts the workers that have imported the
+/// exported snapshot: the exporting session must stay open until all have,
+/// or the later ones find the snapshot gone.
+pub fn start(plan: SnapshotPlan) -> (mpsc::Receiver<SnapshotItem>, watch::Receiver<usize>) {
     let (tx, rx) = mpsc::channel(4);
-    let workers = if plan.pages >= 2 * PAGES_PER_WORKER {
-        plan.workers
-            .clamp(1, (plan.pages / PAGES_PER_WORKER) as usize)
-    } else {
-        1
-    };
+    let (imported, imported_rx) = watch::channel(0usize);
+    let imported = Arc::new(imported);
+    let workers = plan.workers.max(1);
     let per = plan.pages / workers as i64 + 1;
     let plan = Arc::new(plan);
     for w in 0..workers {
@@ -59,13 +72,14 @@ pub fn start(plan: SnapshotPlan) -> mpsc::Receiver<SnapshotItem> {
         });
         let tx = tx.clone();
         let plan = plan.clone();
+        let imported = imported.clone();
         tokio::spawn(async move {
-            if let Err(e) = copy_range(&plan, range, &tx).await {
+            if let Err(e) = copy_range(&plan, range, &tx, &imported).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
     }
-    rx
+    (rx, imported_rx)
 }
 
 /// The COPY statement for a range (or the whole table).
@@ -102,6 +116,7 @@ async fn copy_range(
     plan: &SnapshotPlan,
     range: Option<(i64, Option<i64>)>,
     tx: &mpsc::Sender<SnapshotItem>,
+    imported: &watch::Sender<usize>,
 ) -> Result<(), Error> {
     let (client, conn) = plan
         .config
@@ -115,6 +130,7 @@ async fn copy_range(
         ))
         .await
         .map_err(|e| crate::sql_error("importing the slot's snapshot", &e))?;
+    imported.send_modify(|n| *n += 1);
     let sql = copy_sql(&plan.table, &plan.columns, range);
     let stream = client
         .copy_out(sql.as_str())
