@@ -214,6 +214,18 @@ impl Setup {
         support::read_manifest(&self.published(dataset).join("manifest.json"))
     }
 
+    /// Every committed version of `dataset` with its row count, oldest first.
+    fn version_rows(&self, dataset: &str) -> Vec<(u64, u64)> {
+        let versions = self.published(dataset).join("versions");
+        let mut counts: Vec<(u64, u64)> = std::fs::read_dir(versions)
+            .unwrap()
+            .filter_map(|e| support::read_manifest(&e.unwrap().path()))
+            .map(|v| (v.version, v.rows))
+            .collect();
+        counts.sort();
+        counts
+    }
+
     /// Runs SQL as the pipelines' role (which then owns what it creates).
     fn psql(&self, sql: &str) -> String {
         Cluster::get().psql(
@@ -291,16 +303,11 @@ impl Setup {
 /// Publishes the table afresh (a new slot, snapshot only) and checks that
 /// `dataset` equals it row for row.
 fn assert_matches_fresh_snapshot(setup: &Setup, dataset: &str) {
-    assert_matches_fresh_snapshot_of(setup, dataset, "public.supplier_invoices");
+    assert_matches_fresh_snapshot_of(setup, dataset, "public.supplier_invoices", RULES);
 }
 
-/// As [`assert_matches_fresh_snapshot`], for a dataset of `table` (an invoice table).
-fn assert_matches_fresh_snapshot_of(setup: &Setup, dataset: &str, table: &str) {
-    assert_matches_fresh_snapshot_by(setup, dataset, table, RULES);
-}
-
-/// As [`assert_matches_fresh_snapshot_of`], for any table and its `rules`.
-fn assert_matches_fresh_snapshot_by(setup: &Setup, dataset: &str, table: &str, rules: &str) {
+/// As [`assert_matches_fresh_snapshot`], for a dataset of `table` with `rules`.
+fn assert_matches_fresh_snapshot_of(setup: &Setup, dataset: &str, table: &str, rules: &str) {
     let reference = format!("{dataset}_ref");
     let pipeline = setup.pipeline(&reference, table, &format!("{reference}_slot"), rules);
     let out = setup.oppen(&["run", "--once", pipeline.to_str().unwrap()]);
@@ -421,6 +428,13 @@ fn workload(setup: &Setup, next_id: &mut i64) {
     ));
     id += 100;
     *next_id = id;
+}
+
+/// Adds `line` to the pipeline file after `after`, which it must hold once.
+fn add_after(pipeline: &Path, after: &str, line: &str) {
+    let text = std::fs::read_to_string(pipeline).unwrap();
+    assert_eq!(text.matches(after).count(), 1, "{after:?} in {text}");
+    std::fs::write(pipeline, text.replace(after, &format!("{after}{line}"))).unwrap();
 }
 
 fn setup_table(setup: &Setup, rows: i64) {
@@ -643,7 +657,7 @@ fn pipelines_sharing_a_slot_each_publish_their_table() {
         ("late", "archive.supplier_invoices"),
     ] {
         support::check_whole(&setup.published(dataset)).unwrap();
-        assert_matches_fresh_snapshot_of(&setup, dataset, table);
+        assert_matches_fresh_snapshot_of(&setup, dataset, table, RULES);
     }
 }
 
@@ -654,12 +668,11 @@ fn killed_at_random_points_loses_and_doubles_nothing() {
     let pipeline = setup.pipeline("crashing", "public.supplier_invoices", "crash_slot", RULES);
     // Small parts, so kills also land while parts fill, split, are rewritten
     // in place and emptied.
-    let text = std::fs::read_to_string(&pipeline).unwrap().replace(
+    add_after(
+        &pipeline,
         "  keep_versions: 1000\n",
-        "  keep_versions: 1000\n  max_file_rows: 400\n",
+        "  max_file_rows: 400\n",
     );
-    assert!(text.contains("max_file_rows: 400"));
-    std::fs::write(&pipeline, text).unwrap();
     // The workload runs while the pipeline is killed and restarted.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker = {
@@ -733,17 +746,12 @@ fn a_million_row_transaction_is_published_whole() {
     child.kill().unwrap();
     child.wait().unwrap();
     // No version ever held part of the big transaction.
-    let published = setup.published("big");
-    support::check_whole(&published).unwrap();
-    for entry in std::fs::read_dir(published.join("versions")).unwrap() {
-        let Some(v) = support::read_manifest(&entry.unwrap().path()) else {
-            continue;
-        };
+    support::check_whole(&setup.published("big")).unwrap();
+    let counts = setup.version_rows("big");
+    for (version, rows) in &counts {
         assert!(
-            v.rows == 10 || v.rows >= 1_000_010,
-            "version {} holds {} rows: part of a transaction",
-            v.version,
-            v.rows
+            *rows == 10 || *rows >= 1_000_010,
+            "version {version} holds {rows} rows: part of a transaction (all: {counts:?})"
         );
     }
     assert_eq!(setup.latest("big").unwrap().rows, 1_000_011);
@@ -780,22 +788,15 @@ fn schema_changes_inside_a_transaction_keep_it_whole() {
     });
     child.kill().unwrap();
     child.wait().unwrap();
-    let published = setup.published("menu");
-    support::check_whole(&published).unwrap();
-    let mut counts = Vec::new();
-    for entry in std::fs::read_dir(published.join("versions")).unwrap() {
-        if let Some(v) = support::read_manifest(&entry.unwrap().path()) {
-            counts.push((v.version, v.rows));
-        }
-    }
-    counts.sort();
+    support::check_whole(&setup.published("menu")).unwrap();
+    let counts = setup.version_rows("menu");
     for (version, rows) in &counts {
         assert!(
             [100, 50, 70, 71].contains(rows),
             "version {version} holds {rows} rows: part of a transaction (all: {counts:?})"
         );
     }
-    assert_matches_fresh_snapshot_by(&setup, "menu", "public.menu", rules);
+    assert_matches_fresh_snapshot_of(&setup, "menu", "public.menu", rules);
 }
 
 /// A snapshot copied by several connections, each a range of the table's
@@ -810,12 +811,11 @@ fn a_snapshot_copied_in_parallel_ranges_equals_the_table() {
     // relpages, which the ranges are cut from.
     setup.psql("ANALYZE supplier_invoices");
     let pipeline = setup.pipeline("ranged", "public.supplier_invoices", "ranged_slot", RULES);
-    let text = std::fs::read_to_string(&pipeline).unwrap().replace(
+    add_after(
+        &pipeline,
         "    heartbeat_seconds: 2\n",
-        "    heartbeat_seconds: 2\n    snapshot_workers: 3\n",
+        "    snapshot_workers: 3\n",
     );
-    assert!(text.contains("snapshot_workers: 3"));
-    std::fs::write(&pipeline, text).unwrap();
     let out = setup
         .command(&["run", "--once", pipeline.to_str().unwrap()])
         .env("RUST_LOG", "oppen=info,oppen_connector_postgres=info")
