@@ -202,17 +202,6 @@ pub struct ColumnInfo {
     pub kind: Kind,
 }
 
-/// Parallel COPY connections for a snapshot on a machine of `cores`. Each
-/// connection keeps a server backend busy; a server on this machine takes
-/// those cores from oppen's own decoding and encoding, so then only half.
-/// (2 cores, server local, 2,000,000 rows, eight alternating pairs: one
-/// connection instead of two took 4.87 s instead of 5.06 s and 400 MB
-/// instead of 435 MB at its peak.)
-fn default_snapshot_workers(cores: usize, server_here: bool) -> usize {
-    let workers = if server_here { cores / 2 } else { cores };
-    workers.clamp(1, 4)
-}
-
 /// Whether every host of `config` is this machine (a loopback address,
 /// `localhost` or a Unix socket).
 fn on_this_machine(config: &tokio_postgres::Config) -> bool {
@@ -592,9 +581,8 @@ enum Phase {
         /// Held open until every copying connection has imported the
         /// exported snapshot.
         exporter: Option<ReplicationConnection>,
-        /// How many have.
-        imported: watch::Receiver<usize>,
-        workers: usize,
+        /// How many have not yet.
+        importing: watch::Receiver<usize>,
     },
     /// Streaming changes.
     Streaming,
@@ -962,13 +950,14 @@ impl PostgresSource {
         // -1 when the table was never vacuumed or analyzed: no estimate.
         let estimate: i64 = size.get(1);
         self.health.image_rows = u64::try_from(estimate).ok();
-        let workers = self.config.snapshot_workers.unwrap_or_else(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            default_snapshot_workers(cores, on_this_machine(&self.sql_config.sql))
-        });
-        let workers = snapshot::connections(pages, workers, self.config.snapshot_workers.is_some());
+        let workers = snapshot::connections(
+            pages,
+            self.config.snapshot_workers,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            on_this_machine(&self.sql_config.sql),
+        );
         tracing::info!(table = %self.table, slot = self.config.slot, consistent_point = %wire::format_lsn(created.consistent_point), pages, workers, "copying snapshot");
-        let (rx, imported) = snapshot::start(snapshot::SnapshotPlan {
+        let (rx, importing) = snapshot::start(snapshot::SnapshotPlan {
             config: self.sql_config.clone(),
             table: self.table.clone(),
             columns: self.columns.clone(),
@@ -983,8 +972,7 @@ impl PostgresSource {
             rx,
             consistent_point: created.consistent_point,
             exporter: Some(repl),
-            imported,
-            workers,
+            importing,
         };
         Ok(())
     }
@@ -1034,8 +1022,7 @@ impl PostgresSource {
             rx,
             consistent_point,
             exporter,
-            imported,
-            workers,
+            importing,
         } = &mut self.phase
         else {
             return Ok(SourceEvent::Idle);
@@ -1046,7 +1033,7 @@ impl PostgresSource {
                 // Once every connection has imported the snapshot, the
                 // exporting session may end. (Rows flowing from one is not
                 // enough: another may still be connecting.)
-                if *imported.borrow() >= *workers
+                if *importing.borrow() == 0
                     && let Some(repl) = exporter.take()
                 {
                     repl.close().await;
@@ -1839,12 +1826,20 @@ mod tests {
         assert!(!here("postgres://u@db.kommun.se/db"));
         assert!(!here("postgres://u@10.0.0.5/db"));
         assert!(!here("host=127.0.0.1,db.kommun.se user=u"));
-        assert_eq!(default_snapshot_workers(2, true), 1);
-        assert_eq!(default_snapshot_workers(1, true), 1);
-        assert_eq!(default_snapshot_workers(8, true), 4);
-        assert_eq!(default_snapshot_workers(6, true), 3);
-        assert_eq!(default_snapshot_workers(2, false), 2);
-        assert_eq!(default_snapshot_workers(16, false), 4);
+        let large = 100_000; // pages: 800 MB
+        assert_eq!(snapshot::connections(large, None, 2, true), 1);
+        assert_eq!(snapshot::connections(large, None, 1, true), 1);
+        assert_eq!(snapshot::connections(large, None, 8, true), 4);
+        assert_eq!(snapshot::connections(large, None, 6, true), 3);
+        assert_eq!(snapshot::connections(large, None, 2, false), 2);
+        assert_eq!(snapshot::connections(large, None, 16, false), 4);
+        // Small tables: one connection unless the pipeline says otherwise,
+        // at most one per 4,096 pages by default, one per page when set.
+        assert_eq!(snapshot::connections(8_191, None, 16, false), 1);
+        assert_eq!(snapshot::connections(12_288, None, 16, false), 3);
+        assert_eq!(snapshot::connections(273, Some(3), 2, true), 3);
+        assert_eq!(snapshot::connections(2, Some(3), 2, true), 2);
+        assert_eq!(snapshot::connections(0, Some(0), 2, true), 1);
     }
 
     #[test]

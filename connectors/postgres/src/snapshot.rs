@@ -24,16 +24,23 @@ const PAGES_PER_WORKER: i64 = 4096;
 /// What a snapshot worker sends: a batch of rows, or why it failed.
 pub type SnapshotItem = Result<RecordBatch, Error>;
 
-/// How many connections copy a table of `pages` pages: `workers`, when the
-/// pipeline set it (a page each at least); otherwise `workers` only for large
-/// tables, at most one per [`PAGES_PER_WORKER`] pages.
-pub fn connections(pages: i64, workers: usize, set: bool) -> usize {
-    if set {
-        workers.clamp(1, pages.max(1) as usize)
-    } else if pages >= 2 * PAGES_PER_WORKER {
-        workers.clamp(1, (pages / PAGES_PER_WORKER) as usize)
-    } else {
-        1
+/// How many connections copy a table of `pages` pages: as many as the
+/// pipeline set (a page each at least); by default one per core, at most 4
+/// and one per [`PAGES_PER_WORKER`] pages, for large tables only.
+///
+/// Each connection keeps a server backend busy: a server on this machine
+/// (`server_here`) takes those cores from oppen's own decoding and
+/// encoding, so it gets half of them. (2 cores, 2,000,000 rows, eight
+/// alternating pairs: one connection instead of two took 4.87 s instead of
+/// 5.06 s, and about 400 MB instead of 435 MB at the peak.)
+pub fn connections(pages: i64, set: Option<usize>, cores: usize, server_here: bool) -> usize {
+    match set {
+        Some(workers) => workers.clamp(1, pages.max(1) as usize),
+        None if pages >= 2 * PAGES_PER_WORKER => {
+            let cores = if server_here { cores / 2 } else { cores };
+            cores.clamp(1, 4).min((pages / PAGES_PER_WORKER) as usize)
+        }
+        None => 1,
     }
 }
 
@@ -52,14 +59,13 @@ pub struct SnapshotPlan {
 }
 
 /// Starts the copy; batches arrive on the returned channel, which closes when
-/// every worker is done. The watch counts the workers that have imported the
-/// exported snapshot: the exporting session must stay open until all have,
+/// every worker is done. The watch counts the workers yet to import the
+/// exported snapshot: the exporting session must stay open until it is 0,
 /// or the later ones find the snapshot gone.
 pub fn start(plan: SnapshotPlan) -> (mpsc::Receiver<SnapshotItem>, watch::Receiver<usize>) {
     let (tx, rx) = mpsc::channel(4);
-    let (imported, imported_rx) = watch::channel(0usize);
-    let imported = Arc::new(imported);
     let workers = plan.workers.max(1);
+    let (importing, importing_rx) = watch::channel(workers);
     let per = plan.pages / workers as i64 + 1;
     let plan = Arc::new(plan);
     for w in 0..workers {
@@ -72,14 +78,14 @@ pub fn start(plan: SnapshotPlan) -> (mpsc::Receiver<SnapshotItem>, watch::Receiv
         });
         let tx = tx.clone();
         let plan = plan.clone();
-        let imported = imported.clone();
+        let importing = importing.clone();
         tokio::spawn(async move {
-            if let Err(e) = copy_range(&plan, range, &tx, &imported).await {
+            if let Err(e) = copy_range(&plan, range, &tx, &importing).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
     }
-    (rx, imported_rx)
+    (rx, importing_rx)
 }
 
 /// The COPY statement for a range (or the whole table).
@@ -116,7 +122,7 @@ async fn copy_range(
     plan: &SnapshotPlan,
     range: Option<(i64, Option<i64>)>,
     tx: &mpsc::Sender<SnapshotItem>,
-    imported: &watch::Sender<usize>,
+    importing: &watch::Sender<usize>,
 ) -> Result<(), Error> {
     let (client, conn) = plan
         .config
@@ -130,7 +136,7 @@ async fn copy_range(
         ))
         .await
         .map_err(|e| crate::sql_error("importing the slot's snapshot", &e))?;
-    imported.send_modify(|n| *n += 1);
+    importing.send_modify(|n| *n -= 1);
     let sql = copy_sql(&plan.table, &plan.columns, range);
     let stream = client
         .copy_out(sql.as_str())
@@ -319,14 +325,37 @@ impl CopyDecoder {
 #[cfg(test)]
 mod tests {
     use arrow::array::Int64Array;
-    use arrow::datatypes::{DataType, Field, Schema};
 
     use super::*;
 
+    /// A binary COPY stream's header: signature, flags, no extension.
+    fn header() -> Vec<u8> {
+        let mut out = SIGNATURE.to_vec();
+        out.extend_from_slice(&[0; 8]);
+        out
+    }
+
+    /// A decoder of columns of `kinds`, emitting batches of `batch_rows`.
+    fn decoder(kinds: &[Kind], batch_rows: usize) -> CopyDecoder {
+        let columns: Vec<ColumnInfo> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ColumnInfo {
+                name: format!("c{i}"),
+                sql_type: String::new(),
+                kind: *k,
+            })
+            .collect();
+        CopyDecoder::new(
+            &columns,
+            crate::PostgresSource::schema_of(&columns),
+            batch_rows,
+        )
+    }
+
     /// A binary COPY stream of `(id bigint, name text)` rows.
     fn stream(rows: &[(i64, Option<&str>)]) -> Vec<u8> {
-        let mut out = SIGNATURE.to_vec();
-        out.extend_from_slice(&[0; 8]); // flags, header extension length
+        let mut out = header();
         for (id, name) in rows {
             out.extend_from_slice(&2i16.to_be_bytes());
             out.extend_from_slice(&8i32.to_be_bytes());
@@ -347,22 +376,6 @@ mod tests {
     /// (see `flush`); whatever the chunking, every row comes out once, whole.
     #[test]
     fn rows_split_across_chunks_and_batches_come_out_whole() {
-        let columns = [
-            ColumnInfo {
-                name: "id".into(),
-                sql_type: "bigint".into(),
-                kind: Kind::Int8,
-            },
-            ColumnInfo {
-                name: "name".into(),
-                sql_type: "text".into(),
-                kind: Kind::Text,
-            },
-        ];
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("id", DataType::Int64, true),
-            Field::new("name", DataType::Utf8, true),
-        ]));
         let long = "å".repeat(300);
         let rows: Vec<(i64, Option<&str>)> = (0..23)
             .map(|i| match i % 4 {
@@ -374,7 +387,7 @@ mod tests {
             .collect();
         let bytes = stream(&rows);
         for chunk in [1, 7, 64, bytes.len()] {
-            let mut decoder = CopyDecoder::new(&columns, schema.clone(), 4);
+            let mut decoder = decoder(&[Kind::Int8, Kind::Text], 4);
             let mut batches = Vec::new();
             for piece in bytes.chunks(chunk) {
                 batches.extend(decoder.push(Bytes::copy_from_slice(piece)).unwrap());
@@ -393,24 +406,9 @@ mod tests {
         }
     }
 
+    /// Feeds `bytes` in chunks of `chunk` until the end or an error.
     fn decode_all(kinds: &[Kind], bytes: &[u8], chunk: usize) {
-        let columns: Vec<ColumnInfo> = kinds
-            .iter()
-            .enumerate()
-            .map(|(i, k)| ColumnInfo {
-                name: format!("c{i}"),
-                sql_type: String::new(),
-                kind: *k,
-            })
-            .collect();
-        let schema = Arc::new(Schema::new(
-            kinds
-                .iter()
-                .enumerate()
-                .map(|(i, k)| Field::new(format!("c{i}"), k.arrow_type(), true))
-                .collect::<Vec<_>>(),
-        ));
-        let mut decoder = CopyDecoder::new(&columns, schema, 3);
+        let mut decoder = decoder(kinds, 3);
         for piece in bytes.chunks(chunk.max(1)) {
             if decoder.push(Bytes::copy_from_slice(piece)).is_err() {
                 return;
@@ -441,8 +439,7 @@ mod tests {
                 Kind::TimestampTz,
                 Kind::Bool,
             ];
-            let mut shaped = stream(&[]);
-            shaped.truncate(shaped.len() - 2);
+            let mut shaped = header();
             for row in values.chunks(kinds.len()) {
                 shaped.extend_from_slice(&(kinds.len() as i16).to_be_bytes());
                 for i in 0..kinds.len() {
@@ -454,8 +451,7 @@ mod tests {
             }
             shaped.extend_from_slice(&(-1i16).to_be_bytes());
             decode_all(&kinds, &shaped, chunk);
-            let mut random = SIGNATURE.to_vec();
-            random.extend_from_slice(&[0; 8]);
+            let mut random = header();
             random.extend_from_slice(&raw);
             decode_all(&kinds, &random, chunk);
             decode_all(&kinds, &raw, chunk);
