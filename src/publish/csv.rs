@@ -69,7 +69,9 @@ fn needs_quotes(b: u8) -> bool {
     matches!(b, b',' | b'"' | b'\n' | b'\r')
 }
 
-/// Encodes a batch as CSV with a header row.
+/// Encodes a batch as CSV with a header row, whole (files are written in
+/// chunks of rows: `writer::encode_to`).
+#[cfg(test)]
 pub fn encode(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<(), ArrowError> {
     encode_rows(batch, true, out)
 }

@@ -27,7 +27,6 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use oppen_connector_api::{BatchKind, ColumnType, Op, Position};
-use sha2::{Digest, Sha256};
 
 use crate::classify::{Classified, KEY_COLUMN};
 use crate::config::{OutputFormat, PartitionGrain};
@@ -222,14 +221,6 @@ fn store_err(store: &Store) -> impl Fn(object_store::Error) -> PublishError + '_
     move |source| PublishError::Store {
         store: store.location().to_string(),
         source,
-    }
-}
-
-fn file_ref(path: String, bytes: &Bytes) -> FileRef {
-    FileRef {
-        path,
-        bytes: bytes.len() as u64,
-        sha256: hex::encode(Sha256::digest(bytes)),
     }
 }
 
@@ -1141,72 +1132,50 @@ struct JobContext {
 }
 
 impl JobContext {
-    /// Encodes off the async workers, then writes.
+    /// Encodes on a blocking thread and writes as the encoder goes, so a
+    /// part's files are never whole in memory: CSV (text is bigger than the
+    /// columns) whole was a quarter of the peak memory of a large first
+    /// version, and its state and Parquet files another quarter.
     async fn run(self, job: FileJob) -> Result<(FileRole, FileRef)> {
-        if let FileRole::Data {
-            format: OutputFormat::Csv,
-            ..
-        }
-        | FileRole::Changes {
-            format: OutputFormat::Csv,
-        } = job.role
-        {
-            return self.stream_csv(job).await;
-        }
         let FileJob { role, path, rows } = job;
-        let encode_role = role.clone();
-        let bytes = tokio::task::spawn_blocking(move || -> Result<Bytes> {
-            match encode_role {
-                FileRole::State { .. } => Ok(state::encode_state(&rows)?),
-                FileRole::Data { format, .. } => {
-                    Ok(writer::encode(format, &state::without_key(&rows))?)
-                }
-                FileRole::Changes { format } => Ok(writer::encode(format, &rows)?),
-            }
-        })
-        .await
-        .map_err(|e| PublishError::State(format!("encoder task failed: {e}")))??;
-        let file = file_ref(path.clone(), &bytes);
         let store = if matches!(role, FileRole::State { .. }) {
-            &self.state_store
+            self.state_store
         } else {
-            &self.store
-        };
-        store
-            .put(&format!("{}/{path}", self.dataset), bytes)
-            .await
-            .map_err(store_err(store))?;
-        Ok((role, file))
-    }
-
-    /// Encodes a CSV file in chunks of rows and writes each as it is done: CSV
-    /// is the largest file of a part (text is bigger than the columns), and
-    /// whole it was a quarter of the peak memory of a large first version.
-    async fn stream_csv(self, job: FileJob) -> Result<(FileRole, FileRef)> {
-        let FileJob { role, path, rows } = job;
-        let rows = match role {
-            FileRole::Data { .. } => state::without_key(&rows),
-            _ => rows,
+            self.store
         };
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let encoding = tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
-            let mut hasher = Sha256::new();
-            let mut size = 0;
-            writer::csv_chunks(&rows, |chunk| {
-                hasher.update(&chunk);
-                size += chunk.len() as u64;
-                tx.blocking_send(store::Chunk::Data(chunk)).is_ok()
-            })?;
+        let encode_role = role.clone();
+        let encoding = tokio::task::spawn_blocking(move || -> Result<Option<(String, u64)>> {
+            let mut sink = store::ChunkWriter::new(tx);
+            let encoded = match encode_role {
+                FileRole::State { .. } => {
+                    state::encode_state_to(&rows, &mut sink).map_err(PublishError::from)
+                }
+                FileRole::Data { format, .. } => {
+                    writer::encode_to(format, &state::without_key(&rows), &mut sink)
+                        .map_err(PublishError::from)
+                }
+                FileRole::Changes { format } => {
+                    writer::encode_to(format, &rows, &mut sink).map_err(PublishError::from)
+                }
+            };
+            // The store writer went away: its error is the one to report.
+            if sink.stopped() {
+                return Ok(None);
+            }
+            encoded?;
             // Only a whole file is ended: if encoding failed, the writer sees
             // the channel close without an end and leaves nothing.
-            let _ = tx.blocking_send(store::Chunk::End);
-            Ok((hex::encode(hasher.finalize()), size))
+            Ok(sink.finish().ok())
         });
         let full = format!("{}/{path}", self.dataset);
-        let (written, encoded) = futures::join!(self.store.put_chunks(&full, rx), encoding);
-        let (sha256, bytes) =
+        let (written, encoded) = futures::join!(store.put_chunks(&full, rx), encoding);
+        let encoded =
             encoded.map_err(|e| PublishError::State(format!("encoder task failed: {e}")))??;
-        written.map_err(store_err(&self.store))?;
+        written.map_err(store_err(&store))?;
+        let (sha256, bytes) = encoded.ok_or_else(|| {
+            PublishError::State(format!("the writer of {full} stopped before its end"))
+        })?;
         Ok((
             role,
             FileRef {

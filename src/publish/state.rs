@@ -328,23 +328,40 @@ pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, Arr
 /// encode`). Published Parquet keeps level 3: consumers download it.
 const STATE_ZSTD_LEVEL: i32 = 1;
 
+/// Rows per record batch of a state file. The IPC writer compresses a whole
+/// batch into one buffer before writing it: in slices, a part's state is never
+/// whole in memory twice (as one 200,000-row batch it held about 60 MB of a
+/// large first version's peak).
+const STATE_BATCH_ROWS: usize = 32 * 1024;
+
 /// Encodes a state batch as Arrow IPC (zstd): fast to read back, and small on
 /// remote stores and disks, where bytes cost more than the compression.
 pub fn encode_state(batch: &RecordBatch) -> Result<Bytes, ArrowError> {
+    let mut out = Vec::new();
+    encode_state_to(batch, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+/// [`encode_state`] into `out` as it goes, in slices of [`STATE_BATCH_ROWS`].
+pub fn encode_state_to(
+    batch: &RecordBatch,
+    out: &mut impl std::io::Write,
+) -> Result<(), ArrowError> {
     let options = arrow::ipc::writer::IpcWriteOptions::default()
         .try_with_compression(Some(arrow::ipc::CompressionType::ZSTD))?
         .try_with_compression_level(Some(STATE_ZSTD_LEVEL))?;
-    let mut out = Vec::with_capacity(batch.get_array_memory_size() / 2);
-    {
-        let mut writer = arrow::ipc::writer::FileWriter::try_new_with_options(
-            &mut out,
-            &batch.schema(),
-            options,
-        )?;
-        writer.write(batch)?;
-        writer.finish()?;
+    let mut writer =
+        arrow::ipc::writer::FileWriter::try_new_with_options(out, &batch.schema(), options)?;
+    let mut start = 0;
+    loop {
+        let len = STATE_BATCH_ROWS.min(batch.num_rows() - start);
+        writer.write(&batch.slice(start, len))?;
+        start += len;
+        if start >= batch.num_rows() {
+            break;
+        }
     }
-    Ok(Bytes::from(out))
+    writer.finish()
 }
 
 /// Decodes a state file.
@@ -428,5 +445,27 @@ mod tests {
             super::row_hashes(&x).unwrap(),
             super::row_hashes(&y).unwrap()
         );
+    }
+
+    /// A state file is written in slices and reads back as the one batch it
+    /// was, for an empty part, a part within one slice and one across several.
+    #[test]
+    fn state_files_in_slices_read_back_whole() {
+        for rows in [0, 5, 2 * super::STATE_BATCH_ROWS + 17] {
+            let b = batch(
+                (0..rows).map(|i| (i % 3 != 0).then_some("rad")).collect(),
+                (0..rows as i64).map(Some).collect(),
+            );
+            let bytes = super::encode_state(&b).unwrap();
+            let reader =
+                arrow::ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes.clone()), None)
+                    .unwrap();
+            assert_eq!(
+                reader.num_batches(),
+                rows.div_ceil(super::STATE_BATCH_ROWS).max(1),
+                "{rows} rows"
+            );
+            assert_eq!(super::decode_state(bytes).unwrap(), b, "{rows} rows");
+        }
     }
 }

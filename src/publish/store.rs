@@ -8,6 +8,7 @@ use bytes::Bytes;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use sha2::{Digest, Sha256};
 
 /// Settings for S3-compatible stores (`publish.s3` in a pipeline file). Credentials
 /// come from the standard AWS environment variables, never from the file.
@@ -285,6 +286,106 @@ pub enum Chunk {
     End,
 }
 
+/// Bytes an encoder writes, gathered into chunks of about [`CHUNK_BYTES`]
+/// and sent to [`Store::put_chunks`] as they fill, with the file's size and
+/// sha256 worked out on the way. Runs on a blocking thread (it blocks when
+/// the store is behind).
+pub struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+    buffer: Vec<u8>,
+    hasher: Sha256,
+    size: u64,
+    /// The receiving writer went away (its error is the one to report).
+    stopped: bool,
+}
+
+/// Chunk size of a [`ChunkWriter`]: large enough that sending costs nothing,
+/// small next to a part's files.
+const CHUNK_BYTES: usize = 1 << 20;
+
+impl fmt::Debug for ChunkWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChunkWriter")
+            .field("size", &self.size)
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChunkWriter {
+    /// A writer sending to `tx`.
+    pub fn new(tx: tokio::sync::mpsc::Sender<Chunk>) -> Self {
+        Self {
+            tx,
+            buffer: Vec::new(),
+            hasher: Sha256::new(),
+            size: 0,
+            stopped: false,
+        }
+    }
+
+    fn send(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        self.hasher.update(&bytes);
+        self.size += bytes.len() as u64;
+        if self.tx.blocking_send(Chunk::Data(bytes)).is_err() {
+            self.stopped = true;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the store writer stopped",
+            ));
+        }
+        Ok(())
+    }
+
+    fn send_buffer(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_BYTES));
+        self.send(Bytes::from(full))
+    }
+
+    /// Whether the receiving writer went away: the error to report is its own.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Sends what is left and ends the object: (hex sha256, size). Only a
+    /// whole file is ended; a writer dropped without this leaves no object.
+    pub fn finish(mut self) -> std::io::Result<(String, u64)> {
+        self.send_buffer()?;
+        if self.tx.blocking_send(Chunk::End).is_err() {
+            self.stopped = true;
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        Ok((hex::encode(self.hasher.finalize()), self.size))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= CHUNK_BYTES {
+            self.send_buffer()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // Chunks go when they are full or the file ends; a flush of the
+        // encoder's own buffers needs no store round trip.
+        Ok(())
+    }
+}
+
+impl super::writer::Sink for ChunkWriter {
+    fn put(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        // A chunk the encoder made whole goes as it is, without a copy.
+        self.send_buffer()?;
+        self.send(bytes)
+    }
+}
+
 /// An open store with the operations versions need.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -332,9 +433,9 @@ impl Store {
     /// Writes an object from chunks as they are produced, so it is never
     /// whole in memory. It appears only at [`Chunk::End`]: a producer that
     /// stops without it leaves nothing (the upload is aborted) and an error.
-    /// Locally the chunks go to a staged file that is renamed into place; to a
-    /// remote store an object that stays below the multipart threshold goes up
-    /// in one put, a larger one in parts, two uploading at a time.
+    /// An object that ends within its first part (2 MB locally, the multipart
+    /// threshold remotely) goes in one put; a larger one goes in parts: locally
+    /// to a staged file renamed into place, remotely two uploading at a time.
     pub async fn put_chunks(
         &self,
         path: &str,
@@ -346,9 +447,14 @@ impl Store {
         };
         let location = ObjectPath::from(path);
         let local = self.location.local_root().is_some();
+        let threshold = if local {
+            LOCAL_PART
+        } else {
+            MULTIPART_THRESHOLD
+        };
         let mut head = Vec::new();
         let mut held = 0;
-        while !local && held < MULTIPART_THRESHOLD {
+        while held < threshold {
             match chunks.recv().await {
                 Some(Chunk::Data(bytes)) => {
                     held += bytes.len();
@@ -535,6 +641,69 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, vec!["whole.csv".to_string()]);
+    }
+
+    /// An encoder's writes and whole chunks arrive as one file with the size
+    /// and sha256 the writer worked out; a file cut after its first parts were
+    /// staged leaves nothing; a writer whose store went away says so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunk_writer_streams_whole_files_with_their_hash() {
+        use std::io::Write;
+
+        use crate::publish::writer::Sink;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreLocation::local(dir.path()).open().unwrap();
+        // 5 MB in writes of odd sizes (across chunks and the local part size),
+        // then a whole chunk handed over.
+        let text: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+        let tail = Bytes::from_static(b"tail of the file\n");
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (data, end) = (text.clone(), tail.clone());
+        let writing = tokio::task::spawn_blocking(move || {
+            let mut sink = ChunkWriter::new(tx);
+            for piece in data.chunks(77_777) {
+                sink.write_all(piece)?;
+            }
+            sink.put(end)?;
+            sink.finish()
+        });
+        let (written, hashed) = futures::join!(store.put_chunks("d/big.bin", rx), writing);
+        written.unwrap();
+        let (sha256, size) = hashed.unwrap().unwrap();
+        let mut whole = text;
+        whole.extend_from_slice(&tail);
+        assert_eq!(size, whole.len() as u64);
+        assert_eq!(sha256, hex::encode(Sha256::digest(&whole)));
+        assert_eq!(store.get("d/big.bin").await.unwrap().unwrap(), whole);
+
+        // Cut after 3 MB (past the first staged part): no file, nothing staged.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let writing = tokio::task::spawn_blocking(move || {
+            let mut sink = ChunkWriter::new(tx);
+            sink.write_all(&vec![7u8; 3 << 20])?;
+            drop(sink);
+            Ok::<_, std::io::Error>(())
+        });
+        let (cut, _) = futures::join!(store.put_chunks("d/cut.bin", rx), writing);
+        assert!(cut.is_err());
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["big.bin".to_string()]);
+
+        // The store side gone: the encoder's next chunk fails and says why.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(rx);
+        let stopped = tokio::task::spawn_blocking(move || {
+            let mut sink = ChunkWriter::new(tx);
+            let err = sink.write_all(&vec![1u8; 2 << 20]).unwrap_err();
+            (err.kind(), sink.stopped())
+        })
+        .await
+        .unwrap();
+        assert_eq!(stopped, (std::io::ErrorKind::BrokenPipe, true));
     }
 
     fn parse(text: &str) -> Result<StoreLocation, String> {

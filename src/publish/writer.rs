@@ -2,6 +2,7 @@
 //! comma, header, RFC 4180 quoting, `\n`).
 
 use std::collections::HashSet;
+use std::io::Write;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::DataType;
@@ -28,17 +29,48 @@ pub enum EncodeError {
     /// Arrow (CSV) failed.
     #[error("writing csv: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// The bytes could not be handed on (the file's writer stopped).
+    #[error("writing the file: {0}")]
+    Io(#[from] std::io::Error),
 }
 
-/// Encodes a batch in `format`.
-pub fn encode(format: OutputFormat, batch: &RecordBatch) -> Result<Bytes, EncodeError> {
-    match format {
-        OutputFormat::Parquet => parquet_bytes(batch),
-        OutputFormat::Csv => csv_bytes(batch),
+/// Where an encoder's bytes go: any writer, and whole chunks an encoder made
+/// itself are handed over as they are (see [`crate::publish::store::ChunkWriter`]).
+pub trait Sink: Write + Send {
+    /// Takes a whole chunk of the file.
+    fn put(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        self.write_all(&bytes)
     }
 }
 
+impl Sink for Vec<u8> {}
+
+/// Encodes a batch in `format`.
+pub fn encode(format: OutputFormat, batch: &RecordBatch) -> Result<Bytes, EncodeError> {
+    let mut out = Vec::new();
+    encode_to(format, batch, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+/// Encodes a batch in `format` into `sink` as it goes, so the file is never
+/// whole in memory when the sink passes it on.
+pub fn encode_to(
+    format: OutputFormat,
+    batch: &RecordBatch,
+    sink: &mut impl Sink,
+) -> Result<(), EncodeError> {
+    match format {
+        OutputFormat::Parquet => parquet_to(batch, sink),
+        OutputFormat::Csv => csv_chunks(batch, |chunk| sink.put(chunk)),
+    }
+}
+
+#[cfg(test)]
 fn parquet_bytes(batch: &RecordBatch) -> Result<Bytes, EncodeError> {
+    encode(OutputFormat::Parquet, batch)
+}
+
+fn parquet_to(batch: &RecordBatch, sink: &mut impl Sink) -> Result<(), EncodeError> {
     let mut properties = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(ZSTD_LEVEL)?))
         .set_statistics_enabled(EnabledStatistics::Page)
@@ -48,11 +80,10 @@ fn parquet_bytes(batch: &RecordBatch) -> Result<Bytes, EncodeError> {
         properties = properties.set_column_dictionary_enabled(ColumnPath::from(name), false);
     }
     let properties = properties.build();
-    let mut out = Vec::with_capacity(batch.get_array_memory_size() / 4);
-    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(properties))?;
+    let mut writer = ArrowWriter::try_new(sink, batch.schema(), Some(properties))?;
     writer.write(batch)?;
     writer.close()?;
-    Ok(Bytes::from(out))
+    Ok(())
 }
 
 /// Rows sampled to judge a column's cardinality.
@@ -90,10 +121,10 @@ const CSV_CHUNK_ROWS: usize = 16 * 1024;
 
 /// Encodes a batch as CSV in chunks of rows, the header in the first, handing
 /// each to `sink` as it is done, so a large file is never whole in memory.
-/// Stops early when `sink` returns false (the writer is gone).
-pub fn csv_chunks(
+/// Stops at the first error of `sink` (the writer is gone).
+fn csv_chunks(
     batch: &RecordBatch,
-    mut sink: impl FnMut(Bytes) -> bool,
+    mut sink: impl FnMut(Bytes) -> std::io::Result<()>,
 ) -> Result<(), EncodeError> {
     let rows = batch.num_rows();
     let mut start = 0;
@@ -105,9 +136,7 @@ pub fn csv_chunks(
         let mut out = Vec::with_capacity(room);
         super::csv::encode_rows(&batch.slice(start, len), start == 0, &mut out)?;
         room = out.len() + out.len() / 8;
-        if !sink(Bytes::from(out)) {
-            return Ok(());
-        }
+        sink(Bytes::from(out))?;
         start += len;
         if start >= rows {
             return Ok(());
@@ -115,6 +144,8 @@ pub fn csv_chunks(
     }
 }
 
+/// The whole file in one call, which the chunks must equal.
+#[cfg(test)]
 fn csv_bytes(batch: &RecordBatch) -> Result<Bytes, EncodeError> {
     let mut out = Vec::new();
     super::csv::encode(batch, &mut out)?;
@@ -203,18 +234,21 @@ mod tests {
         let mut chunks = Vec::new();
         super::csv_chunks(&batch, |c| {
             chunks.push(c);
-            true
+            Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(chunks.len(), 3);
         assert_eq!(chunks.concat(), whole.to_vec());
-        // A writer that goes away stops the encoder.
+        // A writer that goes away stops the encoder, with its error.
         let mut taken = 0;
-        super::csv_chunks(&batch, |_| {
+        let stopped = super::csv_chunks(&batch, |_| {
             taken += 1;
-            false
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        });
+        assert!(
+            matches!(stopped, Err(super::EncodeError::Io(_))),
+            "{stopped:?}"
+        );
         assert_eq!(taken, 1);
     }
 
