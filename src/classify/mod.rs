@@ -86,6 +86,30 @@ pub struct Classified {
 }
 
 impl Classified {
+    /// The pieces of one batch as one (see [`Classifier::classify_pieces`]).
+    pub fn join(schema: &SchemaRef, mut pieces: Vec<Classified>) -> Result<Self, ClassifyError> {
+        if pieces.len() == 1
+            && let Some(whole) = pieces.pop()
+        {
+            return Ok(whole);
+        }
+        let data = arrow::compute::concat_batches(schema, pieces.iter().map(|p| &p.data)).map_err(
+            |source| ClassifyError::Arrow {
+                column: "(batch)".into(),
+                source,
+            },
+        )?;
+        Ok(Classified {
+            data,
+            ops: pieces.iter().flat_map(|p| p.ops.iter().copied()).collect(),
+            suppressed_by: pieces
+                .iter()
+                .flat_map(|p| p.suppressed_by.iter().copied())
+                .collect(),
+            values_redacted: pieces.iter().map(|p| p.values_redacted).sum(),
+        })
+    }
+
     /// Rows suppressed by each row rule, in rule order.
     pub fn suppressed_counts(&self, rules: usize) -> Vec<u64> {
         let mut counts = vec![0u64; rules];
@@ -254,10 +278,17 @@ impl Classifier {
     /// Classifies one batch (which must have this classifier's source schema).
     /// Large batches are split over the machine's cores: rows are independent.
     pub fn classify(&self, batch: &ChangeBatch) -> Result<Classified, ClassifyError> {
+        Classified::join(&self.output_schema, self.classify_pieces(batch)?)
+    }
+
+    /// [`Classifier::classify`] without joining the pieces a large batch was
+    /// split into: a caller that stages them one after the other saves copying
+    /// every classified row once more. At least one piece, in row order.
+    pub fn classify_pieces(&self, batch: &ChangeBatch) -> Result<Vec<Classified>, ClassifyError> {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let rows = batch.num_rows();
         if threads < 2 || rows < PARALLEL_MIN_ROWS {
-            return self.classify_part(batch);
+            return Ok(vec![self.classify_part(batch)?]);
         }
         let step = rows.div_ceil(threads);
         let parts: Vec<ChangeBatch> = (0..rows)
@@ -287,7 +318,7 @@ impl Classifier {
                 })
                 .collect()
         });
-        let parts = results
+        results
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
@@ -307,22 +338,7 @@ impl Classifier {
                     other => other,
                 })
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let data =
-            arrow::compute::concat_batches(&self.output_schema, parts.iter().map(|p| &p.data))
-                .map_err(|source| ClassifyError::Arrow {
-                    column: "(batch)".into(),
-                    source,
-                })?;
-        Ok(Classified {
-            data,
-            ops: parts.iter().flat_map(|p| p.ops.iter().copied()).collect(),
-            suppressed_by: parts
-                .iter()
-                .flat_map(|p| p.suppressed_by.iter().copied())
-                .collect(),
-            values_redacted: parts.iter().map(|p| p.values_redacted).sum(),
-        })
+            .collect()
     }
 
     fn classify_part(&self, batch: &ChangeBatch) -> Result<Classified, ClassifyError> {
@@ -474,5 +490,100 @@ impl Classifier {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use oppen_connector_api::{BatchKind, ChangeBatch, Op, Position};
+
+    use super::{Classified, Classifier, PseudonymKey};
+
+    /// A batch split over the cores comes back in pieces, in row order, that
+    /// together are exactly what the joined classification gives: rows, ops,
+    /// suppressions and counts.
+    #[test]
+    fn pieces_of_a_large_batch_join_to_the_whole() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let rules = "columns:\n  id: keep\n  namn: redact\n  belopp: keep\nrows:\n  \
+                     - suppress: { column: belopp, in: [\"13\"], reason: test }\n\
+                     unclassified: drop\n";
+        let pipeline = format!(
+            "dataset:\n  id: t\n  title: T\n  description: T\n  publisher: {{ name: T, org_nr: \"212000-0000\" }}\n  \
+             contact: t@exempel.se\n  license: CC0-1.0\n  access: open\nsource:\n  files: {{ path: {}, pattern: \"*.csv\", \
+             format: csv, mode: full_dump, key: [id] }}\nrules: t.rules.yaml\npublish:\n  store: file://out\n  state: file://state\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("t.rules.yaml"), rules).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("t.yaml"), pipeline).unwrap_or_else(|e| panic!("{e}"));
+        let pipeline =
+            crate::config::load(&dir.path().join("t.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        let rows = 3 * super::PARALLEL_MIN_ROWS as i64 + 7;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("namn", DataType::Utf8, true),
+            Field::new("belopp", DataType::Utf8, true),
+        ]));
+        let data = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(0..rows)),
+                Arc::new(StringArray::from_iter_values((0..rows).map(|i| {
+                    match i % 7 {
+                        0 => format!("Namn {i}, ring 19121212-1212"),
+                        _ => format!("Namn {i}"),
+                    }
+                }))),
+                Arc::new(StringArray::from_iter_values(
+                    (0..rows).map(|i| (i % 50).to_string()),
+                )),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let batch = ChangeBatch {
+            ops: (0..rows)
+                .map(|i| if i % 9 == 0 { Op::Delete } else { Op::Read })
+                .collect(),
+            data,
+            kind: BatchKind::Snapshot,
+            position: Position::File {
+                name: "t".into(),
+                sha256: String::new(),
+            },
+            commit_time: None,
+            end_of_transaction: true,
+        };
+        let key = PseudonymKey::from_bytes(vec![3; 32]).unwrap_or_else(|e| panic!("{e}"));
+        let classifier =
+            Classifier::compile(&pipeline, schema, &key).unwrap_or_else(|e| panic!("{e}"));
+        let pieces = classifier
+            .classify_pieces(&batch)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(pieces.len(), cores.min(rows as usize));
+        assert_eq!(
+            pieces.iter().map(|p| p.data.num_rows()).sum::<usize>(),
+            rows as usize
+        );
+        let whole = classifier
+            .classify(&batch)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let joined =
+            Classified::join(classifier.output_schema(), pieces).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(joined.data, whole.data);
+        assert_eq!(joined.ops, whole.ops);
+        assert_eq!(joined.suppressed_by, whole.suppressed_by);
+        assert_eq!(joined.values_redacted, whole.values_redacted);
+        // The rules did their work: every 50th row suppressed (deletes too:
+        // the rule sees the row's values), names redacted.
+        assert_eq!(
+            whole.suppressed_counts(1),
+            vec![(0..rows).filter(|i| i % 50 == 13).count() as u64]
+        );
+        assert!(whole.values_redacted > 0);
     }
 }

@@ -535,20 +535,25 @@ async fn run_pipeline(
                     commit(&mut publisher, &mut source, &mut capture.summary, tel).await?;
                     first_pending = None;
                 }
-                let (classified, info) = capture.classify(&batch, &source, tel)?;
+                let (pieces, info) = capture.classify(&batch, &source, tel)?;
                 if let Some(info) = info {
                     publisher.set_source_info(info.types, info.unclassified);
                     if let Some(key) = info.primary_key {
                         publisher.set_primary_key(key);
                     }
                 }
-                publisher.stage(
-                    classified,
-                    batch.kind,
-                    batch.end_of_transaction,
-                    batch.position,
-                    batch.commit_time,
-                )?;
+                // The pieces of one batch are staged as the batches of one
+                // transaction: only the last may end it.
+                let last = pieces.len().saturating_sub(1);
+                for (i, classified) in pieces.into_iter().enumerate() {
+                    publisher.stage(
+                        classified,
+                        batch.kind,
+                        batch.end_of_transaction && i == last,
+                        batch.position.clone(),
+                        batch.commit_time,
+                    )?;
+                }
                 if batch.kind == oppen_connector_api::BatchKind::Snapshot
                     && let Some(rows) = source.health().image_rows
                 {
@@ -699,13 +704,15 @@ impl<'a> Capture<'a> {
             .is_none_or(|c| c.source_schema() != &batch.data.schema())
     }
 
-    /// Classifies a batch; with the source's description when the schema changed.
+    /// Classifies a batch, in the pieces it was split into for the cores
+    /// (see [`Classifier::classify_pieces`]); with the source's description
+    /// when the schema changed.
     pub fn classify(
         &mut self,
         batch: &oppen_connector_api::ChangeBatch,
         source: &PipelineSource,
         tel: &mut PipelineTelemetry,
-    ) -> Result<(crate::classify::Classified, Option<SourceInfo>), RunError> {
+    ) -> Result<(Vec<crate::classify::Classified>, Option<SourceInfo>), RunError> {
         let pipeline = self.pipeline;
         let dataset = pipeline.id();
         let mut info = None;
@@ -743,7 +750,7 @@ impl<'a> Capture<'a> {
             return Err(RunError::Config("no classifier".into()));
         };
         let started = Instant::now();
-        let classified = tokio::task::block_in_place(|| c.classify(batch))?;
+        let pieces = tokio::task::block_in_place(|| c.classify_pieces(batch))?;
         tracing::trace!(
             dataset,
             rows = batch.num_rows(),
@@ -751,13 +758,15 @@ impl<'a> Capture<'a> {
             "classified batch"
         );
         self.summary.rows_read += batch.num_rows() as u64;
-        let suppressed = classified.suppressed_counts(pipeline.rules.rows.len());
-        tel.classified(&suppressed, classified.values_redacted);
-        for (total, n) in self.summary.suppressed.iter_mut().zip(suppressed) {
-            *total += n;
+        for classified in &pieces {
+            let suppressed = classified.suppressed_counts(pipeline.rules.rows.len());
+            tel.classified(&suppressed, classified.values_redacted);
+            for (total, n) in self.summary.suppressed.iter_mut().zip(suppressed) {
+                *total += n;
+            }
+            self.summary.values_redacted += classified.values_redacted;
         }
-        self.summary.values_redacted += classified.values_redacted;
-        Ok((classified, info))
+        Ok((pieces, info))
     }
 
     /// Counts and logs an input the source set aside.

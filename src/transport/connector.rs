@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{HEADER_META, HEADER_SCHEMA, KafkaTransport, Meta};
+use crate::classify::Classified;
 use crate::config::Pipeline;
 use crate::ops::telemetry::PipelineTelemetry;
 use crate::publish::manifest::TransportProgress;
@@ -393,7 +394,15 @@ pub async fn run(
         let (event, behind) = runtime::next_event(&mut source, tel).await?;
         match event {
             SourceEvent::Batch(batch) => {
-                let (classified, info) = capture.classify(&batch, &source, tel)?;
+                let (pieces, info) = capture.classify(&batch, &source, tel)?;
+                // One message per source batch: the position it carries is
+                // acknowledged only with all of the batch's rows.
+                let schema = pieces.first().map(|p| p.data.schema());
+                let classified = match schema {
+                    Some(schema) => Classified::join(&schema, pieces)?,
+                    // Never: a batch classifies into at least one piece.
+                    None => continue,
+                };
                 if let Some(info) = info {
                     sender.schema = super::fingerprint(&classified.data.schema());
                     sender.info = info;
