@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use arrow::array::{BooleanArray, RecordBatch, UInt32Array};
+use arrow::array::{BooleanArray, FixedSizeBinaryArray, RecordBatch, UInt32Array};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use oppen_connector_api::Op;
@@ -53,6 +53,9 @@ pub(super) enum PartWrite {
     /// The write task failed without giving its rows back.
     Lost,
 }
+
+/// A deleted row in [`Streamed::apply_to_keys`] (part ids are dense from 0).
+const DELETED: u32 = u32::MAX;
 
 /// A part still filling, one per partition.
 struct Filling {
@@ -154,17 +157,15 @@ impl Streamed {
         // Rows of this batch per part, in order; a part that fills takes its
         // rows at once, so the next part starts empty.
         let mut rows: HashMap<u32, Vec<u32>, state::KeyHash> = HashMap::default();
+        // The part of each row, DELETED for a delete; applied to the key map below.
+        let mut placed = vec![DELETED; ops.len()];
         let max = placement.max_rows.max(1);
         for (r, op) in ops.iter().enumerate() {
-            let key = state::key_at(keys, r);
             if *op == Op::Delete {
-                if let Some(old) = self.keys.remove(&key) {
-                    self.dirty.insert(old.partition);
-                }
                 continue;
             }
             if let Some((_, seen)) = &mut self.seen {
-                seen.insert(key);
+                seen.insert(state::key_at(keys, r));
             }
             let base = part_of[r];
             let filling = self.filling.entry(base).or_insert_with(|| Filling {
@@ -199,20 +200,38 @@ impl Streamed {
             filling.rows += 1;
             let part = filling.id;
             rows.entry(part).or_default().push(r as u32);
-            let entry = Entry {
-                partition: part,
-                hash: hashes[r],
-            };
-            if let Some(old) = self.keys.insert(key, entry) {
-                self.dirty.insert(old.partition);
-            }
+            placed[r] = part;
         }
+        self.apply_to_keys(keys, &placed, &hashes);
         for filling in self.filling.values_mut() {
             if let Some(indices) = rows.remove(&filling.id) {
                 filling.batches.push(take(data, &indices)?);
             }
         }
         Ok(())
+    }
+
+    /// Records a batch's rows in the key map: each row's part and fingerprint,
+    /// or its removal, in the order of the map's buckets (see
+    /// [`state::bucket_order`]).
+    fn apply_to_keys(&mut self, keys: &FixedSizeBinaryArray, placed: &[u32], hashes: &[u64]) {
+        self.keys
+            .reserve(placed.iter().filter(|p| **p != DELETED).count());
+        for r in state::bucket_order(&self.keys, keys) {
+            let key = state::key_at(keys, r);
+            let old = if placed[r] == DELETED {
+                self.keys.remove(&key)
+            } else {
+                let entry = Entry {
+                    partition: placed[r],
+                    hash: hashes[r],
+                };
+                self.keys.insert(key, entry)
+            };
+            if let Some(old) = old {
+                self.dirty.insert(old.partition);
+            }
+        }
     }
 
     /// Parts that filled since the last call, their rows ready to write
