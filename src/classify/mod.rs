@@ -86,19 +86,29 @@ pub struct Classified {
 }
 
 impl Classified {
-    /// The pieces of one batch as one (see [`Classifier::classify_pieces`]).
-    pub fn join(schema: &SchemaRef, mut pieces: Vec<Classified>) -> Result<Self, ClassifyError> {
+    /// The pieces of one batch as one (see [`Classifier::classify_pieces`],
+    /// which gives at least one).
+    pub fn join(mut pieces: Vec<Classified>) -> Result<Self, ClassifyError> {
         if pieces.len() == 1
             && let Some(whole) = pieces.pop()
         {
             return Ok(whole);
         }
-        let data = arrow::compute::concat_batches(schema, pieces.iter().map(|p| &p.data)).map_err(
-            |source| ClassifyError::Arrow {
+        let schema =
+            pieces
+                .first()
+                .map(|p| p.data.schema())
+                .ok_or_else(|| ClassifyError::Arrow {
+                    column: "(batch)".into(),
+                    source: arrow::error::ArrowError::InvalidArgumentError(
+                        "no pieces to join".into(),
+                    ),
+                })?;
+        let data = arrow::compute::concat_batches(&schema, pieces.iter().map(|p| &p.data))
+            .map_err(|source| ClassifyError::Arrow {
                 column: "(batch)".into(),
                 source,
-            },
-        )?;
+            })?;
         Ok(Classified {
             data,
             ops: pieces.iter().flat_map(|p| p.ops.iter().copied()).collect(),
@@ -278,7 +288,7 @@ impl Classifier {
     /// Classifies one batch (which must have this classifier's source schema).
     /// Large batches are split over the machine's cores: rows are independent.
     pub fn classify(&self, batch: &ChangeBatch) -> Result<Classified, ClassifyError> {
-        Classified::join(&self.output_schema, self.classify_pieces(batch)?)
+        Classified::join(self.classify_pieces(batch)?)
     }
 
     /// [`Classifier::classify`] without joining the pieces a large batch was
@@ -572,8 +582,7 @@ mod tests {
         let whole = classifier
             .classify(&batch)
             .unwrap_or_else(|e| panic!("{e}"));
-        let joined =
-            Classified::join(classifier.output_schema(), pieces).unwrap_or_else(|e| panic!("{e}"));
+        let joined = Classified::join(pieces).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(joined.data, whole.data);
         assert_eq!(joined.ops, whole.ops);
         assert_eq!(joined.suppressed_by, whole.suppressed_by);

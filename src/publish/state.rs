@@ -171,9 +171,7 @@ pub fn index_rows(
 pub fn bucket_order<V>(map: &KeyMap<V>, keys: &FixedSizeBinaryArray) -> Vec<usize> {
     use std::hash::BuildHasher;
 
-    // hashbrown keeps 7/8 of a power of two of buckets; the bucket is the
-    // hash's low bits.
-    let mask = ((map.capacity() * 8 / 7).max(1).next_power_of_two() - 1) as u64;
+    let mask = bucket_mask(map.capacity());
     let hasher = map.hasher();
     let mut order: Vec<(u64, u32)> = (0..keys.len())
         .map(|row| (hasher.hash_one(key_at(keys, row)) & mask, row as u32))
@@ -358,6 +356,13 @@ pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, Arr
 /// encode`). Published Parquet keeps level 3: consumers download it.
 const STATE_ZSTD_LEVEL: i32 = 1;
 
+/// The mask that picks a key's bucket from its hash in a hashbrown table of
+/// `capacity`: tables hold 7/8 of a power of two of buckets (fewer below 8),
+/// and the bucket is the hash's low bits.
+fn bucket_mask(capacity: usize) -> u64 {
+    ((capacity * 8 / 7).max(1).next_power_of_two() - 1) as u64
+}
+
 /// Rows per record batch of a state file. The IPC writer compresses a whole
 /// batch into one buffer before writing it: in slices, a part's state is never
 /// whole in memory twice (as one 200,000-row batch it held about 60 MB of a
@@ -502,7 +507,10 @@ mod tests {
         let mut seen = order.clone();
         seen.sort_unstable();
         assert_eq!(seen, (0..raw.len()).collect::<Vec<_>>());
-        let mask = ((map.capacity() * 8 / 7).next_power_of_two() - 1) as u64;
+        // hashbrown's table for 5000 keys: 8192 buckets, 7168 of them usable.
+        assert_eq!(map.capacity(), 7168);
+        let mask = super::bucket_mask(map.capacity());
+        assert_eq!(mask, 8191);
         let bucket = |row: usize| map.hasher().hash_one(super::key_at(&keys, row)) & mask;
         assert!(order.windows(2).all(|w| bucket(w[0]) <= bucket(w[1])));
         let mut last_row = std::collections::HashMap::new();

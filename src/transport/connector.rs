@@ -397,12 +397,7 @@ pub async fn run(
                 let (pieces, info) = capture.classify(&batch, &source, tel)?;
                 // One message per source batch: the position it carries is
                 // acknowledged only with all of the batch's rows.
-                let schema = pieces.first().map(|p| p.data.schema());
-                let classified = match schema {
-                    Some(schema) => Classified::join(&schema, pieces)?,
-                    // Never: a batch classifies into at least one piece.
-                    None => continue,
-                };
+                let classified = Classified::join(pieces)?;
                 if let Some(info) = info {
                     sender.schema = super::fingerprint(&classified.data.schema());
                     sender.info = info;
