@@ -19,6 +19,7 @@ mod tests;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch};
 use arrow::datatypes::SchemaRef;
@@ -988,6 +989,7 @@ async fn write_part(
     version: u64,
     name: &str,
     rows: RecordBatch,
+    previous: Option<(Arc<InPlace>, BTreeMap<OutputFormat, FileRef>)>,
 ) -> Result<PartFiles> {
     let vname = version_name(version);
     let unique = uuid::Uuid::new_v4();
@@ -997,6 +999,7 @@ async fn write_part(
         },
         path: format!("partitions/{name}/{vname}-{unique}.arrow"),
         rows: rows.clone(),
+        previous: None,
     }];
     for format in formats {
         jobs.push(FileJob {
@@ -1006,6 +1009,9 @@ async fn write_part(
             },
             path: format!("data/{name}/{vname}-{unique}.{}", format.extension()),
             rows: rows.clone(),
+            previous: previous
+                .as_ref()
+                .and_then(|(change, files)| Some((change.clone(), files.get(format)?.clone()))),
         });
     }
     let schema = rows.schema();
@@ -1045,7 +1051,7 @@ fn spawn_part(
     rows: RecordBatch,
 ) -> stream::PartTask {
     tokio::spawn(async move {
-        let written = write_part(&context, &formats, version, &name, rows.clone()).await;
+        let written = write_part(&context, &formats, version, &name, rows.clone(), None).await;
         crate::runtime::failpoint("streamed-part-written");
         written.map_err(|e| (e, rows))
     })
@@ -1121,6 +1127,9 @@ struct FileJob {
     /// Path relative to the dataset folder.
     path: String,
     rows: RecordBatch,
+    /// For a part's data file after an update in place: what changed, and
+    /// the part's file of the version before (copied where unchanged).
+    previous: Option<(Arc<InPlace>, FileRef)>,
 }
 
 /// Where and how file jobs write; cheap to clone.
@@ -1131,17 +1140,53 @@ struct JobContext {
     dataset: String,
 }
 
+/// The previous file of a part updated in place, to copy what did not change
+/// from. Any doubt (the file is gone, unreadable, or not the size its
+/// manifest says) means encoding the part whole: never an error.
+async fn previous_file(
+    store: &Store,
+    dataset: &str,
+    change: &InPlace,
+    file: &FileRef,
+) -> Option<writer::Previous> {
+    let path = format!("{dataset}/{}", file.path);
+    match store.get(&path).await {
+        Ok(Some(bytes)) if bytes.len() as u64 == file.bytes => Some(writer::Previous {
+            bytes,
+            unchanged: change.unchanged.clone(),
+            changed_rows: change.changed_rows.clone(),
+        }),
+        outcome => {
+            tracing::debug!(
+                path,
+                ok = outcome.is_ok(),
+                "previous file not usable; encoding the part whole"
+            );
+            None
+        }
+    }
+}
+
 impl JobContext {
     /// Encodes on a blocking thread and writes as the encoder goes, so a
     /// part's files are never whole in memory: CSV (text is bigger than the
     /// columns) whole was a quarter of the peak memory of a large first
     /// version, and its state and Parquet files another quarter.
     async fn run(self, job: FileJob) -> Result<(FileRole, FileRef)> {
-        let FileJob { role, path, rows } = job;
+        let FileJob {
+            role,
+            path,
+            rows,
+            previous,
+        } = job;
         let store = if matches!(role, FileRole::State { .. }) {
             self.state_store
         } else {
             self.store
+        };
+        let previous = match previous {
+            Some((change, file)) => previous_file(&store, &self.dataset, &change, &file).await,
+            None => None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let encode_role = role.clone();
@@ -1152,8 +1197,14 @@ impl JobContext {
                     state::encode_state_to(&rows, &mut sink).map_err(PublishError::from)
                 }
                 FileRole::Data { format, .. } => {
-                    writer::encode_to(format, &state::without_key(&rows), &mut sink)
-                        .map_err(PublishError::from)
+                    let rows = state::without_key(&rows);
+                    match &previous {
+                        Some(previous) => {
+                            writer::encode_reusing(format, &rows, previous, &mut sink)
+                        }
+                        None => writer::encode_to(format, &rows, &mut sink),
+                    }
+                    .map_err(PublishError::from)
                 }
                 FileRole::Changes { format } => {
                     writer::encode_to(format, &rows, &mut sink).map_err(PublishError::from)
@@ -1191,6 +1242,8 @@ impl JobContext {
 struct Plan {
     /// New content of every rewritten partition (empty ones are removed).
     partitions: BTreeMap<String, RecordBatch>,
+    /// The parts among them whose rows were only updated in place.
+    rewritten: BTreeMap<String, InPlace>,
     /// Changed rows with ops, for the change files.
     changes: Option<RecordBatch>,
     summary: (u64, u64, u64),
@@ -1416,6 +1469,10 @@ impl Publisher {
         let mut added = Vec::new();
         // Rows that need a place in their partition's last part.
         let mut placed_last: Vec<(usize, usize, Key, Entry)> = Vec::new();
+        // Rows updated in place, by part: a part whose only changes these are
+        // keeps its rows in order, and its files can be rewritten from the
+        // previous ones (see `in_place`).
+        let mut in_place: HashMap<u32, KeyMap<(usize, usize)>> = HashMap::new();
         for (key, &(b, r, delete)) in &pending.latest {
             let previous = index.get(key);
             if delete {
@@ -1446,6 +1503,10 @@ impl Publisher {
                         hash: entry.hash,
                     };
                     added_to.entry(entry.partition).or_default().push((b, r));
+                    in_place
+                        .entry(entry.partition)
+                        .or_default()
+                        .insert(*key, (b, r));
                     added.push((*key, entry));
                 }
                 Some(e) => {
@@ -1507,6 +1568,7 @@ impl Publisher {
         };
         let batch_refs: Vec<&RecordBatch> = batches.iter().collect();
         let mut partitions = BTreeMap::new();
+        let mut rewritten = BTreeMap::new();
         let mut deleted_rows = Vec::new();
         let empty = RecordBatch::new_empty(target.clone());
         for id in touched {
@@ -1518,6 +1580,21 @@ impl Publisher {
                 )));
             }
             let old_rows = old.get(&id).unwrap_or(&empty);
+            // Only rows updated in place: the part keeps its order.
+            let updates = in_place.get(&id).filter(|u| {
+                !schema_changed
+                    && removed_from.get(&id).map_or(0, |k| k.len()) == u.len()
+                    && added_to.get(&id).map_or(0, Vec::len) == u.len()
+            });
+            if let Some(updates) = updates
+                && let Some((rows, rewrite)) =
+                    update_in_place(old_rows, updates, &batch_refs, target)?
+            {
+                let name = self.names.name(id).to_string();
+                rewritten.insert(name.clone(), rewrite);
+                partitions.insert(name, rows);
+                continue;
+            }
             let kept = match removed_from.get(&id) {
                 Some(gone) if !gone.is_empty() => {
                     let keys = state::keys(old_rows)?;
@@ -1575,6 +1652,7 @@ impl Publisher {
         };
         Ok(Some(Plan {
             partitions,
+            rewritten,
             changes,
             summary: (inserts, updates, deletes),
             initial,
@@ -1619,6 +1697,7 @@ impl Publisher {
                         format.extension()
                     ),
                     rows: changes.clone(),
+                    previous: None,
                 });
             }
         }
@@ -1632,8 +1711,14 @@ impl Publisher {
         };
         let part_writes = futures::stream::iter(parts.into_iter().map(|(name, rows)| {
             let (context, formats) = (context.clone(), formats.clone());
+            // A part updated in place is written from its previous files.
+            let previous = plan.rewritten.get(&name).and_then(|change| {
+                let p = self.partitions.get(&name)?;
+                Some((Arc::new(change.clone()), p.files.files.clone()))
+            });
             async move {
-                let files = write_part(&context, &formats, version, &name, rows.clone()).await?;
+                let files =
+                    write_part(&context, &formats, version, &name, rows.clone(), previous).await?;
                 Ok::<_, PublishError>((name, (files, Some(rows))))
             }
         }))
@@ -2150,6 +2235,85 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
 }
 
 /// Gathers rows `(batch, row)` from several batches into one.
+/// What an update in place changed in a part: its files are written again
+/// from the previous ones (see [`writer::encode_reusing`]).
+#[derive(Debug, Clone)]
+struct InPlace {
+    /// Per published column (without `_key`): no value changed.
+    unchanged: Vec<bool>,
+    /// The rows whose values changed, ascending.
+    changed_rows: Vec<u32>,
+}
+
+/// A part's rows with `updates` (key to its new row among the staged
+/// batches) applied where the keys stand, and what changed; `None` if a key
+/// is not in the part. Unchanged columns are the old arrays themselves, so
+/// an update of a few columns copies only those.
+fn update_in_place(
+    old: &RecordBatch,
+    updates: &KeyMap<(usize, usize)>,
+    batches: &[&RecordBatch],
+    target: &SchemaRef,
+) -> Result<Option<(RecordBatch, InPlace)>> {
+    let keys = state::keys(old)?;
+    let mut at = Vec::with_capacity(updates.len());
+    let mut from = Vec::with_capacity(updates.len());
+    for row in 0..old.num_rows() {
+        if let Some(&staged) = updates.get(&state::key_at(keys, row)) {
+            at.push(row as u32);
+            from.push(staged);
+        }
+    }
+    if at.len() != updates.len() {
+        return Ok(None);
+    }
+    let new = take_rows(batches, &from, target)?;
+    let positions = arrow::array::UInt32Array::from(at.clone());
+    // Old row, or the n-th new row where one was updated.
+    let mut next = 0;
+    let picks: Vec<(usize, usize)> = (0..old.num_rows())
+        .map(|row| {
+            if at.get(next) == Some(&(row as u32)) {
+                next += 1;
+                (1, next - 1)
+            } else {
+                (0, row)
+            }
+        })
+        .collect();
+    let mut columns = Vec::with_capacity(target.fields().len());
+    let mut unchanged = Vec::with_capacity(target.fields().len());
+    for (field, (before, after)) in target
+        .fields()
+        .iter()
+        .zip(old.columns().iter().zip(new.columns()))
+    {
+        let was = arrow::compute::take(before.as_ref(), &positions, None)?;
+        if was.to_data() == after.to_data() {
+            columns.push(before.clone());
+            if field.name() != KEY_COLUMN {
+                unchanged.push(true);
+            }
+        } else {
+            columns.push(arrow::compute::interleave(
+                &[before.as_ref(), after.as_ref()],
+                &picks,
+            )?);
+            if field.name() != KEY_COLUMN {
+                unchanged.push(false);
+            }
+        }
+    }
+    let rows = RecordBatch::try_new(target.clone(), columns)?;
+    Ok(Some((
+        rows,
+        InPlace {
+            unchanged,
+            changed_rows: at,
+        },
+    )))
+}
+
 fn take_rows(
     batches: &[&RecordBatch],
     indices: &[(usize, usize)],

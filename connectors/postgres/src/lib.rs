@@ -50,6 +50,10 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const GATHER: Duration = Duration::from_millis(200);
 /// How long `next` waits for the stream before reporting idle.
 const IDLE_WAIT: Duration = Duration::from_millis(250);
+/// How long the stream must stay quiet after rows were handed out before
+/// `next` reports idle (and the engine cuts a version): a burst of changes is
+/// published 50 ms after its last transaction, not after the idle poll.
+const QUIET_WAIT: Duration = Duration::from_millis(50);
 /// The prefix of the logical messages the connector emits (heartbeats).
 const HEARTBEAT_PREFIX: &str = "oppen-heartbeat";
 /// How long a new stream may take to reach the heartbeat emitted at its start
@@ -680,6 +684,8 @@ pub struct PostgresSource {
     /// i.e. everything committed before the start is read. Until then the
     /// source does not report idle (so `run --once` publishes it).
     caught_up: bool,
+    /// Rows were handed out since the last idle (see [`QUIET_WAIT`]).
+    handed_out: bool,
     /// Where the heartbeat emitted at the stream's start is.
     catch_up_target: Option<u64>,
     /// Whether idle waits for the start's heartbeat however long the backlog
@@ -773,6 +779,7 @@ impl PostgresSource {
             columns: Vec::new(),
             restart_snapshot: false,
             caught_up: false,
+            handed_out: false,
             catch_up_target: None,
             whole_backlog: false,
             stream_started: Instant::now(),
@@ -1551,10 +1558,16 @@ impl PostgresSource {
             self.skip_through = self.emitted;
             self.start_stream(from).await?;
         }
-        let deadline = Instant::now() + IDLE_WAIT;
+        let quiet = if self.handed_out {
+            QUIET_WAIT
+        } else {
+            IDLE_WAIT
+        };
+        let deadline = Instant::now() + quiet;
         let was_caught_up = self.caught_up;
         loop {
             if let Some(batch) = self.ready.pop_front() {
+                self.handed_out = true;
                 return Ok(SourceEvent::Batch(batch));
             }
             let has_rows = self.pending.as_ref().is_some_and(|p| !p.ops.is_empty());
@@ -1592,6 +1605,7 @@ impl PostgresSource {
         }
         self.heartbeat().await;
         self.poll_slot().await;
+        self.handed_out = false;
         Ok(SourceEvent::Idle)
     }
 
