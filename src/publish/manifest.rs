@@ -177,6 +177,12 @@ pub struct State {
     pub version: u64,
     /// The state file (Arrow IPC, with `_key`) of every partition.
     pub partitions: BTreeMap<String, FileRef>,
+    /// Updates in place laid over a partition's state file, oldest first:
+    /// Arrow IPC files of `_row` (the row in the state file) and the columns
+    /// that changed. Small next to rewriting the part's whole state for every
+    /// version; folded into a new state file once they grow.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub updates: BTreeMap<String, Vec<FileRef>>,
     /// Identifies the pseudonym key that made the `_key`s (not the key itself).
     pub key_fingerprint: String,
     /// Source columns no rule classified when this version was made.

@@ -109,20 +109,33 @@ pub struct Settings {
 /// A committed part.
 #[derive(Debug, Clone)]
 struct Partition {
-    /// Its rows, while cached; read from `state_file` when a version needs them.
+    /// Its rows, while cached; read from `state` when a version needs them.
     rows: Option<RecordBatch>,
     /// First and last day of its first date or timestamp column.
     dates: Option<(i32, i32)>,
     /// The version that last wrote or read it (the cache keeps the newest).
     used: u64,
-    state_file: FileRef,
+    state: StateFiles,
     files: PartitionFiles,
 }
+
+/// A part's private state: its state file and the updates in place laid
+/// over it, oldest first (see [`State::updates`]).
+#[derive(Debug, Clone, PartialEq)]
+struct StateFiles {
+    file: FileRef,
+    updates: Vec<FileRef>,
+}
+
+/// Update files a part's state may carry before they are folded into a new
+/// state file; each holds at most an eighth of the part's rows. Reading a
+/// part then costs at most twice its rows.
+const MAX_STATE_UPDATES: usize = 8;
 
 /// The files of one written part.
 #[derive(Debug, Clone)]
 struct PartFiles {
-    state: FileRef,
+    state: StateFiles,
     data: BTreeMap<OutputFormat, FileRef>,
     rows: u64,
     dates: Option<(i32, i32)>,
@@ -316,11 +329,15 @@ impl Publisher {
             .iter()
             .map(|(name, file)| {
                 let store = self.state_store.clone();
-                let path = self.path(&file.path);
-                let (name, file) = (name.clone(), file.clone());
+                let files = StateFiles {
+                    file: file.clone(),
+                    updates: state.updates.get(name).cloned().unwrap_or_default(),
+                };
+                let dataset = self.settings.dataset.clone();
+                let name = name.clone();
                 async move {
-                    let rows = read_part(&store, path).await?;
-                    Ok::<_, PublishError>((name, file, rows))
+                    let rows = read_part(&store, &dataset, &files).await?;
+                    Ok::<_, PublishError>((name, files, rows))
                 }
             })
             .collect();
@@ -348,7 +365,7 @@ impl Publisher {
                     rows,
                     dates,
                     used: newest,
-                    state_file,
+                    state: state_file,
                     files,
                 },
             );
@@ -790,7 +807,8 @@ impl Publisher {
             if let PartWrite::Written(files) = &part.write
                 && (streamed.dirty.contains(&part.id) || files.schema != target)
             {
-                let rows = self.read_state(&files.state).await?;
+                let rows =
+                    read_part(&self.state_store, &self.settings.dataset, &files.state).await?;
                 part.write = PartWrite::Rows(vec![rows]);
             }
         }
@@ -850,11 +868,6 @@ impl Publisher {
             .map(Some)
     }
 
-    /// Reads a committed part's rows from the private state.
-    async fn read_state(&self, file: &FileRef) -> Result<RecordBatch> {
-        read_part(&self.state_store, self.path(&file.path)).await
-    }
-
     /// Reads the committed parts this version needs into memory: those
     /// holding a key it changes, the last part of each partition it adds
     /// rows to, and every part when the schema changed.
@@ -897,10 +910,10 @@ impl Publisher {
             .filter_map(|name| {
                 let p = self.partitions.get_mut(&name)?;
                 p.used = version;
-                let path = format!("{dataset}/{}", p.state_file.path);
+                let (files, dataset) = (p.state.clone(), dataset.clone());
                 let store = self.state_store.clone();
                 p.rows.is_none().then_some(async move {
-                    Ok::<_, PublishError>((name, read_part(&store, path).await?))
+                    Ok::<_, PublishError>((name, read_part(&store, &dataset, &files).await?))
                 })
             })
             .collect();
@@ -951,21 +964,37 @@ impl Publisher {
 }
 
 /// Reads a part's rows from a state file.
-async fn read_part(store: &Store, path: String) -> Result<RecordBatch> {
-    let bytes = store
-        .get(&path)
-        .await
-        .map_err(store_err(store))?
-        .ok_or_else(|| {
-            PublishError::State(format!(
-                "state file {path} is missing in {}; restore the state location",
-                store.location()
-            ))
-        })?;
-    tokio::task::spawn_blocking(move || state::decode_state(bytes))
-        .await
-        .map_err(|e| PublishError::State(e.to_string()))?
-        .map_err(PublishError::from)
+/// Reads a part's rows from its state file and the updates laid over it.
+async fn read_part(store: &Store, dataset: &str, files: &StateFiles) -> Result<RecordBatch> {
+    let read = |file: &FileRef| {
+        let path = format!("{dataset}/{}", file.path);
+        async move {
+            store
+                .get(&path)
+                .await
+                .map_err(store_err(store))?
+                .ok_or_else(|| {
+                    PublishError::State(format!(
+                        "state file {path} is missing in {}; restore the state location",
+                        store.location()
+                    ))
+                })
+        }
+    };
+    let base = read(&files.file).await?;
+    let updates = futures::future::try_join_all(files.updates.iter().map(read)).await?;
+    let described = files.file.path.clone();
+    tokio::task::spawn_blocking(move || -> Result<RecordBatch> {
+        let mut rows = state::decode_state(base)?;
+        for update in updates {
+            rows = state::apply_update(&rows, &state::decode_state(update)?).map_err(|e| {
+                PublishError::State(format!("updates of state file {described}: {e}"))
+            })?;
+        }
+        Ok(rows)
+    })
+    .await
+    .map_err(|e| PublishError::State(e.to_string()))?
 }
 
 /// First and last day in a batch's first date or timestamp column.
@@ -989,18 +1018,46 @@ async fn write_part(
     version: u64,
     name: &str,
     rows: RecordBatch,
-    previous: Option<(Arc<InPlace>, BTreeMap<OutputFormat, FileRef>)>,
+    previous: Option<PreviousPart>,
 ) -> Result<PartFiles> {
     let vname = version_name(version);
     let unique = uuid::Uuid::new_v4();
-    let mut jobs = vec![FileJob {
-        role: FileRole::State {
-            partition: name.to_string(),
+    // After an update in place of few rows, the state gets an update file
+    // (the changed rows' changed columns) instead of a new state file.
+    let update = previous.as_ref().filter(|p| {
+        p.state.updates.len() < MAX_STATE_UPDATES
+            && p.change.changed_rows.len() * 8 <= rows.num_rows()
+    });
+    let state_job = match update {
+        Some(p) => {
+            let changed: Vec<&str> = rows
+                .schema_ref()
+                .fields()
+                .iter()
+                .filter(|f| f.name() != KEY_COLUMN)
+                .zip(&p.change.unchanged)
+                .filter(|(_, unchanged)| !**unchanged)
+                .map(|(f, _)| f.name().as_str())
+                .collect();
+            FileJob {
+                role: FileRole::State {
+                    partition: name.to_string(),
+                },
+                path: format!("partitions/{name}/{vname}-{unique}-update.arrow"),
+                rows: state::update_rows(&rows, &p.change.changed_rows, &changed)?,
+                previous: None,
+            }
+        }
+        None => FileJob {
+            role: FileRole::State {
+                partition: name.to_string(),
+            },
+            path: format!("partitions/{name}/{vname}-{unique}.arrow"),
+            rows: rows.clone(),
+            previous: None,
         },
-        path: format!("partitions/{name}/{vname}-{unique}.arrow"),
-        rows: rows.clone(),
-        previous: None,
-    }];
+    };
+    let mut jobs = vec![state_job];
     for format in formats {
         jobs.push(FileJob {
             role: FileRole::Data {
@@ -1011,7 +1068,7 @@ async fn write_part(
             rows: rows.clone(),
             previous: previous
                 .as_ref()
-                .and_then(|(change, files)| Some((change.clone(), files.get(format)?.clone()))),
+                .and_then(|p| Some((p.change.clone(), p.files.get(format)?.clone()))),
         });
     }
     let schema = rows.schema();
@@ -1031,8 +1088,19 @@ async fn write_part(
             FileRole::Changes { .. } => {}
         }
     }
-    let state =
+    let written =
         state.ok_or_else(|| PublishError::State(format!("part {name}: no state file written")))?;
+    let state = match update {
+        Some(p) => {
+            let mut files = p.state.clone();
+            files.updates.push(written);
+            files
+        }
+        None => StateFiles {
+            file: written,
+            updates: Vec::new(),
+        },
+    };
     Ok(PartFiles {
         state,
         data,
@@ -1714,7 +1782,11 @@ impl Publisher {
             // A part updated in place is written from its previous files.
             let previous = plan.rewritten.get(&name).and_then(|change| {
                 let p = self.partitions.get(&name)?;
-                Some((Arc::new(change.clone()), p.files.files.clone()))
+                Some(PreviousPart {
+                    change: Arc::new(change.clone()),
+                    files: p.files.files.clone(),
+                    state: p.state.clone(),
+                })
             });
             async move {
                 let files =
@@ -1801,11 +1873,11 @@ impl Publisher {
             *bytes_by_format.entry(*format).or_default() += file.bytes;
         }
         // Parts after this version: untouched ones referenced again, not copied.
-        let mut all: BTreeMap<String, (FileRef, PartitionFiles)> = self
+        let mut all: BTreeMap<String, (StateFiles, PartitionFiles)> = self
             .partitions
             .iter()
             .filter(|(name, _)| !written.contains_key(*name) && !emptied.contains(name))
-            .map(|(name, p)| (name.clone(), (p.state_file.clone(), p.files.clone())))
+            .map(|(name, p)| (name.clone(), (p.state.clone(), p.files.clone())))
             .collect();
         for (name, (files, _)) in &written {
             all.insert(
@@ -1826,7 +1898,12 @@ impl Publisher {
             version,
             partitions: all
                 .iter()
-                .map(|(n, (s, _))| (n.clone(), s.clone()))
+                .map(|(n, (s, _))| (n.clone(), s.file.clone()))
+                .collect(),
+            updates: all
+                .iter()
+                .filter(|(_, (s, _))| !s.updates.is_empty())
+                .map(|(n, (s, _))| (n.clone(), s.updates.clone()))
                 .collect(),
             key_fingerprint: self.settings.key_fingerprint.clone(),
             unclassified: self.unclassified.clone(),
@@ -1932,7 +2009,7 @@ impl Publisher {
                     rows,
                     dates: files.dates,
                     used: version,
-                    state_file: files.state,
+                    state: files.state,
                     files: PartitionFiles {
                         rows: files.rows,
                         files: files.data,
@@ -1946,7 +2023,8 @@ impl Publisher {
         let public_refs = manifest.files().map(|f| self.path(&f.path)).collect();
         let private_refs = all
             .values()
-            .map(|(state_file, _)| self.path(&state_file.path))
+            .flat_map(|(state, _)| std::iter::once(&state.file).chain(&state.updates))
+            .map(|file| self.path(&file.path))
             .chain([self.path(&manifest::state_manifest_path(&manifest))])
             .collect();
         self.references.insert(version, (public_refs, private_refs));
@@ -2118,7 +2196,12 @@ impl Publisher {
                 .map_err(store_err(&self.state_store))?
                 && let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes)
             {
-                private.extend(s.partitions.values().map(|f| self.path(&f.path)));
+                private.extend(
+                    s.partitions
+                        .values()
+                        .chain(s.updates.values().flatten())
+                        .map(|f| self.path(&f.path)),
+                );
             }
             self.references.insert(*v, (public, private));
         }
@@ -2235,6 +2318,14 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
 }
 
 /// Gathers rows `(batch, row)` from several batches into one.
+/// A part updated in place, as committed before: its files, to write the
+/// new ones from.
+struct PreviousPart {
+    change: Arc<InPlace>,
+    files: BTreeMap<OutputFormat, FileRef>,
+    state: StateFiles,
+}
+
 /// What an update in place changed in a part: its files are written again
 /// from the previous ones (see [`writer::encode_reusing`]).
 #[derive(Debug, Clone)]

@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, FixedSizeBinaryArray, RecordBatch, StringArray, new_null_array,
+    Array, ArrayRef, FixedSizeBinaryArray, RecordBatch, StringArray, UInt32Array, new_null_array,
 };
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
 use bytes::Bytes;
@@ -421,15 +421,87 @@ pub fn without_key(batch: &RecordBatch) -> RecordBatch {
 
 /// Adds an `op` column in front (for change files).
 pub fn with_ops(batch: &RecordBatch, ops: Vec<&'static str>) -> Result<RecordBatch, ArrowError> {
-    let mut fields = vec![Arc::new(arrow::datatypes::Field::new(
-        "op",
-        DataType::Utf8,
-        false,
-    ))];
+    let mut fields = vec![Arc::new(Field::new("op", DataType::Utf8, false))];
     fields.extend(batch.schema().fields().iter().cloned());
     let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from(ops))];
     columns.extend(batch.columns().iter().cloned());
-    RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+/// The column of an update file that names the row of the state file.
+pub const ROW_COLUMN: &str = "_row";
+
+/// An update file's rows: `rows` (a part after an update in place) at
+/// `changed_rows`, with `_row` and only the columns named in `changed`.
+pub fn update_rows(
+    rows: &RecordBatch,
+    changed_rows: &[u32],
+    changed: &[&str],
+) -> Result<RecordBatch, ArrowError> {
+    let positions = UInt32Array::from(changed_rows.to_vec());
+    let mut fields = vec![Field::new(ROW_COLUMN, DataType::UInt32, false)];
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(positions.clone())];
+    for name in changed {
+        let (i, field) = rows
+            .schema()
+            .column_with_name(name)
+            .map(|(i, f)| (i, f.clone()))
+            .ok_or_else(|| ArrowError::SchemaError(format!("no column {name} to update")))?;
+        fields.push(field);
+        columns.push(arrow::compute::take(
+            rows.column(i).as_ref(),
+            &positions,
+            None,
+        )?);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+/// A state file's rows with an update file laid over them.
+pub fn apply_update(base: &RecordBatch, update: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let rows = update
+        .column_by_name(ROW_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
+        .ok_or_else(|| {
+            ArrowError::SchemaError(format!("update file has no {ROW_COLUMN} column"))
+        })?;
+    if rows.null_count() > 0 || rows.values().iter().any(|&r| r as usize >= base.num_rows()) {
+        return Err(ArrowError::InvalidArgumentError(format!(
+            "update file names rows beyond the {} of its state file",
+            base.num_rows()
+        )));
+    }
+    // The base row, or the n-th updated row; the last update of a row wins.
+    let mut picks: Vec<(usize, usize)> = (0..base.num_rows()).map(|r| (0, r)).collect();
+    for (n, &r) in rows.values().iter().enumerate() {
+        picks[r as usize] = (1, n);
+    }
+    let mut columns = base.columns().to_vec();
+    for (field, values) in update.schema().fields().iter().zip(update.columns()) {
+        if field.name() == ROW_COLUMN {
+            continue;
+        }
+        let (i, target) = base
+            .schema()
+            .column_with_name(field.name())
+            .map(|(i, f)| (i, f.clone()))
+            .ok_or_else(|| {
+                ArrowError::SchemaError(format!(
+                    "update file has column {} the state lacks",
+                    field.name()
+                ))
+            })?;
+        if target.data_type() != field.data_type() {
+            return Err(ArrowError::SchemaError(format!(
+                "update file has {} as {}, the state as {}",
+                field.name(),
+                field.data_type(),
+                target.data_type()
+            )));
+        }
+        columns[i] = arrow::compute::interleave(&[columns[i].as_ref(), values.as_ref()], &picks)?;
+    }
+    RecordBatch::try_new(base.schema(), columns)
 }
 
 #[cfg(test)]
@@ -523,6 +595,47 @@ mod tests {
 
     /// A state file is written in slices and reads back as the one batch it
     /// was, for an empty part, a part within one slice and one across several.
+    /// An update file laid over the rows it was made from gives the updated
+    /// rows; one that names rows the state file lacks is refused.
+    #[test]
+    fn update_files_lay_changed_columns_over_the_state() {
+        use arrow::array::{Int64Array, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, true),
+            Field::new("w", DataType::Utf8, true),
+        ]));
+        let batch = |v: &dyn Fn(i64) -> Option<String>| {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from_iter_values(0..100)),
+                Arc::new(StringArray::from_iter((0..100).map(v))),
+                Arc::new(StringArray::from_iter_values(
+                    (0..100).map(|i| format!("w{i}")),
+                )),
+            ];
+            RecordBatch::try_new(schema.clone(), columns).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let base = batch(&|i| Some(format!("v{i}")));
+        let changed = [0u32, 7, 99];
+        let new = batch(&|i| match i {
+            0 | 99 => None,
+            7 => Some("seven".into()),
+            _ => Some(format!("v{i}")),
+        });
+        let update = super::update_rows(&new, &changed, &["v"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(update.num_columns(), 2);
+        let stored =
+            super::decode_state(super::encode_state(&update).unwrap_or_else(|e| panic!("{e}")))
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            super::apply_update(&base, &stored).unwrap_or_else(|e| panic!("{e}")),
+            new
+        );
+        let short = base.slice(0, 50);
+        assert!(super::apply_update(&short, &stored).is_err());
+    }
+
     #[test]
     fn state_files_in_slices_read_back_whole() {
         for rows in [0, 5, 2 * super::STATE_BATCH_ROWS + 17] {

@@ -272,17 +272,19 @@ fn duplicate_keys_and_deletes_in_written_parts_are_rewritten() {
 
 /// Rows updated in place keep their place in their part, and the part's files
 /// (written from the previous ones where values did not change) hold exactly
-/// the current rows in both formats, cached or read back from the state.
+/// the current rows in both formats, cached or read back from the state; the
+/// state takes update files until they are folded into a new state file.
 #[test]
 fn parts_updated_in_place_keep_their_order_in_every_format() {
     for cache in [0, 1 << 20] {
         runtime().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let mut s = settings(3, cache);
+            let mut s = settings(20, cache);
             s.formats = vec![OutputFormat::Parquet, OutputFormat::Csv];
             let mut publisher = open(dir.path(), s.clone(), false).await;
             let mut lsn = 0;
-            let image: Vec<(u8, u8)> = (0..9).map(|id| (id, 0)).collect();
+            // Parts: ids 0-19, 20-39, 40-59.
+            let image: Vec<(u8, u8)> = (0..60).map(|id| (id, 0)).collect();
             stage(
                 &mut publisher,
                 &[(Step::Image(vec![image], None), false)],
@@ -290,29 +292,31 @@ fn parts_updated_in_place_keep_their_order_in_every_format() {
             )
             .await;
             publisher.commit().await.unwrap();
-            // Parts: ids 0-2, 3-5, 6-8. Two updated in place in the first, one
-            // in the second, and a delete beside an update in the third.
-            let changes = vec![
-                (0, Some(1)),
-                (2, Some(2)),
-                (4, Some(1)),
-                (7, None),
-                (8, Some(1)),
-            ];
-            stage(&mut publisher, &[(Step::Changes(changes), false)], &mut lsn).await;
-            let c = publisher.commit().await.unwrap();
-            assert_eq!(summary(&c), Some((8, 0, 4, 1)));
-            // Once more after a restart, from the state alone.
-            drop(publisher);
-            let mut publisher = open(dir.path(), s, false).await;
-            stage(
-                &mut publisher,
-                &[(Step::Changes(vec![(1, Some(2)), (0, Some(2))]), false)],
-                &mut lsn,
-            )
-            .await;
-            publisher.commit().await.unwrap();
-
+            let mut expected: Vec<Option<u8>> = vec![Some(0); 60];
+            // Two rows updated in place in the first part, one in the second,
+            // a delete in the third; then, after a restart
+            // (from the state alone), more versions of single updates than a
+            // part keeps update files for.
+            let mut rounds: Vec<Vec<(u8, Option<u8>)>> =
+                vec![vec![(0, Some(1)), (2, Some(2)), (24, Some(1)), (47, None)]];
+            for round in 0..12u8 {
+                rounds.push(vec![
+                    (round, Some(round % 3 + 3)),
+                    (30 + round, Some(2)),
+                    (48, Some(round)),
+                ]);
+            }
+            for (i, changes) in rounds.into_iter().enumerate() {
+                for &(id, v) in &changes {
+                    expected[id as usize] = v;
+                }
+                stage(&mut publisher, &[(Step::Changes(changes), false)], &mut lsn).await;
+                assert!(publisher.commit().await.unwrap().is_some());
+                if i == 0 {
+                    drop(publisher);
+                    publisher = open(dir.path(), s.clone(), false).await;
+                }
+            }
             let root = dir.path().join("pub/d");
             let super::manifest::VersionManifest::V1(version) =
                 serde_json::from_slice(&std::fs::read(root.join("manifest.json")).unwrap())
@@ -337,17 +341,42 @@ fn parts_updated_in_place_keep_their_order_in_every_format() {
                     from_parquet.extend(String::from_utf8(out).unwrap().lines().map(String::from));
                 }
                 assert_eq!(lines, from_parquet, "part {name}: CSV and Parquet agree");
-                parts.push(lines);
+                parts.extend(lines);
             }
+            let want: Vec<String> = expected
+                .iter()
+                .enumerate()
+                .filter_map(|(id, v)| v.map(|v| format!("{id},v{v}")))
+                .collect();
+            assert_eq!(parts, want, "rows in their places (cache {cache})");
+            // The state of the newest version: the first part got an update
+            // file per version until they were folded into a new state file.
+            let state_path = dir
+                .path()
+                .join("state/d")
+                .join(super::manifest::state_manifest_path(&version));
+            let super::manifest::StateManifest::V1(state) =
+                serde_json::from_slice(&std::fs::read(state_path).unwrap()).unwrap();
+            // Thirteen versions changed it: eight update files, a new state
+            // file, four more.
+            let first = state.updates.get("d").map_or(0, Vec::len);
             assert_eq!(
-                parts,
-                vec![
-                    vec!["0,v2", "1,v2", "2,v2"],
-                    vec!["3,v0", "4,v1", "5,v0"],
-                    vec!["6,v0", "8,v1"],
-                ],
-                "cache {cache}"
+                first,
+                4,
+                "the first part carries {first} update files: {:?}",
+                state.updates.keys().collect::<Vec<_>>()
             );
+            // A publisher that recovers from that state carries on the same.
+            drop(publisher);
+            let mut publisher = open(dir.path(), s.clone(), false).await;
+            stage(
+                &mut publisher,
+                &[(Step::Changes(vec![(5, Some(2))]), false)],
+                &mut lsn,
+            )
+            .await;
+            let c = publisher.commit().await.unwrap();
+            assert_eq!(summary(&c), Some((59, 0, 1, 0)));
         });
     }
 }
