@@ -647,7 +647,8 @@ pub async fn status(files: &[PathBuf]) -> Result<ExitCode> {
             crate::publish::manifest::state_manifest_path(&version)
         );
         if let Ok(Some(bytes)) = state.get(&state_path).await
-            && let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes)
+            && let Ok(s) =
+                serde_json::from_slice::<StateManifest>(&bytes).map(StateManifest::into_state)
         {
             if s.unclassified.is_empty() {
                 println!("  unclassified    none");

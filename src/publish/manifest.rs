@@ -166,6 +166,28 @@ pub enum StateManifest {
     /// The first format.
     #[serde(rename = "oppen.state/1")]
     V1(State),
+    /// A state with update files ([`State::updates`]). Its own tag, so an
+    /// older oppen refuses it instead of reading parts without their updates.
+    #[serde(rename = "oppen.state/2")]
+    V2(State),
+}
+
+impl StateManifest {
+    /// The manifest of `state`, in the oldest format that holds it.
+    pub fn new(state: State) -> Self {
+        if state.updates.is_empty() {
+            Self::V1(state)
+        } else {
+            Self::V2(state)
+        }
+    }
+
+    /// The state, whatever the format.
+    pub fn into_state(self) -> State {
+        match self {
+            Self::V1(state) | Self::V2(state) => state,
+        }
+    }
 }
 
 /// The content of a state manifest.

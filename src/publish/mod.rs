@@ -309,11 +309,12 @@ impl Publisher {
                 self.state_store.location()
             ))
         })?;
-        let StateManifest::V1(state) =
-            serde_json::from_slice(&state_bytes).map_err(|e| PublishError::Corrupt {
+        let state = serde_json::from_slice::<StateManifest>(&state_bytes)
+            .map_err(|e| PublishError::Corrupt {
                 path: state_path.clone(),
                 message: e.to_string(),
-            })?;
+            })?
+            .into_state();
         if state.key_fingerprint != self.settings.key_fingerprint {
             return Err(PublishError::State(format!(
                 "the pseudonym key differs from the one that built {}'s state; use the original key \
@@ -1893,7 +1894,7 @@ impl Publisher {
         }
         let partitions_written = written.len() + emptied.len();
         tracing::debug!(dataset = %self.settings.dataset, "wrote files");
-        let state_manifest = StateManifest::V1(State {
+        let state_manifest = StateManifest::new(State {
             dataset: self.settings.dataset.clone(),
             version,
             partitions: all
@@ -2194,7 +2195,8 @@ impl Publisher {
                 .get(&path)
                 .await
                 .map_err(store_err(&self.state_store))?
-                && let Ok(StateManifest::V1(s)) = serde_json::from_slice::<StateManifest>(&bytes)
+                && let Ok(s) =
+                    serde_json::from_slice::<StateManifest>(&bytes).map(StateManifest::into_state)
             {
                 private.extend(
                     s.partitions

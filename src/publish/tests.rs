@@ -355,8 +355,10 @@ fn parts_updated_in_place_keep_their_order_in_every_format() {
                 .path()
                 .join("state/d")
                 .join(super::manifest::state_manifest_path(&version));
-            let super::manifest::StateManifest::V1(state) =
+            let state: super::manifest::StateManifest =
                 serde_json::from_slice(&std::fs::read(state_path).unwrap()).unwrap();
+            assert!(matches!(state, super::manifest::StateManifest::V2(_)));
+            let state = state.into_state();
             // Thirteen versions changed it: eight update files, a new state
             // file, four more.
             let first = state.updates.get("d").map_or(0, Vec::len);
