@@ -383,6 +383,66 @@ fn parts_updated_in_place_keep_their_order_in_every_format() {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+    /// Versions of updates in place (with a delete now and then) over parts
+    /// large enough to take update files, with restarts from the state: the
+    /// newest version always publishes the rows as they were last staged.
+    #[test]
+    fn update_files_of_the_state_keep_every_version_exact(
+        rows in 16u8..40,
+        max_file_rows in 8usize..20,
+        versions in proptest::collection::vec(
+            (
+                proptest::collection::vec((0u8..40, proptest::option::weighted(0.95, 0u8..4)), 1..3),
+                proptest::bool::weighted(0.25),
+            ),
+            1..14,
+        ),
+        cached in proptest::bool::ANY,
+    ) {
+        let got: Vec<(Vec<String>, Vec<String>)> = runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(max_file_rows, if cached { 1 << 20 } else { 0 });
+            let mut publisher = open(dir.path(), s.clone(), false).await;
+            let mut lsn = 0;
+            let image: Vec<(u8, u8)> = (0..rows).map(|id| (id, 0)).collect();
+            stage(&mut publisher, &[(Step::Image(vec![image], None), false)], &mut lsn).await;
+            publisher.commit().await.unwrap();
+            let mut model: std::collections::BTreeMap<u8, u8> = (0..rows).map(|id| (id, 0)).collect();
+            let mut seen = Vec::new();
+            for (changes, reopen) in versions {
+                // Only keys the table has: updates in place, or deletes.
+                let changes: Vec<(u8, Option<u8>)> =
+                    changes.into_iter().filter(|(id, _)| model.contains_key(id)).collect();
+                if changes.is_empty() {
+                    continue;
+                }
+                for &(id, v) in &changes {
+                    match v {
+                        Some(v) => model.insert(id, v),
+                        None => model.remove(&id),
+                    };
+                }
+                stage(&mut publisher, &[(Step::Changes(changes), false)], &mut lsn).await;
+                publisher.commit().await.unwrap();
+                if reopen {
+                    drop(publisher);
+                    publisher = open(dir.path(), s.clone(), false).await;
+                }
+                let mut want: Vec<String> =
+                    model.iter().map(|(id, v)| format!("{id}|v{v}|")).collect();
+                want.sort();
+                seen.push((published(dir.path()), want));
+            }
+            seen
+        });
+        for (published, want) in got {
+            prop_assert_eq!(published, want);
+        }
+    }
+}
+
 #[test]
 fn a_schema_change_within_a_streamed_version_realigns_written_parts() {
     let image = Step::Image(vec![vec![(1, 0), (2, 0), (3, 0)], vec![(4, 0)]], None);
