@@ -19,7 +19,6 @@ mod tests;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch};
 use arrow::datatypes::SchemaRef;
@@ -128,9 +127,12 @@ struct StateFiles {
 }
 
 /// Update files a part's state may carry before they are folded into a new
-/// state file; each holds at most an eighth of the part's rows. Reading a
-/// part then costs at most twice its rows.
+/// state file; each holds at most 1/[`UPDATE_SHARE`] of the part's rows.
+/// Reading a part then costs at most twice its rows.
 const MAX_STATE_UPDATES: usize = 8;
+/// An update in place of more than 1/8 of a part's rows writes a new state
+/// file rather than an update file.
+const UPDATE_SHARE: usize = 8;
 
 /// The files of one written part.
 #[derive(Debug, Clone)]
@@ -964,7 +966,6 @@ impl Publisher {
     }
 }
 
-/// Reads a part's rows from a state file.
 /// Reads a part's rows from its state file and the updates laid over it.
 async fn read_part(store: &Store, dataset: &str, files: &StateFiles) -> Result<RecordBatch> {
     let read = |file: &FileRef| {
@@ -982,8 +983,11 @@ async fn read_part(store: &Store, dataset: &str, files: &StateFiles) -> Result<R
                 })
         }
     };
-    let base = read(&files.file).await?;
-    let updates = futures::future::try_join_all(files.updates.iter().map(read)).await?;
+    let (base, updates) = futures::future::try_join(
+        read(&files.file),
+        futures::future::try_join_all(files.updates.iter().map(read)),
+    )
+    .await?;
     let described = files.file.path.clone();
     tokio::task::spawn_blocking(move || -> Result<RecordBatch> {
         let mut rows = state::decode_state(base)?;
@@ -1027,38 +1031,26 @@ async fn write_part(
     // (the changed rows' changed columns) instead of a new state file.
     let update = previous.as_ref().filter(|p| {
         p.state.updates.len() < MAX_STATE_UPDATES
-            && p.change.changed_rows.len() * 8 <= rows.num_rows()
+            && p.change.update.num_rows() * UPDATE_SHARE <= rows.num_rows()
     });
-    let state_job = match update {
-        Some(p) => {
-            let changed: Vec<&str> = rows
-                .schema_ref()
-                .fields()
-                .iter()
-                .filter(|f| f.name() != KEY_COLUMN)
-                .zip(&p.change.unchanged)
-                .filter(|(_, unchanged)| !**unchanged)
-                .map(|(f, _)| f.name().as_str())
-                .collect();
-            FileJob {
-                role: FileRole::State {
-                    partition: name.to_string(),
-                },
-                path: format!("partitions/{name}/{vname}-{unique}-update.arrow"),
-                rows: state::update_rows(&rows, &p.change.changed_rows, &changed)?,
-                previous: None,
-            }
-        }
-        None => FileJob {
-            role: FileRole::State {
-                partition: name.to_string(),
-            },
-            path: format!("partitions/{name}/{vname}-{unique}.arrow"),
-            rows: rows.clone(),
-            previous: None,
-        },
+    let (path, state_rows) = match update {
+        Some(p) => (
+            format!("partitions/{name}/{vname}-{unique}-update.arrow"),
+            p.change.update.clone(),
+        ),
+        None => (
+            format!("partitions/{name}/{vname}-{unique}.arrow"),
+            rows.clone(),
+        ),
     };
-    let mut jobs = vec![state_job];
+    let mut jobs = vec![FileJob {
+        role: FileRole::State {
+            partition: name.to_string(),
+        },
+        path,
+        rows: state_rows,
+        previous: None,
+    }];
     for format in formats {
         jobs.push(FileJob {
             role: FileRole::Data {
@@ -1198,7 +1190,7 @@ struct FileJob {
     rows: RecordBatch,
     /// For a part's data file after an update in place: what changed, and
     /// the part's file of the version before (copied where unchanged).
-    previous: Option<(Arc<InPlace>, FileRef)>,
+    previous: Option<(InPlace, FileRef)>,
 }
 
 /// Where and how file jobs write; cheap to clone.
@@ -1212,19 +1204,10 @@ struct JobContext {
 /// The previous file of a part updated in place, to copy what did not change
 /// from. Any doubt (the file is gone, unreadable, or not the size its
 /// manifest says) means encoding the part whole: never an error.
-async fn previous_file(
-    store: &Store,
-    dataset: &str,
-    change: &InPlace,
-    file: &FileRef,
-) -> Option<writer::Previous> {
+async fn previous_file(store: &Store, dataset: &str, file: &FileRef) -> Option<Bytes> {
     let path = format!("{dataset}/{}", file.path);
     match store.get(&path).await {
-        Ok(Some(bytes)) if bytes.len() as u64 == file.bytes => Some(writer::Previous {
-            bytes,
-            unchanged: change.unchanged.clone(),
-            changed_rows: change.changed_rows.clone(),
-        }),
+        Ok(Some(bytes)) if bytes.len() as u64 == file.bytes => Some(bytes),
         outcome => {
             tracing::debug!(
                 path,
@@ -1234,6 +1217,28 @@ async fn previous_file(
             None
         }
     }
+}
+
+/// Encodes a part's published file in `format`, from the part's previous
+/// file where an update in place gives one.
+fn encode_data(
+    format: OutputFormat,
+    rows: &RecordBatch,
+    previous: Option<(InPlace, Bytes)>,
+    sink: &mut store::ChunkWriter,
+) -> Result<()> {
+    let rows = state::without_key(rows);
+    let Some((change, bytes)) = previous else {
+        return Ok(writer::encode_to(format, &rows, sink)?);
+    };
+    let previous = change.previous(bytes, &rows)?;
+    if !writer::encode_reusing(format, &rows, &previous, sink)? {
+        tracing::debug!(
+            ?format,
+            "the previous file does not line up; the part was encoded whole"
+        );
+    }
+    Ok(())
 }
 
 impl JobContext {
@@ -1254,7 +1259,9 @@ impl JobContext {
             self.store
         };
         let previous = match previous {
-            Some((change, file)) => previous_file(&store, &self.dataset, &change, &file).await,
+            Some((change, file)) => previous_file(&store, &self.dataset, &file)
+                .await
+                .map(|bytes| (change, bytes)),
             None => None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -1265,16 +1272,7 @@ impl JobContext {
                 FileRole::State { .. } => {
                     state::encode_state_to(&rows, &mut sink).map_err(PublishError::from)
                 }
-                FileRole::Data { format, .. } => {
-                    let rows = state::without_key(&rows);
-                    match &previous {
-                        Some(previous) => {
-                            writer::encode_reusing(format, &rows, previous, &mut sink)
-                        }
-                        None => writer::encode_to(format, &rows, &mut sink),
-                    }
-                    .map_err(PublishError::from)
-                }
+                FileRole::Data { format, .. } => encode_data(format, &rows, previous, &mut sink),
                 FileRole::Changes { format } => {
                     writer::encode_to(format, &rows, &mut sink).map_err(PublishError::from)
                 }
@@ -1784,7 +1782,7 @@ impl Publisher {
             let previous = plan.rewritten.get(&name).and_then(|change| {
                 let p = self.partitions.get(&name)?;
                 Some(PreviousPart {
-                    change: Arc::new(change.clone()),
+                    change: change.clone(),
                     files: p.files.files.clone(),
                     state: p.state.clone(),
                 })
@@ -2319,29 +2317,52 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
     })
 }
 
-/// Gathers rows `(batch, row)` from several batches into one.
 /// A part updated in place, as committed before: its files, to write the
 /// new ones from.
 struct PreviousPart {
-    change: Arc<InPlace>,
+    change: InPlace,
     files: BTreeMap<OutputFormat, FileRef>,
     state: StateFiles,
 }
 
 /// What an update in place changed in a part: its files are written again
-/// from the previous ones (see [`writer::encode_reusing`]).
+/// from the previous ones (see [`writer::encode_reusing`]), and its state
+/// gets `update` as an update file.
 #[derive(Debug, Clone)]
 struct InPlace {
-    /// Per published column (without `_key`): no value changed.
-    unchanged: Vec<bool>,
-    /// The rows whose values changed, ascending.
-    changed_rows: Vec<u32>,
+    /// The rows that changed (ascending) and the new values of the columns
+    /// that changed (see [`state::update_batch`]).
+    update: RecordBatch,
+}
+
+impl InPlace {
+    /// What a previous data file of the part is reused for when `published`
+    /// (the new rows without `_key`) are encoded.
+    fn previous(
+        &self,
+        bytes: Bytes,
+        published: &RecordBatch,
+    ) -> Result<writer::Previous, ArrowError> {
+        let changed = self.update.schema();
+        Ok(writer::Previous {
+            bytes,
+            unchanged: published
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| changed.column_with_name(f.name()).is_none())
+                .collect(),
+            changed_rows: state::updated_rows(&self.update)?.values().to_vec(),
+        })
+    }
 }
 
 /// A part's rows with `updates` (key to its new row among the staged
 /// batches) applied where the keys stand, and what changed; `None` if a key
-/// is not in the part. Unchanged columns are the old arrays themselves, so
-/// an update of a few columns copies only those.
+/// is not in the part. The rows are the old ones with the update laid over
+/// them as a state update file is ([`state::apply_update`]): unchanged
+/// columns stay the old arrays, so an update of a few columns copies only
+/// those.
 fn update_in_place(
     old: &RecordBatch,
     updates: &KeyMap<(usize, usize)>,
@@ -2361,52 +2382,20 @@ fn update_in_place(
         return Ok(None);
     }
     let new = take_rows(batches, &from, target)?;
-    let positions = arrow::array::UInt32Array::from(at.clone());
-    // Old row, or the n-th new row where one was updated.
-    let mut next = 0;
-    let picks: Vec<(usize, usize)> = (0..old.num_rows())
-        .map(|row| {
-            if at.get(next) == Some(&(row as u32)) {
-                next += 1;
-                (1, next - 1)
-            } else {
-                (0, row)
-            }
-        })
-        .collect();
-    let mut columns = Vec::with_capacity(target.fields().len());
-    let mut unchanged = Vec::with_capacity(target.fields().len());
-    for (field, (before, after)) in target
-        .fields()
-        .iter()
-        .zip(old.columns().iter().zip(new.columns()))
-    {
+    let positions = arrow::array::UInt32Array::from(at);
+    let mut changed = Vec::new();
+    for ((field, before), after) in target.fields().iter().zip(old.columns()).zip(new.columns()) {
         let was = arrow::compute::take(before.as_ref(), &positions, None)?;
-        if was.to_data() == after.to_data() {
-            columns.push(before.clone());
-            if field.name() != KEY_COLUMN {
-                unchanged.push(true);
-            }
-        } else {
-            columns.push(arrow::compute::interleave(
-                &[before.as_ref(), after.as_ref()],
-                &picks,
-            )?);
-            if field.name() != KEY_COLUMN {
-                unchanged.push(false);
-            }
+        if was.to_data() != after.to_data() {
+            changed.push((field.clone(), after.clone()));
         }
     }
-    let rows = RecordBatch::try_new(target.clone(), columns)?;
-    Ok(Some((
-        rows,
-        InPlace {
-            unchanged,
-            changed_rows: at,
-        },
-    )))
+    let update = state::update_batch(positions, changed)?;
+    let rows = state::apply_update(old, &update)?;
+    Ok(Some((rows, InPlace { update })))
 }
 
+/// Gathers rows `(batch, row)` from several batches into one.
 fn take_rows(
     batches: &[&RecordBatch],
     indices: &[(usize, usize)],

@@ -8,7 +8,7 @@ use arrow::array::{
     Array, ArrayRef, FixedSizeBinaryArray, RecordBatch, StringArray, UInt32Array, new_null_array,
 };
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
 use bytes::Bytes;
@@ -431,40 +431,29 @@ pub fn with_ops(batch: &RecordBatch, ops: Vec<&'static str>) -> Result<RecordBat
 /// The column of an update file that names the row of the state file.
 pub const ROW_COLUMN: &str = "_row";
 
-/// An update file's rows: `rows` (a part after an update in place) at
-/// `changed_rows`, with `_row` and only the columns named in `changed`.
-pub fn update_rows(
-    rows: &RecordBatch,
-    changed_rows: &[u32],
-    changed: &[&str],
+/// An update file's rows: `_row` (rows of the state file) and the new
+/// values there of the columns that changed.
+pub fn update_batch(
+    rows: UInt32Array,
+    changed: Vec<(FieldRef, ArrayRef)>,
 ) -> Result<RecordBatch, ArrowError> {
-    let positions = UInt32Array::from(changed_rows.to_vec());
-    let mut fields = vec![Field::new(ROW_COLUMN, DataType::UInt32, false)];
-    let mut columns: Vec<ArrayRef> = vec![Arc::new(positions.clone())];
-    for name in changed {
-        let (i, field) = rows
-            .schema()
-            .column_with_name(name)
-            .map(|(i, f)| (i, f.clone()))
-            .ok_or_else(|| ArrowError::SchemaError(format!("no column {name} to update")))?;
-        fields.push(field);
-        columns.push(arrow::compute::take(
-            rows.column(i).as_ref(),
-            &positions,
-            None,
-        )?);
-    }
+    let (mut fields, mut columns): (Vec<FieldRef>, Vec<ArrayRef>) = changed.into_iter().unzip();
+    fields.insert(0, Arc::new(Field::new(ROW_COLUMN, DataType::UInt32, false)));
+    columns.insert(0, Arc::new(rows));
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+/// The rows of the state file an update file names.
+pub fn updated_rows(update: &RecordBatch) -> Result<&UInt32Array, ArrowError> {
+    update
+        .column_by_name(ROW_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
+        .ok_or_else(|| ArrowError::SchemaError(format!("update file has no {ROW_COLUMN} column")))
 }
 
 /// A state file's rows with an update file laid over them.
 pub fn apply_update(base: &RecordBatch, update: &RecordBatch) -> Result<RecordBatch, ArrowError> {
-    let rows = update
-        .column_by_name(ROW_COLUMN)
-        .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
-        .ok_or_else(|| {
-            ArrowError::SchemaError(format!("update file has no {ROW_COLUMN} column"))
-        })?;
+    let rows = updated_rows(update)?;
     if rows.null_count() > 0 || rows.values().iter().any(|&r| r as usize >= base.num_rows()) {
         return Err(ArrowError::InvalidArgumentError(format!(
             "update file names rows beyond the {} of its state file",
@@ -593,8 +582,6 @@ mod tests {
         }
     }
 
-    /// A state file is written in slices and reads back as the one batch it
-    /// was, for an empty part, a part within one slice and one across several.
     /// An update file laid over the rows it was made from gives the updated
     /// rows; one that names rows the state file lacks is refused.
     #[test]
@@ -623,7 +610,11 @@ mod tests {
             7 => Some("seven".into()),
             _ => Some(format!("v{i}")),
         });
-        let update = super::update_rows(&new, &changed, &["v"]).unwrap_or_else(|e| panic!("{e}"));
+        let positions = super::UInt32Array::from(changed.to_vec());
+        let values = arrow::compute::take(new.column(1).as_ref(), &positions, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let update = super::update_batch(positions, vec![(schema.fields()[1].clone(), values)])
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(update.num_columns(), 2);
         let stored =
             super::decode_state(super::encode_state(&update).unwrap_or_else(|e| panic!("{e}")))
@@ -636,6 +627,8 @@ mod tests {
         assert!(super::apply_update(&short, &stored).is_err());
     }
 
+    /// A state file is written in slices and reads back as the one batch it
+    /// was, for an empty part, a part within one slice and one across several.
     #[test]
     fn state_files_in_slices_read_back_whole() {
         for rows in [0, 5, 2 * super::STATE_BATCH_ROWS + 17] {

@@ -111,12 +111,13 @@ pub struct Previous {
 /// columns and rows, not the whole part. Falls back to [`encode_to`] when the
 /// previous file does not line up with the batch (another schema, another
 /// row grouping, another row count); nothing is written before that is known.
+/// Returns whether the previous file was used.
 pub fn encode_reusing(
     format: OutputFormat,
     batch: &RecordBatch,
     previous: &Previous,
     sink: &mut impl Sink,
-) -> Result<(), EncodeError> {
+) -> Result<bool, EncodeError> {
     let reused = match format {
         OutputFormat::Parquet => parquet_reusing(batch, previous, sink)?,
         OutputFormat::Csv => csv_reusing(batch, previous, sink)?,
@@ -124,7 +125,7 @@ pub fn encode_reusing(
     if !reused {
         encode_to(format, batch, sink)?;
     }
-    Ok(())
+    Ok(reused)
 }
 
 /// The previous Parquet file's metadata, if its column chunks can stand for
@@ -253,6 +254,12 @@ fn csv_reusing(
     sink: &mut impl Sink,
 ) -> Result<bool, EncodeError> {
     let old = &previous.bytes;
+    let rows = &previous.changed_rows;
+    let in_order = rows.windows(2).all(|w| w[0] < w[1])
+        && rows.last().is_none_or(|&r| (r as usize) < batch.num_rows());
+    if !in_order {
+        return Ok(false);
+    }
     let Some(lines) = csv_lines(old) else {
         return Ok(false);
     };
@@ -267,11 +274,8 @@ fn csv_reusing(
     }
     let mut from = 0;
     let mut line = Vec::new();
-    for &row in &previous.changed_rows {
+    for &row in rows {
         let row = row as usize;
-        if row >= batch.num_rows() {
-            continue;
-        }
         // Everything before this row's line as it was (with the header).
         sink.write_all(&old[from..lines[row + 1]])?;
         line.clear();
@@ -527,10 +531,16 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn reusing(format: OutputFormat, batch: &RecordBatch, previous: &super::Previous) -> Vec<u8> {
+    /// The file, and whether the previous one was used.
+    fn reusing(
+        format: OutputFormat,
+        batch: &RecordBatch,
+        previous: &super::Previous,
+    ) -> (Vec<u8>, bool) {
         let mut out = Vec::new();
-        super::encode_reusing(format, batch, previous, &mut out).unwrap_or_else(|e| panic!("{e}"));
-        out
+        let reused = super::encode_reusing(format, batch, previous, &mut out)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (out, reused)
     }
 
     fn read_parquet(bytes: Vec<u8>) -> (RecordBatch, parquet::file::metadata::ParquetMetaData) {
@@ -570,7 +580,8 @@ mod tests {
             changed_rows: changed.iter().map(|&r| r as u32).collect(),
         };
 
-        let csv = reusing(OutputFormat::Csv, &new, &previous(OutputFormat::Csv));
+        let (csv, reused) = reusing(OutputFormat::Csv, &new, &previous(OutputFormat::Csv));
+        assert!(reused, "the CSV lines are copied from the previous file");
         let whole = super::csv_bytes(&new).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             String::from_utf8_lossy(&csv),
@@ -578,10 +589,14 @@ mod tests {
         );
 
         let before = previous(OutputFormat::Parquet);
-        let (read, metadata) = read_parquet(reusing(OutputFormat::Parquet, &new, &before));
+        let (written, reused) = reusing(OutputFormat::Parquet, &new, &before);
+        assert!(
+            reused,
+            "the Parquet chunks are copied from the previous file"
+        );
+        let (read, metadata) = read_parquet(written.clone());
         assert_eq!(read, new);
         let (_, old_metadata) = read_parquet(before.bytes.to_vec());
-        let written = reusing(OutputFormat::Parquet, &new, &before);
         let chunk = |bytes: &[u8], meta: &parquet::file::metadata::ParquetMetaData, c: usize| {
             let column = meta.row_group(0).column(c);
             let (start, len) = column.byte_range();
@@ -622,7 +637,7 @@ mod tests {
                 };
                 assert_eq!(
                     reusing(format, &new, &previous),
-                    whole.to_vec(),
+                    (whole.to_vec(), false),
                     "{format:?}"
                 );
             }
@@ -634,8 +649,23 @@ mod tests {
             };
             assert_eq!(
                 reusing(format, &new, &garbage),
-                whole.to_vec(),
+                (whole.to_vec(), false),
                 "{format:?}"
+            );
+        }
+        // CSV lines are found by the changed rows: rows out of order or beyond
+        // the batch mean encoding the file whole.
+        let whole = super::encode(OutputFormat::Csv, &new).unwrap_or_else(|e| panic!("{e}"));
+        for changed_rows in [vec![9, 7], vec![7, 300]] {
+            let previous = super::Previous {
+                bytes: super::encode(OutputFormat::Csv, &invoices(300, &[]))
+                    .unwrap_or_else(|e| panic!("{e}")),
+                unchanged: vec![true, true, false, false],
+                changed_rows,
+            };
+            assert_eq!(
+                reusing(OutputFormat::Csv, &new, &previous),
+                (whole.to_vec(), false)
             );
         }
     }
