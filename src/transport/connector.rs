@@ -383,15 +383,37 @@ pub async fn run(
     }
     let mut source = runtime::source(pipeline, BTreeMap::new(), options)?;
     runtime::start_source(&mut source, resume, tel, &mut stop).await?;
-    let mut sender =
-        Sender::connect(config, config.topic(&dataset), config.group(&dataset)).await?;
+    // The brokers are reached (metadata, the topic, the producer's id) while
+    // the source reads its first batch: a large export takes a second to
+    // parse, and nothing needs the producer before it is parsed.
+    let connecting = tokio::spawn({
+        let config = config.clone();
+        let (topic, group) = (config.topic(&dataset), config.group(&dataset));
+        async move { Sender::connect(&config, topic, group).await }
+    });
+    let first = match runtime::next_event(&mut source, tel).await {
+        Ok(event) => event,
+        Err(e) => {
+            connecting.abort();
+            return Err(e);
+        }
+    };
+    let mut sender = connecting.await.map_err(|e| {
+        RunError::Config(format!(
+            "connecting to the Kafka brokers did not finish: {e}"
+        ))
+    })??;
+    let mut first = Some(first);
     let mut capture = Capture::new(pipeline, key);
     let mut last_ack = Instant::now();
     loop {
         if *stop.borrow() {
             break;
         }
-        let (event, behind) = runtime::next_event(&mut source, tel).await?;
+        let (event, behind) = match first.take() {
+            Some(event) => event,
+            None => runtime::next_event(&mut source, tel).await?,
+        };
         match event {
             SourceEvent::Batch(batch) => {
                 let (pieces, info) = capture.classify(&batch, &source, tel)?;

@@ -313,14 +313,22 @@ impl FilesSource {
     fn process(&mut self, candidate: &Candidate) -> Result<()> {
         let path = self.config.path.join(&candidate.name);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(path.display(), e))?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let started = std::time::Instant::now();
+        // The file's digest (its identity in the position) is computed beside
+        // the parse, which has serial stretches a second core can fill.
+        let (sha256, parsed) = std::thread::scope(|scope| {
+            let digest = scope.spawn(|| hex::encode(Sha256::digest(&bytes)));
+            let parsed = self.parse(&bytes);
+            let sha256 = digest
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (sha256, parsed)
+        });
         let position = Position::File {
             name: candidate.name.clone(),
             sha256,
         };
         self.last = Some(candidate.name.clone());
-        let started = std::time::Instant::now();
-        let parsed = self.parse(&bytes);
         drop(bytes);
         tracing::debug!(file = %candidate.name, ms = started.elapsed().as_millis() as u64, "parsed export");
         match parsed {
