@@ -11,7 +11,7 @@ pub mod decode;
 pub mod formats;
 pub mod typing;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -494,27 +494,46 @@ impl FilesSource {
                 Some(inferred),
             )
         };
+        let key_indices: Vec<usize> = self
+            .config
+            .key
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| c == k))
+            .collect();
+        let check_keys =
+            || duplicate_keys(&columns, &values, &locations, &key_indices, location_unit);
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
-        let typed: Vec<_> = if threads > 1 && locations.len() > 100_000 {
+        let (typed, (key_bad_rows, key_problems)) = if threads > 1 && locations.len() > 100_000 {
+            // Columns differ in cost (free text against small codes): each
+            // thread takes the next column not yet taken, and the key check
+            // runs beside them.
+            let next = std::sync::atomic::AtomicUsize::new(0);
             std::thread::scope(|scope| {
-                let per = columns.len().div_ceil(threads);
-                let handles: Vec<_> = (0..columns.len())
-                    .collect::<Vec<_>>()
-                    .chunks(per)
-                    .map(|chunk| {
-                        let chunk = chunk.to_vec();
-                        let type_one = &type_one;
-                        scope.spawn(move || chunk.into_iter().map(type_one).collect::<Vec<_>>())
+                let keys = scope.spawn(check_keys);
+                let workers: Vec<_> = (0..threads)
+                    .map(|_| {
+                        let (next, type_one, width) = (&next, &type_one, columns.len());
+                        scope.spawn(move || {
+                            let mut done = Vec::new();
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                if i >= width {
+                                    return done;
+                                }
+                                done.push((i, type_one(i)));
+                            }
+                        })
                     })
                     .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect()
+                let mut typed: Vec<_> = workers.into_iter().flat_map(joined).collect();
+                typed.sort_by_key(|(i, _)| *i);
+                let typed: Vec<_> = typed.into_iter().map(|(_, t)| t).collect();
+                (typed, joined(keys))
             })
         } else {
-            (0..columns.len()).map(type_one).collect()
+            ((0..columns.len()).map(type_one).collect(), check_keys())
         };
+        bad_rows.extend(key_bad_rows);
         for (i, (ty, array, errors, changed)) in typed.into_iter().enumerate() {
             let name = &columns[i];
             for e in errors {
@@ -537,55 +556,7 @@ impl FilesSource {
             fields.push(Field::new(name, array.data_type().clone(), true));
             arrays.push(array);
         }
-        let key_indices: Vec<usize> = self
-            .config
-            .key
-            .iter()
-            .filter_map(|k| columns.iter().position(|c| c == k))
-            .collect();
-        let key_text: Vec<&arrow::array::StringArray> =
-            key_indices.iter().map(|&i| &values[i]).collect();
-        // Keys are checked as text, joined by the unit separator when composite.
-        // xxh3 rather than SipHash: keys come from the file, not from an attacker
-        // who could aim for collisions, and a million of them should take milliseconds.
-        let mut seen: HashMap<std::borrow::Cow<'_, str>, u64, xxhash_rust::xxh3::Xxh3Builder> =
-            HashMap::with_capacity_and_hasher(
-                locations.len(),
-                xxhash_rust::xxh3::Xxh3Builder::new(),
-            );
-        for (row, &location) in locations.iter().enumerate() {
-            let mut parts = Vec::with_capacity(key_text.len());
-            for (k, array) in key_indices.iter().zip(&key_text) {
-                let value = if array.is_valid(row) {
-                    array.value(row).trim()
-                } else {
-                    ""
-                };
-                if value.is_empty() {
-                    bad_rows.insert(row);
-                    problems.push(RowProblem {
-                        location,
-                        column: Some(k + 1),
-                        message: format!("key column `{}` is empty", columns[*k]),
-                    });
-                }
-                parts.push(value);
-            }
-            let key = match parts.as_slice() {
-                [one] => std::borrow::Cow::Borrowed(*one),
-                many => std::borrow::Cow::Owned(many.join("\u{1f}")),
-            };
-            if let Some(first) = seen.insert(key, location) {
-                bad_rows.insert(row);
-                problems.push(RowProblem {
-                    location,
-                    column: key_indices.first().map(|k| k + 1),
-                    message: format!(
-                        "the key is the same as on {location_unit} {first}; the key must identify one row"
-                    ),
-                });
-            }
-        }
+        problems.extend(key_problems);
         let schema = Arc::new(Schema::new(fields));
         let mut batch = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| e.to_string())?;
         if !bad_rows.is_empty() {
@@ -637,6 +608,90 @@ impl FilesSource {
             offset += len;
         }
     }
+}
+
+/// A scoped thread's result; its panic goes on in the caller.
+fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Rows whose key is empty or repeats an earlier row's key, with a problem
+/// for each (a repeat names the first row with that key). Keys are compared
+/// as text, joined by the unit separator when composite.
+fn duplicate_keys(
+    columns: &[String],
+    values: &[arrow::array::StringArray],
+    locations: &[u64],
+    key_indices: &[usize],
+    location_unit: &str,
+) -> (Vec<usize>, Vec<RowProblem>) {
+    use std::borrow::Cow;
+    let mut bad_rows = Vec::new();
+    let mut problems = Vec::new();
+    let key_text: Vec<&arrow::array::StringArray> =
+        key_indices.iter().map(|&i| &values[i]).collect();
+    fn text(array: &arrow::array::StringArray, row: usize) -> &str {
+        if array.is_valid(row) {
+            array.value(row).trim()
+        } else {
+            ""
+        }
+    }
+    let mut keys: Vec<Cow<'_, str>> = Vec::with_capacity(locations.len());
+    for (row, &location) in locations.iter().enumerate() {
+        for (k, array) in key_indices.iter().zip(&key_text) {
+            if text(array, row).is_empty() {
+                bad_rows.push(row);
+                problems.push(RowProblem {
+                    location,
+                    column: Some(k + 1),
+                    message: format!("key column `{}` is empty", columns[*k]),
+                });
+            }
+        }
+        keys.push(match key_text.as_slice() {
+            [one] => Cow::Borrowed(text(one, row)),
+            many => Cow::Owned(
+                many.iter()
+                    .map(|a| text(a, row))
+                    .collect::<Vec<_>>()
+                    .join("\u{1f}"),
+            ),
+        });
+    }
+    // Repeats are found by sorting (hash, row) pairs, not by inserting every
+    // key into a hash map: a million keys in a map far larger than the caches
+    // cost a cache miss each, the sort runs through memory in order. xxh3:
+    // keys come from the file, not from an attacker aiming for collisions,
+    // and a collision only costs a text comparison.
+    let mut order: Vec<(u64, usize)> = keys
+        .iter()
+        .enumerate()
+        .map(|(row, key)| (xxhash_rust::xxh3::xxh3_64(key.as_bytes()), row))
+        .collect();
+    order.sort_unstable();
+    for group in order.chunk_by(|a, b| a.0 == b.0) {
+        for (j, &(_, row)) in group.iter().enumerate().skip(1) {
+            let first = group[..j]
+                .iter()
+                .map(|&(_, r)| r)
+                .find(|&r| keys[r] == keys[row]);
+            if let Some(first) = first {
+                bad_rows.push(row);
+                problems.push(RowProblem {
+                    location: locations[row],
+                    column: key_indices.first().map(|k| k + 1),
+                    message: format!(
+                        "the key is the same as on {location_unit} {}; the key must identify one row",
+                        locations[first]
+                    ),
+                });
+            }
+        }
+    }
+    (bad_rows, problems)
 }
 
 fn describe_problems(name: &str, problems: &[RowProblem], consequence: &str) -> String {
@@ -709,5 +764,114 @@ impl Source for FilesSource {
 
     fn schema(&self) -> Option<SchemaRef> {
         self.schema.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::StringArray;
+
+    fn check(columns: &[&str], rows: &[&[Option<&str>]], key: &[usize]) -> Vec<(usize, String)> {
+        let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+        let values: Vec<StringArray> = (0..columns.len())
+            .map(|c| rows.iter().map(|r| r[c]).collect())
+            .collect();
+        // Line numbers as a file would have them: the header is line 1.
+        let locations: Vec<u64> = (0..rows.len() as u64).map(|r| r + 2).collect();
+        let (mut bad, problems) = duplicate_keys(&columns, &values, &locations, key, "line");
+        bad.sort_unstable();
+        let mut found: Vec<(usize, String)> = problems
+            .into_iter()
+            .map(|p| ((p.location - 2) as usize, p.message))
+            .collect();
+        found.sort();
+        let mut rows_found: Vec<usize> = found.iter().map(|(r, _)| *r).collect();
+        rows_found.dedup();
+        bad.dedup();
+        assert_eq!(bad, rows_found, "bad rows and problems disagree");
+        found
+    }
+
+    #[test]
+    fn repeated_keys_name_the_first_row_with_the_key() {
+        let found = check(
+            &["id", "name"],
+            &[
+                &[Some("1"), Some("a")],
+                &[Some("2"), Some("b")],
+                &[Some(" 1 "), Some("c")],
+                &[Some("3"), Some("d")],
+                &[Some("1"), Some("e")],
+            ],
+            &[0],
+        );
+        assert_eq!(
+            found,
+            vec![
+                (
+                    2,
+                    "the key is the same as on line 2; the key must identify one row".into()
+                ),
+                (
+                    4,
+                    "the key is the same as on line 2; the key must identify one row".into()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_and_composite_keys() {
+        let found = check(
+            &["year", "nr"],
+            &[
+                &[Some("2025"), Some("1")],
+                &[Some("2025"), Some("2")],
+                &[Some("2024"), Some("1")],
+                &[Some("2025"), None],
+                &[Some("2025"), Some("2")],
+                // Joined with a separator, "20251" + "" is not "2025" + "1".
+                &[Some("20251"), Some("")],
+            ],
+            &[0, 1],
+        );
+        assert_eq!(
+            found,
+            vec![
+                (3, "key column `nr` is empty".into()),
+                (
+                    4,
+                    "the key is the same as on line 3; the key must identify one row".into()
+                ),
+                (5, "key column `nr` is empty".into()),
+            ]
+        );
+    }
+
+    proptest::proptest! {
+        /// The sorted search finds exactly the rows a map of keys seen finds.
+        #[test]
+        fn finds_what_a_map_finds(ids in proptest::collection::vec(0u8..40, 0..300)) {
+            let texts: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            let rows: Vec<Vec<Option<&str>>> = texts.iter().map(|t| vec![Some(t.as_str())]).collect();
+            let rows: Vec<&[Option<&str>]> = rows.iter().map(|r| r.as_slice()).collect();
+            let found = check(&["id"], &rows, &[0]);
+            let mut first_seen: std::collections::HashMap<&str, usize> =
+                std::collections::HashMap::new();
+            let mut expected = Vec::new();
+            for (row, t) in texts.iter().enumerate() {
+                match first_seen.get(t.as_str()) {
+                    Some(first) => expected.push((
+                        row,
+                        format!("the key is the same as on line {}; the key must identify one row", first + 2),
+                    )),
+                    None => {
+                        first_seen.insert(t, row);
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(found, expected);
+        }
     }
 }
