@@ -849,6 +849,81 @@ mod tests {
         );
     }
 
+    /// A file big enough for the threaded path (typing on every core, the key
+    /// check beside it): columns come back in file order with their types, and
+    /// bad rows are reported by line and left out.
+    #[test]
+    fn big_files_type_on_every_core_and_check_keys() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let rows = 150_000;
+        let mut text = String::from("id;amount;day;note;code\n");
+        for r in 0..rows {
+            let id = match r {
+                60_000 => "17".to_string(), // repeats row 17
+                90_000 => String::new(),    // empty
+                _ => r.to_string(),
+            };
+            let amount = if r == 120_000 {
+                "many".to_string()
+            } else {
+                format!("{r},50")
+            };
+            text.push_str(&format!(
+                "{id};{amount};2025-01-{:02};note {r};C{}\n",
+                r % 28 + 1,
+                r % 7
+            ));
+        }
+        std::fs::write(dir.path().join("export-1.csv"), text).unwrap_or_else(|e| panic!("{e}"));
+        let config: FilesConfig = serde_json::from_value(serde_json::json!({
+            "path": dir.path(), "format": "csv", "key": ["id"]
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut hints = SourceHints::default();
+        hints.column_types.insert(
+            "amount".into(),
+            ColumnType::Decimal {
+                precision: 18,
+                scale: 2,
+            },
+        );
+        let mut source = FilesSource::new(config, hints).unwrap_or_else(|e| panic!("{e}"));
+        let (batch, problems) = source
+            .read_file("export-1.csv")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<String> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(names, ["id", "amount", "day", "note", "code"]);
+        let types: Vec<String> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.data_type().to_string())
+            .collect();
+        assert_eq!(
+            types,
+            ["Int64", "Decimal128(18, 2)", "Date32", "Utf8", "Utf8"]
+        );
+        assert_eq!(batch.num_rows(), rows - 3);
+        // The header is line 1, so row r is on line r + 2.
+        let found: Vec<(u64, Option<usize>)> =
+            problems.iter().map(|p| (p.location, p.column)).collect();
+        assert_eq!(
+            found,
+            [(60_002, Some(1)), (90_002, Some(1)), (120_002, Some(2))]
+        );
+        assert!(
+            problems[0].message.contains("same as on line 19"),
+            "{problems:?}"
+        );
+        assert!(problems[1].message.contains("is empty"), "{problems:?}");
+    }
+
     proptest::proptest! {
         /// The sorted search finds exactly the rows a map of keys seen finds.
         #[test]
