@@ -94,10 +94,7 @@ pub fn read_csv(text: &str, separator: u8) -> Result<(RawTable, Vec<RowProblem>)
                 .iter()
                 .map(|c| scope.spawn(move || parse(c)))
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
+            handles.into_iter().map(crate::joined).collect()
         })
     } else {
         chunks.iter().map(parse).collect()

@@ -319,10 +319,7 @@ impl FilesSource {
         let (sha256, parsed) = std::thread::scope(|scope| {
             let digest = scope.spawn(|| hex::encode(Sha256::digest(&bytes)));
             let parsed = self.parse(&bytes);
-            let sha256 = digest
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (sha256, parsed)
+            (joined(digest), parsed)
         });
         let position = Position::File {
             name: candidate.name.clone(),
@@ -527,8 +524,10 @@ impl FilesSource {
                     .collect();
                 let mut typed: Vec<_> = workers.into_iter().flat_map(joined).collect();
                 typed.sort_by_key(|(i, _)| *i);
-                let typed: Vec<_> = typed.into_iter().map(|(_, t)| t).collect();
-                (typed, joined(keys))
+                (
+                    typed.into_iter().map(|(_, t)| t).collect::<Vec<_>>(),
+                    joined(keys),
+                )
             })
         } else {
             ((0..columns.len()).map(type_one).collect(), check_keys())
@@ -611,7 +610,7 @@ impl FilesSource {
 }
 
 /// A scoped thread's result; its panic goes on in the caller.
-fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+pub(crate) fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
     handle
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
@@ -627,11 +626,8 @@ fn duplicate_keys(
     key_indices: &[usize],
     location_unit: &str,
 ) -> (Vec<usize>, Vec<RowProblem>) {
-    use std::borrow::Cow;
     let mut bad_rows = Vec::new();
     let mut problems = Vec::new();
-    let key_text: Vec<&arrow::array::StringArray> =
-        key_indices.iter().map(|&i| &values[i]).collect();
     fn text(array: &arrow::array::StringArray, row: usize) -> &str {
         if array.is_valid(row) {
             array.value(row).trim()
@@ -639,38 +635,36 @@ fn duplicate_keys(
             ""
         }
     }
-    let mut keys: Vec<Cow<'_, str>> = Vec::with_capacity(locations.len());
-    for (row, &location) in locations.iter().enumerate() {
-        for (k, array) in key_indices.iter().zip(&key_text) {
-            if text(array, row).is_empty() {
-                bad_rows.push(row);
-                problems.push(RowProblem {
-                    location,
-                    column: Some(k + 1),
-                    message: format!("key column `{}` is empty", columns[*k]),
-                });
-            }
-        }
-        keys.push(match key_text.as_slice() {
-            [one] => Cow::Borrowed(text(one, row)),
-            many => Cow::Owned(
-                many.iter()
-                    .map(|a| text(a, row))
-                    .collect::<Vec<_>>()
-                    .join("\u{1f}"),
-            ),
-        });
-    }
     // Repeats are found by sorting (hash, row) pairs, not by inserting every
     // key into a hash map: a million keys in a map far larger than the caches
     // cost a cache miss each, the sort runs through memory in order. xxh3:
     // keys come from the file, not from an attacker aiming for collisions,
     // and a collision only costs a text comparison.
-    let mut order: Vec<(u64, usize)> = keys
-        .iter()
-        .enumerate()
-        .map(|(row, key)| (xxhash_rust::xxh3::xxh3_64(key.as_bytes()), row))
-        .collect();
+    let mut keys: Vec<std::borrow::Cow<'_, str>> = Vec::with_capacity(locations.len());
+    let mut order: Vec<(u64, usize)> = Vec::with_capacity(locations.len());
+    for (row, &location) in locations.iter().enumerate() {
+        let mut key = std::borrow::Cow::Borrowed("");
+        for (n, &k) in key_indices.iter().enumerate() {
+            let value = text(&values[k], row);
+            if value.is_empty() {
+                bad_rows.push(row);
+                problems.push(RowProblem {
+                    location,
+                    column: Some(k + 1),
+                    message: format!("key column `{}` is empty", columns[k]),
+                });
+            }
+            if n == 0 {
+                key = value.into();
+            } else {
+                let whole = key.to_mut();
+                whole.push('\u{1f}');
+                whole.push_str(value);
+            }
+        }
+        order.push((xxhash_rust::xxh3::xxh3_64(key.as_bytes()), row));
+        keys.push(key);
+    }
     order.sort_unstable();
     for group in order.chunk_by(|a, b| a.0 == b.0) {
         for (j, &(_, row)) in group.iter().enumerate().skip(1) {
@@ -793,6 +787,11 @@ mod tests {
         found
     }
 
+    /// The problem a repeated key gets, naming the line of the first row with it.
+    fn repeat_of(line: usize) -> String {
+        format!("the key is the same as on line {line}; the key must identify one row")
+    }
+
     #[test]
     fn repeated_keys_name_the_first_row_with_the_key() {
         let found = check(
@@ -806,19 +805,7 @@ mod tests {
             ],
             &[0],
         );
-        assert_eq!(
-            found,
-            vec![
-                (
-                    2,
-                    "the key is the same as on line 2; the key must identify one row".into()
-                ),
-                (
-                    4,
-                    "the key is the same as on line 2; the key must identify one row".into()
-                ),
-            ]
-        );
+        assert_eq!(found, vec![(2, repeat_of(2)), (4, repeat_of(2))]);
     }
 
     #[test]
@@ -840,10 +827,7 @@ mod tests {
             found,
             vec![
                 (3, "key column `nr` is empty".into()),
-                (
-                    4,
-                    "the key is the same as on line 3; the key must identify one row".into()
-                ),
+                (4, repeat_of(3)),
                 (5, "key column `nr` is empty".into()),
             ]
         );
@@ -892,23 +876,21 @@ mod tests {
             .read_file("export-1.csv")
             .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|e| panic!("{e}"));
-        let names: Vec<String> = batch
+        let columns: Vec<(String, String)> = batch
             .schema()
             .fields()
             .iter()
-            .map(|f| f.name().clone())
+            .map(|f| (f.name().clone(), f.data_type().to_string()))
             .collect();
-        assert_eq!(names, ["id", "amount", "day", "note", "code"]);
-        let types: Vec<String> = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.data_type().to_string())
-            .collect();
-        assert_eq!(
-            types,
-            ["Int64", "Decimal128(18, 2)", "Date32", "Utf8", "Utf8"]
-        );
+        let expected = [
+            ("id", "Int64"),
+            ("amount", "Decimal128(18, 2)"),
+            ("day", "Date32"),
+            ("note", "Utf8"),
+            ("code", "Utf8"),
+        ]
+        .map(|(n, t)| (n.to_string(), t.to_string()));
+        assert_eq!(columns, expected);
         assert_eq!(batch.num_rows(), rows - 3);
         // The header is line 1, so row r is on line r + 2.
         let found: Vec<(u64, Option<usize>)> =
@@ -917,10 +899,7 @@ mod tests {
             found,
             [(60_002, Some(1)), (90_002, Some(1)), (120_002, Some(2))]
         );
-        assert!(
-            problems[0].message.contains("same as on line 19"),
-            "{problems:?}"
-        );
+        assert_eq!(problems[0].message, repeat_of(19));
         assert!(problems[1].message.contains("is empty"), "{problems:?}");
     }
 
@@ -937,10 +916,7 @@ mod tests {
             let mut expected = Vec::new();
             for (row, t) in texts.iter().enumerate() {
                 match first_seen.get(t.as_str()) {
-                    Some(first) => expected.push((
-                        row,
-                        format!("the key is the same as on line {}; the key must identify one row", first + 2),
-                    )),
+                    Some(first) => expected.push((row, repeat_of(first + 2))),
                     None => {
                         first_seen.insert(t, row);
                     }
