@@ -391,13 +391,9 @@ pub async fn run(
         let (topic, group) = (config.topic(&dataset), config.group(&dataset));
         async move { Sender::connect(&config, topic, group).await }
     });
-    let first = match runtime::next_event(&mut source, tel).await {
-        Ok(event) => event,
-        Err(e) => {
-            connecting.abort();
-            return Err(e);
-        }
-    };
+    let first = runtime::next_event(&mut source, tel)
+        .await
+        .inspect_err(|_| connecting.abort())?;
     let mut sender = connecting.await.map_err(|e| {
         RunError::Config(format!(
             "connecting to the Kafka brokers did not finish: {e}"
