@@ -10,6 +10,7 @@
 
 pub mod catalog;
 mod csv;
+pub mod index;
 pub mod manifest;
 pub mod state;
 pub mod store;
@@ -30,6 +31,7 @@ use oppen_connector_api::{BatchKind, ColumnType, Op, Position};
 
 use crate::classify::{Classified, KEY_COLUMN};
 use crate::config::{OutputFormat, PartitionGrain};
+use index::KeyIndex;
 use manifest::{
     ChangeSummary, ColumnInfo, FileRef, PartitionFiles, State, StateManifest, Version,
     VersionManifest, parse_version_path, version_name,
@@ -212,7 +214,7 @@ pub struct Publisher {
     state_store: Store,
     schema: Option<SchemaRef>,
     partitions: BTreeMap<String, Partition>,
-    index: KeyMap<Entry>,
+    index: KeyIndex,
     names: Partitions,
     version: u64,
     pending: Pending,
@@ -254,7 +256,7 @@ impl Publisher {
             state_store,
             schema: None,
             partitions: BTreeMap::new(),
-            index: KeyMap::default(),
+            index: KeyIndex::default(),
             names: Partitions::default(),
             version: 0,
             pending: Pending::default(),
@@ -664,9 +666,7 @@ impl Publisher {
         match &mut self.streamed {
             Some(streamed) => {
                 let more = rows.saturating_sub(streamed.keys.len());
-                if streamed.keys.capacity() < rows {
-                    streamed.keys.reserve(more);
-                }
+                streamed.keys.reserve(more);
             }
             None => {
                 let more = rows.saturating_sub(self.pending.latest.len());
@@ -896,7 +896,7 @@ impl Publisher {
                 }
             }
             for (scope, seen) in &pending.complete_images {
-                for (key, e) in &self.index {
+                for (key, e) in self.index.iter() {
                     if scope.contains(key)
                         && !seen.contains(key)
                         && !pending.latest.contains_key(key)
@@ -1348,7 +1348,7 @@ enum IndexUpdate<'a> {
     /// Rebuilt from the written parts (the schema changed, every part was rewritten).
     Rebuild,
     /// The streamed version's keys.
-    Replace(&'a mut KeyMap<Entry>),
+    Replace(&'a mut KeyIndex),
 }
 
 /// Staged batches aligned to the version's schema, with every row's
@@ -1498,7 +1498,7 @@ impl Publisher {
         // The parts the version touches were read into memory (`load_parts`).
         // With a new schema every old row's fingerprint is recomputed on the aligned rows.
         let mut old: BTreeMap<u32, RecordBatch> = BTreeMap::new();
-        let mut rehashed: KeyMap<Entry> = KeyMap::default();
+        let mut rehashed = KeyIndex::default();
         for (name, p) in &self.partitions {
             let id = self.names.id(name);
             let Some(rows) = &p.rows else {
@@ -1603,7 +1603,7 @@ impl Publisher {
             ));
         }
         for (scope, seen) in &pending.complete_images {
-            for (key, e) in index {
+            for (key, e) in index.iter() {
                 if scope.contains(key) && !seen.contains(key) && !pending.latest.contains_key(key) {
                     removed_from.entry(e.partition).or_default().insert(*key);
                     deleted.insert(*key);

@@ -14,6 +14,7 @@ use arrow::row::{RowConverter, SortField};
 use bytes::Bytes;
 use chrono::Datelike;
 
+use super::index::KeyIndex;
 use crate::classify::KEY_COLUMN;
 use crate::config::PartitionGrain;
 
@@ -141,14 +142,14 @@ pub fn key_at(keys: &FixedSizeBinaryArray, row: usize) -> Key {
 
 /// Adds every row of a partition to an index.
 pub fn index_rows(
-    index: &mut KeyMap<Entry>,
+    index: &mut KeyIndex,
     rows: &RecordBatch,
     partition: u32,
 ) -> Result<(), ArrowError> {
     let keys = keys(rows)?;
     let hashes = row_hashes(rows)?;
     index.reserve(rows.num_rows());
-    for row in bucket_order(index, keys) {
+    for row in key_order(keys) {
         index.insert(
             key_at(keys, row),
             Entry {
@@ -160,23 +161,22 @@ pub fn index_rows(
     Ok(())
 }
 
-/// The rows of `keys` in the order of their buckets in `map` (reserve room
-/// for them first, so the buckets stay put), rows of one key in their order.
+/// The rows of `keys` in the order of their keys, rows of one key in their
+/// order (a later row of a key must win).
 ///
 /// The key index of a large dataset is many times the size of the caches,
 /// and keys in row order hit it at random: a cache and a TLB miss a row. In
-/// bucket order a batch sweeps the map once: for a 2,000,000-row first
-/// version the inserts, with the sort, cost about 40% less (BENCHMARKS.md,
+/// key order a batch sweeps the index's sorted keys once (BENCHMARKS.md,
 /// issue 7).
-pub fn bucket_order<V>(map: &KeyMap<V>, keys: &FixedSizeBinaryArray) -> Vec<usize> {
-    use std::hash::BuildHasher;
-
-    let mask = bucket_mask(map.capacity());
-    let hasher = map.hasher();
+pub fn key_order(keys: &FixedSizeBinaryArray) -> Vec<usize> {
     let mut order: Vec<(u64, u32)> = (0..keys.len())
-        .map(|row| (hasher.hash_one(key_at(keys, row)) & mask, row as u32))
+        .map(|row| {
+            let mut lead = [0u8; 8];
+            lead.copy_from_slice(&keys.value(row)[..8]);
+            (u64::from_be_bytes(lead), row as u32)
+        })
         .collect();
-    // (bucket, row) pairs are unique: an unstable sort keeps each key's rows in order.
+    // (leading bytes, row) pairs are unique: an unstable sort keeps each key's rows in order.
     order.sort_unstable();
     order.into_iter().map(|(_, row)| row as usize).collect()
 }
@@ -355,13 +355,6 @@ pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, Arr
 /// 95 ms for 10% more bytes (7.3 MB against 6.6 MB; `cargo bench --bench
 /// encode`). Published Parquet keeps level 3: consumers download it.
 const STATE_ZSTD_LEVEL: i32 = 1;
-
-/// The mask that picks a key's bucket from its hash in a hashbrown table of
-/// `capacity`: tables hold 7/8 of a power of two of buckets (fewer below 8),
-/// and the bucket is the hash's low bits.
-fn bucket_mask(capacity: usize) -> u64 {
-    ((capacity * 8 / 7).max(1).next_power_of_two() - 1) as u64
-}
 
 /// Rows per record batch of a state file. The IPC writer compresses a whole
 /// batch into one buffer before writing it: in slices, a part's state is never
@@ -543,14 +536,10 @@ mod tests {
         );
     }
 
-    /// Keys come in the order of their buckets, every row once, and the rows
-    /// of one key in their order (a later row of a key must win).
+    /// Keys come in their order, every row once, and the rows of one key
+    /// in their order (a later row of a key must win).
     #[test]
-    fn bucket_order_sweeps_the_map_and_keeps_each_keys_rows_in_order() {
-        use std::hash::BuildHasher;
-
-        let mut map = super::KeyMap::<u32>::default();
-        map.reserve(5000);
+    fn key_order_sorts_keys_and_keeps_each_keys_rows_in_order() {
         // 3000 keys, every tenth one twice more, further on.
         let mut raw: Vec<[u8; 32]> = (0..3000u32)
             .map(|i| {
@@ -564,16 +553,15 @@ mod tests {
         raw.extend(again.iter().copied());
         raw.extend(again);
         let keys = arrow::array::FixedSizeBinaryArray::try_from_iter(raw.iter()).unwrap();
-        let order = super::bucket_order(&map, &keys);
+        let order = super::key_order(&keys);
         let mut seen = order.clone();
         seen.sort_unstable();
         assert_eq!(seen, (0..raw.len()).collect::<Vec<_>>());
-        // hashbrown's table for 5000 keys: 8192 buckets, 7168 of them usable.
-        assert_eq!(map.capacity(), 7168);
-        let mask = super::bucket_mask(map.capacity());
-        assert_eq!(mask, 8191);
-        let bucket = |row: usize| map.hasher().hash_one(super::key_at(&keys, row)) & mask;
-        assert!(order.windows(2).all(|w| bucket(w[0]) <= bucket(w[1])));
+        assert!(
+            order
+                .windows(2)
+                .all(|w| super::key_at(&keys, w[0]) <= super::key_at(&keys, w[1]))
+        );
         let mut last_row = std::collections::HashMap::new();
         for row in order {
             if let Some(before) = last_row.insert(super::key_at(&keys, row), row) {

@@ -25,7 +25,8 @@ use arrow::error::ArrowError;
 use oppen_connector_api::Op;
 use tokio::task::JoinHandle;
 
-use super::state::{self, Entry, KeyMap, KeyScope, KeySet, Partitions};
+use super::index::KeyIndex;
+use super::state::{self, Entry, KeyScope, KeySet, Partitions};
 use super::{PartFiles, PublishError, Result, part_name};
 use crate::config::PartitionGrain;
 
@@ -77,7 +78,7 @@ pub(super) struct Streamed {
     /// The schema of the newest staged batch (the version's).
     pub schema: SchemaRef,
     /// Every key of the version: the part of its current row and its fingerprint.
-    pub keys: KeyMap<Entry>,
+    pub keys: KeyIndex,
     /// Keys seen by an image under way that is not the first, and the keys
     /// it covers: when it ends, the keys of its scope it lacks are deleted (a
     /// newer image replaces the older).
@@ -107,7 +108,7 @@ impl Streamed {
     pub fn new(schema: SchemaRef) -> Self {
         Streamed {
             schema,
-            keys: KeyMap::default(),
+            keys: KeyIndex::default(),
             seen: None,
             filling: BTreeMap::new(),
             parts: Vec::new(),
@@ -212,12 +213,11 @@ impl Streamed {
     }
 
     /// Records a batch's rows in the key map: each row's part and fingerprint,
-    /// or its removal, in the order of the map's buckets (see
-    /// [`state::bucket_order`]).
+    /// or its removal, in the order of their keys (see [`state::key_order`]).
     fn apply_to_keys(&mut self, keys: &FixedSizeBinaryArray, placed: &[u32], hashes: &[u64]) {
         self.keys
             .reserve(placed.iter().filter(|p| **p != DELETED).count());
-        for r in state::bucket_order(&self.keys, keys) {
+        for r in state::key_order(keys) {
             let key = state::key_at(keys, r);
             let old = if placed[r] == DELETED {
                 self.keys.remove(&key)
@@ -304,7 +304,7 @@ impl Streamed {
 pub(super) fn current_rows(
     batch: &RecordBatch,
     part: u32,
-    keys: &KeyMap<Entry>,
+    keys: &KeyIndex,
     kept: &mut KeySet,
 ) -> Result<RecordBatch, ArrowError> {
     let hashes = state::row_hashes(batch)?;

@@ -1,0 +1,380 @@
+//! The key index: every published `_key` with the part of its row and the
+//! row's fingerprint.
+//!
+//! It holds one entry per published row, so its size is most of a large
+//! dataset's memory after the rows themselves. A hash table sized by powers of
+//! two is between 44% and 88% full: 2,000,000 keys took 4,194,304 slots of 29
+//! bytes (121.6 MB), and growing to that size held the old table beside the
+//! new one. Here the keys live in a vector sorted by key, 28 bytes an entry and
+//! nothing empty, with a small hash table of the changes since the vector was
+//! last merged. Keys are HMAC outputs, uniform, so a directory of where each
+//! run of leading bits starts finds a key in the vector with one or two cache
+//! misses, as a hash table would.
+
+use super::state::{Entry, Key, KeyMap};
+
+/// A deleted key in the overlay (part ids are dense from 0, so no part has it).
+const TOMBSTONE: u32 = u32::MAX;
+
+/// Changes the overlay holds at least before they are merged into the sorted
+/// keys: small merges would copy the vector too often.
+const MIN_OVERLAY: usize = 1 << 16;
+
+/// Keys per directory slot, on average: a lookup searches about this many
+/// consecutive entries (one or two cache lines).
+const KEYS_PER_SLOT: usize = 8;
+
+/// Every key of a dataset with its [`Entry`].
+#[derive(Default, Clone)]
+pub struct KeyIndex {
+    /// Sorted by key, each key once.
+    base: Vec<(Key, Entry)>,
+    /// `directory[s]` is the first entry of `base` whose key's leading
+    /// `bits` bits are `s` or more; one more slot at the end holds `base.len()`.
+    directory: Vec<u32>,
+    bits: u32,
+    /// Changes not yet merged into `base`: a key's current entry, or a
+    /// [`TOMBSTONE`] for a key of `base` that was removed.
+    overlay: KeyMap<Entry>,
+    /// Keys in the index.
+    len: usize,
+}
+
+/// Only the size: a dataset's index holds millions of entries.
+impl std::fmt::Debug for KeyIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyIndex")
+            .field("len", &self.len)
+            .field("unmerged", &self.overlay.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key as a number with the same order as its bytes.
+fn rank(key: &Key) -> u128 {
+    u128::from_be_bytes(*key)
+}
+
+impl KeyIndex {
+    /// Keys in the index.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the index has no key.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every key and gives the memory back.
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Room for `more` keys beyond those held, so that a large image is not
+    /// copied at each growth. Only address space until entries are written:
+    /// an estimate that is too high costs no memory.
+    pub fn reserve(&mut self, more: usize) {
+        let wanted = (self.len + more).saturating_sub(self.base.len());
+        self.base.reserve_exact(wanted);
+    }
+
+    /// The entry of `key`.
+    pub fn get(&self, key: &Key) -> Option<Entry> {
+        match self.overlay.get(key) {
+            Some(e) if e.partition == TOMBSTONE => None,
+            Some(e) => Some(*e),
+            None => self.find(key).ok().map(|i| self.base[i].1),
+        }
+    }
+
+    /// Whether `key` is in the index.
+    pub fn contains_key(&self, key: &Key) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Sets the entry of `key`, giving back the one it replaces.
+    pub fn insert(&mut self, key: Key, entry: Entry) -> Option<Entry> {
+        debug_assert_ne!(entry.partition, TOMBSTONE, "part id out of range");
+        let old = match self.overlay.insert(key, entry) {
+            Some(e) if e.partition == TOMBSTONE => None,
+            Some(e) => Some(e),
+            None => self.find(&key).ok().map(|i| self.base[i].1),
+        };
+        if old.is_none() {
+            self.len += 1;
+        }
+        self.merge_if_due();
+        old
+    }
+
+    /// Removes `key`, giving back its entry.
+    pub fn remove(&mut self, key: &Key) -> Option<Entry> {
+        let in_base = self.find(key).ok();
+        let old = match self.overlay.get(key) {
+            Some(e) if e.partition == TOMBSTONE => None,
+            Some(e) => Some(*e),
+            None => in_base.map(|i| self.base[i].1),
+        };
+        if old.is_some() {
+            self.len -= 1;
+            if in_base.is_some() {
+                let tombstone = Entry {
+                    partition: TOMBSTONE,
+                    hash: 0,
+                };
+                self.overlay.insert(*key, tombstone);
+                self.merge_if_due();
+            } else {
+                self.overlay.remove(key);
+            }
+        }
+        old
+    }
+
+    /// Keeps only the keys for which `keep` holds.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Key, &Entry) -> bool) {
+        self.merge();
+        self.base.retain(|(key, entry)| keep(key, entry));
+        self.len = self.base.len();
+        self.build_directory();
+    }
+
+    /// Every key and its entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, Entry)> + '_ {
+        let merged = self
+            .base
+            .iter()
+            .filter_map(|(key, entry)| match self.overlay.get(key) {
+                Some(e) if e.partition == TOMBSTONE => None,
+                Some(e) => Some((key, *e)),
+                None => Some((key, *entry)),
+            });
+        let added = self
+            .overlay
+            .iter()
+            .filter(|(key, e)| e.partition != TOMBSTONE && self.find(key).is_err())
+            .map(|(key, e)| (key, *e));
+        merged.chain(added)
+    }
+
+    /// Where `key` is in `base`, or where it would go.
+    fn find(&self, key: &Key) -> Result<usize, usize> {
+        if self.base.is_empty() {
+            return Err(0);
+        }
+        let slot = self.slot(key);
+        let (start, end) = (
+            self.directory[slot] as usize,
+            self.directory[slot + 1] as usize,
+        );
+        let target = rank(key);
+        self.base[start..end]
+            .binary_search_by_key(&target, |(k, _)| rank(k))
+            .map(|i| start + i)
+            .map_err(|i| start + i)
+    }
+
+    /// The directory slot of a key: its leading `bits` bits.
+    fn slot(&self, key: &Key) -> usize {
+        if self.bits == 0 {
+            0
+        } else {
+            (rank(key) >> (128 - self.bits)) as usize
+        }
+    }
+
+    fn build_directory(&mut self) {
+        let n = self.base.len();
+        self.bits = (n / KEYS_PER_SLOT).max(1).ilog2();
+        let slots = 1usize << self.bits;
+        self.directory.clear();
+        self.directory.reserve_exact(slots + 1);
+        let mut entry = 0;
+        for slot in 0..slots {
+            while entry < n && self.slot(&self.base[entry].0) < slot {
+                entry += 1;
+            }
+            self.directory.push(entry as u32);
+        }
+        self.directory.push(n as u32);
+        self.directory.shrink_to_fit();
+    }
+
+    fn merge_if_due(&mut self) {
+        if self.overlay.len() >= MIN_OVERLAY.max(self.base.len() / 8) {
+            self.merge();
+        }
+    }
+
+    /// Merges the overlay into the sorted keys, in place: the vector grows by
+    /// the changes that are not removals (a reallocation the allocator can do
+    /// without a copy for a large block), and the merge runs from the back so
+    /// that no entry is overwritten before it is moved.
+    fn merge(&mut self) {
+        if self.overlay.is_empty() {
+            return;
+        }
+        let mut changes: Vec<(Key, Entry)> = self.overlay.drain().collect();
+        changes.sort_unstable_by_key(|(key, _)| rank(key));
+        // Room for every change that is not a removal, as if each were a new
+        // key: counting the new keys exactly would take one more pass over
+        // the keys. Replaced and removed keys leave a gap, closed below.
+        let upper = changes
+            .iter()
+            .filter(|(_, e)| e.partition != TOMBSTONE)
+            .count();
+        let old = self.base.len();
+        let filler = (
+            [0u8; 16],
+            Entry {
+                partition: TOMBSTONE,
+                hash: 0,
+            },
+        );
+        self.base.reserve_exact(upper);
+        self.base.resize(old + upper, filler);
+        // Entries of base[..read] are still unread; base[write..] is done.
+        let (mut read, mut write) = (old, old + upper);
+        for &(key, entry) in changes.iter().rev() {
+            while read > 0 && rank(&self.base[read - 1].0) > rank(&key) {
+                read -= 1;
+                write -= 1;
+                self.base[write] = self.base[read];
+            }
+            if read > 0 && self.base[read - 1].0 == key {
+                read -= 1;
+            }
+            if entry.partition != TOMBSTONE {
+                write -= 1;
+                self.base[write] = (key, entry);
+            }
+        }
+        // Replaced and removed keys leave a gap between the unread head and
+        // the merged tail.
+        if write > read {
+            self.base.copy_within(write.., read);
+            let len = self.base.len() - (write - read);
+            self.base.truncate(len);
+        }
+        debug_assert_eq!(self.base.len(), self.len);
+        self.build_directory();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn entry(partition: u32, hash: u64) -> Entry {
+        Entry { partition, hash }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Insert(u16, u32),
+        Remove(u16),
+        Retain(u32),
+        Merge,
+    }
+
+    /// Keys from a small space (so steps hit the same keys again), spread
+    /// over the key range or bunched at its start, as arbitrary keys may be.
+    fn key(n: u16, spread: bool) -> Key {
+        let mut k = [0u8; 16];
+        if spread {
+            let h = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            k[..8].copy_from_slice(&h.to_be_bytes());
+        }
+        k[14..].copy_from_slice(&n.to_be_bytes());
+        k
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            8 => (0u16..3000, 0u32..50).prop_map(|(k, p)| Step::Insert(k, p)),
+            3 => (0u16..3000).prop_map(Step::Remove),
+            1 => (0u32..50).prop_map(Step::Retain),
+            1 => Just(Step::Merge),
+        ]
+    }
+
+    proptest! {
+        /// The index answers as a hash map would, whatever the steps and
+        /// wherever a merge falls.
+        #[test]
+        fn behaves_as_a_map(steps in proptest::collection::vec(step(), 0..400), spread: bool) {
+            let mut index = KeyIndex::default();
+            let mut model: HashMap<Key, Entry> = HashMap::new();
+            for (n, s) in steps.iter().enumerate() {
+                match *s {
+                    Step::Insert(k, p) => {
+                        let e = entry(p, n as u64);
+                        prop_assert_eq!(index.insert(key(k, spread), e), model.insert(key(k, spread), e));
+                    }
+                    Step::Remove(k) => {
+                        prop_assert_eq!(index.remove(&key(k, spread)), model.remove(&key(k, spread)));
+                    }
+                    Step::Retain(p) => {
+                        index.retain(|_, e| e.partition != p);
+                        model.retain(|_, e| e.partition != p);
+                    }
+                    Step::Merge => index.merge(),
+                }
+                prop_assert_eq!(index.len(), model.len());
+            }
+            for k in 0..3000 {
+                prop_assert_eq!(index.get(&key(k, spread)), model.get(&key(k, spread)).copied());
+            }
+            let mut all: Vec<(Key, Entry)> = index.iter().map(|(k, e)| (*k, e)).collect();
+            all.sort_unstable_by_key(|(k, _)| rank(k));
+            let mut expected: Vec<(Key, Entry)> = model.into_iter().collect();
+            expected.sort_unstable_by_key(|(k, _)| rank(k));
+            prop_assert_eq!(all, expected);
+        }
+    }
+
+    /// Enough keys for several merges on their own (no explicit merge), with
+    /// removals and replacements between them.
+    #[test]
+    fn merges_as_it_grows_and_finds_every_key() {
+        let mut index = KeyIndex::default();
+        let n = 300_000u32;
+        let key_of = |i: u32| {
+            let mut k = [0u8; 16];
+            let h = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            k[..8].copy_from_slice(&h.to_le_bytes());
+            k[8..12].copy_from_slice(&i.to_le_bytes());
+            k
+        };
+        for i in 0..n {
+            assert_eq!(index.insert(key_of(i), entry(i % 7, u64::from(i))), None);
+        }
+        for i in (0..n).step_by(3) {
+            assert_eq!(index.remove(&key_of(i)).map(|e| e.hash), Some(u64::from(i)));
+        }
+        for i in (1..n).step_by(3) {
+            let old = index.insert(key_of(i), entry(9, 0));
+            assert_eq!(old.map(|e| e.hash), Some(u64::from(i)));
+        }
+        assert_eq!(index.len(), (n - n.div_ceil(3)) as usize);
+        assert!(index.base.len() > n as usize / 2, "merged as it grew");
+        for i in 0..n {
+            let expected = match i % 3 {
+                0 => None,
+                1 => Some(9),
+                _ => Some(i % 7),
+            };
+            assert_eq!(
+                index.get(&key_of(i)).map(|e| e.partition),
+                expected,
+                "key {i}"
+            );
+        }
+        assert_eq!(index.iter().count(), index.len());
+    }
+}
