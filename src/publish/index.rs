@@ -8,8 +8,9 @@
 //! new one. Here the keys live in a vector sorted by key, 28 bytes an entry and
 //! nothing empty, with a small hash table of the changes since the vector was
 //! last merged. Keys are HMAC outputs, uniform, so a directory of where each
-//! run of leading bits starts finds a key in the vector with one or two cache
-//! misses, as a hash table would.
+//! run of leading bits starts finds a key in the vector among about eight.
+//! The price is CPU: a new key is looked up in the overlay and in the vector
+//! (BENCHMARKS.md, issue 7).
 
 use super::state::{Entry, Key, KeyMap};
 

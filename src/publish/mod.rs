@@ -1980,7 +1980,7 @@ impl Publisher {
                 for key in &removed {
                     self.index.remove(key);
                 }
-                // One allocation for a large first version, not a rehash per doubling.
+                // One allocation for a large first version, not one per merge.
                 self.index.reserve(added.len());
                 for (key, entry) in added {
                     self.index.insert(key, entry);

@@ -148,7 +148,6 @@ pub fn index_rows(
 ) -> Result<(), ArrowError> {
     let keys = keys(rows)?;
     let hashes = row_hashes(rows)?;
-    index.reserve(rows.num_rows());
     for row in key_order(keys) {
         index.insert(
             key_at(keys, row),

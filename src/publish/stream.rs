@@ -215,8 +215,6 @@ impl Streamed {
     /// Records a batch's rows in the key map: each row's part and fingerprint,
     /// or its removal, in the order of their keys (see [`state::key_order`]).
     fn apply_to_keys(&mut self, keys: &FixedSizeBinaryArray, placed: &[u32], hashes: &[u64]) {
-        self.keys
-            .reserve(placed.iter().filter(|p| **p != DELETED).count());
         for r in state::key_order(keys) {
             let key = state::key_at(keys, r);
             let old = if placed[r] == DELETED {
