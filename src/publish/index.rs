@@ -10,7 +10,10 @@
 //! last merged. Keys are HMAC outputs, uniform, so a directory of where each
 //! run of leading bits starts finds a key in the vector among about eight.
 //! The price is CPU: a new key is looked up in the overlay and in the vector
-//! (BENCHMARKS.md, issue 7).
+//! (BENCHMARKS.md, issue 7). A Bloom filter of the vector's keys, about a
+//! byte a key and small enough to stay in the caches, answers most lookups of
+//! a key the vector does not hold (every key of a first version) without
+//! touching the vector.
 
 use super::state::{Entry, Key, KeyMap};
 
@@ -25,6 +28,76 @@ const MIN_OVERLAY: usize = 1 << 16;
 /// consecutive entries (one or two cache lines).
 const KEYS_PER_SLOT: usize = 8;
 
+/// Bits a key sets in its word of the [`Filter`].
+const FILTER_PROBES: u32 = 4;
+
+/// Keys per word of the [`Filter`], at most: 64 bits for 4 to 8 keys of 4
+/// bits each; about 3% of absent keys then pass it.
+const KEYS_PER_WORD: usize = 8;
+
+/// A Bloom filter over the keys of [`KeyIndex::base`]: a key's bits all lie
+/// in one 64-bit word, so a probe touches one cache line. It may hold keys
+/// removed since it was built (they only pass it); it never lacks a key of
+/// `base`.
+#[derive(Default, Clone)]
+struct Filter {
+    words: Vec<u64>,
+    /// log2 of `words.len()`.
+    bits: u32,
+}
+
+impl Filter {
+    /// The word and the bits in it of `key`. The word comes from the key's
+    /// leading bits and the bits from its trailing ones: keys are HMAC
+    /// outputs, uniform in both. Skewed keys only make the filter pass more.
+    fn place(&self, key: &Key) -> (usize, u64) {
+        let word = if self.bits == 0 {
+            0
+        } else {
+            (rank(key) >> (128 - self.bits)) as usize
+        };
+        let mut tail = [0u8; 8];
+        tail.copy_from_slice(&key[8..]);
+        let tail = u64::from_le_bytes(tail);
+        let mask = (0..FILTER_PROBES).fold(0u64, |m, i| m | 1 << ((tail >> (6 * i)) & 63));
+        (word, mask)
+    }
+
+    /// Whether `key` may be in the set; `false` only for a key never added.
+    fn may_contain(&self, key: &Key) -> bool {
+        if self.words.is_empty() {
+            return false;
+        }
+        let (word, mask) = self.place(key);
+        self.words[word] & mask == mask
+    }
+
+    fn add(&mut self, key: &Key) {
+        let (word, mask) = self.place(key);
+        self.words[word] |= mask;
+    }
+
+    /// Words for `keys` keys.
+    fn size_for(keys: usize) -> u32 {
+        keys.div_ceil(KEYS_PER_WORD)
+            .max(1)
+            .next_power_of_two()
+            .ilog2()
+    }
+
+    /// A filter of exactly `keys`.
+    fn build<'a>(bits: u32, keys: impl Iterator<Item = &'a Key>) -> Self {
+        let mut filter = Filter {
+            words: vec![0; 1 << bits],
+            bits,
+        };
+        for key in keys {
+            filter.add(key);
+        }
+        filter
+    }
+}
+
 /// Every key of a dataset with its [`Entry`].
 #[derive(Default, Clone)]
 pub struct KeyIndex {
@@ -34,6 +107,8 @@ pub struct KeyIndex {
     /// `bits` bits are `s` or more; one more slot at the end holds `base.len()`.
     directory: Vec<u32>,
     bits: u32,
+    /// Every key of `base`, and perhaps some removed from it.
+    filter: Filter,
     /// Changes not yet merged into `base`: a key's current entry, or a
     /// [`TOMBSTONE`] for a key of `base` that was removed.
     overlay: KeyMap<Entry>,
@@ -85,7 +160,7 @@ impl KeyIndex {
         match self.overlay.get(key) {
             Some(e) if e.partition == TOMBSTONE => None,
             Some(e) => Some(*e),
-            None => self.find(key).ok().map(|i| self.base[i].1),
+            None => self.find(key).map(|i| self.base[i].1),
         }
     }
 
@@ -100,7 +175,7 @@ impl KeyIndex {
         let old = match self.overlay.insert(key, entry) {
             Some(e) if e.partition == TOMBSTONE => None,
             Some(e) => Some(e),
-            None => self.find(&key).ok().map(|i| self.base[i].1),
+            None => self.find(&key).map(|i| self.base[i].1),
         };
         if old.is_none() {
             self.len += 1;
@@ -111,7 +186,7 @@ impl KeyIndex {
 
     /// Removes `key`, giving back its entry.
     pub fn remove(&mut self, key: &Key) -> Option<Entry> {
-        let in_base = self.find(key).ok();
+        let in_base = self.find(key);
         let old = match self.overlay.get(key) {
             Some(e) if e.partition == TOMBSTONE => None,
             Some(e) => Some(*e),
@@ -139,6 +214,11 @@ impl KeyIndex {
         self.base.retain(|(key, entry)| keep(key, entry));
         self.len = self.base.len();
         self.build_directory();
+        // Drop the removed keys from the filter too.
+        self.filter = Filter::build(
+            Filter::size_for(self.base.len()),
+            self.base.iter().map(|(k, _)| k),
+        );
     }
 
     /// Every key and its entry, in no particular order.
@@ -154,15 +234,15 @@ impl KeyIndex {
         let added = self
             .overlay
             .iter()
-            .filter(|(key, e)| e.partition != TOMBSTONE && self.find(key).is_err())
+            .filter(|(key, e)| e.partition != TOMBSTONE && self.find(key).is_none())
             .map(|(key, e)| (key, *e));
         merged.chain(added)
     }
 
-    /// Where `key` is in `base`, or where it would go.
-    fn find(&self, key: &Key) -> Result<usize, usize> {
-        if self.base.is_empty() {
-            return Err(0);
+    /// Where `key` is in `base`.
+    fn find(&self, key: &Key) -> Option<usize> {
+        if !self.filter.may_contain(key) {
+            return None;
         }
         let slot = self.slot(key);
         let (start, end) = (
@@ -172,8 +252,8 @@ impl KeyIndex {
         let target = rank(key);
         self.base[start..end]
             .binary_search_by_key(&target, |(k, _)| rank(k))
+            .ok()
             .map(|i| start + i)
-            .map_err(|i| start + i)
     }
 
     /// The directory slot of a key: its leading `bits` bits.
@@ -216,8 +296,8 @@ impl KeyIndex {
         if self.overlay.is_empty() {
             return;
         }
-        let mut changes: Vec<(Key, Entry)> = self.overlay.drain().collect();
-        changes.sort_unstable_by_key(|(key, _)| rank(key));
+        let changes = sorted(&self.overlay);
+        self.overlay.clear();
         // Room for every change that is not a removal, as if each were a new
         // key: counting the new keys exactly would take one more pass over
         // the keys. Replaced and removed keys leave a gap, closed below.
@@ -260,7 +340,61 @@ impl KeyIndex {
         }
         debug_assert_eq!(self.base.len(), self.len);
         self.build_directory();
+        // The filter grows by doubling (rebuilt from the keys then, about
+        // twice the final count over a first version's merges); in between,
+        // the merged keys are added to it.
+        let bits = Filter::size_for(self.base.len());
+        if bits == self.filter.bits && !self.filter.words.is_empty() {
+            for (key, entry) in &changes {
+                if entry.partition != TOMBSTONE {
+                    self.filter.add(key);
+                }
+            }
+        } else {
+            self.filter = Filter::build(bits, self.base.iter().map(|(k, _)| k));
+        }
     }
+}
+
+/// The overlay's changes sorted by key. Keys are uniform, so scattering
+/// them into buckets of their leading bits (about four a bucket) and sorting
+/// each bucket is about twice as fast as a comparison sort of 28-byte
+/// entries; skewed keys only make some buckets larger.
+fn sorted(overlay: &KeyMap<Entry>) -> Vec<(Key, Entry)> {
+    const SMALL: usize = 1 << 12;
+    if overlay.len() < SMALL {
+        let mut entries: Vec<(Key, Entry)> = overlay.iter().map(|(k, e)| (*k, *e)).collect();
+        entries.sort_unstable_by_key(|(key, _)| rank(key));
+        return entries;
+    }
+    let bits = (overlay.len() / 4).ilog2();
+    let bucket = |key: &Key| (rank(key) >> (128 - bits)) as usize;
+    // starts[b] is where bucket b begins in the output.
+    let mut starts = vec![0u32; (1 << bits) + 1];
+    for key in overlay.keys() {
+        starts[bucket(key) + 1] += 1;
+    }
+    for b in 1..starts.len() {
+        starts[b] += starts[b - 1];
+    }
+    let mut next = starts.clone();
+    let filler = (
+        [0u8; 16],
+        Entry {
+            partition: 0,
+            hash: 0,
+        },
+    );
+    let mut entries = vec![filler; overlay.len()];
+    for (key, entry) in overlay {
+        let at = &mut next[bucket(key)];
+        entries[*at as usize] = (*key, *entry);
+        *at += 1;
+    }
+    for b in starts.windows(2) {
+        entries[b[0] as usize..b[1] as usize].sort_unstable_by_key(|(key, _)| rank(key));
+    }
+    entries
 }
 
 #[cfg(test)]
@@ -377,5 +511,44 @@ mod tests {
             );
         }
         assert_eq!(index.iter().count(), index.len());
+    }
+
+    /// The bucket sort of a merge gives the order of a comparison sort, for
+    /// uniform keys and for keys bunched in a few buckets.
+    #[test]
+    fn overlay_sorts_as_a_comparison_sort_would() {
+        for spread in [true, false] {
+            let overlay: KeyMap<Entry> = (0..20_000u16)
+                .map(|n| (key(n, spread), entry(u32::from(n), 0)))
+                .collect();
+            let mut expected: Vec<(Key, Entry)> = overlay.iter().map(|(k, e)| (*k, *e)).collect();
+            expected.sort_unstable_by_key(|(k, _)| rank(k));
+            assert_eq!(sorted(&overlay), expected, "spread: {spread}");
+        }
+    }
+
+    /// The filter passes every key of the vector and turns most others away,
+    /// so that a new key is seldom searched for in the vector.
+    #[test]
+    fn filter_turns_most_absent_keys_away() {
+        let key_of = |i: u64| {
+            let mut k = [0u8; 16];
+            k[..8].copy_from_slice(&i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+            k[8..].copy_from_slice(&i.wrapping_mul(0xC2B2_AE3D_27D4_EB4F).to_le_bytes());
+            k
+        };
+        let mut index = KeyIndex::default();
+        for i in 0..200_000 {
+            index.insert(key_of(i), entry(1, i));
+        }
+        index.merge();
+        assert!((0..200_000).all(|i| index.filter.may_contain(&key_of(i))));
+        let passed = (200_000..400_000)
+            .filter(|&i| index.filter.may_contain(&key_of(i)))
+            .count();
+        assert!(
+            passed < 200_000 / 10,
+            "{passed} of 200,000 absent keys passed"
+        );
     }
 }
