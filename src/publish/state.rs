@@ -148,36 +148,10 @@ pub fn index_rows(
 ) -> Result<(), ArrowError> {
     let keys = keys(rows)?;
     let hashes = row_hashes(rows)?;
-    for row in key_order(keys) {
-        index.insert(
-            key_at(keys, row),
-            Entry {
-                partition,
-                hash: hashes[row],
-            },
-        );
+    for (row, &hash) in hashes.iter().enumerate() {
+        index.insert(key_at(keys, row), Entry { partition, hash });
     }
     Ok(())
-}
-
-/// The rows of `keys` in the order of their keys, rows of one key in their
-/// order (a later row of a key must win).
-///
-/// The key index of a large dataset is many times the size of the caches,
-/// and keys in row order hit it at random: a cache and a TLB miss a row. In
-/// key order a batch sweeps the index's sorted keys once (BENCHMARKS.md,
-/// issue 7).
-pub fn key_order(keys: &FixedSizeBinaryArray) -> Vec<usize> {
-    let mut order: Vec<(u64, u32)> = (0..keys.len())
-        .map(|row| {
-            let mut lead = [0u8; 8];
-            lead.copy_from_slice(&keys.value(row)[..8]);
-            (u64::from_be_bytes(lead), row as u32)
-        })
-        .collect();
-    // (leading bytes, row) pairs are unique: an unstable sort keeps each key's rows in order.
-    order.sort_unstable();
-    order.into_iter().map(|(_, row)| row as usize).collect()
 }
 
 /// Fingerprints of the published values (every column but `_key`) of each row.
@@ -533,40 +507,6 @@ mod tests {
             super::row_hashes(&x).unwrap(),
             super::row_hashes(&y).unwrap()
         );
-    }
-
-    /// Keys come in their order, every row once, and the rows of one key
-    /// in their order (a later row of a key must win).
-    #[test]
-    fn key_order_sorts_keys_and_keeps_each_keys_rows_in_order() {
-        // 3000 keys, every tenth one twice more, further on.
-        let mut raw: Vec<[u8; 32]> = (0..3000u32)
-            .map(|i| {
-                let mut k = [0u8; 32];
-                k[..4].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_le_bytes());
-                k[4..8].copy_from_slice(&i.to_le_bytes());
-                k
-            })
-            .collect();
-        let again: Vec<[u8; 32]> = raw.iter().step_by(10).copied().collect();
-        raw.extend(again.iter().copied());
-        raw.extend(again);
-        let keys = arrow::array::FixedSizeBinaryArray::try_from_iter(raw.iter()).unwrap();
-        let order = super::key_order(&keys);
-        let mut seen = order.clone();
-        seen.sort_unstable();
-        assert_eq!(seen, (0..raw.len()).collect::<Vec<_>>());
-        assert!(
-            order
-                .windows(2)
-                .all(|w| super::key_at(&keys, w[0]) <= super::key_at(&keys, w[1]))
-        );
-        let mut last_row = std::collections::HashMap::new();
-        for row in order {
-            if let Some(before) = last_row.insert(super::key_at(&keys, row), row) {
-                assert!(before < row, "rows of a key out of order");
-            }
-        }
     }
 
     /// An update file laid over the rows it was made from gives the updated

@@ -213,9 +213,9 @@ impl Streamed {
     }
 
     /// Records a batch's rows in the key map: each row's part and fingerprint,
-    /// or its removal, in the order of their keys (see [`state::key_order`]).
+    /// or its removal, in row order (a later row of a key wins).
     fn apply_to_keys(&mut self, keys: &FixedSizeBinaryArray, placed: &[u32], hashes: &[u64]) {
-        for r in state::key_order(keys) {
+        for r in 0..placed.len() {
             let key = state::key_at(keys, r);
             let old = if placed[r] == DELETED {
                 self.keys.remove(&key)
