@@ -58,12 +58,19 @@ pub struct SnapshotPlan {
     pub batch_rows: usize,
 }
 
+/// Decoded batches waiting for the publisher. The publisher is the slower
+/// side (it classifies and encodes), so the queue is nearly always full: each
+/// batch queued is ~10 MB of peak memory for nothing. Two keep the publisher
+/// fed (2,000,000 rows: peak 294-317 MB with four, 273-284 MB with two, no
+/// slower; BENCHMARKS.md, issue 7).
+const QUEUED_BATCHES: usize = 2;
+
 /// Starts the copy; batches arrive on the returned channel, which closes when
 /// every worker is done. The watch counts the workers yet to import the
 /// exported snapshot: the exporting session must stay open until it is 0,
 /// or the later ones find the snapshot gone.
 pub fn start(plan: SnapshotPlan) -> (mpsc::Receiver<SnapshotItem>, watch::Receiver<usize>) {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
     let workers = plan.workers.max(1);
     let (importing, importing_rx) = watch::channel(workers);
     let per = plan.pages / workers as i64 + 1;
