@@ -67,6 +67,17 @@ pub enum PublishError {
     /// The private state for the newest version is missing or made with another key.
     #[error("{0}")]
     State(String),
+    /// A part of a first version written while it was staged failed, and its
+    /// rows are not in memory to write again: the version must be read from
+    /// the source again (the runtime does so after a pause).
+    #[error(
+        "{dataset}: writing part {part} failed ({reason}); the version is read from the source again"
+    )]
+    PartLost {
+        dataset: String,
+        part: String,
+        reason: String,
+    },
 }
 
 impl PublishError {
@@ -630,14 +641,24 @@ impl Publisher {
         data: &RecordBatch,
         ops: &[Op],
     ) -> Result<()> {
+        let version = self.version + 1;
+        let context = self.job_context();
+        let open = |name: &str, schema: &SchemaRef| {
+            stream_part(
+                context.clone(),
+                &self.settings.formats,
+                version,
+                name.to_string(),
+                schema.clone(),
+            )
+        };
         let placement = stream::Placement {
             partition_by: self.settings.partition_by.as_ref(),
             single: &self.settings.dataset,
             max_rows: self.settings.max_file_rows,
+            open: &open,
         };
         streamed.stage(data, ops, &mut self.names, &placement)?;
-        let version = self.version + 1;
-        let context = self.job_context();
         for (i, rows) in streamed.take_full()? {
             let name = streamed.parts[i].name.clone();
             streamed.parts[i].write = stream::PartWrite::Running(spawn_part(
@@ -684,20 +705,24 @@ impl Publisher {
         self.streamed.is_some()
     }
 
-    /// Waits while more parts of a streamed version are being written than
-    /// there are cores, so a fast source cannot pile up parts in memory.
+    /// Hands the rows staged for streaming parts to their encoders, and
+    /// waits while they or more gathered parts than there are cores are being
+    /// written, so a fast source cannot pile rows up in memory.
     pub async fn settle(&mut self) {
         let limit = self.parts_in_flight();
         let Some(streamed) = &mut self.streamed else {
             return;
         };
+        for part in &mut streamed.parts {
+            stream::flush(part).await;
+        }
         let running = |p: &stream::StreamedPart| matches!(p.write, stream::PartWrite::Running(_));
         while streamed.parts.iter().filter(|p| running(p)).count() > limit {
             let Some(part) = streamed.parts.iter_mut().find(|p| running(p)) else {
                 return;
             };
-            if let Err(e) = finish_part(part).await {
-                // Its rows are kept; the commit writes the part again.
+            if let Err(e) = finish_part(&self.settings.dataset, part).await {
+                // Its rows are kept (or, if it was streamed, the commit says they are lost).
                 tracing::warn!(dataset = %self.settings.dataset, part = %part.name, error = %e, "writing a part failed; retrying at the commit");
             }
         }
@@ -802,9 +827,9 @@ impl Publisher {
         use stream::PartWrite;
         let target = streamed.schema.clone();
         let version = self.version + 1;
-        streamed.close(&self.names);
+        streamed.close();
         for part in &mut streamed.parts {
-            finish_part(part).await?;
+            finish_part(&self.settings.dataset, part).await?;
         }
         for part in &mut streamed.parts {
             if let PartWrite::Written(files) = &part.write
@@ -837,12 +862,12 @@ impl Publisher {
                 if running.len() > limit
                     && let Some(oldest) = running.pop_front()
                 {
-                    finish_part(&mut streamed.parts[oldest]).await?;
+                    finish_part(&self.settings.dataset, &mut streamed.parts[oldest]).await?;
                 }
             }
         }
         for part in &mut streamed.parts {
-            finish_part(part).await?;
+            finish_part(&self.settings.dataset, part).await?;
         }
         let written: BTreeMap<String, (PartFiles, Option<RecordBatch>)> = streamed
             .parts
@@ -1048,7 +1073,7 @@ async fn write_part(
             partition: name.to_string(),
         },
         path,
-        rows: state_rows,
+        rows: JobRows::Whole(state_rows),
         previous: None,
     }];
     for format in formats {
@@ -1058,7 +1083,7 @@ async fn write_part(
                 format: *format,
             },
             path: format!("data/{name}/{vname}-{unique}.{}", format.extension()),
-            rows: rows.clone(),
+            rows: JobRows::Whole(rows.clone()),
             previous: previous
                 .as_ref()
                 .and_then(|p| Some((p.change.clone(), p.files.get(format)?.clone()))),
@@ -1070,19 +1095,7 @@ async fn write_part(
         tokio::task::spawn_blocking(move || date_range(&rows)),
         futures::future::try_join_all(jobs.into_iter().map(|job| context.clone().run(job)))
     );
-    let mut state = None;
-    let mut data = BTreeMap::new();
-    for (role, file) in written? {
-        match role {
-            FileRole::State { .. } => state = Some(file),
-            FileRole::Data { format, .. } => {
-                data.insert(format, file);
-            }
-            FileRole::Changes { .. } => {}
-        }
-    }
-    let written =
-        state.ok_or_else(|| PublishError::State(format!("part {name}: no state file written")))?;
+    let (written, data) = part_files(name, written?)?;
     let state = match update {
         Some(p) => {
             let mut files = p.state.clone();
@@ -1114,20 +1127,123 @@ fn spawn_part(
     tokio::spawn(async move {
         let written = write_part(&context, &formats, version, &name, rows.clone(), None).await;
         crate::runtime::failpoint("streamed-part-written");
-        written.map_err(|e| (e, rows))
+        written.map_err(|e| (e, Some(rows)))
     })
 }
 
-/// Waits for a part being written; a failed write keeps its rows for the retry.
-async fn finish_part(part: &mut stream::StreamedPart) -> Result<()> {
+/// Batches waiting for each encoder of a streaming part. A batch lives until
+/// the slowest encoder is done with it, so every batch of depth is memory;
+/// one more queued was no faster (BENCHMARKS.md, issue 7).
+const STREAM_DEPTH: usize = 1;
+
+/// Opens a part's files and writes the rows sent to the returned stream as
+/// they come: one encoder per file, each on a blocking thread, and the row
+/// count and date range gathered beside them.
+fn stream_part(
+    context: JobContext,
+    formats: &[OutputFormat],
+    version: u64,
+    name: String,
+    schema: SchemaRef,
+) -> stream::PartStream {
+    let vname = version_name(version);
+    let unique = uuid::Uuid::new_v4();
+    let mut senders = Vec::new();
+    let mut receiver = || {
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_DEPTH);
+        senders.push(tx);
+        JobRows::Stream(rx, schema.clone())
+    };
+    let mut jobs = vec![FileJob {
+        role: FileRole::State {
+            partition: name.clone(),
+        },
+        path: format!("partitions/{name}/{vname}-{unique}.arrow"),
+        rows: receiver(),
+        previous: None,
+    }];
+    for format in formats {
+        jobs.push(FileJob {
+            role: FileRole::Data {
+                partition: name.clone(),
+                format: *format,
+            },
+            path: format!("data/{name}/{vname}-{unique}.{}", format.extension()),
+            rows: receiver(),
+            previous: None,
+        });
+    }
+    let JobRows::Stream(mut counted, _) = receiver() else {
+        unreachable!("receiver() makes streams")
+    };
+    let task = tokio::spawn(async move {
+        let count = async move {
+            let (mut rows, mut dates) = (0u64, None::<(i32, i32)>);
+            while let Some(batch) = counted.recv().await {
+                rows += batch.num_rows() as u64;
+                if let Some((first, last)) = date_range(&batch) {
+                    dates = Some(dates.map_or((first, last), |(a, z)| (a.min(first), z.max(last))));
+                }
+            }
+            (rows, dates)
+        };
+        let ((rows, dates), written) = futures::join!(
+            count,
+            futures::future::try_join_all(jobs.into_iter().map(|job| context.clone().run(job)))
+        );
+        let written = written.and_then(|written| {
+            let (state, data) = part_files(&name, written)?;
+            Ok(PartFiles {
+                state: StateFiles {
+                    file: state,
+                    updates: Vec::new(),
+                },
+                data,
+                rows,
+                dates,
+                schema,
+            })
+        });
+        crate::runtime::failpoint("streamed-part-written");
+        written.map_err(|e| (e, None))
+    });
+    stream::PartStream::new(senders, task)
+}
+
+/// A written part's state file and data files.
+fn part_files(
+    name: &str,
+    written: Vec<(FileRole, FileRef)>,
+) -> Result<(FileRef, BTreeMap<OutputFormat, FileRef>)> {
+    let mut state = None;
+    let mut data = BTreeMap::new();
+    for (role, file) in written {
+        match role {
+            FileRole::State { .. } => state = Some(file),
+            FileRole::Data { format, .. } => {
+                data.insert(format, file);
+            }
+            FileRole::Changes { .. } => {}
+        }
+    }
+    let state =
+        state.ok_or_else(|| PublishError::State(format!("part {name}: no state file written")))?;
+    Ok((state, data))
+}
+
+/// Waits for a part being written (ending it first if it streams); a failed
+/// write keeps its rows for the retry, or, streamed, says they are lost.
+async fn finish_part(dataset: &str, part: &mut stream::StreamedPart) -> Result<()> {
+    stream::end(part);
+    stream::flush(part).await;
+    let lost = |reason: String| PublishError::PartLost {
+        dataset: dataset.to_string(),
+        part: part.name.clone(),
+        reason,
+    };
     let task = match &mut part.write {
         stream::PartWrite::Running(task) => task,
-        stream::PartWrite::Lost => {
-            return Err(PublishError::State(format!(
-                "writing part {} failed earlier; the version cannot be completed",
-                part.name
-            )));
-        }
+        stream::PartWrite::Lost => return Err(lost("failed earlier".into())),
         _ => return Ok(()),
     };
     match task.await {
@@ -1135,18 +1251,19 @@ async fn finish_part(part: &mut stream::StreamedPart) -> Result<()> {
             part.write = stream::PartWrite::Written(files);
             Ok(())
         }
-        Ok(Err((e, rows))) => {
+        Ok(Err((e, Some(rows)))) => {
             part.write = stream::PartWrite::Rows(vec![rows]);
             Err(e)
         }
+        Ok(Err((e, None))) => {
+            part.write = stream::PartWrite::Lost;
+            Err(lost(e.to_string()))
+        }
         Err(e) => {
             // The task's rows are gone with it: this version cannot be committed;
-            // the pipeline fails and a restart reads the source again.
+            // it is read from the source again.
             part.write = stream::PartWrite::Lost;
-            Err(PublishError::State(format!(
-                "writing part {} failed: {e}",
-                part.name
-            )))
+            Err(lost(e.to_string()))
         }
     }
 }
@@ -1182,12 +1299,19 @@ enum FileRole {
     Changes { format: OutputFormat },
 }
 
+/// The rows of a file to write: all at once, or batches as they come (a
+/// streamed part, see `stream`).
+enum JobRows {
+    Whole(RecordBatch),
+    Stream(tokio::sync::mpsc::Receiver<RecordBatch>, SchemaRef),
+}
+
 /// One file to encode and write.
 struct FileJob {
     role: FileRole,
     /// Path relative to the dataset folder.
     path: String,
-    rows: RecordBatch,
+    rows: JobRows,
     /// For a part's data file after an update in place: what changed, and
     /// the part's file of the version before (copied where unchanged).
     previous: Option<(InPlace, FileRef)>,
@@ -1219,18 +1343,24 @@ async fn previous_file(store: &Store, dataset: &str, file: &FileRef) -> Option<B
     }
 }
 
-/// Encodes a part's published file in `format`, from the part's previous
-/// file where an update in place gives one.
+/// Encodes a part's published file in `format` (its rows without `_key`),
+/// from the part's previous file where an update in place gives one.
 fn encode_data(
     format: OutputFormat,
-    rows: &RecordBatch,
+    rows: JobRows,
     previous: Option<(InPlace, Bytes)>,
     sink: &mut store::ChunkWriter,
 ) -> Result<()> {
-    let rows = state::without_key(rows);
-    let Some((change, bytes)) = previous else {
-        return Ok(writer::encode_to(format, &rows, sink)?);
+    let rows = match (rows, previous) {
+        (JobRows::Whole(rows), Some((change, bytes))) => (state::without_key(&rows), change, bytes),
+        (rows, _) => {
+            let (schema, batches) = rows.batches();
+            let schema = state::without_key(&RecordBatch::new_empty(schema)).schema();
+            let batches = batches.map(|b| state::without_key(&b));
+            return Ok(writer::encode_stream(format, &schema, batches, sink)?);
+        }
     };
+    let (rows, change, bytes) = rows;
     let previous = change.previous(bytes, &rows)?;
     if !writer::encode_reusing(format, &rows, &previous, sink)? {
         tracing::debug!(
@@ -1239,6 +1369,20 @@ fn encode_data(
         );
     }
     Ok(())
+}
+
+impl JobRows {
+    /// The rows' schema and their batches; a stream's wait for the next
+    /// batch (on the blocking thread that encodes them).
+    fn batches(self) -> (SchemaRef, Box<dyn Iterator<Item = RecordBatch> + Send>) {
+        match self {
+            JobRows::Whole(rows) => (rows.schema(), Box::new(std::iter::once(rows))),
+            JobRows::Stream(mut rx, schema) => (
+                schema,
+                Box::new(std::iter::from_fn(move || rx.blocking_recv())),
+            ),
+        }
+    }
 }
 
 impl JobContext {
@@ -1270,11 +1414,15 @@ impl JobContext {
             let mut sink = store::ChunkWriter::new(tx);
             let encoded = match encode_role {
                 FileRole::State { .. } => {
-                    state::encode_state_to(&rows, &mut sink).map_err(PublishError::from)
+                    let (schema, batches) = rows.batches();
+                    state::encode_state_stream(&schema, batches, &mut sink)
+                        .map_err(PublishError::from)
                 }
-                FileRole::Data { format, .. } => encode_data(format, &rows, previous, &mut sink),
+                FileRole::Data { format, .. } => encode_data(format, rows, previous, &mut sink),
                 FileRole::Changes { format } => {
-                    writer::encode_to(format, &rows, &mut sink).map_err(PublishError::from)
+                    let (schema, batches) = rows.batches();
+                    writer::encode_stream(format, &schema, batches, &mut sink)
+                        .map_err(PublishError::from)
                 }
             };
             // The store writer went away: its error is the one to report.
@@ -1763,7 +1911,7 @@ impl Publisher {
                         uuid::Uuid::new_v4().simple(),
                         format.extension()
                     ),
-                    rows: changes.clone(),
+                    rows: JobRows::Whole(changes.clone()),
                     previous: None,
                 });
             }

@@ -348,19 +348,32 @@ pub fn encode_state_to(
     batch: &RecordBatch,
     out: &mut impl std::io::Write,
 ) -> Result<(), ArrowError> {
+    encode_state_stream(&batch.schema(), std::iter::once(batch.clone()), out)
+}
+
+/// Encodes batches of `schema` into one state file as they come.
+pub fn encode_state_stream(
+    schema: &SchemaRef,
+    batches: impl Iterator<Item = RecordBatch>,
+    out: &mut impl std::io::Write,
+) -> Result<(), ArrowError> {
     let options = arrow::ipc::writer::IpcWriteOptions::default()
         .try_with_compression(Some(arrow::ipc::CompressionType::ZSTD))?
         .try_with_compression_level(Some(STATE_ZSTD_LEVEL))?;
-    let mut writer =
-        arrow::ipc::writer::FileWriter::try_new_with_options(out, &batch.schema(), options)?;
-    let mut start = 0;
-    loop {
-        let len = STATE_BATCH_ROWS.min(batch.num_rows() - start);
-        writer.write(&batch.slice(start, len))?;
-        start += len;
-        if start >= batch.num_rows() {
-            break;
+    let mut writer = arrow::ipc::writer::FileWriter::try_new_with_options(out, schema, options)?;
+    let mut empty = true;
+    for batch in batches {
+        let mut start = 0;
+        while start < batch.num_rows() {
+            let len = STATE_BATCH_ROWS.min(batch.num_rows() - start);
+            writer.write(&batch.slice(start, len))?;
+            start += len;
+            empty = false;
         }
+    }
+    if empty {
+        // One empty batch, as a state of no rows always had.
+        writer.write(&RecordBatch::new_empty(schema.clone()))?;
     }
     writer.finish()
 }

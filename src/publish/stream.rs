@@ -2,22 +2,32 @@
 //!
 //! The first version of a dataset is a whole image (a table's snapshot, a
 //! first full export): every row is an insert, nothing is compared with a
-//! committed state. So its parts need not wait for the commit: each part is
-//! handed to the encoders as soon as it holds `max_file_rows` rows, while the
-//! source is still read, and only the keys (with the part and fingerprint of
-//! their row) stay in memory. Encoding overlaps the read, and memory holds a
-//! few parts instead of the whole image.
+//! committed state. So its parts need not wait for the commit: a part's files
+//! are opened when its first row is staged, and every batch of rows staged
+//! for it goes straight to its encoders (one per file, each on its own
+//! thread), while the source is still read. Only the keys (with the part and
+//! fingerprint of their row) stay in memory: encoding overlaps the read, and
+//! no part is ever whole in memory. (Parts were first gathered whole and
+//! encoded when full; gathering and concatenating them was about half the
+//! peak memory of a large snapshot, BENCHMARKS.md.)
+//!
+//! A few parts stream at once ([`MAX_STREAMS`]); the rows of further parts
+//! (a dataset partitioned by month fills many at once) are gathered and
+//! written whole when the part is full. A streamed part whose write fails has
+//! no rows to write again: the version is read from the source again
+//! ([`super::PublishError::PartLost`]).
 //!
 //! A row staged later for a key already placed (a duplicate key, an update or
 //! a delete in the same version) leaves its part "dirty": the part keeps only
 //! the rows the key map still points at, filtered when it is written or, if it
-//! was written already, read back and written again at the commit. A schema
-//! that changes within the version holds the parts from then on, and the
-//! commit aligns every part to the final schema. The files are named for the
+//! was streamed or written already, read back and written again at the
+//! commit. A schema that changes within the version ends the streams and
+//! holds the parts from then on, and the commit aligns every part to the
+//! final schema. The files are named for the
 //! version being written, so a crash leaves only unreferenced files that the
 //! next start removes (DESIGN.md "Guarantees").
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use arrow::array::{BooleanArray, FixedSizeBinaryArray, RecordBatch, UInt32Array};
 use arrow::datatypes::SchemaRef;
@@ -31,8 +41,46 @@ use super::{PartFiles, PublishError, Result, part_name};
 use crate::config::PartitionGrain;
 
 /// What a part's write task gives back: its files, or the error and its rows
-/// (kept, so a retried commit writes the part again).
-pub(super) type PartTask = JoinHandle<std::result::Result<PartFiles, (PublishError, RecordBatch)>>;
+/// (kept, so a retried commit writes the part again; none for a streamed part).
+pub(super) type PartTask =
+    JoinHandle<std::result::Result<PartFiles, (PublishError, Option<RecordBatch>)>>;
+
+/// Parts whose rows stream to their encoders at once. One fills at a time
+/// per partition; each holds a thread per file and its Parquet row group.
+pub(super) const MAX_STREAMS: usize = 4;
+
+/// A part whose files are being written while its rows are staged.
+pub(super) struct PartStream {
+    /// One per encoder of the part, each taking every batch.
+    senders: Vec<tokio::sync::mpsc::Sender<RecordBatch>>,
+    /// Rows staged and not sent yet: staging does not wait, [`PartStream::send`] does.
+    backlog: VecDeque<RecordBatch>,
+    /// More rows may come.
+    open: bool,
+    task: PartTask,
+}
+
+impl PartStream {
+    pub fn new(senders: Vec<tokio::sync::mpsc::Sender<RecordBatch>>, task: PartTask) -> Self {
+        Self {
+            senders,
+            backlog: VecDeque::new(),
+            open: true,
+            task,
+        }
+    }
+
+    /// Hands the staged rows to the encoders, waiting while they are behind
+    /// (so a fast source cannot pile rows up in memory). A failed encoder
+    /// takes nothing more; its task reports why.
+    async fn send(&mut self) {
+        while let Some(batch) = self.backlog.pop_front() {
+            for sender in &self.senders {
+                let _ = sender.send(batch.clone()).await;
+            }
+        }
+    }
+}
 
 /// A part of a streamed version and how far its write is.
 pub(super) struct StreamedPart {
@@ -42,9 +90,11 @@ pub(super) struct StreamedPart {
 }
 
 pub(super) enum PartWrite {
-    /// Rows not handed to the writer yet: held (the schema changed within
-    /// the version), or a failed write to be retried.
+    /// Rows not handed to the writer yet: gathered, held (the schema changed
+    /// within the version), or a failed write to be retried.
     Rows(Vec<RecordBatch>),
+    /// Rows go to the encoders as they are staged.
+    Streaming(Box<PartStream>),
     /// Being encoded and written.
     Running(PartTask),
     /// Written.
@@ -58,11 +108,12 @@ pub(super) enum PartWrite {
 /// A deleted row in [`Streamed::apply_to_keys`] (part ids are dense from 0).
 const DELETED: u32 = u32::MAX;
 
-/// A part still filling, one per partition.
+/// A partition's part still filling, one per partition.
 struct Filling {
+    /// The part's place in [`Streamed::parts`].
+    part: usize,
     id: u32,
     number: u32,
-    batches: Vec<RecordBatch>,
     rows: usize,
 }
 
@@ -71,6 +122,8 @@ pub(super) struct Placement<'a> {
     pub partition_by: Option<&'a (String, PartitionGrain)>,
     pub single: &'a str,
     pub max_rows: usize,
+    /// Opens the files of a part (by name, for rows of a schema) to stream its rows to.
+    pub open: &'a dyn Fn(&str, &SchemaRef) -> PartStream,
 }
 
 /// A first version being written while it is staged.
@@ -84,13 +137,13 @@ pub(super) struct Streamed {
     /// newer image replaces the older).
     seen: Option<(KeyScope, KeySet)>,
     filling: BTreeMap<u32, Filling>,
-    /// Parts handed over, in the order they filled.
+    /// Every part, in the order they were started.
     pub parts: Vec<StreamedPart>,
     /// Parts holding a row that a later row of its key replaced or deleted.
     pub dirty: HashSet<u32>,
     /// The schema changed within the version: parts are held for the commit.
     hold: bool,
-    /// Parts that filled and wait to be written (see [`Streamed::take_full`]).
+    /// Gathered parts that filled and wait to be written (see [`Streamed::take_full`]).
     full: Vec<usize>,
 }
 
@@ -139,8 +192,9 @@ impl Streamed {
         });
     }
 
-    /// Places a staged batch's rows into parts. Parts that filled are listed
-    /// for [`Streamed::take_full`].
+    /// Places a staged batch's rows into parts: queued for a streaming part's
+    /// encoders (sent by [`flush`]), or gathered. Gathered parts that filled
+    /// are listed for [`Streamed::take_full`].
     pub fn stage(
         &mut self,
         data: &RecordBatch,
@@ -148,19 +202,26 @@ impl Streamed {
         names: &mut Partitions,
         placement: &Placement<'_>,
     ) -> Result<()> {
+        let max = placement.max_rows.max(1);
         if data.schema() != self.schema {
             self.schema = data.schema();
             self.hold = true;
+            // Streams take one schema: theirs end here, and each partition
+            // goes on in a new part, held for the commit.
+            for filling in self.filling.values_mut() {
+                if let PartWrite::Streaming(stream) = &mut self.parts[filling.part].write {
+                    stream.open = false;
+                    filling.rows = max;
+                }
+            }
         }
         let part_of = state::partition_ids(data, placement.partition_by, placement.single, names)?;
         let hashes = state::row_hashes(data)?;
         let keys = state::keys(data)?;
-        // Rows of this batch per part, in order; a part that fills takes its
-        // rows at once, so the next part starts empty.
-        let mut rows: HashMap<u32, Vec<u32>, state::KeyHash> = HashMap::default();
+        // Rows of this batch per part (by place in `parts`), in order.
+        let mut rows: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
         // The part of each row, DELETED for a delete; applied to the key map below.
         let mut placed = vec![DELETED; ops.len()];
-        let max = placement.max_rows.max(1);
         for (r, op) in ops.iter().enumerate() {
             if *op == Op::Delete {
                 continue;
@@ -169,47 +230,78 @@ impl Streamed {
                 seen.insert(state::key_at(keys, r));
             }
             let base = part_of[r];
-            let filling = self.filling.entry(base).or_insert_with(|| Filling {
-                id: base,
-                number: 0,
-                batches: Vec::new(),
-                rows: 0,
-            });
-            if filling.rows >= max {
-                // Full: it takes its rows of this batch, then the next part starts.
-                let mut done = std::mem::replace(
-                    filling,
-                    Filling {
-                        id: 0,
-                        number: filling.number + 1,
-                        batches: Vec::new(),
-                        rows: 0,
-                    },
-                );
-                filling.id = names.id(&part_name(names.name(base), filling.number));
-                if let Some(indices) = rows.remove(&done.id) {
-                    done.batches.push(take(data, &indices)?);
+            match self
+                .filling
+                .get(&base)
+                .map(|f| (f.rows >= max, f.number, f.part))
+            {
+                Some((false, _, _)) => {}
+                Some((true, number, done)) => {
+                    // Full: its rows are complete, the next part starts.
+                    match &mut self.parts[done].write {
+                        PartWrite::Streaming(stream) => stream.open = false,
+                        PartWrite::Rows(_) if !self.hold => self.full.push(done),
+                        _ => {}
+                    }
+                    let id = names.id(&part_name(names.name(base), number + 1));
+                    let next = self.start(id, number + 1, names, placement);
+                    self.filling.insert(base, next);
                 }
-                let name = names.name(done.id).to_string();
-                self.full.push(self.parts.len());
-                self.parts.push(StreamedPart {
-                    id: done.id,
-                    name,
-                    write: PartWrite::Rows(done.batches),
-                });
+                None => {
+                    let first = self.start(base, 0, names, placement);
+                    self.filling.insert(base, first);
+                }
             }
+            let Some(filling) = self.filling.get_mut(&base) else {
+                continue;
+            };
             filling.rows += 1;
-            let part = filling.id;
-            rows.entry(part).or_default().push(r as u32);
-            placed[r] = part;
+            rows.entry(filling.part).or_default().push(r as u32);
+            placed[r] = filling.id;
         }
         self.apply_to_keys(keys, &placed, &hashes);
-        for filling in self.filling.values_mut() {
-            if let Some(indices) = rows.remove(&filling.id) {
-                filling.batches.push(take(data, &indices)?);
+        for (part, indices) in rows {
+            let batch = take(data, &indices)?;
+            match &mut self.parts[part].write {
+                PartWrite::Streaming(stream) => stream.backlog.push_back(batch),
+                PartWrite::Rows(batches) => batches.push(batch),
+                _ => {
+                    return Err(PublishError::State(format!(
+                        "part {} took rows after its end",
+                        self.parts[part].name
+                    )));
+                }
             }
         }
         Ok(())
+    }
+
+    /// Starts part `id`: streamed while few are, gathered otherwise.
+    fn start(
+        &mut self,
+        id: u32,
+        number: u32,
+        names: &Partitions,
+        placement: &Placement<'_>,
+    ) -> Filling {
+        let name = names.name(id).to_string();
+        let streams = self
+            .parts
+            .iter()
+            .filter(|p| matches!(&p.write, PartWrite::Streaming(s) if s.open))
+            .count();
+        let write = if self.hold || streams >= MAX_STREAMS {
+            PartWrite::Rows(Vec::new())
+        } else {
+            PartWrite::Streaming(Box::new((placement.open)(&name, &self.schema)))
+        };
+        self.parts.push(StreamedPart { id, name, write });
+        Filling {
+            part: self.parts.len() - 1,
+            id,
+            number,
+            rows: 0,
+        }
     }
 
     /// Records a batch's rows in the key map: each row's part and fingerprint,
@@ -248,17 +340,12 @@ impl Streamed {
         Ok(ready)
     }
 
-    /// Hands every part still filling over (at the commit).
-    pub fn close(&mut self, names: &Partitions) {
-        for (_, filling) in std::mem::take(&mut self.filling) {
-            if filling.rows == 0 {
-                continue;
+    /// Ends every part still filling (at the commit): no more rows come.
+    pub fn close(&mut self) {
+        for filling in std::mem::take(&mut self.filling).into_values() {
+            if let PartWrite::Streaming(stream) = &mut self.parts[filling.part].write {
+                stream.open = false;
             }
-            self.parts.push(StreamedPart {
-                id: filling.id,
-                name: names.name(filling.id).to_string(),
-                write: PartWrite::Rows(filling.batches),
-            });
         }
         self.full.clear();
     }
@@ -294,6 +381,28 @@ impl Streamed {
             state::index_rows(&mut self.keys, &rows, part.id)?;
         }
         Ok(Some(rows))
+    }
+}
+
+/// Sends a streaming part's staged rows to its encoders; once it takes no
+/// more rows, its files are ended and it is being written.
+pub(super) async fn flush(part: &mut StreamedPart) {
+    let PartWrite::Streaming(stream) = &mut part.write else {
+        return;
+    };
+    stream.send().await;
+    if !stream.open
+        && let PartWrite::Streaming(stream) = std::mem::replace(&mut part.write, PartWrite::Lost)
+    {
+        // Dropping the senders ends every file.
+        part.write = PartWrite::Running(stream.task);
+    }
+}
+
+/// Ends a streaming part: it takes no more rows.
+pub(super) fn end(part: &mut StreamedPart) {
+    if let PartWrite::Streaming(stream) = &mut part.write {
+        stream.open = false;
     }
 }
 

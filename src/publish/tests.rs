@@ -191,7 +191,18 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Stages `first`, commits, stages `then`, commits, with and without a
 /// streamed first version; both must publish the same and report the same.
-fn differential(first: &[Staged], then: &[Staged], max_file_rows: usize, cache: usize) {
+/// Partitioned by id, a version has more parts filling at once than stream.
+fn differential(
+    first: &[Staged],
+    then: &[Staged],
+    max_file_rows: usize,
+    cache: usize,
+    by_id: bool,
+) {
+    let settings = |max_file_rows, cache| Settings {
+        partition_by: by_id.then(|| ("id".to_string(), crate::config::PartitionGrain::Value)),
+        ..settings(max_file_rows, cache)
+    };
     runtime().block_on(async {
         let mut outcomes = Vec::new();
         for streamed in [true, false] {
@@ -252,11 +263,12 @@ proptest! {
         then in proptest::collection::vec(step(), 1..3),
         max_file_rows in 1usize..4,
         cached in proptest::bool::ANY,
+        by_id in proptest::bool::ANY,
     ) {
         let mut first = vec![head];
         first.extend(rest);
         // With no cache every version reads the parts it touches from the state.
-        differential(&first, &then, max_file_rows, if cached { 1 << 20 } else { 0 });
+        differential(&first, &then, max_file_rows, if cached { 1 << 20 } else { 0 }, by_id);
     }
 }
 
@@ -267,7 +279,13 @@ fn duplicate_keys_and_deletes_in_written_parts_are_rewritten() {
     let image = Step::Image(vec![vec![(1, 0), (2, 0)], vec![(3, 0), (1, 1)]], None);
     let changes = Step::Changes(vec![(2, None), (4, Some(2))]);
     let then = Step::Changes(vec![(1, Some(2)), (3, None)]);
-    differential(&[(image, false), (changes, false)], &[(then, false)], 2, 0);
+    differential(
+        &[(image, false), (changes, false)],
+        &[(then, false)],
+        2,
+        0,
+        false,
+    );
 }
 
 /// Rows updated in place keep their place in their part, and the part's files
@@ -452,6 +470,23 @@ fn a_schema_change_within_a_streamed_version_realigns_written_parts() {
         &[(Step::Changes(vec![(2, Some(2))]), true)],
         1,
         1 << 20,
+        false,
+    );
+}
+
+#[test]
+fn parts_beyond_the_streams_are_gathered_and_written_whole() {
+    // Ten partitions fill at once, more than stream; parts of two rows.
+    let batch = |v| (0..10).map(|id| (id, v)).collect::<Vec<_>>();
+    let image = Step::Image(vec![batch(0), batch(1), batch(2)], None);
+    let changes = Step::Changes(vec![(3, None), (4, Some(2)), (11, Some(0))]);
+    let then = Step::Changes(vec![(5, Some(1)), (6, None)]);
+    differential(
+        &[(image, false), (changes, false)],
+        &[(then, false)],
+        2,
+        0,
+        true,
     );
 }
 
@@ -640,4 +675,37 @@ proptest! {
         let got = replay(&transactions, max_file_rows, if cached { 1 << 20 } else { 0 });
         prop_assert_eq!(got, model(&transactions));
     }
+}
+
+#[test]
+fn a_streamed_part_whose_write_fails_is_read_from_the_source_again() {
+    runtime().block_on(async {
+        let image = [(
+            Step::Image(vec![vec![(1, 0), (2, 0), (3, 0)], vec![(4, 1)]], None),
+            false,
+        )];
+        let dir = tempfile::tempdir().unwrap();
+        let mut publisher = open(dir.path(), settings(2, 0), true).await;
+        // A file where the data folder goes: every data file fails to write.
+        let blocker = dir.path().join("pub/d/data");
+        std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+        std::fs::write(&blocker, b"in the way").unwrap();
+        let mut lsn = 0;
+        stage(&mut publisher, &image, &mut lsn).await;
+        let failed = publisher.commit().await.unwrap_err();
+        assert!(
+            matches!(failed, super::PublishError::PartLost { .. }),
+            "{failed}"
+        );
+        assert!(failed.to_string().contains("read from the source again"));
+        assert!(publisher.is_streaming(), "nothing was committed");
+        assert!(published(dir.path()).is_empty());
+        // What the runtime does: drop the version and read the source again.
+        std::fs::remove_file(&blocker).unwrap();
+        publisher.discard_pending();
+        stage(&mut publisher, &image, &mut lsn).await;
+        let committed = publisher.commit().await.unwrap();
+        assert_eq!(summary(&committed), Some((4, 4, 0, 0)));
+        assert_eq!(published(dir.path()), ["1|v0|", "2|v0|", "3|v0|", "4|v1|"]);
+    });
 }

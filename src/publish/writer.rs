@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::io::Write;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::DataType;
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::row::{RowConverter, SortField};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
@@ -62,9 +62,40 @@ pub fn encode_to(
     batch: &RecordBatch,
     sink: &mut impl Sink,
 ) -> Result<(), EncodeError> {
+    encode_stream(
+        format,
+        &batch.schema(),
+        std::iter::once(batch.clone()),
+        sink,
+    )
+}
+
+/// Encodes batches of `schema` in `format` as they come, into one file: a
+/// part whose rows are still being read is encoded while they arrive, and
+/// never held whole (see `publish::stream`). Parquet columns take their
+/// encoding from the first batch's values.
+pub fn encode_stream(
+    format: OutputFormat,
+    schema: &SchemaRef,
+    batches: impl Iterator<Item = RecordBatch>,
+    sink: &mut impl Sink,
+) -> Result<(), EncodeError> {
     match format {
-        OutputFormat::Parquet => parquet_to(batch, sink),
-        OutputFormat::Csv => csv_chunks(batch, |chunk| sink.put(chunk)),
+        OutputFormat::Parquet => parquet_stream(schema, batches, sink),
+        OutputFormat::Csv => {
+            let mut header = true;
+            for batch in batches {
+                csv_chunks(&batch, header, |chunk| sink.put(chunk))?;
+                header = false;
+            }
+            if header {
+                // No rows: the file is its header.
+                csv_chunks(&RecordBatch::new_empty(schema.clone()), true, |chunk| {
+                    sink.put(chunk)
+                })?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -73,9 +104,21 @@ fn parquet_bytes(batch: &RecordBatch) -> Result<Bytes, EncodeError> {
     encode(OutputFormat::Parquet, batch)
 }
 
-fn parquet_to(batch: &RecordBatch, sink: &mut impl Sink) -> Result<(), EncodeError> {
-    let mut writer = ArrowWriter::try_new(sink, batch.schema(), Some(parquet_properties(batch)?))?;
-    writer.write(batch)?;
+fn parquet_stream(
+    schema: &SchemaRef,
+    mut batches: impl Iterator<Item = RecordBatch>,
+    sink: &mut impl Sink,
+) -> Result<(), EncodeError> {
+    let first = batches
+        .next()
+        .unwrap_or_else(|| RecordBatch::new_empty(schema.clone()));
+    let properties = parquet_properties(&first)?;
+    let mut writer = ArrowWriter::try_new(sink, schema.clone(), Some(properties))?;
+    writer.write(&first)?;
+    drop(first);
+    for batch in batches {
+        writer.write(&batch)?;
+    }
     writer.close()?;
     Ok(())
 }
@@ -320,11 +363,12 @@ fn mostly_distinct(batch: &RecordBatch) -> Result<Vec<String>, EncodeError> {
 /// an invoice table.
 const CSV_CHUNK_ROWS: usize = 16 * 1024;
 
-/// Encodes a batch as CSV in chunks of rows, the header in the first, handing
-/// each to `sink` as it is done, so a large file is never whole in memory.
-/// Stops at the first error of `sink` (the writer is gone).
+/// Encodes a batch as CSV in chunks of rows, the header in the first if
+/// `header`, handing each to `sink` as it is done, so a large file is never
+/// whole in memory. Stops at the first error of `sink` (the writer is gone).
 fn csv_chunks(
     batch: &RecordBatch,
+    header: bool,
     mut sink: impl FnMut(Bytes) -> std::io::Result<()>,
 ) -> Result<(), EncodeError> {
     let rows = batch.num_rows();
@@ -335,7 +379,7 @@ fn csv_chunks(
     loop {
         let len = CSV_CHUNK_ROWS.min(rows - start);
         let mut out = Vec::with_capacity(room);
-        super::csv::encode_rows(&batch.slice(start, len), start == 0, &mut out)?;
+        super::csv::encode_rows(&batch.slice(start, len), header && start == 0, &mut out)?;
         room = out.len() + out.len() / 8;
         sink(Bytes::from(out))?;
         start += len;
@@ -435,7 +479,7 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         let whole = super::csv_bytes(&batch).unwrap_or_else(|e| panic!("{e}"));
         let mut chunks = Vec::new();
-        super::csv_chunks(&batch, |c| {
+        super::csv_chunks(&batch, true, |c| {
             chunks.push(c);
             Ok(())
         })
@@ -444,7 +488,7 @@ mod tests {
         assert_eq!(chunks.concat(), whole.to_vec());
         // A writer that goes away stops the encoder, with its error.
         let mut taken = 0;
-        let stopped = super::csv_chunks(&batch, |_| {
+        let stopped = super::csv_chunks(&batch, true, |_| {
             taken += 1;
             Err(std::io::ErrorKind::BrokenPipe.into())
         });

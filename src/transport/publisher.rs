@@ -640,6 +640,19 @@ async fn commit(
                 );
                 tokio::time::sleep(delay / 4).await;
             }
+            // A part of a streamed first version failed and its rows are
+            // gone: the version is read from the topic again.
+            Err(e @ publish::PublishError::PartLost { .. }) => {
+                tel.error("publish");
+                let Some(delay) = delays.next() else {
+                    return Err(e.into());
+                };
+                tel.retry("commit");
+                tracing::warn!(dataset = tel.dataset(), error = %e, retry_in = ?delay, "reading the topic again");
+                tokio::time::sleep(delay).await;
+                reader.restart(publisher).await?;
+                return Ok(true);
+            }
             Err(e) if e.is_retryable() => {
                 tel.error("publish");
                 let Some(delay) = delays.next() else {
