@@ -274,8 +274,11 @@ const MULTIPART_THRESHOLD: usize = 16 << 20;
 /// Size of each part (S3 needs at least 5 MiB for all but the last).
 const MULTIPART_PART: usize = 8 << 20;
 
-/// Size of each staged write when a file is streamed to a local store.
-const LOCAL_PART: usize = 2 << 20;
+/// Size of each staged write when a file is streamed to a local store. Up
+/// to three are in memory per file being written (one filling, two being
+/// written); 1 MB instead of 2 MB took 5-6 MB off a first version's peak at
+/// the same speed (BENCHMARKS.md, issue 7).
+const LOCAL_PART: usize = 1 << 20;
 
 /// A piece of an object written as it is produced (see [`Store::put_chunks`]).
 #[derive(Debug)]
@@ -300,8 +303,8 @@ pub struct ChunkWriter {
 }
 
 /// Chunk size of a [`ChunkWriter`]: large enough that sending costs nothing,
-/// small next to a part's files.
-const CHUNK_BYTES: usize = 1 << 20;
+/// small next to a part's files (and to a local store's staged writes).
+const CHUNK_BYTES: usize = 256 << 10;
 
 impl fmt::Debug for ChunkWriter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

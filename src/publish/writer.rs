@@ -83,16 +83,15 @@ pub fn encode_stream(
     match format {
         OutputFormat::Parquet => parquet_stream(schema, batches, sink),
         OutputFormat::Csv => {
-            let mut header = true;
+            let (mut header, mut room) = (true, 0);
             for batch in batches {
-                csv_chunks(&batch, header, |chunk| sink.put(chunk))?;
+                csv_chunks(&batch, header, &mut room, |chunk| sink.put(chunk))?;
                 header = false;
             }
             if header {
                 // No rows: the file is its header.
-                csv_chunks(&RecordBatch::new_empty(schema.clone()), true, |chunk| {
-                    sink.put(chunk)
-                })?;
+                let empty = RecordBatch::new_empty(schema.clone());
+                csv_chunks(&empty, true, &mut room, |chunk| sink.put(chunk))?;
             }
             Ok(())
         }
@@ -366,21 +365,22 @@ const CSV_CHUNK_ROWS: usize = 16 * 1024;
 /// Encodes a batch as CSV in chunks of rows, the header in the first if
 /// `header`, handing each to `sink` as it is done, so a large file is never
 /// whole in memory. Stops at the first error of `sink` (the writer is gone).
+/// Each chunk starts with `room` bytes, the size of the one before (of this
+/// batch or the one before it) plus an eighth, not empty: growing a few MB
+/// by doubling copies it about once more.
 fn csv_chunks(
     batch: &RecordBatch,
     header: bool,
+    room: &mut usize,
     mut sink: impl FnMut(Bytes) -> std::io::Result<()>,
 ) -> Result<(), EncodeError> {
     let rows = batch.num_rows();
     let mut start = 0;
-    // Each chunk starts at the size of the one before, plus an eighth, not
-    // empty: growing a few MB by doubling copies it about once more.
-    let mut room = 0;
     loop {
         let len = CSV_CHUNK_ROWS.min(rows - start);
-        let mut out = Vec::with_capacity(room);
+        let mut out = Vec::with_capacity(*room);
         super::csv::encode_rows(&batch.slice(start, len), header && start == 0, &mut out)?;
-        room = out.len() + out.len() / 8;
+        *room = out.len() + out.len() / 8;
         sink(Bytes::from(out))?;
         start += len;
         if start >= rows {
@@ -479,7 +479,7 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         let whole = super::csv_bytes(&batch).unwrap_or_else(|e| panic!("{e}"));
         let mut chunks = Vec::new();
-        super::csv_chunks(&batch, true, |c| {
+        super::csv_chunks(&batch, true, &mut 0, |c| {
             chunks.push(c);
             Ok(())
         })
@@ -488,7 +488,7 @@ mod tests {
         assert_eq!(chunks.concat(), whole.to_vec());
         // A writer that goes away stops the encoder, with its error.
         let mut taken = 0;
-        let stopped = super::csv_chunks(&batch, true, |_| {
+        let stopped = super::csv_chunks(&batch, true, &mut 0, |_| {
             taken += 1;
             Err(std::io::ErrorKind::BrokenPipe.into())
         });
