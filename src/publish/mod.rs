@@ -1152,14 +1152,14 @@ fn stream_part(
     let mut receiver = || {
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_DEPTH);
         senders.push(tx);
-        JobRows::Stream(rx, schema.clone())
+        rx
     };
     let mut jobs = vec![FileJob {
         role: FileRole::State {
             partition: name.clone(),
         },
         path: format!("partitions/{name}/{vname}-{unique}.arrow"),
-        rows: receiver(),
+        rows: JobRows::Stream(receiver(), schema.clone()),
         previous: None,
     }];
     for format in formats {
@@ -1169,13 +1169,11 @@ fn stream_part(
                 format: *format,
             },
             path: format!("data/{name}/{vname}-{unique}.{}", format.extension()),
-            rows: receiver(),
+            rows: JobRows::Stream(receiver(), schema.clone()),
             previous: None,
         });
     }
-    let JobRows::Stream(mut counted, _) = receiver() else {
-        unreachable!("receiver() makes streams")
-    };
+    let mut counted = receiver();
     let task = tokio::spawn(async move {
         let count = async move {
             let (mut rows, mut dates) = (0u64, None::<(i32, i32)>);
