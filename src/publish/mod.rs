@@ -1050,45 +1050,25 @@ async fn write_part(
     rows: RecordBatch,
     previous: Option<PreviousPart>,
 ) -> Result<PartFiles> {
-    let vname = version_name(version);
-    let unique = uuid::Uuid::new_v4();
     // After an update in place of few rows, the state gets an update file
     // (the changed rows' changed columns) instead of a new state file.
     let update = previous.as_ref().filter(|p| {
         p.state.updates.len() < MAX_STATE_UPDATES
             && p.change.update.num_rows() * UPDATE_SHARE <= rows.num_rows()
     });
-    let (path, state_rows) = match update {
-        Some(p) => (
-            format!("partitions/{name}/{vname}-{unique}-update.arrow"),
-            p.change.update.clone(),
-        ),
-        None => (
-            format!("partitions/{name}/{vname}-{unique}.arrow"),
-            rows.clone(),
-        ),
-    };
-    let mut jobs = vec![FileJob {
-        role: FileRole::State {
-            partition: name.to_string(),
-        },
-        path,
-        rows: JobRows::Whole(state_rows),
-        previous: None,
-    }];
-    for format in formats {
-        jobs.push(FileJob {
-            role: FileRole::Data {
-                partition: name.to_string(),
-                format: *format,
-            },
-            path: format!("data/{name}/{vname}-{unique}.{}", format.extension()),
-            rows: JobRows::Whole(rows.clone()),
-            previous: previous
+    let state_rows = update.map_or_else(|| rows.clone(), |p| p.change.update.clone());
+    let jobs = part_jobs(
+        name,
+        version,
+        (update.is_some(), JobRows::Whole(state_rows)),
+        formats,
+        |format| {
+            let previous = previous
                 .as_ref()
-                .and_then(|p| Some((p.change.clone(), p.files.get(format)?.clone()))),
-        });
-    }
+                .and_then(|p| Some((p.change.clone(), p.files.get(&format)?.clone())));
+            (JobRows::Whole(rows.clone()), previous)
+        },
+    );
     let schema = rows.schema();
     let count = rows.num_rows() as u64;
     let (dates, written) = futures::join!(
@@ -1146,33 +1126,16 @@ fn stream_part(
     name: String,
     schema: SchemaRef,
 ) -> stream::PartStream {
-    let vname = version_name(version);
-    let unique = uuid::Uuid::new_v4();
     let mut senders = Vec::new();
     let mut receiver = || {
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_DEPTH);
         senders.push(tx);
         rx
     };
-    let mut jobs = vec![FileJob {
-        role: FileRole::State {
-            partition: name.clone(),
-        },
-        path: format!("partitions/{name}/{vname}-{unique}.arrow"),
-        rows: JobRows::Stream(receiver(), schema.clone()),
-        previous: None,
-    }];
-    for format in formats {
-        jobs.push(FileJob {
-            role: FileRole::Data {
-                partition: name.clone(),
-                format: *format,
-            },
-            path: format!("data/{name}/{vname}-{unique}.{}", format.extension()),
-            rows: JobRows::Stream(receiver(), schema.clone()),
-            previous: None,
-        });
-    }
+    let state = JobRows::Stream(receiver(), schema.clone());
+    let jobs = part_jobs(&name, version, (false, state), formats, |_| {
+        (JobRows::Stream(receiver(), schema.clone()), None)
+    });
     let mut counted = receiver();
     let task = tokio::spawn(async move {
         let count = async move {
@@ -1208,6 +1171,43 @@ fn stream_part(
     stream::PartStream::new(senders, task)
 }
 
+/// The files of a part written for `version`: its state file (an update file
+/// if `state.0`) with the rows `state.1`, then one data file per format with
+/// the rows (and the previous file to copy from) that `data` gives. All are
+/// named for the version and unique.
+fn part_jobs(
+    name: &str,
+    version: u64,
+    state: (bool, JobRows),
+    formats: &[OutputFormat],
+    mut data: impl FnMut(OutputFormat) -> (JobRows, Option<(InPlace, FileRef)>),
+) -> Vec<FileJob> {
+    let stem = format!("{}-{}", version_name(version), uuid::Uuid::new_v4());
+    let (update, state_rows) = state;
+    let suffix = if update { "-update" } else { "" };
+    let mut jobs = vec![FileJob {
+        role: FileRole::State {
+            partition: name.to_string(),
+        },
+        path: format!("partitions/{name}/{stem}{suffix}.arrow"),
+        rows: state_rows,
+        previous: None,
+    }];
+    for &format in formats {
+        let (rows, previous) = data(format);
+        jobs.push(FileJob {
+            role: FileRole::Data {
+                partition: name.to_string(),
+                format,
+            },
+            path: format!("data/{name}/{stem}.{}", format.extension()),
+            rows,
+            previous,
+        });
+    }
+    jobs
+}
+
 /// A written part's state file and data files.
 fn part_files(
     name: &str,
@@ -1232,8 +1232,7 @@ fn part_files(
 /// Waits for a part being written (ending it first if it streams); a failed
 /// write keeps its rows for the retry, or, streamed, says they are lost.
 async fn finish_part(dataset: &str, part: &mut stream::StreamedPart) -> Result<()> {
-    stream::end(part);
-    stream::flush(part).await;
+    stream::end(part).await;
     let lost = |reason: String| PublishError::PartLost {
         dataset: dataset.to_string(),
         part: part.name.clone(),
@@ -1349,8 +1348,9 @@ fn encode_data(
     previous: Option<(InPlace, Bytes)>,
     sink: &mut store::ChunkWriter,
 ) -> Result<()> {
-    let rows = match (rows, previous) {
-        (JobRows::Whole(rows), Some((change, bytes))) => (state::without_key(&rows), change, bytes),
+    // Only a whole part has a previous file (a streamed one is a first version).
+    let (rows, (change, bytes)) = match (rows, previous) {
+        (JobRows::Whole(rows), Some(previous)) => (state::without_key(&rows), previous),
         (rows, _) => {
             let (schema, batches) = rows.batches();
             let schema = state::without_key(&RecordBatch::new_empty(schema)).schema();
@@ -1358,7 +1358,6 @@ fn encode_data(
             return Ok(writer::encode_stream(format, &schema, batches, sink)?);
         }
     };
-    let (rows, change, bytes) = rows;
     let previous = change.previous(bytes, &rows)?;
     if !writer::encode_reusing(format, &rows, &previous, sink)? {
         tracing::debug!(

@@ -23,10 +23,11 @@
 //! was streamed or written already, read back and written again at the
 //! commit. A schema that changes within the version ends the streams and
 //! holds the parts from then on, and the commit aligns every part to the
-//! final schema. The files are named for the
-//! version being written, so a crash leaves only unreferenced files that the
-//! next start removes (DESIGN.md "Guarantees").
+//! final schema. The files are named for the version being written, so a
+//! crash leaves only unreferenced files that the next start removes
+//! (DESIGN.md "Guarantees").
 
+use std::collections::btree_map::Entry as Slot;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use arrow::array::{BooleanArray, FixedSizeBinaryArray, RecordBatch, UInt32Array};
@@ -103,6 +104,20 @@ pub(super) enum PartWrite {
     Empty,
     /// The write task failed without giving its rows back.
     Lost,
+}
+
+impl PartWrite {
+    /// Ends a streaming part: it takes no more rows, and [`flush`] ends its
+    /// files. Whether the part was streaming.
+    fn end(&mut self) -> bool {
+        match self {
+            PartWrite::Streaming(stream) => {
+                stream.open = false;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A deleted row in [`Streamed::apply_to_keys`] (part ids are dense from 0).
@@ -209,8 +224,7 @@ impl Streamed {
             // Streams take one schema: theirs end here, and each partition
             // goes on in a new part, held for the commit.
             for filling in self.filling.values_mut() {
-                if let PartWrite::Streaming(stream) = &mut self.parts[filling.part].write {
-                    stream.open = false;
+                if self.parts[filling.part].write.end() {
                     filling.rows = max;
                 }
             }
@@ -230,30 +244,25 @@ impl Streamed {
                 seen.insert(state::key_at(keys, r));
             }
             let base = part_of[r];
-            match self
-                .filling
-                .get(&base)
-                .map(|f| (f.rows >= max, f.number, f.part))
-            {
-                Some((false, _, _)) => {}
-                Some((true, number, done)) => {
-                    // Full: its rows are complete, the next part starts.
-                    match &mut self.parts[done].write {
-                        PartWrite::Streaming(stream) => stream.open = false,
-                        PartWrite::Rows(_) if !self.hold => self.full.push(done),
-                        _ => {}
+            // New parts stream while few do and the schema has not changed.
+            let stream = (!self.hold).then_some(&self.schema);
+            let filling = match self.filling.entry(base) {
+                Slot::Vacant(slot) => {
+                    slot.insert(start(&mut self.parts, base, 0, names, placement, stream))
+                }
+                Slot::Occupied(slot) => {
+                    let filling = slot.into_mut();
+                    if filling.rows >= max {
+                        // Full: its rows are complete, the next part starts.
+                        if !self.parts[filling.part].write.end() && !self.hold {
+                            self.full.push(filling.part);
+                        }
+                        let number = filling.number + 1;
+                        let id = names.id(&part_name(names.name(base), number));
+                        *filling = start(&mut self.parts, id, number, names, placement, stream);
                     }
-                    let id = names.id(&part_name(names.name(base), number + 1));
-                    let next = self.start(id, number + 1, names, placement);
-                    self.filling.insert(base, next);
+                    filling
                 }
-                None => {
-                    let first = self.start(base, 0, names, placement);
-                    self.filling.insert(base, first);
-                }
-            }
-            let Some(filling) = self.filling.get_mut(&base) else {
-                continue;
             };
             filling.rows += 1;
             rows.entry(filling.part).or_default().push(r as u32);
@@ -274,34 +283,6 @@ impl Streamed {
             }
         }
         Ok(())
-    }
-
-    /// Starts part `id`: streamed while few are, gathered otherwise.
-    fn start(
-        &mut self,
-        id: u32,
-        number: u32,
-        names: &Partitions,
-        placement: &Placement<'_>,
-    ) -> Filling {
-        let name = names.name(id).to_string();
-        let streams = self
-            .parts
-            .iter()
-            .filter(|p| matches!(&p.write, PartWrite::Streaming(s) if s.open))
-            .count();
-        let write = if self.hold || streams >= MAX_STREAMS {
-            PartWrite::Rows(Vec::new())
-        } else {
-            PartWrite::Streaming(Box::new((placement.open)(&name, &self.schema)))
-        };
-        self.parts.push(StreamedPart { id, name, write });
-        Filling {
-            part: self.parts.len() - 1,
-            id,
-            number,
-            rows: 0,
-        }
     }
 
     /// Records a batch's rows in the key map: each row's part and fingerprint,
@@ -343,9 +324,7 @@ impl Streamed {
     /// Ends every part still filling (at the commit): no more rows come.
     pub fn close(&mut self) {
         for filling in std::mem::take(&mut self.filling).into_values() {
-            if let PartWrite::Streaming(stream) = &mut self.parts[filling.part].write {
-                stream.open = false;
-            }
+            self.parts[filling.part].write.end();
         }
         self.full.clear();
     }
@@ -399,10 +378,41 @@ pub(super) async fn flush(part: &mut StreamedPart) {
     }
 }
 
-/// Ends a streaming part: it takes no more rows.
-pub(super) fn end(part: &mut StreamedPart) {
-    if let PartWrite::Streaming(stream) = &mut part.write {
-        stream.open = false;
+/// Ends a streaming part and sends what it was staged: its files end and it
+/// is being written.
+pub(super) async fn end(part: &mut StreamedPart) {
+    part.write.end();
+    flush(part).await;
+}
+
+/// Starts part `id` (number `number` of its partition): streamed, with rows
+/// of `stream`'s schema, while fewer than [`MAX_STREAMS`] parts are; gathered
+/// otherwise.
+fn start(
+    parts: &mut Vec<StreamedPart>,
+    id: u32,
+    number: u32,
+    names: &Partitions,
+    placement: &Placement<'_>,
+    stream: Option<&SchemaRef>,
+) -> Filling {
+    let name = names.name(id).to_string();
+    let streams = parts
+        .iter()
+        .filter(|p| matches!(&p.write, PartWrite::Streaming(s) if s.open))
+        .count();
+    let write = match stream {
+        Some(schema) if streams < MAX_STREAMS => {
+            PartWrite::Streaming(Box::new((placement.open)(&name, schema)))
+        }
+        _ => PartWrite::Rows(Vec::new()),
+    };
+    parts.push(StreamedPart { id, name, write });
+    Filling {
+        part: parts.len() - 1,
+        id,
+        number,
+        rows: 0,
     }
 }
 
