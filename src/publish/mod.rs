@@ -81,11 +81,13 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    /// Whether retrying may help.
+    /// Whether retrying may help (a lost part: after reading the source again).
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            PublishError::Store { .. } | PublishError::Conflict { .. }
+            PublishError::Store { .. }
+                | PublishError::Conflict { .. }
+                | PublishError::PartLost { .. }
         )
     }
 }

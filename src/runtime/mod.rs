@@ -886,22 +886,6 @@ async fn commit_version(
                 tracing::warn!(dataset, version, retry_in = ?delay, "another publisher committed first; committing on top of it");
                 tokio::time::sleep(delay).await;
             }
-            // A part of a streamed first version failed and its rows are
-            // gone: the version is read from the source again.
-            Err(e @ publish::PublishError::PartLost { .. }) => {
-                tel.error("publish");
-                let Some(delay) = delays.next() else {
-                    return Err(e.into());
-                };
-                tel.retry("commit");
-                tracing::warn!(dataset, error = %e, retry_in = ?delay, "reading the source again");
-                tokio::time::sleep(delay).await;
-                let recovered = publisher.reload().await?;
-                publisher.discard_pending();
-                tel.discarded();
-                source.start(recovered.position).await?;
-                return Ok(());
-            }
             Err(e) if e.is_retryable() => {
                 tel.error("publish");
                 let Some(delay) = delays.next() else {
@@ -910,6 +894,15 @@ async fn commit_version(
                 tel.retry("commit");
                 tracing::warn!(dataset, error = %e, retry_in = ?delay, "commit failed; retrying");
                 tokio::time::sleep(delay).await;
+                if matches!(e, publish::PublishError::PartLost { .. }) {
+                    // A streamed part's rows are gone: the version is read
+                    // from the source again.
+                    let recovered = publisher.reload().await?;
+                    publisher.discard_pending();
+                    tel.discarded();
+                    source.start(recovered.position).await?;
+                    return Ok(());
+                }
             }
             Err(e) => return Err(e.into()),
         }

@@ -640,19 +640,6 @@ async fn commit(
                 );
                 tokio::time::sleep(delay / 4).await;
             }
-            // A part of a streamed first version failed and its rows are
-            // gone: the version is read from the topic again.
-            Err(e @ publish::PublishError::PartLost { .. }) => {
-                tel.error("publish");
-                let Some(delay) = delays.next() else {
-                    return Err(e.into());
-                };
-                tel.retry("commit");
-                tracing::warn!(dataset = tel.dataset(), error = %e, retry_in = ?delay, "reading the topic again");
-                tokio::time::sleep(delay).await;
-                reader.restart(publisher).await?;
-                return Ok(true);
-            }
             Err(e) if e.is_retryable() => {
                 tel.error("publish");
                 let Some(delay) = delays.next() else {
@@ -661,6 +648,12 @@ async fn commit(
                 tel.retry("commit");
                 tracing::warn!(dataset = tel.dataset(), error = %e, retry_in = ?delay, "commit failed; retrying");
                 tokio::time::sleep(delay).await;
+                if matches!(e, publish::PublishError::PartLost { .. }) {
+                    // A streamed part's rows are gone: the version is read
+                    // from the topic again.
+                    reader.restart(publisher).await?;
+                    return Ok(true);
+                }
             }
             Err(e) => return Err(e.into()),
         }
