@@ -386,3 +386,38 @@ async fn large_partitions_are_split_into_parts_and_a_version_rewrites_only_touch
     assert_eq!(published_keys(&ws, 3, "parquet"), expected_keys());
     assert_eq!(support::check_whole(&ws.published()), Ok(3));
 }
+
+/// A data file of the first version that cannot be written takes a streamed
+/// part with it (its rows are not kept in memory): the pipeline reads the
+/// export again, after a pause, and publishes it whole once the store takes
+/// writes again. Nothing partial is ever published.
+#[test]
+fn a_lost_part_of_the_first_version_is_read_from_the_export_again() {
+    let ws = Workspace::new("leverantorsfakturor", "leverantorsfakturor");
+    ws.drop_export("leverantorsfakturor", EXPORTS[2]);
+    // A file where the dataset's data folder goes: every data file fails.
+    let blocker = ws.published().join("data");
+    std::fs::create_dir_all(ws.published()).unwrap();
+    std::fs::write(&blocker, b"in the way").unwrap();
+    let log = ws.dir.path().join("run.log");
+    let mut child = ws
+        .command(&["run", "--once", ws.pipeline.to_str().unwrap()], "warn")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    support::wait_until_or(
+        "the lost part to be reported",
+        120,
+        || read_log().contains("the version is read from the source again"),
+        read_log,
+    );
+    assert!(ws.versions().is_empty(), "nothing is published meanwhile");
+    std::fs::remove_file(&blocker).unwrap();
+    let status = support::wait_exit(&mut child, 120);
+    assert!(status.success(), "{}", read_log());
+    assert_eq!(ws.versions(), [1], "{}", read_log());
+    assert_eq!(published_keys(&ws, 1, "parquet"), expected_keys());
+    assert_eq!(published_keys(&ws, 1, "csv"), expected_keys());
+    ws.assert_only_referenced_files();
+}

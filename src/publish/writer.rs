@@ -499,6 +499,62 @@ mod tests {
         assert_eq!(taken, 1);
     }
 
+    /// A file encoded from batches as they come is the file of their rows
+    /// encoded at once: CSV byte for byte (one header), Parquet row for row;
+    /// a stream of no batches is a file of no rows.
+    #[test]
+    fn a_stream_of_batches_encodes_as_their_rows_at_once() {
+        let whole = invoices(50_000, &[]);
+        let slices = [0..7, 7..20_000, 20_000..20_001, 20_001..50_000];
+        let batches = || slices.iter().map(|r| whole.slice(r.start, r.len()));
+        let streamed = |format| {
+            let mut out = Vec::new();
+            super::encode_stream(format, &whole.schema(), batches(), &mut out)
+                .unwrap_or_else(|e| panic!("{e}"));
+            out
+        };
+        let csv = streamed(OutputFormat::Csv);
+        assert_eq!(
+            csv,
+            super::csv_bytes(&whole)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .to_vec()
+        );
+        let (rows, _) = read_parquet(streamed(OutputFormat::Parquet));
+        assert_eq!(rows, whole);
+        let mut empty = Vec::new();
+        super::encode_stream(
+            OutputFormat::Csv,
+            &whole.schema(),
+            std::iter::empty(),
+            &mut empty,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let none = whole.slice(0, 0);
+        assert_eq!(
+            empty,
+            super::csv_bytes(&none)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .to_vec()
+        );
+        let mut empty = Vec::new();
+        super::encode_stream(
+            OutputFormat::Parquet,
+            &whole.schema(),
+            std::iter::empty(),
+            &mut empty,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let metadata = parquet::file::metadata::ParquetMetaDataReader::new()
+            .parse_and_finish(&bytes::Bytes::from(empty))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(metadata.file_metadata().num_rows(), 0);
+        assert_eq!(
+            metadata.file_metadata().schema_descr().num_columns(),
+            whole.num_columns()
+        );
+    }
+
     /// The fast timestamp text is byte for byte what the chrono format wrote.
     #[test]
     fn timestamps_read_as_before() {
