@@ -1042,6 +1042,11 @@ fn date_range(rows: &RecordBatch) -> Option<(i32, i32)> {
     Some((arrow::compute::min(days)?, arrow::compute::max(days)?))
 }
 
+/// The days two ranges of days cover together.
+fn span((first, last): (i32, i32), (lo, hi): (i32, i32)) -> (i32, i32) {
+    (first.min(lo), last.max(hi))
+}
+
 /// Encodes and writes one part: its private state and one file per format,
 /// named for `version` and unique.
 async fn write_part(
@@ -1144,9 +1149,7 @@ fn stream_part(
             let (mut rows, mut dates) = (0u64, None::<(i32, i32)>);
             while let Some(batch) = counted.recv().await {
                 rows += batch.num_rows() as u64;
-                if let Some((first, last)) = date_range(&batch) {
-                    dates = Some(dates.map_or((first, last), |(a, z)| (a.min(first), z.max(last))));
-                }
+                dates = dates.into_iter().chain(date_range(&batch)).reduce(span);
             }
             (rows, dates)
         };
@@ -2317,7 +2320,7 @@ impl Publisher {
             .partitions
             .values()
             .filter_map(|p| p.dates)
-            .reduce(|(a, b), (lo, hi)| (a.min(lo), b.max(hi)))?;
+            .reduce(span)?;
         let date = |d: i32| chrono::NaiveDate::from_num_days_from_ce_opt(d + 719_163);
         Some((date(range.0)?, date(range.1)?))
     }

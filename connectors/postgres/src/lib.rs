@@ -45,8 +45,9 @@ pub const BATCH_ROWS: usize = 64 * 1024;
 /// version's batches to its encoders, and every batch queued or being
 /// encoded stays whole in memory until the slowest encoder is done with it:
 /// 2,000,000 rows took 251 MB at peak in batches of 65,536 rows, 178 MB in
-/// batches of 16,384 and 164 MB in batches of 8,192, all in the same time
-/// for Parquet and CSV (BENCHMARKS.md, issue 7).
+/// batches of 16,384 and 164 MB in batches of 8,192, for Parquet and CSV; the
+/// smaller batches' cost in time is within this machine's noise (from 0.05 s
+/// faster to 0.3 s slower across sets; BENCHMARKS.md, issue 7).
 pub const SNAPSHOT_BATCH_ROWS: usize = 8 * 1024;
 
 /// Server settings for both connections, so values arrive in the forms decoded here.
