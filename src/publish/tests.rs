@@ -477,10 +477,40 @@ fn a_schema_change_within_a_streamed_version_realigns_written_parts() {
 #[test]
 fn parts_beyond_the_streams_are_gathered_and_written_whole() {
     // Ten partitions fill at once, more than stream; parts of two rows.
-    let batch = |v| (0..10).map(|id| (id, v)).collect::<Vec<_>>();
-    let image = Step::Image(vec![batch(0), batch(1), batch(2)], None);
+    let ten = |v| (0..10).map(|id| (id, v)).collect::<Vec<_>>();
+    let image = Step::Image(vec![ten(0), ten(1), ten(2)], None);
     let changes = Step::Changes(vec![(3, None), (4, Some(2)), (11, Some(0))]);
     let then = Step::Changes(vec![(5, Some(1)), (6, None)]);
+    // The first batch starts ten parts: four stream, six are gathered.
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let by_id = Settings {
+            partition_by: Some(("id".to_string(), crate::config::PartitionGrain::Value)),
+            ..settings(2, 0)
+        };
+        let mut publisher = open(dir.path(), by_id, true).await;
+        let rows: Vec<_> = ten(0).into_iter().map(|(id, v)| (id, Some(v))).collect();
+        publisher
+            .stage(
+                batch(&rows, false),
+                BatchKind::Snapshot,
+                false,
+                Position::Lsn { lsn: 1 },
+                None,
+            )
+            .unwrap();
+        use super::stream::{MAX_STREAMS, PartWrite};
+        let parts = &publisher.streamed.as_ref().unwrap().parts;
+        let streaming = parts
+            .iter()
+            .filter(|p| matches!(p.write, PartWrite::Streaming(_)))
+            .count();
+        let gathered = parts
+            .iter()
+            .filter(|p| matches!(p.write, PartWrite::Rows(_)))
+            .count();
+        assert_eq!((parts.len(), streaming, gathered), (10, MAX_STREAMS, 6));
+    });
     differential(
         &[(image, false), (changes, false)],
         &[(then, false)],
