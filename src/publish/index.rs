@@ -12,8 +12,11 @@
 //! The price is CPU: a new key is looked up in the overlay and in the vector
 //! (BENCHMARKS.md, issue 7). A Bloom filter of the vector's keys, about a
 //! byte a key and small enough to stay in the caches, answers most lookups of
-//! a key the vector does not hold (every key of a first version) without
-//! touching the vector.
+//! a key the vector does not hold without touching the vector.
+//!
+//! A first version's keys are nearly all new, and they do not go through
+//! the overlay: a [`KeyLog`] appends them as they arrive and they are put in
+//! order once, when the version is committed ([`KeyIndex::absorb`]).
 
 use super::state::{Entry, Key, KeyMap};
 
@@ -288,16 +291,84 @@ impl KeyIndex {
         }
     }
 
-    /// Merges the overlay into the sorted keys, in place: the vector grows by
-    /// the changes that are not removals (a reallocation the allocator can do
-    /// without a copy for a large block), and the merge runs from the back so
-    /// that no entry is overwritten before it is moved.
+    /// Adds the keys of `log`: a key's entry appended last replaces every
+    /// other entry of that key, appended earlier or held by the index.
+    /// `replaced` is given each entry so replaced.
+    pub fn absorb(&mut self, log: KeyLog, mut replaced: impl FnMut(Entry)) {
+        let KeyLog {
+            mut entries,
+            filter,
+            repeats,
+        } = log;
+        if entries.is_empty() {
+            return;
+        }
+        sort_entries(&mut entries);
+        // One entry per key, in place: the one appended last. A key appended
+        // more than once passed the filter each time after the first, so
+        // `repeats` holds its last entry.
+        let mut write = 0;
+        let mut read = 0;
+        while read < entries.len() {
+            let key = entries[read].0;
+            let mut end = read + 1;
+            while end < entries.len() && entries[end].0 == key {
+                end += 1;
+            }
+            let entry = if end - read == 1 {
+                entries[read].1
+            } else {
+                let last = repeats.get(&key).copied().unwrap_or(entries[end - 1].1);
+                let mut kept = false;
+                for &(_, e) in &entries[read..end] {
+                    if e == last && !kept {
+                        kept = true;
+                    } else {
+                        replaced(e);
+                    }
+                }
+                last
+            };
+            entries[write] = (key, entry);
+            write += 1;
+            read = end;
+        }
+        entries.truncate(write);
+        self.merge();
+        if self.base.is_empty() {
+            // A first version: the log's vector becomes the index, no copy.
+            let bits = Filter::size_for(entries.len());
+            self.filter = if filter.bits == bits && !filter.words.is_empty() {
+                filter
+            } else {
+                Filter::build(bits, entries.iter().map(|(k, _)| k))
+            };
+            self.base = entries;
+            self.build_directory();
+        } else {
+            self.merge_sorted(&entries, replaced);
+        }
+        self.len = self.base.len();
+    }
+
+    /// Merges the overlay into the sorted keys.
     fn merge(&mut self) {
         if self.overlay.is_empty() {
             return;
         }
         let changes = sorted(&self.overlay);
         self.overlay.clear();
+        self.merge_sorted(&changes, |_| {});
+        debug_assert_eq!(self.base.len(), self.len);
+    }
+
+    /// Merges changes sorted by key (one each, [`TOMBSTONE`] for a removal)
+    /// into the sorted keys, in place, giving `replaced` each entry of the
+    /// vector a change replaces: the vector grows by the changes that are
+    /// not removals (a reallocation the allocator can do without a copy for
+    /// a large block), and the merge runs from the back so that no entry is
+    /// overwritten before it is moved.
+    fn merge_sorted(&mut self, changes: &[(Key, Entry)], mut replaced: impl FnMut(Entry)) {
         // Room for every change that is not a removal, as if each were a new
         // key: counting the new keys exactly would take one more pass over
         // the keys. Replaced and removed keys leave a gap, closed below.
@@ -325,6 +396,7 @@ impl KeyIndex {
             }
             if read > 0 && self.base[read - 1].0 == key {
                 read -= 1;
+                replaced(self.base[read].1);
             }
             if entry.partition != TOMBSTONE {
                 write -= 1;
@@ -338,14 +410,13 @@ impl KeyIndex {
             let len = self.base.len() - (write - read);
             self.base.truncate(len);
         }
-        debug_assert_eq!(self.base.len(), self.len);
         self.build_directory();
         // The filter grows by doubling (rebuilt from the keys then, about
         // twice the final count over a first version's merges); in between,
         // the merged keys are added to it.
         let bits = Filter::size_for(self.base.len());
         if bits == self.filter.bits && !self.filter.words.is_empty() {
-            for (key, entry) in &changes {
+            for (key, entry) in changes {
                 if entry.partition != TOMBSTONE {
                     self.filter.add(key);
                 }
@@ -353,6 +424,113 @@ impl KeyIndex {
         } else {
             self.filter = Filter::build(bits, self.base.iter().map(|(k, _)| k));
         }
+    }
+}
+
+/// The keys of a first version in the order they arrive; see
+/// [`KeyIndex::absorb`], which puts them in order once.
+///
+/// Looking every new key up as it arrived and merging them into the sorted
+/// vector as it grew cost more than sorting them all once: the vector was
+/// copied at every eighth of growth (BENCHMARKS.md, issue 7). A lookup is
+/// still needed for a key that comes twice (a duplicate key in a source, an
+/// update within the first version), to know which entry is the last: a
+/// Bloom filter of the keys appended passes every such key, and the keys it
+/// passes (a few percent) are kept with their last entry.
+#[derive(Default)]
+pub struct KeyLog {
+    /// In arrival order; a key may be here more than once.
+    entries: Vec<(Key, Entry)>,
+    /// Every key of `entries`.
+    filter: Filter,
+    /// The keys that passed `filter` when appended (every key appended
+    /// again, and a few that were not), each with its last entry.
+    repeats: KeyMap<Entry>,
+}
+
+/// Only the sizes, as for [`KeyIndex`].
+impl std::fmt::Debug for KeyLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyLog")
+            .field("len", &self.entries.len())
+            .field("repeats", &self.repeats.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyLog {
+    /// Entries appended, a key appended twice counted twice.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing was appended.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Room for `more` entries (see [`KeyIndex::reserve`]).
+    pub fn reserve(&mut self, more: usize) {
+        self.entries.reserve_exact(more);
+    }
+
+    /// Appends `key`'s entry: it replaces any appended before.
+    pub fn push(&mut self, key: Key, entry: Entry) {
+        if self.entries.len() >= self.filter.words.len() * KEYS_PER_WORD {
+            // Full: twice the room, or what was reserved, from the keys.
+            let room = (self.entries.len() * 2)
+                .max(self.entries.capacity())
+                .max(MIN_OVERLAY);
+            self.filter =
+                Filter::build(Filter::size_for(room), self.entries.iter().map(|(k, _)| k));
+        }
+        if self.filter.may_contain(&key) {
+            self.repeats.insert(key, entry);
+        } else {
+            self.filter.add(&key);
+        }
+        self.entries.push((key, entry));
+    }
+}
+
+/// Entries sorted by key, in place (the vector is most of a large index's
+/// memory, so no copy of it is made). Keys are uniform: the entries are
+/// first moved into buckets of their leading bits, then each bucket (a few
+/// dozen entries, in the caches) is sorted.
+fn sort_entries(entries: &mut [(Key, Entry)]) {
+    const SMALL: usize = 1 << 12;
+    if entries.len() < SMALL {
+        entries.sort_unstable_by_key(|(key, _)| rank(key));
+        return;
+    }
+    let bits = (entries.len() / 32).ilog2().min(20);
+    let bucket = |key: &Key| (rank(key) >> (128 - bits)) as usize;
+    // starts[b] is where bucket b begins.
+    let mut starts = vec![0usize; (1 << bits) + 1];
+    for (key, _) in entries.iter() {
+        starts[bucket(key) + 1] += 1;
+    }
+    for b in 1..starts.len() {
+        starts[b] += starts[b - 1];
+    }
+    // In place (American flag sort): each entry out of its bucket is swapped
+    // into the next free place of its own, until the place holds one that belongs.
+    let mut next = starts.clone();
+    for b in 0..(1 << bits) {
+        while next[b] < starts[b + 1] {
+            let at = next[b];
+            let mut target = bucket(&entries[at].0);
+            while target != b {
+                let to = next[target];
+                next[target] += 1;
+                entries.swap(at, to);
+                target = bucket(&entries[at].0);
+            }
+            next[b] += 1;
+        }
+    }
+    for b in starts.windows(2) {
+        entries[b[0]..b[1]].sort_unstable_by_key(|(key, _)| rank(key));
     }
 }
 
@@ -524,6 +702,59 @@ mod tests {
             let mut expected: Vec<(Key, Entry)> = overlay.iter().map(|(k, e)| (*k, *e)).collect();
             expected.sort_unstable_by_key(|(k, _)| rank(k));
             assert_eq!(sorted(&overlay), expected, "spread: {spread}");
+        }
+    }
+
+    proptest! {
+        /// Keys appended to a log and absorbed end as if inserted one by one
+        /// in the same order, into an index empty or not, and every entry a
+        /// later one replaced is reported, also one equal to its replacement.
+        #[test]
+        fn a_log_absorbed_is_the_inserts_in_order(
+            before in proptest::collection::vec((0u16..3000, 0u32..50), 0..300),
+            appended in proptest::collection::vec((0u16..3000, 0u32..50, 0u64..2), 0..6000),
+            spread: bool,
+        ) {
+            let mut index = KeyIndex::default();
+            let mut model: HashMap<Key, Entry> = HashMap::new();
+            for &(k, p) in &before {
+                index.insert(key(k, spread), entry(p, 0));
+                model.insert(key(k, spread), entry(p, 0));
+            }
+            let mut log = KeyLog::default();
+            let mut expected = Vec::new();
+            for &(k, p, h) in &appended {
+                log.push(key(k, spread), entry(p, h));
+                if let Some(old) = model.insert(key(k, spread), entry(p, h)) {
+                    expected.push(old.partition);
+                }
+            }
+            prop_assert_eq!(log.len(), appended.len());
+            let mut reported = Vec::new();
+            index.absorb(log, |old| reported.push(old.partition));
+            reported.sort_unstable();
+            expected.sort_unstable();
+            prop_assert_eq!(reported, expected);
+            prop_assert_eq!(index.len(), model.len());
+            for k in 0..3000 {
+                prop_assert_eq!(index.get(&key(k, spread)), model.get(&key(k, spread)).copied());
+            }
+        }
+    }
+
+    /// The in-place bucket sort of a log gives the order of a comparison
+    /// sort, for uniform keys and for keys bunched in a few buckets.
+    #[test]
+    fn a_log_sorts_in_place_as_a_comparison_sort_would() {
+        for spread in [true, false] {
+            let mut entries: Vec<(Key, Entry)> = (0..50_000u16)
+                .rev()
+                .map(|n| (key(n, spread), entry(u32::from(n), 0)))
+                .collect();
+            let mut expected = entries.clone();
+            expected.sort_unstable_by_key(|(k, _)| rank(k));
+            sort_entries(&mut entries);
+            assert_eq!(entries, expected, "spread: {spread}");
         }
     }
 

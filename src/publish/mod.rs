@@ -687,10 +687,7 @@ impl Publisher {
         // Bounded: an estimate is not a promise.
         let rows = rows.min(1 << 28);
         match &mut self.streamed {
-            Some(streamed) => {
-                let more = rows.saturating_sub(streamed.keys.len());
-                streamed.keys.reserve(more);
-            }
+            Some(streamed) => streamed.reserve_keys(rows),
             None => {
                 let more = rows.saturating_sub(self.pending.latest.len());
                 if self.pending.latest.capacity() < rows {
@@ -830,9 +827,17 @@ impl Publisher {
         let target = streamed.schema.clone();
         let version = self.version + 1;
         streamed.close();
+        let sorting = streamed.sort_keys();
+        let mut finished = Ok(());
         for part in &mut streamed.parts {
-            finish_part(&self.settings.dataset, part).await?;
+            finished = finish_part(&self.settings.dataset, part).await;
+            if finished.is_err() {
+                break;
+            }
         }
+        // The keys come back before any error is reported: a retried commit needs them.
+        streamed.keys_sorted(sorting).await?;
+        finished?;
         for part in &mut streamed.parts {
             if let PartWrite::Written(files) = &part.write
                 && (streamed.dirty.contains(&part.id) || files.schema != target)
@@ -884,12 +889,12 @@ impl Publisher {
             return Ok(None);
         }
         let outcome = Outcome {
-            summary: (streamed.keys.len() as u64, 0, 0),
+            summary: (streamed.keys().len() as u64, 0, 0),
             written,
             emptied: Vec::new(),
             change_files: BTreeMap::new(),
             initial: true,
-            index: IndexUpdate::Replace(&mut streamed.keys),
+            index: IndexUpdate::Replace(streamed.keys()),
         };
         let position = self.pending.position.clone();
         let source_time = self.pending.source_time;

@@ -36,7 +36,7 @@ use arrow::error::ArrowError;
 use oppen_connector_api::Op;
 use tokio::task::JoinHandle;
 
-use super::index::KeyIndex;
+use super::index::{KeyIndex, KeyLog};
 use super::state::{self, Entry, KeyScope, KeySet, Partitions};
 use super::{PartFiles, PublishError, Result, part_name};
 use crate::config::PartitionGrain;
@@ -145,8 +145,11 @@ pub(super) struct Placement<'a> {
 pub(super) struct Streamed {
     /// The schema of the newest staged batch (the version's).
     pub schema: SchemaRef,
-    /// Every key of the version: the part of its current row and its fingerprint.
-    pub keys: KeyIndex,
+    /// Every key of the version put in order so far: the part of its
+    /// current row and its fingerprint. Read through [`Streamed::keys`].
+    keys: KeyIndex,
+    /// Keys staged since, in the order they came ([`KeyLog`]).
+    log: KeyLog,
     /// Keys seen by an image under way that is not the first, and the keys
     /// it covers: when it ends, the keys of its scope it lacks are deleted (a
     /// newer image replaces the older).
@@ -165,7 +168,7 @@ pub(super) struct Streamed {
 impl std::fmt::Debug for Streamed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Streamed")
-            .field("keys", &self.keys.len())
+            .field("keys", &(self.keys.len() + self.log.len()))
             .field("parts", &self.parts.len())
             .field("filling", &self.filling.len())
             .finish_non_exhaustive()
@@ -177,6 +180,7 @@ impl Streamed {
         Streamed {
             schema,
             keys: KeyIndex::default(),
+            log: KeyLog::default(),
             seen: None,
             filling: BTreeMap::new(),
             parts: Vec::new(),
@@ -192,11 +196,29 @@ impl Streamed {
         self.seen = Some((scope, KeySet::default()));
     }
 
+    /// Every key of the version with the part of its current row and its
+    /// fingerprint: the keys staged since the last call are put in order,
+    /// and the parts of the rows they replaced marked dirty.
+    pub fn keys(&mut self) -> &mut KeyIndex {
+        let dirty = &mut self.dirty;
+        self.keys.absorb(std::mem::take(&mut self.log), |old| {
+            dirty.insert(old.partition);
+        });
+        &mut self.keys
+    }
+
+    /// Room for about `rows` keys in all (an estimate from the source).
+    pub fn reserve_keys(&mut self, rows: usize) {
+        let held = self.keys.len() + self.log.len();
+        self.log.reserve(rows.saturating_sub(held));
+    }
+
     /// The image under way is whole: keys staged before it that it lacks are deleted.
     pub fn end_image(&mut self) {
         let Some((scope, seen)) = self.seen.take() else {
             return;
         };
+        self.keys();
         let dirty = &mut self.dirty;
         self.keys.retain(|key, e| {
             let keep = seen.contains(key) || !scope.contains(key);
@@ -286,21 +308,22 @@ impl Streamed {
     }
 
     /// Records a batch's rows in the key map: each row's part and fingerprint,
-    /// or its removal, in row order (a later row of a key wins).
+    /// or its removal, in row order (a later row of a key wins). Rows are
+    /// appended to the log; a removal puts the keys in order first, which a
+    /// first version seldom has.
     fn apply_to_keys(&mut self, keys: &FixedSizeBinaryArray, placed: &[u32], hashes: &[u64]) {
         for r in 0..placed.len() {
             let key = state::key_at(keys, r);
-            let old = if placed[r] == DELETED {
-                self.keys.remove(&key)
+            if placed[r] == DELETED {
+                if let Some(old) = self.keys().remove(&key) {
+                    self.dirty.insert(old.partition);
+                }
             } else {
                 let entry = Entry {
                     partition: placed[r],
                     hash: hashes[r],
                 };
-                self.keys.insert(key, entry)
-            };
-            if let Some(old) = old {
-                self.dirty.insert(old.partition);
+                self.log.push(key, entry);
             }
         }
     }
@@ -329,10 +352,48 @@ impl Streamed {
         self.full.clear();
     }
 
+    /// Puts the keys staged since [`Streamed::keys`] last did in order on a
+    /// blocking thread, beside the parts' last encoding at the commit:
+    /// sorting a large first version's keys takes a fifth of a second. The
+    /// keys and dirty parts are away until [`Streamed::keys_sorted`].
+    pub fn sort_keys(&mut self) -> JoinHandle<(KeyIndex, HashSet<u32>)> {
+        let mut keys = std::mem::take(&mut self.keys);
+        let log = std::mem::take(&mut self.log);
+        let mut dirty = std::mem::take(&mut self.dirty);
+        tokio::task::spawn_blocking(move || {
+            keys.absorb(log, |old| {
+                dirty.insert(old.partition);
+            });
+            (keys, dirty)
+        })
+    }
+
+    /// Takes back what [`Streamed::sort_keys`] put in order: every dirty
+    /// part is known now.
+    pub async fn keys_sorted(
+        &mut self,
+        sorting: JoinHandle<(KeyIndex, HashSet<u32>)>,
+    ) -> Result<()> {
+        let (keys, dirty) = sorting
+            .await
+            .map_err(|e| PublishError::State(format!("sorting the version's keys: {e}")))?;
+        self.keys = keys;
+        self.dirty = dirty;
+        Ok(())
+    }
+
     /// The rows part `i` holds now (its current rows only, aligned to
     /// `target`) when they are to be written; `None` when it has none left,
     /// or when they are not in memory.
     pub fn prepare(&mut self, i: usize, target: &SchemaRef) -> Result<Option<RecordBatch>> {
+        let PartWrite::Rows(batches) = &self.parts[i].write else {
+            return Ok(None);
+        };
+        // Filtering a dirty part and fingerprinting realigned rows read the
+        // keys: those staged since they were last put in order too.
+        if self.dirty.contains(&self.parts[i].id) || batches.iter().any(|b| b.schema() != *target) {
+            self.keys();
+        }
         let part = &mut self.parts[i];
         let PartWrite::Rows(batches) = &part.write else {
             return Ok(None);
