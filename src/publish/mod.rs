@@ -823,6 +823,23 @@ impl Publisher {
         &mut self,
         streamed: &mut stream::Streamed,
     ) -> Result<Option<Committed>> {
+        let committed = self.write_streamed(streamed).await;
+        if committed.is_err() {
+            // No write of a failed attempt outlives it: a part written after
+            // the error would be a file that the garbage collection before the
+            // retry (`reload`) did not see, and that no version names.
+            for part in &mut streamed.parts {
+                let _ = finish_part(&self.settings.dataset, part).await;
+            }
+        }
+        committed
+    }
+
+    /// [`Publisher::commit_streamed`] until its first error.
+    async fn write_streamed(
+        &mut self,
+        streamed: &mut stream::Streamed,
+    ) -> Result<Option<Committed>> {
         use stream::PartWrite;
         let target = streamed.schema.clone();
         let version = self.version + 1;
