@@ -292,8 +292,9 @@ impl KeyIndex {
     }
 
     /// Adds the keys of `log`: a key's entry appended last replaces every
-    /// other entry of that key, appended earlier or held by the index.
-    /// `replaced` is given each entry so replaced.
+    /// other entry of that key, appended earlier or held by the index, and
+    /// a key removed last is removed. `replaced` is given each entry so
+    /// replaced or removed.
     pub fn absorb(&mut self, log: KeyLog, mut replaced: impl FnMut(Entry)) {
         let KeyLog {
             mut entries,
@@ -323,7 +324,7 @@ impl KeyIndex {
                 for &(_, e) in &entries[read..end] {
                     if e == last && !kept {
                         kept = true;
-                    } else {
+                    } else if e.partition != TOMBSTONE {
                         replaced(e);
                     }
                 }
@@ -337,6 +338,8 @@ impl KeyIndex {
         self.merge();
         if self.base.is_empty() {
             // A first version: the log's vector becomes the index, no copy.
+            // Keys removed last are not in it.
+            entries.retain(|(_, e)| e.partition != TOMBSTONE);
             let bits = Filter::size_for(entries.len());
             self.filter = if filter.bits == bits && !filter.words.is_empty() {
                 filter
@@ -472,6 +475,18 @@ impl KeyLog {
     /// Room for `more` entries (see [`KeyIndex::reserve`]).
     pub fn reserve(&mut self, more: usize) {
         self.entries.reserve_exact(more);
+    }
+
+    /// Appends the removal of `key`: it ends any entry appended before, and
+    /// removes the key from the index that absorbs the log.
+    pub fn remove(&mut self, key: Key) {
+        self.push(
+            key,
+            Entry {
+                partition: TOMBSTONE,
+                hash: 0,
+            },
+        );
     }
 
     /// Appends `key`'s entry: it replaces any appended before.
@@ -706,15 +721,17 @@ mod tests {
     }
 
     proptest! {
-        /// Keys appended to a log and absorbed end as if inserted one by one
-        /// in the same order, into an index empty or not, and every entry a
-        /// later one replaced is reported, also one equal to its replacement.
+        /// Keys appended to a log (and removed) and absorbed end as if
+        /// inserted (and removed) one by one in the same order, into an index
+        /// empty or not, and every entry a later step replaced or removed is
+        /// reported, also one equal to its replacement.
         #[test]
         fn a_log_absorbed_is_the_inserts_in_order(
             before in proptest::collection::vec((0u16..3000, 0u32..50), 0..300),
-            appended in proptest::collection::vec((0u16..3000, 0u32..50, 0u64..2), 0..6000),
+            appended in proptest::collection::vec((0u16..3000, 0u32..50, 0u64..3), 0..6000),
             spread: bool,
         ) {
+            // A third of the appended steps (hash 2) are removals.
             let mut index = KeyIndex::default();
             let mut model: HashMap<Key, Entry> = HashMap::new();
             for &(k, p) in &before {
@@ -724,8 +741,14 @@ mod tests {
             let mut log = KeyLog::default();
             let mut expected = Vec::new();
             for &(k, p, h) in &appended {
-                log.push(key(k, spread), entry(p, h));
-                if let Some(old) = model.insert(key(k, spread), entry(p, h)) {
+                let old = if h == 2 {
+                    log.remove(key(k, spread));
+                    model.remove(&key(k, spread))
+                } else {
+                    log.push(key(k, spread), entry(p, h));
+                    model.insert(key(k, spread), entry(p, h))
+                };
+                if let Some(old) = old {
                     expected.push(old.partition);
                 }
             }

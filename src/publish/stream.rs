@@ -307,17 +307,14 @@ impl Streamed {
         Ok(())
     }
 
-    /// Records a batch's rows in the key map: each row's part and fingerprint,
-    /// or its removal, in row order (a later row of a key wins). Rows are
-    /// appended to the log; a removal puts the keys in order first, which a
-    /// first version seldom has.
+    /// Records a batch's rows in the key log: each row's part and
+    /// fingerprint, or its removal (a row the rules suppress is one), in row
+    /// order (a later row of a key wins).
     fn apply_to_keys(&mut self, keys: &FixedSizeBinaryArray, placed: &[u32], hashes: &[u64]) {
         for r in 0..placed.len() {
             let key = state::key_at(keys, r);
             if placed[r] == DELETED {
-                if let Some(old) = self.keys().remove(&key) {
-                    self.dirty.insert(old.partition);
-                }
+                self.log.remove(key);
             } else {
                 let entry = Entry {
                     partition: placed[r],
