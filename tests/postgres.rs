@@ -645,8 +645,16 @@ fn pipelines_sharing_a_slot_each_publish_their_table() {
     writes.join().unwrap();
     let lsn = setup.current_lsn();
     marker(next_id);
+    let id = next_id.to_string();
     for dataset in ["invoices", "archive", "late"] {
         setup.wait_for(dataset, lsn, &mut child);
+        // The version that reaches `lsn` may be the writes' own; the marker
+        // follows in the next.
+        support::wait_until("the marker published", 60, || {
+            let (_, rows) = support::newest_rows(&setup.published(dataset));
+            rows.iter()
+                .any(|r| r.contains("marker") && r.split('|').any(|cell| cell == id))
+        });
     }
     assert!(child.try_wait().unwrap().is_none(), "the pipelines stopped");
     child.kill().unwrap();
