@@ -506,45 +506,27 @@ mod tests {
     fn a_stream_of_batches_encodes_as_their_rows_at_once() {
         let whole = invoices(50_000, &[]);
         let slices = [0..7, 7..20_000, 20_000..20_001, 20_001..50_000];
-        let batches = || slices.iter().map(|r| whole.slice(r.start, r.len()));
-        let streamed = |format| {
+        let streamed = |format, batches: &[RecordBatch]| {
             let mut out = Vec::new();
-            super::encode_stream(format, &whole.schema(), batches(), &mut out)
+            super::encode_stream(format, &whole.schema(), batches.iter().cloned(), &mut out)
                 .unwrap_or_else(|e| panic!("{e}"));
             out
         };
-        let csv = streamed(OutputFormat::Csv);
-        assert_eq!(
-            csv,
-            super::csv_bytes(&whole)
+        let batches: Vec<RecordBatch> = slices
+            .iter()
+            .map(|r| whole.slice(r.start, r.len()))
+            .collect();
+        let csv_of = |rows: &RecordBatch| {
+            super::csv_bytes(rows)
                 .unwrap_or_else(|e| panic!("{e}"))
                 .to_vec()
-        );
-        let (rows, _) = read_parquet(streamed(OutputFormat::Parquet));
+        };
+        assert_eq!(streamed(OutputFormat::Csv, &batches), csv_of(&whole));
+        let (rows, _) = read_parquet(streamed(OutputFormat::Parquet, &batches));
         assert_eq!(rows, whole);
-        let mut empty = Vec::new();
-        super::encode_stream(
-            OutputFormat::Csv,
-            &whole.schema(),
-            std::iter::empty(),
-            &mut empty,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let none = whole.slice(0, 0);
-        assert_eq!(
-            empty,
-            super::csv_bytes(&none)
-                .unwrap_or_else(|e| panic!("{e}"))
-                .to_vec()
-        );
-        let mut empty = Vec::new();
-        super::encode_stream(
-            OutputFormat::Parquet,
-            &whole.schema(),
-            std::iter::empty(),
-            &mut empty,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        // No batch at all: a header-only CSV, a Parquet file of no rows with every column.
+        assert_eq!(streamed(OutputFormat::Csv, &[]), csv_of(&whole.slice(0, 0)));
+        let empty = streamed(OutputFormat::Parquet, &[]);
         let metadata = parquet::file::metadata::ParquetMetaDataReader::new()
             .parse_and_finish(&bytes::Bytes::from(empty))
             .unwrap_or_else(|e| panic!("{e}"));
