@@ -200,10 +200,11 @@ impl Streamed {
     /// fingerprint: the keys staged since the last call are put in order,
     /// and the parts of the rows they replaced marked dirty.
     pub fn keys(&mut self) -> &mut KeyIndex {
-        let dirty = &mut self.dirty;
-        self.keys.absorb(std::mem::take(&mut self.log), |old| {
-            dirty.insert(old.partition);
-        });
+        sort_into(
+            &mut self.keys,
+            std::mem::take(&mut self.log),
+            &mut self.dirty,
+        );
         &mut self.keys
     }
 
@@ -358,9 +359,7 @@ impl Streamed {
         let log = std::mem::take(&mut self.log);
         let mut dirty = std::mem::take(&mut self.dirty);
         tokio::task::spawn_blocking(move || {
-            keys.absorb(log, |old| {
-                dirty.insert(old.partition);
-            });
+            sort_into(&mut keys, log, &mut dirty);
             (keys, dirty)
         })
     }
@@ -419,6 +418,14 @@ impl Streamed {
         }
         Ok(Some(rows))
     }
+}
+
+/// Puts `log`'s keys in order into `keys`, marking dirty the parts of the
+/// rows they replaced or removed.
+fn sort_into(keys: &mut KeyIndex, log: KeyLog, dirty: &mut HashSet<u32>) {
+    keys.absorb(log, |old| {
+        dirty.insert(old.partition);
+    });
 }
 
 /// Sends a streaming part's staged rows to its encoders; once it takes no
