@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use oppen_connector_api::Position;
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::config::OutputFormat;
 
@@ -18,6 +19,25 @@ pub struct FileRef {
     pub bytes: u64,
     /// SHA-256 of the content, hex.
     pub sha256: String,
+}
+
+impl FileRef {
+    /// Whether `content` is this file as it was written: its size and SHA-256.
+    /// Says what differs, for an error naming the file.
+    pub fn check(&self, content: &[u8]) -> Result<(), String> {
+        if content.len() as u64 != self.bytes {
+            return Err(format!(
+                "{} bytes where {} were written",
+                content.len(),
+                self.bytes
+            ));
+        }
+        let found = hex::encode(sha2::Sha256::digest(content));
+        if !found.eq_ignore_ascii_case(&self.sha256) {
+            return Err(format!("SHA-256 {found} where {} was written", self.sha256));
+        }
+        Ok(())
+    }
 }
 
 /// The files of one partition.

@@ -1037,13 +1037,31 @@ async fn read_part(store: &Store, dataset: &str, files: &StateFiles) -> Result<R
         futures::future::try_join_all(files.updates.iter().map(read)),
     )
     .await?;
-    let described = files.file.path.clone();
+    let files = files.clone();
+    let dataset = dataset.to_string();
+    let location = store.location().to_string();
     tokio::task::spawn_blocking(move || -> Result<RecordBatch> {
-        let mut rows = state::decode_state(base)?;
-        for update in updates {
-            rows = state::apply_update(&rows, &state::decode_state(update)?).map_err(|e| {
-                PublishError::State(format!("updates of state file {described}: {e}"))
-            })?;
+        // A state file that is not what was written (a torn copy, a disk
+        // fault, a hand edit) must not become the rows the next version
+        // builds on: decoding alone would not catch every such change.
+        let checked = |file: &FileRef, bytes: Bytes| {
+            file.check(&bytes)
+                .map(|()| bytes)
+                .map_err(|e| PublishError::Corrupt {
+                    path: format!("{location}/{dataset}/{}", file.path),
+                    message: format!(
+                        "this private state file is damaged ({e}); restore the state location \
+                     from a backup, or publish to a new store location so the dataset is \
+                     rebuilt from the source"
+                    ),
+                })
+        };
+        let mut rows = state::decode_state(checked(&files.file, base)?)?;
+        for (file, update) in files.updates.iter().zip(updates) {
+            rows = state::apply_update(&rows, &state::decode_state(checked(file, update)?)?)
+                .map_err(|e| {
+                    PublishError::State(format!("updates of state file {}: {e}", files.file.path))
+                })?;
         }
         Ok(rows)
     })
@@ -1350,21 +1368,38 @@ struct JobContext {
 }
 
 /// The previous file of a part updated in place, to copy what did not change
-/// from. Any doubt (the file is gone, unreadable, or not the size its
-/// manifest says) means encoding the part whole: never an error.
+/// from. Any doubt (the file is gone, unreadable, or not the size and SHA-256
+/// its manifest says) means encoding the part whole: never an error.
 async fn previous_file(store: &Store, dataset: &str, file: &FileRef) -> Option<Bytes> {
     let path = format!("{dataset}/{}", file.path);
-    match store.get(&path).await {
-        Ok(Some(bytes)) if bytes.len() as u64 == file.bytes => Some(bytes),
-        outcome => {
-            tracing::debug!(
-                path,
-                ok = outcome.is_ok(),
-                "previous file not usable; encoding the part whole"
-            );
-            None
+    let problem = match store.get(&path).await {
+        Ok(Some(bytes)) => {
+            // Copying from a file that is not what its manifest says would
+            // carry the damage into the new version. Hashing is CPU work.
+            let file = file.clone();
+            match tokio::task::spawn_blocking(move || file.check(&bytes).map(|()| bytes)).await {
+                Ok(Ok(bytes)) => return Some(bytes),
+                Ok(Err(problem)) => {
+                    tracing::warn!(
+                        path,
+                        problem,
+                        "a published file is not what its version's manifest says; encoding \
+                         its part whole (the next version replaces it)"
+                    );
+                    return None;
+                }
+                Err(e) => e.to_string(),
+            }
         }
-    }
+        Ok(None) => "it is missing".to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::debug!(
+        path,
+        problem,
+        "previous file not usable; encoding the part whole"
+    );
+    None
 }
 
 /// Encodes a part's published file in `format` (its rows without `_key`),

@@ -739,3 +739,124 @@ fn a_streamed_part_whose_write_fails_is_read_from_the_source_again() {
         assert_eq!(published(dir.path()), ["1|v0|", "2|v0|", "3|v0|", "4|v1|"]);
     });
 }
+
+/// The newest version's manifest, as the tests' publisher wrote it.
+fn newest(dir: &std::path::Path) -> super::manifest::Version {
+    let bytes = std::fs::read(dir.join("pub/d/manifest.json")).unwrap();
+    let super::manifest::VersionManifest::V1(version) = serde_json::from_slice(&bytes).unwrap();
+    version
+}
+
+/// A private state file that is not what was written stops recovery with an
+/// error naming the file and what to do; it never becomes the rows the next
+/// version builds on.
+#[test]
+fn a_damaged_state_file_stops_recovery_and_says_which() {
+    for damage in ["flip", "truncate"] {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let mut publisher = open(dir.path(), settings(20, 0), false).await;
+            let image: Vec<(u8, u8)> = (0..60).map(|id| (id, 0)).collect();
+            let mut lsn = 0;
+            stage(
+                &mut publisher,
+                &[(Step::Image(vec![image], None), false)],
+                &mut lsn,
+            )
+            .await;
+            publisher.commit().await.unwrap();
+            drop(publisher);
+            let version = newest(dir.path());
+            let state_path = dir
+                .path()
+                .join("state/d")
+                .join(super::manifest::state_manifest_path(&version));
+            let state: super::manifest::StateManifest =
+                serde_json::from_slice(&std::fs::read(state_path).unwrap()).unwrap();
+            let file = state.into_state().partitions.into_values().next().unwrap();
+            let path = dir.path().join("state/d").join(&file.path);
+            let mut bytes = std::fs::read(&path).unwrap();
+            match damage {
+                "flip" => {
+                    let middle = bytes.len() / 2;
+                    bytes[middle] ^= 0x20;
+                }
+                _ => bytes.truncate(bytes.len() - 1),
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            let store = StoreLocation::local(dir.path().join("pub")).open().unwrap();
+            let state = StoreLocation::local(dir.path().join("state"))
+                .open()
+                .unwrap();
+            let failed = Publisher::open(settings(20, 0), store, state)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("a {damage}ped state file was read as good"));
+            let message = failed.to_string();
+            assert!(
+                matches!(failed, super::PublishError::Corrupt { .. }),
+                "{message}"
+            );
+            assert!(message.contains(&file.path), "names the file: {message}");
+            assert!(message.contains("damaged"), "{message}");
+            assert!(message.contains("restore the state location"), "{message}");
+            let differs = if damage == "flip" {
+                "SHA-256"
+            } else {
+                "bytes where"
+            };
+            assert!(message.contains(differs), "says what differs: {message}");
+        });
+    }
+}
+
+/// A part updated in place copies what did not change from its previous file
+/// only when that file is what its manifest says: a damaged one is not carried
+/// into the new version, which is encoded whole from the state instead.
+#[test]
+fn a_damaged_previous_file_is_not_copied_into_the_next_version() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut publisher = open(dir.path(), settings(20, 0), false).await;
+        let image: Vec<(u8, u8)> = (0..20).map(|id| (id, 0)).collect();
+        let mut lsn = 0;
+        stage(
+            &mut publisher,
+            &[(Step::Image(vec![image], None), false)],
+            &mut lsn,
+        )
+        .await;
+        publisher.commit().await.unwrap();
+        // Damage the last byte of the `id` column's chunk, a column the
+        // update below leaves unchanged (so it would be copied).
+        let version = newest(dir.path());
+        let file = &version.partitions.values().next().unwrap().files[&OutputFormat::Parquet];
+        let path = dir.path().join("pub/d").join(&file.path);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let metadata = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            bytes::Bytes::from(bytes.clone()),
+        )
+        .unwrap()
+        .metadata()
+        .clone();
+        let id = metadata.row_group(0).column(0);
+        assert_eq!(id.column_path().string(), "id");
+        let (start, len) = id.byte_range();
+        bytes[(start + len - 1) as usize] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        stage(
+            &mut publisher,
+            &[(Step::Changes(vec![(3, Some(7))]), false)],
+            &mut lsn,
+        )
+        .await;
+        let committed = publisher.commit().await.unwrap();
+        assert_eq!(summary(&committed), Some((20, 0, 1, 0)));
+        let want: Vec<String> = (0..20u8)
+            .map(|id| format!("{id}|v{}|", if id == 3 { 7 } else { 0 }))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(published(dir.path()), want);
+    });
+}
