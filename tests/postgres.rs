@@ -1271,8 +1271,9 @@ fn a_stalled_stream_turns_readiness_red_and_sigterm_commits_what_is_held() {
     wait("the resumed inserts to be captured", &|| {
         metrics(port).get(&captured).copied() == Some(150.0)
     });
-    // SIGTERM while a writer keeps the source busy (so versions wait for the
-    // hour-long interval): what is held becomes the last version, then a clean exit.
+    // SIGTERM while a writer keeps the source busy (versions wait for the
+    // hour-long interval, or for a pause in the stream): what is held becomes
+    // the last version, then a clean exit.
     let db = setup.db.clone();
     let writer = std::thread::spawn(move || {
         Cluster::get().psql(
@@ -1287,14 +1288,22 @@ fn a_stalled_stream_turns_readiness_red_and_sigterm_commits_what_is_held() {
     });
     let scraped = get(port, "/metrics", &[]).text() + &readyz().unwrap().1;
     let captured_at_signal = metrics(port)[&captured] as u64;
-    let signalled = chrono::Utc::now();
     support::terminate(&mut child);
     let status = support::wait_exit(&mut child, 30);
     assert!(status.success(), "exit {status:?}");
     let last = setup.latest("drift").unwrap();
+    // What the stop guarantees: every row captured before the signal is in
+    // the last version. Usually that version is the one committed at the
+    // stop; but when the stream paused just before the signal (a loaded
+    // machine), the source's idle moment commits what is held at once, and
+    // the stop then finds nothing to commit (2026-12-06: the version was
+    // older than the signal under the full test suite). Either way no row
+    // captured before the signal may be missing.
     assert!(
-        last.created >= signalled,
-        "no version was committed at shutdown"
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("stopping: committing what is held"),
+        "the stop was not logged"
     );
     assert!(
         last.rows >= 500 + captured_at_signal,
