@@ -83,10 +83,10 @@ fn unreachable_key() -> HmacSha256 {
 /// Computes `_key`s and `hash` tokens with keys derived from one secret.
 #[derive(Clone)]
 pub struct Keyer {
-    row_key: HmacSha256,
-    /// The same key as `row_key`, prepared for one row at a time.
+    /// The `_key` key (also behind the fingerprint).
     rows: Prepared,
-    token: HmacSha256,
+    /// The `hash` token key.
+    token: Prepared,
 }
 
 impl fmt::Debug for Keyer {
@@ -111,7 +111,8 @@ const SHA256_IV: [u32; 8] = [
 /// key's inner and outer pad computed once. A row's `_key` is then two
 /// SHA-256 compressions (for key text up to 55 bytes) and no allocation;
 /// through `hmac`, each row cloned and finalized hasher objects, which cost
-/// as much again as the compressions. Equal to `hmac` (a test checks).
+/// as much again as the compressions. Equal to `hmac` (a test checks; the
+/// derivation of the keys from the secret, of any length, still uses it).
 #[derive(Clone)]
 struct Prepared {
     inner: [u32; 8],
@@ -139,12 +140,8 @@ impl Prepared {
         // The inner hash: the message after the key's block, then padding
         // and the bit length of both.
         let mut state = self.inner;
-        let mut blocks = message.chunks_exact(64);
-        for block in &mut blocks {
-            let block: &[u8; 64] = block.try_into().unwrap_or(&[0; 64]);
-            sha2::block_api::compress256(&mut state, std::slice::from_ref(block));
-        }
-        let rest = blocks.remainder();
+        let (blocks, rest) = message.as_chunks::<64>();
+        sha2::block_api::compress256(&mut state, blocks);
         let mut block = [0u8; 64];
         block[..rest.len()].copy_from_slice(rest);
         block[rest.len()] = 0x80;
@@ -205,9 +202,8 @@ impl Keyer {
         let rows = key.derive(b"oppen/_key/v1");
         let token = key.derive(b"oppen/hash/v1");
         Self {
-            row_key: HmacSha256::new_from_slice(&rows).unwrap_or_else(|_| unreachable_key()),
             rows: Prepared::new(&rows),
-            token: HmacSha256::new_from_slice(&token).unwrap_or_else(|_| unreachable_key()),
+            token: Prepared::new(&token),
         }
     }
 
@@ -264,16 +260,12 @@ impl Keyer {
     /// Identifies the key without revealing it: recorded with the state so a
     /// changed key is noticed before it re-keys every row.
     pub fn fingerprint(&self) -> String {
-        let mut mac = self.row_key.clone();
-        mac.update(b"oppen/fingerprint/v1");
-        hex::encode(&mac.finalize().into_bytes()[..8])
+        hex::encode(&self.rows.mac(b"oppen/fingerprint/v1")[..8])
     }
 
     /// The `hash` token of a value: hex of a truncated HMAC-SHA-256.
     pub fn token(&self, value: &str) -> String {
-        let mut mac = self.token.clone();
-        mac.update(value.as_bytes());
-        hex::encode(&mac.finalize().into_bytes()[..TOKEN_BYTES])
+        hex::encode(&self.token.mac(value.as_bytes())[..TOKEN_BYTES])
     }
 }
 
@@ -326,8 +318,9 @@ mod tests {
             .collect()
     }
 
-    /// `_key`s must never change between releases (the state is keyed by
-    /// them): these are HMAC-SHA-256 as Python's `hmac` module computes it,
+    /// `_key`s, the key's fingerprint and `hash` tokens must never change
+    /// between releases (the state is keyed by them): these are HMAC-SHA-256
+    /// as Python's `hmac` module computes it, e.g. for a `_key`
     /// `hmac.new(hmac.new(secret, b"oppen/_key/v1", sha256).digest(), text, sha256)`.
     #[test]
     fn keys_are_hmac_sha256_of_the_key_text() {
@@ -341,6 +334,13 @@ mod tests {
         assert_eq!(
             keys_of(vec![ids, names]),
             ["1e0dfc1f81dfe0f833adebc256f65b756e183c0eb7d165f68f2fe522b6a52bc4"]
+        );
+        // The key's fingerprint (recorded with every state) and a `hash`
+        // token (published) are pinned the same way.
+        assert_eq!(keyer().fingerprint(), "24e2b88be3a87be2");
+        assert_eq!(
+            keyer().token("Stor gatan 1"),
+            "8dcfdca5004e0c545a0255b0fbe413a3"
         );
     }
 
