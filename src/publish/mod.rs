@@ -1372,34 +1372,37 @@ struct JobContext {
 /// its manifest says) means encoding the part whole: never an error.
 async fn previous_file(store: &Store, dataset: &str, file: &FileRef) -> Option<Bytes> {
     let path = format!("{dataset}/{}", file.path);
-    let problem = match store.get(&path).await {
-        Ok(Some(bytes)) => {
-            // Copying from a file that is not what its manifest says would
-            // carry the damage into the new version. Hashing is CPU work.
-            let file = file.clone();
-            match tokio::task::spawn_blocking(move || file.check(&bytes).map(|()| bytes)).await {
-                Ok(Ok(bytes)) => return Some(bytes),
-                Ok(Err(problem)) => {
-                    tracing::warn!(
-                        path,
-                        problem,
-                        "a published file is not what its version's manifest says; encoding \
-                         its part whole (the next version replaces it)"
-                    );
-                    return None;
-                }
-                Err(e) => e.to_string(),
-            }
+    let bytes = match store.get(&path).await {
+        Ok(Some(bytes)) => bytes,
+        outcome => {
+            tracing::debug!(
+                path,
+                ok = outcome.is_ok(),
+                "previous file not usable; encoding the part whole"
+            );
+            return None;
         }
-        Ok(None) => "it is missing".to_string(),
-        Err(e) => e.to_string(),
     };
-    tracing::debug!(
-        path,
-        problem,
-        "previous file not usable; encoding the part whole"
-    );
-    None
+    // Copying from a file that is not what its manifest says would carry the
+    // damage into the new version. Hashing is CPU work.
+    let file = file.clone();
+    let checked = tokio::task::spawn_blocking(move || file.check(&bytes).map(|()| bytes)).await;
+    match checked {
+        Ok(Ok(bytes)) => Some(bytes),
+        Ok(Err(problem)) => {
+            tracing::warn!(
+                path,
+                problem,
+                "a published file is not what its version's manifest says; encoding its part \
+                 whole (the next version replaces it)"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::debug!(path, error = %e, "previous file not checked; encoding the part whole");
+            None
+        }
+    }
 }
 
 /// Encodes a part's published file in `format` (its rows without `_key`),
