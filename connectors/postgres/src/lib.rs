@@ -1540,12 +1540,20 @@ impl PostgresSource {
     /// the database, so an idle table's slot still advances (the server keeps
     /// no WAL for it), and its arrival tells that the stream has caught up.
     /// Returns where it was written.
+    ///
+    /// The message is transactional and its transaction commits with
+    /// `synchronous_commit` on, so the commit flushes the WAL and the server
+    /// sends the message at once. A walsender sends only flushed WAL, and a
+    /// non-transactional message (no commit) waits for the WAL writer, up to
+    /// `wal_writer_delay` (200 ms by default), before any slot sees it: time
+    /// every `run --once` spent waiting for its backlog's end.
     async fn emit_heartbeat(&mut self) -> Option<u64> {
         self.last_heartbeat = Instant::now();
         let result = match self.client().await {
             Ok(c) => c
                 .query_one(
-                    "SELECT pg_logical_emit_message(false, $1, '')::text",
+                    "SELECT pg_logical_emit_message(true, $1, '')::text \
+                     FROM set_config('synchronous_commit', 'on', true)",
                     &[&HEARTBEAT_PREFIX],
                 )
                 .await
