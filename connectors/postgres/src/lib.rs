@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::pgoutput::{Message, StreamControl, Value};
 use crate::types::{ColumnBuilder, Kind};
-use crate::wire::{ReplicationConnection, StreamMessage, quote_ident, quote_literal, transient};
+use crate::wire::{StreamMessage, WireConnection, quote_ident, quote_literal, transient};
 
 /// Rows per emitted batch.
 pub const BATCH_ROWS: usize = 64 * 1024;
@@ -594,7 +594,7 @@ enum Phase {
         consistent_point: u64,
         /// Held open until every copying connection has imported the
         /// exported snapshot.
-        exporter: Option<ReplicationConnection>,
+        exporter: Option<WireConnection>,
         /// How many have not yet.
         importing: watch::Receiver<usize>,
     },
@@ -605,7 +605,7 @@ enum Phase {
 /// Where the replication stream comes from.
 enum Stream {
     /// The slot's own connection.
-    Own(ReplicationConnection),
+    Own(WireConnection),
     /// A slot shared with other pipelines of the process.
     Shared(shared::Subscription),
 }
@@ -942,11 +942,11 @@ impl PostgresSource {
                 std::process::id(),
                 TEMPORARY.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             );
-            repl = ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
+            repl = WireConnection::replication(&self.sql_config, SESSION_OPTIONS).await?;
             repl.create_slot(&name, true).await?
         } else {
             self.drop_slot().await?;
-            repl = ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
+            repl = WireConnection::replication(&self.sql_config, SESSION_OPTIONS).await?;
             repl.create_slot(&self.config.slot, false).await?
         };
         let name = created
@@ -1001,7 +1001,7 @@ impl PostgresSource {
             Some(membership) => Stream::Shared(membership.subscribe()),
             None => {
                 let mut repl =
-                    ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
+                    WireConnection::replication(&self.sql_config, SESSION_OPTIONS).await?;
                 repl.start_replication(
                     &self.config.slot,
                     from,

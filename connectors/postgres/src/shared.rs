@@ -25,7 +25,7 @@ use std::time::Duration;
 use oppen_connector_api::{Error, Result};
 use tokio::sync::{Notify, mpsc};
 
-use crate::wire::{ReplicationConnection, StreamMessage, transient};
+use crate::wire::{StreamMessage, WireConnection, transient};
 use crate::{PostgresConfig, SESSION_OPTIONS, STATUS_INTERVAL, Table, pgoutput, tls};
 
 /// Messages buffered per member: the stream goes at the pace of the slowest
@@ -309,7 +309,7 @@ impl Hub {
         publications: &[String],
         mut subscribers: Vec<Subscriber>,
     ) -> Result<()> {
-        let mut repl = ReplicationConnection::connect(&self.sql_config, SESSION_OPTIONS).await?;
+        let mut repl = WireConnection::replication(&self.sql_config, SESSION_OPTIONS).await?;
         repl.start_replication(&self.slot, from.max(1), publications)
             .await?;
         tracing::debug!(slot = self.slot, from = %crate::wire::format_lsn(from), ?publications, "shared replication stream started");
@@ -385,7 +385,7 @@ impl Hub {
 
     /// Tells the server the lowest position every member has made durable;
     /// only when it moved, unless `always`.
-    async fn send_status(&self, repl: &mut ReplicationConnection, always: bool) -> Result<()> {
+    async fn send_status(&self, repl: &mut WireConnection, always: bool) -> Result<()> {
         let (received, flush, moved) = {
             let mut state = self.state();
             let lowest = state.members.values().map(|m| m.flush).min().unwrap_or(0);

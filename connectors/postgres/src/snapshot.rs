@@ -6,13 +6,11 @@ use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
-use bytes::{Buf, Bytes, BytesMut};
-use futures::StreamExt;
 use oppen_connector_api::Error;
 use tokio::sync::{mpsc, watch};
 
 use crate::types::{ColumnBuilder, Kind};
-use crate::wire::{quote_ident, quote_literal, transient};
+use crate::wire::{WireConnection, quote_ident, quote_literal, transient};
 use crate::{ColumnInfo, Table};
 
 /// The binary COPY signature and header length (signature, flags, extension length).
@@ -131,44 +129,38 @@ async fn copy_range(
     tx: &mpsc::Sender<SnapshotItem>,
     importing: &watch::Sender<usize>,
 ) -> Result<(), Error> {
-    let (client, conn) = plan
-        .config
-        .connect()
-        .await
-        .map_err(|e| crate::sql_error("snapshot connection", &e))?;
-    client
-        .batch_execute(&format!(
+    let mut session = WireConnection::session(&plan.config, crate::SESSION_OPTIONS).await?;
+    session
+        .simple_query(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
             quote_literal(&plan.snapshot)
         ))
-        .await
-        .map_err(|e| crate::sql_error("importing the slot's snapshot", &e))?;
+        .await?;
     importing.send_modify(|n| *n -= 1);
-    let sql = copy_sql(&plan.table, &plan.columns, range);
-    let stream = client
-        .copy_out(sql.as_str())
-        .await
-        .map_err(|e| crate::sql_error("COPY", &e))?;
-    futures::pin_mut!(stream);
+    session
+        .copy_out_start(&copy_sql(&plan.table, &plan.columns, range))
+        .await?;
     let mut decoder = CopyDecoder::new(&plan.columns, plan.schema.clone(), plan.batch_rows);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| crate::sql_error("COPY", &e))?;
-        for batch in decoder.push(chunk)? {
+    let mut batches = Vec::new();
+    while session
+        .copy_out_read(|data| decoder.push(data, &mut batches))
+        .await?
+    {
+        for batch in batches.drain(..) {
             if tx.send(Ok(batch)).await.is_err() {
                 return Ok(());
             }
         }
     }
-    if let Some(batch) = decoder.finish()? {
-        let _ = tx.send(Ok(batch)).await;
+    batches.extend(decoder.finish()?);
+    for batch in batches {
+        if tx.send(Ok(batch)).await.is_err() {
+            return Ok(());
+        }
     }
     // A clean end: no transaction left open on the source.
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(|e| crate::sql_error("COMMIT", &e))?;
-    drop(client);
-    let _ = conn.await;
+    session.simple_query("COMMIT").await?;
+    session.close().await;
     Ok(())
 }
 
@@ -180,7 +172,7 @@ pub struct CopyDecoder {
     builders: Vec<ColumnBuilder>,
     rows: usize,
     batch_rows: usize,
-    carry: BytesMut,
+    carry: Vec<u8>,
     header_seen: bool,
     ended: bool,
     row_number: u64,
@@ -200,7 +192,7 @@ impl CopyDecoder {
             builders,
             rows: 0,
             batch_rows,
-            carry: BytesMut::new(),
+            carry: Vec::new(),
             header_seen: false,
             ended: false,
             row_number: 0,
@@ -211,39 +203,47 @@ impl CopyDecoder {
         transient(format!("snapshot COPY row {}: {what}", self.row_number + 1))
     }
 
-    /// Feeds a chunk; returns the batches completed by it.
-    pub fn push(&mut self, chunk: Bytes) -> Result<Vec<RecordBatch>, Error> {
-        let mut out = Vec::new();
-        let mut data: Bytes = if self.carry.is_empty() {
-            chunk
+    /// Feeds a chunk of the stream (any split: a row may span chunks);
+    /// the batches it completes are added to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<RecordBatch>) -> Result<(), Error> {
+        if self.carry.is_empty() {
+            let used = self.rows_from(chunk, out)?;
+            self.carry.extend_from_slice(&chunk[used..]);
         } else {
-            self.carry.extend_from_slice(&chunk);
-            self.carry.split().freeze()
-        };
+            self.carry.extend_from_slice(chunk);
+            let carry = std::mem::take(&mut self.carry);
+            let used = self.rows_from(&carry, out);
+            self.carry = carry;
+            self.carry.drain(..used?);
+        }
+        Ok(())
+    }
+
+    /// Decodes the header, if not yet seen, and the whole rows at the front
+    /// of `data`; returns the bytes taken.
+    fn rows_from(&mut self, data: &[u8], out: &mut Vec<RecordBatch>) -> Result<usize, Error> {
+        let mut pos = 0;
         if !self.header_seen {
             if data.len() < HEADER_LEN {
-                self.carry.extend_from_slice(&data);
-                return Ok(out);
+                return Ok(0);
             }
             if !data.starts_with(SIGNATURE) {
                 return Err(self.bad("not a binary COPY stream"));
             }
             let ext = u32::from_be_bytes([data[15], data[16], data[17], data[18]]) as usize;
             if data.len() < HEADER_LEN + ext {
-                self.carry.extend_from_slice(&data);
-                return Ok(out);
+                return Ok(0);
             }
-            data.advance(HEADER_LEN + ext);
+            pos = HEADER_LEN + ext;
             self.header_seen = true;
         }
-        while let Some(used) = self.row(&data)? {
-            data.advance(used);
+        while let Some(used) = self.row(&data[pos..])? {
+            pos += used;
             if self.rows >= self.batch_rows {
                 out.push(self.flush()?);
             }
         }
-        self.carry.extend_from_slice(&data);
-        Ok(out)
+        Ok(pos)
     }
 
     /// Decodes one row from the front of `data` if it is whole; returns the
@@ -397,7 +397,7 @@ mod tests {
             let mut decoder = decoder(&[Kind::Int8, Kind::Text], 4);
             let mut batches = Vec::new();
             for piece in bytes.chunks(chunk) {
-                batches.extend(decoder.push(Bytes::copy_from_slice(piece)).unwrap());
+                decoder.push(piece, &mut batches).unwrap();
             }
             batches.extend(decoder.finish().unwrap());
             assert_eq!(batches.len(), 6, "chunks of {chunk}");
@@ -416,8 +416,9 @@ mod tests {
     /// Feeds `bytes` in chunks of `chunk` until the end or an error.
     fn decode_all(kinds: &[Kind], bytes: &[u8], chunk: usize) {
         let mut decoder = decoder(kinds, 3);
+        let mut batches = Vec::new();
         for piece in bytes.chunks(chunk.max(1)) {
-            if decoder.push(Bytes::copy_from_slice(piece)).is_err() {
+            if decoder.push(piece, &mut batches).is_err() {
                 return;
             }
         }

@@ -8,6 +8,11 @@
 //! connection accepts), and the stream itself: XLogData and keepalives in,
 //! standby status updates out.
 //!
+//! The same client opens plain sessions for the snapshot's `COPY`, whose rows
+//! (one CopyData message each) are handed to the decoder straight from the
+//! read buffer: tokio-postgres makes a `Bytes` of every row and passes it
+//! between tasks, a few percent of a snapshot's CPU.
+//!
 //! Reads are cancellation-safe: all state lives in `self.buf`, so a read raced
 //! against a timer and dropped loses nothing.
 
@@ -118,28 +123,43 @@ pub struct CreatedSlot {
     pub snapshot: Option<String>,
 }
 
-/// A `replication=database` connection.
-pub struct ReplicationConnection {
+/// A connection: a `replication=database` one for the stream, or a plain
+/// session for the snapshot's copy.
+pub struct WireConnection {
     stream: Pin<Box<dyn Stream>>,
     buf: BytesMut,
     out: BytesMut,
 }
 
-impl fmt::Debug for ReplicationConnection {
+impl fmt::Debug for WireConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReplicationConnection")
-            .finish_non_exhaustive()
+        f.debug_struct("WireConnection").finish_non_exhaustive()
     }
 }
 
 /// A message from the server: its type byte and body.
 type RawMessage = (u8, Bytes);
 
-impl ReplicationConnection {
-    /// Connects and authenticates. `options` are server settings sent at startup
-    /// (`-c name=value ...`): the connector pins DateStyle, IntervalStyle and
-    /// TimeZone so values stream in the forms it decodes.
-    pub async fn connect(db: &crate::tls::DbConfig, options: &str) -> Result<Self, Error> {
+impl WireConnection {
+    /// Opens a `replication=database` connection. `options` are server
+    /// settings sent at startup (`-c name=value ...`): the connector pins
+    /// DateStyle, IntervalStyle and TimeZone so values stream in the forms it
+    /// decodes.
+    pub async fn replication(db: &crate::tls::DbConfig, options: &str) -> Result<Self, Error> {
+        Self::connect(db, options, true).await
+    }
+
+    /// Opens a plain SQL session, with the same `options`.
+    pub async fn session(db: &crate::tls::DbConfig, options: &str) -> Result<Self, Error> {
+        Self::connect(db, options, false).await
+    }
+
+    /// Connects and authenticates.
+    async fn connect(
+        db: &crate::tls::DbConfig,
+        options: &str,
+        replication: bool,
+    ) -> Result<Self, Error> {
         let config = &db.sql;
         let user = config
             .get_user()
@@ -147,19 +167,32 @@ impl ReplicationConnection {
             .or_else(|| std::env::var("PGUSER").ok())
             .unwrap_or_else(|| "postgres".into());
         let dbname = config.get_dbname().unwrap_or(&user).to_string();
-        let stream = Self::open_socket(db).await?;
-        let mut conn = ReplicationConnection {
+        // As libpq's `connect_timeout`, which the connector sets.
+        let stream = match config.get_connect_timeout() {
+            Some(limit) => tokio::time::timeout(*limit, Self::open_socket(db))
+                .await
+                .map_err(|_| {
+                    transient(format!(
+                        "cannot connect to PostgreSQL: no answer within {} s",
+                        limit.as_secs_f64()
+                    ))
+                })??,
+            None => Self::open_socket(db).await?,
+        };
+        let mut conn = WireConnection {
             stream,
             buf: BytesMut::with_capacity(1 << 20),
             out: BytesMut::with_capacity(256),
         };
-        let params = [
+        let mut params = vec![
             ("user", user.as_str()),
             ("database", dbname.as_str()),
-            ("replication", "database"),
             ("application_name", "oppen"),
             ("options", options),
         ];
+        if replication {
+            params.push(("replication", "database"));
+        }
         frontend::startup_message(params.iter().copied(), &mut conn.out)
             .map_err(|e| io_error("startup message", e))?;
         conn.flush().await?;
@@ -366,36 +399,38 @@ impl ReplicationConnection {
             if let Some(message) = self.take_buffered()? {
                 return Ok(message);
             }
-            if self.buf.capacity() - self.buf.len() < 64 * 1024 {
-                self.buf.reserve(1 << 20);
-            }
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| io_error("read from PostgreSQL", e))?;
-            if n == 0 {
-                return Err(transient("PostgreSQL closed the connection"));
-            }
+            self.fill().await?;
         }
+    }
+
+    /// Reads what the socket has, into room for at least the rest of the
+    /// message begun in the buffer. Cancellation-safe.
+    async fn fill(&mut self) -> Result<(), Error> {
+        let begun = self.buf.first_chunk::<5>().map_or(0, |h| {
+            u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize + 1
+        });
+        let room = begun.saturating_sub(self.buf.len()).max(64 * 1024);
+        if self.buf.capacity() - self.buf.len() < room {
+            self.buf.reserve(room.max(1 << 20));
+        }
+        let n = self
+            .stream
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(|e| io_error("read from PostgreSQL", e))?;
+        if n == 0 {
+            return Err(transient("PostgreSQL closed the connection"));
+        }
+        Ok(())
     }
 
     /// Takes one whole message from the read buffer, if there is one.
     fn take_buffered(&mut self) -> Result<Option<RawMessage>, Error> {
-        if self.buf.len() < 5 {
+        let Some((tag, start, end)) = whole_message(&self.buf)? else {
             return Ok(None);
-        }
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        if len < 4 {
-            return Err(transient("malformed message from PostgreSQL"));
-        }
-        if self.buf.len() <= len {
-            self.buf.reserve(len + 1 - self.buf.len());
-            return Ok(None);
-        }
-        let tag = self.buf[0];
-        let mut whole = self.buf.split_to(len + 1);
-        whole.advance(5);
+        };
+        let mut whole = self.buf.split_to(end);
+        whole.advance(start);
         Ok(Some((tag, whole.freeze())))
     }
 
@@ -434,6 +469,55 @@ impl ReplicationConnection {
                 Err(e.into_error(&what))
             }
             None => Ok(rows),
+        }
+    }
+
+    /// Starts `sql`, a `COPY ... TO STDOUT`; its data comes from
+    /// [`Self::copy_out_read`].
+    pub async fn copy_out_start(&mut self, sql: &str) -> Result<(), Error> {
+        frontend::query(sql, &mut self.out).map_err(|e| io_error("COPY", e))?;
+        self.flush().await?;
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                b'H' => return Ok(()),
+                b'E' => return Err(parse_error(&body).into_error("COPY")),
+                b'Z' => return Err(transient("COPY returned no data")),
+                _ => {}
+            }
+        }
+    }
+
+    /// Hands the body of every CopyData message buffered whole to `each`, in
+    /// order and without copying, reading from the socket first if none is.
+    /// Returns `false` once the copy has ended and the session is ready for
+    /// the next query.
+    pub async fn copy_out_read(
+        &mut self,
+        mut each: impl FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<bool, Error> {
+        loop {
+            let mut pos = 0;
+            let mut ended = false;
+            while let Some((tag, start, end)) = whole_message(&self.buf[pos..])? {
+                let body = &self.buf[pos + start..pos + end];
+                match tag {
+                    b'd' => each(body)?,
+                    b'E' => return Err(parse_error(body).into_error("COPY")),
+                    b'Z' => ended = true,
+                    // CopyDone, CommandComplete, notices.
+                    _ => {}
+                }
+                pos += end;
+                if ended {
+                    break;
+                }
+            }
+            self.buf.advance(pos);
+            if ended || pos > 0 {
+                return Ok(!ended);
+            }
+            self.fill().await?;
         }
     }
 
@@ -540,6 +624,19 @@ impl ReplicationConnection {
     }
 }
 
+/// The message at the front of `buf`: its type byte, where its body starts
+/// and where it ends; `None` while it is not whole.
+fn whole_message(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, Error> {
+    let Some(header) = buf.first_chunk::<5>() else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len < 4 {
+        return Err(transient("malformed message from PostgreSQL"));
+    }
+    Ok((buf.len() > len).then_some((header[0], 5, len + 1)))
+}
+
 /// A stream message from a raw one; `None` for messages the stream ignores.
 fn stream_message(tag: u8, mut body: Bytes) -> Result<Option<StreamMessage>, Error> {
     Ok(Some(match tag {
@@ -634,5 +731,19 @@ mod tests {
         assert_eq!(e.code, "42704");
         assert!(e.is_fatal());
         assert!(e.to_string().contains("does not exist"));
+    }
+
+    /// A message is taken only when whole, wherever a read ended; a length
+    /// below its own four bytes is an error, not a loop.
+    #[test]
+    fn messages_are_taken_whole() {
+        let mut stream = vec![b'd', 0, 0, 0, 7, 1, 2, 3];
+        stream.extend([b'c', 0, 0, 0, 4]);
+        assert_eq!(whole_message(&stream).unwrap(), Some((b'd', 5, 8)));
+        assert_eq!(whole_message(&stream[8..]).unwrap(), Some((b'c', 5, 5)));
+        for end in 0..8 {
+            assert_eq!(whole_message(&stream[..end]).unwrap(), None, "{end} bytes");
+        }
+        assert!(whole_message(&[b'd', 0, 0, 0, 3]).is_err());
     }
 }
