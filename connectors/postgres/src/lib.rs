@@ -1542,18 +1542,20 @@ impl PostgresSource {
     /// Returns where it was written.
     ///
     /// The message is transactional and its transaction commits with
-    /// `synchronous_commit` on, so the commit flushes the WAL and the server
-    /// sends the message at once. A walsender sends only flushed WAL, and a
-    /// non-transactional message (no commit) waits for the WAL writer, up to
-    /// `wal_writer_delay` (200 ms by default), before any slot sees it: time
-    /// every `run --once` spent waiting for its backlog's end.
+    /// `synchronous_commit` set to `local`, so the commit flushes the WAL
+    /// and the server sends the message at once (without waiting for any
+    /// synchronous standby, which a walsender does not need). A walsender
+    /// sends only flushed WAL, and a non-transactional message (no commit)
+    /// waits for the WAL writer, up to `wal_writer_delay` (200 ms by
+    /// default), before any slot sees it: time every `run --once` spent
+    /// waiting for its backlog's end.
     async fn emit_heartbeat(&mut self) -> Option<u64> {
         self.last_heartbeat = Instant::now();
         let result = match self.client().await {
             Ok(c) => c
                 .query_one(
                     "SELECT pg_logical_emit_message(true, $1, '')::text \
-                     FROM set_config('synchronous_commit', 'on', true)",
+                     FROM set_config('synchronous_commit', 'local', true)",
                     &[&HEARTBEAT_PREFIX],
                 )
                 .await
