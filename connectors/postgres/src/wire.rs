@@ -406,9 +406,7 @@ impl WireConnection {
     /// Reads what the socket has, into room for at least the rest of the
     /// message begun in the buffer. Cancellation-safe.
     async fn fill(&mut self) -> Result<(), Error> {
-        let begun = self.buf.first_chunk::<5>().map_or(0, |h| {
-            u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize + 1
-        });
+        let begun = declared_end(&self.buf).unwrap_or(0);
         let room = begun.saturating_sub(self.buf.len()).max(64 * 1024);
         if self.buf.capacity() - self.buf.len() < room {
             self.buf.reserve(room.max(1 << 20));
@@ -426,11 +424,11 @@ impl WireConnection {
 
     /// Takes one whole message from the read buffer, if there is one.
     fn take_buffered(&mut self) -> Result<Option<RawMessage>, Error> {
-        let Some((tag, start, end)) = whole_message(&self.buf)? else {
+        let Some((tag, end)) = whole_message(&self.buf)? else {
             return Ok(None);
         };
         let mut whole = self.buf.split_to(end);
-        whole.advance(start);
+        whole.advance(HEADER);
         Ok(Some((tag, whole.freeze())))
     }
 
@@ -475,14 +473,20 @@ impl WireConnection {
     /// Starts `sql`, a `COPY ... TO STDOUT`; its data comes from
     /// [`Self::copy_out_read`].
     pub async fn copy_out_start(&mut self, sql: &str) -> Result<(), Error> {
-        frontend::query(sql, &mut self.out).map_err(|e| io_error("COPY", e))?;
+        self.start_copy(sql, "COPY", b'H').await
+    }
+
+    /// Sends `sql` and waits for the server's answer that starts a copy
+    /// sub-protocol (`answer`: CopyOutResponse or CopyBothResponse).
+    async fn start_copy(&mut self, sql: &str, what: &str, answer: u8) -> Result<(), Error> {
+        frontend::query(sql, &mut self.out).map_err(|e| io_error(what, e))?;
         self.flush().await?;
         loop {
             let (tag, body) = self.read_message().await?;
             match tag {
-                b'H' => return Ok(()),
-                b'E' => return Err(parse_error(&body).into_error("COPY")),
-                b'Z' => return Err(transient("COPY returned no data")),
+                t if t == answer => return Ok(()),
+                b'E' => return Err(parse_error(&body).into_error(what)),
+                b'Z' => return Err(transient(format!("{what} started no copy"))),
                 _ => {}
             }
         }
@@ -499,8 +503,8 @@ impl WireConnection {
         loop {
             let mut pos = 0;
             let mut ended = false;
-            while let Some((tag, start, end)) = whole_message(&self.buf[pos..])? {
-                let body = &self.buf[pos + start..pos + end];
+            while let Some((tag, end)) = whole_message(&self.buf[pos..])? {
+                let body = &self.buf[pos + HEADER..pos + end];
                 match tag {
                     b'd' => each(body)?,
                     b'E' => return Err(parse_error(body).into_error("COPY")),
@@ -567,16 +571,7 @@ impl WireConnection {
             format_lsn(lsn),
             quote_literal(&names),
         );
-        frontend::query(&sql, &mut self.out).map_err(|e| io_error("START_REPLICATION", e))?;
-        self.flush().await?;
-        loop {
-            let (tag, body) = self.read_message().await?;
-            match tag {
-                b'W' => return Ok(()),
-                b'E' => return Err(parse_error(&body).into_error("START_REPLICATION")),
-                _ => {}
-            }
-        }
+        self.start_copy(&sql, "START_REPLICATION", b'W').await
     }
 
     /// The next message of the stream. Cancellation-safe.
@@ -624,17 +619,26 @@ impl WireConnection {
     }
 }
 
-/// The message at the front of `buf`: its type byte, where its body starts
-/// and where it ends; `None` while it is not whole.
-fn whole_message(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, Error> {
-    let Some(header) = buf.first_chunk::<5>() else {
+/// A message's header: its type byte and its length (which counts itself).
+const HEADER: usize = 5;
+
+/// Where the message at the front of `buf` ends, as its header says, once the
+/// header is there.
+fn declared_end(buf: &[u8]) -> Option<usize> {
+    let h = buf.first_chunk::<HEADER>()?;
+    Some(u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize + 1)
+}
+
+/// The message at the front of `buf`, once whole: its type byte and where it
+/// ends (its body is `HEADER..end`).
+fn whole_message(buf: &[u8]) -> Result<Option<(u8, usize)>, Error> {
+    let Some(end) = declared_end(buf) else {
         return Ok(None);
     };
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len < 4 {
+    if end < HEADER {
         return Err(transient("malformed message from PostgreSQL"));
     }
-    Ok((buf.len() > len).then_some((header[0], 5, len + 1)))
+    Ok((buf.len() >= end).then_some((buf[0], end)))
 }
 
 /// A stream message from a raw one; `None` for messages the stream ignores.
@@ -739,8 +743,8 @@ mod tests {
     fn messages_are_taken_whole() {
         let mut stream = vec![b'd', 0, 0, 0, 7, 1, 2, 3];
         stream.extend([b'c', 0, 0, 0, 4]);
-        assert_eq!(whole_message(&stream).unwrap(), Some((b'd', 5, 8)));
-        assert_eq!(whole_message(&stream[8..]).unwrap(), Some((b'c', 5, 5)));
+        assert_eq!(whole_message(&stream).unwrap(), Some((b'd', 8)));
+        assert_eq!(whole_message(&stream[8..]).unwrap(), Some((b'c', 5)));
         for end in 0..8 {
             assert_eq!(whole_message(&stream[..end]).unwrap(), None, "{end} bytes");
         }
