@@ -142,20 +142,19 @@ async fn copy_range(
         .await?;
     let mut decoder = CopyDecoder::new(&plan.columns, plan.schema.clone(), plan.batch_rows);
     let mut batches = Vec::new();
-    while session
-        .copy_out_read(|data| decoder.push(data, &mut batches))
-        .await?
-    {
+    let mut more = true;
+    while more {
+        more = session
+            .copy_out_read(|data| decoder.push(data, &mut batches))
+            .await?;
+        if !more {
+            batches.extend(decoder.finish()?);
+        }
         for batch in batches.drain(..) {
             if tx.send(Ok(batch)).await.is_err() {
+                // The snapshot was given up: dropping the session ends it.
                 return Ok(());
             }
-        }
-    }
-    batches.extend(decoder.finish()?);
-    for batch in batches {
-        if tx.send(Ok(batch)).await.is_err() {
-            return Ok(());
         }
     }
     // A clean end: no transaction left open on the source.
