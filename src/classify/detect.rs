@@ -282,7 +282,7 @@ fn step(
     found: &mut impl FnMut(Found, Range<usize>),
 ) -> usize {
     let c = b[i];
-    let after_boundary = i == 0 || !b[i - 1].is_ascii_alphanumeric();
+    let after_boundary = starts_word(b, i);
     if c.is_ascii_digit()
         && after_boundary
         && let Some((kind, len)) = match_id(&b[i..])
@@ -316,13 +316,23 @@ fn step(
         return end;
     }
     if c.is_ascii_alphanumeric() {
-        i + b[i..]
-            .iter()
-            .take_while(|c| c.is_ascii_alphanumeric())
-            .count()
+        word_end(b, i)
     } else {
         i + 1
     }
+}
+
+/// Whether byte `i` begins a word: no letter or digit stands before it.
+fn starts_word(b: &[u8], i: usize) -> bool {
+    i == 0 || !b[i - 1].is_ascii_alphanumeric()
+}
+
+/// Where the run of ASCII letters and digits from `i` ends.
+fn word_end(b: &[u8], i: usize) -> usize {
+    i + b[i..]
+        .iter()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .count()
 }
 
 /// Whether text holds a personnummer or samordningsnummer anywhere.
@@ -337,19 +347,16 @@ pub fn contains_personal_identity_number(text: &str) -> bool {
     let b = text.as_bytes();
     let mut i = 0;
     while let Some(start) = next_digit(b, i) {
-        let after_boundary = start == 0 || !b[start - 1].is_ascii_alphanumeric();
-        if after_boundary && let Some((kind, len)) = match_id(&b[start..]) {
+        if starts_word(b, start)
+            && let Some((kind, len)) = match_id(&b[start..])
+        {
             if kind.is_personal() {
                 return true;
             }
             i = start + len;
             continue;
         }
-        i = start
-            + b[start..]
-                .iter()
-                .take_while(|c| c.is_ascii_alphanumeric())
-                .count();
+        i = word_end(b, start);
     }
     false
 }
