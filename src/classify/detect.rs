@@ -603,9 +603,11 @@ pub mod tests {
         assert!(!contains_personal_identity_number(
             "Leverantör AB 123, order 1234567"
         ));
-        assert!(!contains_personal_identity_number(
-            "Org 212000-0142, ref19900101-1234"
-        ));
+        assert!(!contains_personal_identity_number("Org 212000-0142"));
+        // A valid number counts only where a word starts, not inside one.
+        let valid = make_id(85, 7, 14, 456, false);
+        assert!(contains_personal_identity_number(&format!("ref {valid}")));
+        assert!(!contains_personal_identity_number(&format!("ref{valid}")));
         assert!(contains_personal_identity_number(&format!(
             "Åäö: {}",
             make_id(90, 1, 1, 123, true)
