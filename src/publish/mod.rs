@@ -806,14 +806,24 @@ impl Publisher {
     ) -> Result<Option<Committed>> {
         let started = std::time::Instant::now();
         let prepared = self.prepare(pending, &target)?;
-        self.load_parts(pending, &prepared).await?;
-        let planned = self.plan(pending, prepared, &target)?;
+        // A new schema refingerprints every committed row before the plan.
+        // Otherwise the plan needs only the key index, and each part it
+        // touches is read while it is written (`write`), so a version that
+        // touches every part never holds them all.
+        let realigned = if prepared.schema_changed {
+            Some(self.realign(&target).await?)
+        } else {
+            None
+        };
+        let planned = self.plan(pending, &prepared, realigned.as_ref().map(|r| &r.index))?;
         tracing::debug!(dataset = %self.settings.dataset, ms = started.elapsed().as_millis() as u64, "planned version");
         let Some(plan) = planned else {
             tracing::debug!(dataset = %self.settings.dataset, "staged changes publish nothing new; no version");
             return Ok(None);
         };
-        self.write(plan, pending, target).await.map(Some)
+        self.write(plan, prepared, realigned, pending, target)
+            .await
+            .map(Some)
     }
 
     /// Commits a streamed first version: the parts still filling are written,
@@ -920,70 +930,47 @@ impl Publisher {
             .map(Some)
     }
 
-    /// Reads the committed parts this version needs into memory: those
-    /// holding a key it changes, the last part of each partition it adds
-    /// rows to, and every part when the schema changed.
-    async fn load_parts(&mut self, pending: &Pending, prepared: &Prepared) -> Result<()> {
-        let mut needed: HashSet<String> = HashSet::new();
-        if prepared.schema_changed {
-            needed.extend(self.partitions.keys().cloned());
-        } else {
-            let mut bases = HashSet::new();
-            for (key, &(b, r, delete)) in &pending.latest {
-                if let Some(e) = self.index.get(key) {
-                    needed.insert(self.names.name(e.partition).to_string());
+    /// Every committed part's rows aligned to a new schema, and the key index
+    /// with the fingerprints of the aligned rows. (A schema change rewrites
+    /// every part, so all of them are in memory at once here.)
+    async fn realign(&mut self, target: &SchemaRef) -> Result<Realigned> {
+        let dataset = &self.settings.dataset;
+        let loads: Vec<_> = self
+            .partitions
+            .iter_mut()
+            .map(|(name, p)| {
+                let (cached, files) = (p.rows.take(), p.state.clone());
+                let (store, dataset, name) =
+                    (self.state_store.clone(), dataset.clone(), name.clone());
+                async move {
+                    let rows = match cached {
+                        Some(rows) => rows,
+                        None => read_part(&store, &dataset, &files).await?,
+                    };
+                    Ok::<_, PublishError>((name, rows))
                 }
-                if !delete && b != u32::MAX {
-                    bases.insert(prepared.part_of[b as usize][r as usize]);
-                }
-            }
-            // New rows go to a partition's last part (see `Parts::place`).
-            let parts = Parts::new(&self.partitions, &mut self.names);
-            for base in bases {
-                if let Some(tail) = parts.last.get(&base) {
-                    needed.insert(parts.names.name(tail.id).to_string());
-                }
-            }
-            for (scope, seen) in &pending.complete_images {
-                for (key, e) in self.index.iter() {
-                    if scope.contains(key)
-                        && !seen.contains(key)
-                        && !pending.latest.contains_key(key)
-                    {
-                        needed.insert(self.names.name(e.partition).to_string());
-                    }
-                }
-            }
-        }
-        let version = self.version + 1;
-        let dataset = self.settings.dataset.clone();
-        let loads: Vec<_> = needed
-            .into_iter()
-            .filter_map(|name| {
-                let p = self.partitions.get_mut(&name)?;
-                p.used = version;
-                let (files, dataset) = (p.state.clone(), dataset.clone());
-                let store = self.state_store.clone();
-                p.rows.is_none().then_some(async move {
-                    Ok::<_, PublishError>((name, read_part(&store, &dataset, &files).await?))
-                })
             })
             .collect();
         let loaded: Vec<(String, RecordBatch)> = futures::stream::iter(loads)
             .buffer_unordered(UPLOAD_CONCURRENCY)
             .try_collect()
             .await?;
+        let mut realigned = Realigned {
+            rows: BTreeMap::new(),
+            index: KeyIndex::default(),
+        };
         for (name, rows) in loaded {
-            if let Some(p) = self.partitions.get_mut(&name) {
-                p.rows = Some(rows);
-            }
+            let id = self.names.id(&name);
+            let rows = state::align(&rows, target)?;
+            state::index_rows(&mut realigned.index, &rows, id)?;
+            realigned.rows.insert(id, rows);
         }
-        Ok(())
+        Ok(realigned)
     }
 
-    /// Drops the cached rows of the least recently used parts beyond
-    /// `row_cache_bytes`.
-    fn trim_cache(&mut self) {
+    /// Drops the cached rows of the least recently used parts until the
+    /// cache holds at most `budget` bytes.
+    fn trim_cache(&mut self, budget: usize) {
         let mut cached: Vec<(u64, &String, usize)> = self
             .partitions
             .iter()
@@ -993,7 +980,6 @@ impl Publisher {
                     .map(|r| (p.used, name, r.get_array_memory_size()))
             })
             .collect();
-        let budget = self.settings.row_cache_bytes;
         let mut total: usize = cached.iter().map(|c| c.2).sum();
         if total <= budget {
             return;
@@ -1515,14 +1501,14 @@ impl JobContext {
     }
 }
 
-/// A version worked out in memory, not yet written.
+/// What a version changes, worked out from the key index.
 struct Plan {
-    /// New content of every rewritten partition (empty ones are removed).
-    partitions: BTreeMap<String, RecordBatch>,
-    /// The parts among them whose rows were only updated in place.
-    rewritten: BTreeMap<String, InPlace>,
-    /// Changed rows with ops, for the change files.
-    changes: Option<RecordBatch>,
+    /// The parts it rewrites, by id, and what changes in each.
+    touched: BTreeMap<u32, PartChanges>,
+    /// Keys deleted (their old rows go to the change files).
+    deleted: KeySet,
+    /// Staged rows inserted or updated, with their ops, in source order.
+    change_rows: Vec<(usize, usize, &'static str)>,
     summary: (u64, u64, u64),
     /// The first version of an empty dataset: its data files are its changes.
     initial: bool,
@@ -1530,8 +1516,130 @@ struct Plan {
     /// inserted or moved (an insert replaces an older entry).
     removed: Vec<Key>,
     added: Vec<(Key, Entry)>,
-    /// Every partition was realigned to a new schema.
-    schema_changed: bool,
+}
+
+/// What a version changes in one part.
+struct PartChanges {
+    /// Keys that leave it (deleted, updated, or moved to another part).
+    removed: KeySet,
+    /// Staged rows `(batch, row)` that join it, in source order.
+    added: Vec<(usize, usize)>,
+    /// When its only changes are rows updated where they stand: key to the
+    /// staged row. The part then keeps its order.
+    in_place: Option<KeyMap<(usize, usize)>>,
+}
+
+/// The staged rows a version's part jobs build from.
+struct StagedRows {
+    batches: Vec<RecordBatch>,
+    deleted: KeySet,
+    target: SchemaRef,
+}
+
+/// Where a touched part's committed rows come from.
+enum OldRows {
+    /// In memory: cached, or realigned to a new schema.
+    Rows(RecordBatch),
+    /// Read from the state when its job runs.
+    Read(StateFiles),
+    /// A part this version starts.
+    New,
+}
+
+/// Committed rows realigned to a new schema (see [`Publisher::realign`]).
+struct Realigned {
+    rows: BTreeMap<u32, RecordBatch>,
+    index: KeyIndex,
+}
+
+impl PartChanges {
+    /// The part's new rows from its committed ones `old`; with them, for an
+    /// update in place, what changed (its files are rewritten from the
+    /// previous ones), and the rows deleted from it (for the change files).
+    fn apply(
+        &self,
+        old: &RecordBatch,
+        staged: &StagedRows,
+    ) -> Result<(RecordBatch, Option<InPlace>, Option<RecordBatch>)> {
+        let batches: Vec<&RecordBatch> = staged.batches.iter().collect();
+        let target = &staged.target;
+        if let Some(updates) = &self.in_place
+            && let Some((rows, change)) = update_in_place(old, updates, &batches, target)?
+        {
+            return Ok((rows, Some(change), None));
+        }
+        let mut dropped = None;
+        let kept = if self.removed.is_empty() {
+            old.clone()
+        } else {
+            let keys = state::keys(old)?;
+            let keep: arrow::array::BooleanArray = (0..old.num_rows())
+                .map(|r| Some(!self.removed.contains(&state::key_at(keys, r))))
+                .collect();
+            let deleted: arrow::array::BooleanArray = (0..old.num_rows())
+                .map(|r| Some(staged.deleted.contains(&state::key_at(keys, r))))
+                .collect();
+            if deleted.true_count() > 0 {
+                dropped = Some(arrow::compute::filter_record_batch(old, &deleted)?);
+            }
+            arrow::compute::filter_record_batch(old, &keep)?
+        };
+        let rows = if self.added.is_empty() {
+            kept
+        } else {
+            let new = take_rows(&batches, &self.added, target)?;
+            state::concat_owned(target, vec![kept, new])?
+        };
+        Ok((rows, None, dropped))
+    }
+}
+
+/// The change files' rows: the staged rows inserted or updated, then the
+/// rows deleted (by part name, so the same input gives the same bytes).
+/// None for the first version of an empty dataset, whose data files are its
+/// changes.
+fn change_rows_batch(
+    staged: &StagedRows,
+    change_rows: &[(usize, usize, &'static str)],
+    initial: bool,
+    deleted_rows: BTreeMap<String, RecordBatch>,
+) -> Result<Option<RecordBatch>> {
+    let mut change_parts = Vec::new();
+    if !change_rows.is_empty() && !initial {
+        let batches: Vec<&RecordBatch> = staged.batches.iter().collect();
+        let indices: Vec<(usize, usize)> = change_rows.iter().map(|&(b, r, _)| (b, r)).collect();
+        let rows = take_rows(&batches, &indices, &staged.target)?;
+        change_parts.push(state::with_ops(
+            &state::without_key(&rows),
+            change_rows.iter().map(|c| c.2).collect(),
+        )?);
+    }
+    for rows in deleted_rows.into_values() {
+        let n = rows.num_rows();
+        change_parts.push(state::with_ops(
+            &state::without_key(&rows),
+            vec!["delete"; n],
+        )?);
+    }
+    Ok(match change_parts.first() {
+        Some(first) => Some(arrow::compute::concat_batches(
+            &first.schema(),
+            &change_parts,
+        )?),
+        None => None,
+    })
+}
+
+/// Applies a version's index changes: keys deleted, then keys inserted or moved.
+fn apply_index_delta(index: &mut KeyIndex, removed: &[Key], added: Vec<(Key, Entry)>) {
+    for key in removed {
+        index.remove(key);
+    }
+    // One allocation for a large first version, not one per merge.
+    index.reserve(added.len());
+    for (key, entry) in added {
+        index.insert(key, entry);
+    }
 }
 
 /// What a version wrote, ready to commit.
@@ -1555,8 +1663,6 @@ enum IndexUpdate<'a> {
         removed: Vec<Key>,
         added: Vec<(Key, Entry)>,
     },
-    /// Rebuilt from the written parts (the schema changed, every part was rewritten).
-    Rebuild,
     /// The streamed version's keys.
     Replace(&'a mut KeyIndex),
 }
@@ -1693,42 +1799,24 @@ impl Publisher {
         })
     }
 
+    /// Works out from the key index alone what the version changes: the keys
+    /// leaving each part, the staged rows joining each, the rows updated in
+    /// place, and the index changes. `realigned` is the index of a new
+    /// schema's fingerprints.
     fn plan(
         &mut self,
         pending: &Pending,
-        prepared: Prepared,
-        target: &SchemaRef,
+        prepared: &Prepared,
+        realigned: Option<&KeyIndex>,
     ) -> Result<Option<Plan>> {
         let Prepared {
-            batches,
             part_of,
             hash_of,
             schema_changed,
+            ..
         } = prepared;
-        // The parts the version touches were read into memory (`load_parts`).
-        // With a new schema every old row's fingerprint is recomputed on the aligned rows.
-        let mut old: BTreeMap<u32, RecordBatch> = BTreeMap::new();
-        let mut rehashed = KeyIndex::default();
-        for (name, p) in &self.partitions {
-            let id = self.names.id(name);
-            let Some(rows) = &p.rows else {
-                continue;
-            };
-            let rows = if schema_changed {
-                state::align(rows, target)?
-            } else {
-                rows.clone()
-            };
-            if schema_changed {
-                state::index_rows(&mut rehashed, &rows, id)?;
-            }
-            old.insert(id, rows);
-        }
-        let index = if schema_changed {
-            &rehashed
-        } else {
-            &self.index
-        };
+        let schema_changed = *schema_changed;
+        let index = realigned.unwrap_or(&self.index);
 
         // A partition is stored as parts of at most `max_file_rows` rows (the
         // first part carries the partition's name): an updated row stays in its
@@ -1831,11 +1919,13 @@ impl Publisher {
         for rows in added_to.values_mut() {
             rows.sort_unstable();
         }
-        let touched: HashSet<u32> = if schema_changed {
-            old.keys()
-                .copied()
-                .chain(added_to.keys().copied())
-                .collect()
+        change_rows.sort_unstable_by_key(|&(b, r, _)| (b, r));
+        // With a new schema every part is rewritten; otherwise those that lose
+        // or gain a row.
+        let mut touched: BTreeMap<u32, PartChanges> = BTreeMap::new();
+        let ids: Vec<u32> = if schema_changed {
+            let all = self.partitions.keys().map(|name| self.names.id(name));
+            all.chain(added_to.keys().copied()).collect()
         } else {
             removed_from
                 .keys()
@@ -1843,105 +1933,41 @@ impl Publisher {
                 .copied()
                 .collect()
         };
-        let batch_refs: Vec<&RecordBatch> = batches.iter().collect();
-        let mut partitions = BTreeMap::new();
-        let mut rewritten = BTreeMap::new();
-        let mut deleted_rows = Vec::new();
-        let empty = RecordBatch::new_empty(target.clone());
-        for id in touched {
-            let name = self.names.name(id);
-            if self.partitions.contains_key(name) && !old.contains_key(&id) {
-                return Err(PublishError::State(format!(
-                    "part {name} of {} was not read before planning a version",
-                    self.settings.dataset
-                )));
-            }
-            let old_rows = old.get(&id).unwrap_or(&empty);
-            // Only rows updated in place: the part keeps its order.
-            let updates = in_place.get(&id).filter(|u| {
-                !schema_changed
-                    && removed_from.get(&id).map_or(0, |k| k.len()) == u.len()
-                    && added_to.get(&id).map_or(0, Vec::len) == u.len()
-            });
-            if let Some(updates) = updates
-                && let Some((rows, rewrite)) =
-                    update_in_place(old_rows, updates, &batch_refs, target)?
-            {
-                let name = self.names.name(id).to_string();
-                rewritten.insert(name.clone(), rewrite);
-                partitions.insert(name, rows);
-                continue;
-            }
-            let kept = match removed_from.get(&id) {
-                Some(gone) if !gone.is_empty() => {
-                    let keys = state::keys(old_rows)?;
-                    let keep: arrow::array::BooleanArray = (0..old_rows.num_rows())
-                        .map(|r| Some(!gone.contains(&state::key_at(keys, r))))
-                        .collect();
-                    let dropped: arrow::array::BooleanArray = (0..old_rows.num_rows())
-                        .map(|r| Some(deleted.contains(&state::key_at(keys, r))))
-                        .collect();
-                    if dropped.true_count() > 0 {
-                        deleted_rows.push(arrow::compute::filter_record_batch(old_rows, &dropped)?);
-                    }
-                    arrow::compute::filter_record_batch(old_rows, &keep)?
+        for id in ids {
+            touched.entry(id).or_insert_with(|| {
+                let removed = removed_from.remove(&id).unwrap_or_default();
+                let added = added_to.remove(&id).unwrap_or_default();
+                // Only rows updated in place: the part keeps its order.
+                let in_place = in_place.remove(&id).filter(|u| {
+                    !schema_changed && removed.len() == u.len() && added.len() == u.len()
+                });
+                PartChanges {
+                    removed,
+                    added,
+                    in_place,
                 }
-                _ => old_rows.clone(),
-            };
-            let new_rows = match added_to.get(&id) {
-                Some(indices) => Some(take_rows(&batch_refs, indices, target)?),
-                None => None,
-            };
-            let rows = match new_rows {
-                Some(n) => arrow::compute::concat_batches(target, [&kept, &n])?,
-                None => kept,
-            };
-            partitions.insert(self.names.name(id).to_string(), rows);
+            });
         }
         // The first version of an empty dataset inserts every row: its data files
         // are its changes, so they are not written twice (the manifest says
         // `initial`). Every later version has change files.
         let initial = self.partitions.is_empty() && updates == 0 && deletes == 0 && !schema_changed;
-        let mut change_parts = Vec::new();
-        if !change_rows.is_empty() && !initial {
-            change_rows.sort_unstable_by_key(|&(b, r, _)| (b, r));
-            let indices: Vec<(usize, usize)> =
-                change_rows.iter().map(|&(b, r, _)| (b, r)).collect();
-            let rows = take_rows(&batch_refs, &indices, target)?;
-            change_parts.push(state::with_ops(
-                &state::without_key(&rows),
-                change_rows.iter().map(|c| c.2).collect(),
-            )?);
-        }
-        for rows in deleted_rows {
-            let n = rows.num_rows();
-            change_parts.push(state::with_ops(
-                &state::without_key(&rows),
-                vec!["delete"; n],
-            )?);
-        }
-        let changes = match change_parts.first() {
-            Some(first) => Some(arrow::compute::concat_batches(
-                &first.schema(),
-                &change_parts,
-            )?),
-            None => None,
-        };
         Ok(Some(Plan {
-            partitions,
-            rewritten,
-            changes,
+            touched,
+            deleted,
+            change_rows,
             summary: (inserts, updates, deletes),
             initial,
             removed,
             added,
-            schema_changed,
         }))
     }
 
     async fn write(
         &mut self,
         plan: Plan,
+        prepared: Prepared,
+        realigned: Option<Realigned>,
         pending: &Pending,
         target: SchemaRef,
     ) -> Result<Committed> {
@@ -1949,22 +1975,122 @@ impl Publisher {
         let vname = version_name(version);
         let formats = self.settings.formats.clone();
         let context = self.job_context();
-        // Every part is written by its own task (its state and each format
-        // encoded at once), largest first, about as many at once as there are
-        // cores; bytes are dropped as soon as they are written, so memory holds
-        // a few files, not the whole version.
-        let mut parts: Vec<(String, RecordBatch)> = plan
-            .partitions
-            .iter()
-            .filter(|(_, rows)| rows.num_rows() > 0)
-            .map(|(name, rows)| (name.clone(), rows.clone()))
-            .collect();
-        parts.sort_by_key(|(_, rows)| std::cmp::Reverse(rows.num_rows()));
-        let mut change_jobs = Vec::new();
-        if let Some(changes) = &plan.changes {
-            for format in &formats {
-                change_jobs.push(FileJob {
-                    role: FileRole::Changes { format: *format },
+        let Plan {
+            touched,
+            deleted,
+            change_rows,
+            summary,
+            initial,
+            removed,
+            added,
+        } = plan;
+        let (mut old, rebuilt) = match realigned {
+            Some(r) => (r.rows, Some(r.index)),
+            None => (BTreeMap::new(), None),
+        };
+        let shared = std::sync::Arc::new(StagedRows {
+            batches: prepared.batches,
+            deleted,
+            target: target.clone(),
+        });
+        // Every touched part is a job that reads its committed rows (unless
+        // cached), builds its new rows and writes its files, its state and each
+        // format encoded at once. About as many run at once as there are
+        // cores, largest first; a part's rows are dropped once written unless
+        // the cache keeps them, so memory holds a few parts, not the version.
+        let mut jobs = Vec::with_capacity(touched.len());
+        for (id, changes) in touched {
+            let name = self.names.name(id).to_string();
+            let committed = self.partitions.get_mut(&name);
+            let rows = committed.as_ref().map_or(0, |p| p.files.rows as usize);
+            let size = (rows + changes.added.len()).saturating_sub(changes.removed.len());
+            let (from, previous) = match committed {
+                Some(p) => (
+                    match old.remove(&id).or_else(|| p.rows.take()) {
+                        Some(rows) => OldRows::Rows(rows),
+                        None => OldRows::Read(p.state.clone()),
+                    },
+                    Some((p.files.files.clone(), p.state.clone())),
+                ),
+                None => (OldRows::New, None),
+            };
+            jobs.push((size, name, from, previous, changes));
+        }
+        jobs.sort_by_key(|job| std::cmp::Reverse(job.0));
+        // Locally, a part per core and a spare (while one waits for its fsync,
+        // others encode). Remote stores answer in round trips, so more overlap.
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let parallel = if self.store.location().local_root().is_some() {
+            cores + 1
+        } else {
+            cores * 2
+        };
+        let (state_store, dataset) = (self.state_store.clone(), self.settings.dataset.clone());
+        let mut parts =
+            futures::stream::iter(jobs.into_iter().map(|(_, name, from, previous, changes)| {
+                let (context, formats, shared) = (context.clone(), formats.clone(), shared.clone());
+                let (state_store, dataset) = (state_store.clone(), dataset.clone());
+                async move {
+                    let old = match from {
+                        OldRows::Rows(rows) => rows,
+                        OldRows::Read(files) => read_part(&state_store, &dataset, &files).await?,
+                        OldRows::New => RecordBatch::new_empty(shared.target.clone()),
+                    };
+                    let built = tokio::task::spawn_blocking(move || changes.apply(&old, &shared))
+                        .await
+                        .map_err(|e| PublishError::State(e.to_string()))??;
+                    let (rows, in_place, dropped) = built;
+                    if rows.num_rows() == 0 {
+                        return Ok((name, None, dropped));
+                    }
+                    // A part updated in place is written from its previous files.
+                    let previous =
+                        in_place
+                            .zip(previous)
+                            .map(|(change, (files, state))| PreviousPart {
+                                change,
+                                files,
+                                state,
+                            });
+                    let files =
+                        write_part(&context, &formats, version, &name, rows.clone(), previous)
+                            .await?;
+                    Ok::<_, PublishError>((name, Some((files, rows)), dropped))
+                }
+            }))
+            .buffer_unordered(parallel);
+        let budget = self.settings.row_cache_bytes;
+        let mut kept = 0;
+        let mut written = BTreeMap::new();
+        let mut emptied = Vec::new();
+        let mut deleted_rows = BTreeMap::new();
+        while let Some((name, files, dropped)) = parts.try_next().await? {
+            if let Some(rows) = dropped {
+                deleted_rows.insert(name.clone(), rows);
+            }
+            let Some((files, rows)) = files else {
+                emptied.push(name);
+                continue;
+            };
+            // The parts just written are the most recently used: their rows
+            // stay cached while they fit, older cached parts making room.
+            let bytes = rows.get_array_memory_size();
+            let rows = (kept + bytes <= budget).then(|| {
+                kept += bytes;
+                rows
+            });
+            if rows.is_some() {
+                self.trim_cache(budget - kept);
+            }
+            written.insert(name, (files, rows));
+        }
+        drop(parts);
+        emptied.sort_unstable();
+        let changes = change_rows_batch(&shared, &change_rows, initial, deleted_rows)?;
+        let change_files = match changes {
+            Some(changes) => {
+                let jobs = formats.iter().map(|&format| FileJob {
+                    role: FileRole::Changes { format },
                     // Unique like every file a commit writes: a publisher that
                     // loses the race for this version must not overwrite the
                     // winner's change file.
@@ -1976,66 +2102,32 @@ impl Publisher {
                     rows: JobRows::Whole(changes.clone()),
                     previous: None,
                 });
+                futures::future::try_join_all(jobs.map(|job| context.clone().run(job)))
+                    .await?
+                    .into_iter()
+                    .filter_map(|(role, file)| match role {
+                        FileRole::Changes { format } => Some((format, file)),
+                        _ => None,
+                    })
+                    .collect()
             }
-        }
-        // Locally, a part per core and a spare (while one waits for its fsync,
-        // others encode). Remote stores answer in round trips, so more overlap.
-        let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        let parallel = if self.store.location().local_root().is_some() {
-            cores + 1
-        } else {
-            cores * 2
+            None => BTreeMap::new(),
         };
-        let part_writes = futures::stream::iter(parts.into_iter().map(|(name, rows)| {
-            let (context, formats) = (context.clone(), formats.clone());
-            // A part updated in place is written from its previous files.
-            let previous = plan.rewritten.get(&name).and_then(|change| {
-                let p = self.partitions.get(&name)?;
-                Some(PreviousPart {
-                    change: change.clone(),
-                    files: p.files.files.clone(),
-                    state: p.state.clone(),
-                })
-            });
-            async move {
-                let files =
-                    write_part(&context, &formats, version, &name, rows.clone(), previous).await?;
-                Ok::<_, PublishError>((name, (files, Some(rows))))
+        let mut rebuilt = rebuilt;
+        let index = match &mut rebuilt {
+            // A new schema: the refingerprinted index, with this version's changes.
+            Some(index) => {
+                apply_index_delta(index, &removed, added);
+                IndexUpdate::Replace(index)
             }
-        }))
-        .buffer_unordered(parallel)
-        .try_collect::<BTreeMap<_, _>>();
-        let change_writes = futures::future::try_join_all(
-            change_jobs.into_iter().map(|job| context.clone().run(job)),
-        );
-        let (written, changes) = futures::future::try_join(part_writes, change_writes).await?;
-        let change_files = changes
-            .into_iter()
-            .filter_map(|(role, file)| match role {
-                FileRole::Changes { format } => Some((format, file)),
-                _ => None,
-            })
-            .collect();
-        let emptied: Vec<String> = plan
-            .partitions
-            .iter()
-            .filter(|(_, rows)| rows.num_rows() == 0)
-            .map(|(name, _)| name.clone())
-            .collect();
-        let index = if plan.schema_changed {
-            IndexUpdate::Rebuild
-        } else {
-            IndexUpdate::Delta {
-                removed: plan.removed,
-                added: plan.added,
-            }
+            None => IndexUpdate::Delta { removed, added },
         };
         let outcome = Outcome {
             written,
             emptied,
             change_files,
-            summary: plan.summary,
-            initial: plan.initial,
+            summary,
+            initial,
             index,
         };
         self.finish(
@@ -2187,24 +2279,7 @@ impl Publisher {
         // Committed: now the in-memory state follows.
         match index {
             IndexUpdate::Delta { removed, added } => {
-                for key in &removed {
-                    self.index.remove(key);
-                }
-                // One allocation for a large first version, not one per merge.
-                self.index.reserve(added.len());
-                for (key, entry) in added {
-                    self.index.insert(key, entry);
-                }
-            }
-            IndexUpdate::Rebuild => {
-                // A new schema: every part was rewritten with new fingerprints.
-                self.index.clear();
-                for (name, (_, rows)) in &written {
-                    if let Some(rows) = rows {
-                        let id = self.names.id(name);
-                        state::index_rows(&mut self.index, rows, id)?;
-                    }
-                }
+                apply_index_delta(&mut self.index, &removed, added)
             }
             IndexUpdate::Replace(keys) => self.index = std::mem::take(keys),
         }
@@ -2226,7 +2301,7 @@ impl Publisher {
                 },
             );
         }
-        self.trim_cache();
+        self.trim_cache(self.settings.row_cache_bytes);
         self.schema = Some(target);
         self.version = version;
         let public_refs = manifest.files().map(|f| self.path(&f.path)).collect();

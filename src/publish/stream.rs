@@ -407,7 +407,7 @@ impl Streamed {
             realigned |= b.schema() != *target;
             aligned.push(state::align(&b, target)?);
         }
-        let rows = arrow::compute::concat_batches(target, &aligned)?;
+        let rows = state::concat_owned(target, aligned)?;
         if rows.num_rows() == 0 {
             part.write = PartWrite::Empty;
             return Ok(None);
