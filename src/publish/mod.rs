@@ -1458,7 +1458,7 @@ impl JobContext {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let encode_role = role.clone();
-        let encoding = tokio::task::spawn_blocking(move || -> Result<Option<(String, u64)>> {
+        let encoding = tokio::task::spawn_blocking(move || -> Result<Option<store::Written>> {
             let mut sink = store::ChunkWriter::new(tx);
             let encoded = match encode_role {
                 FileRole::State { .. } => {
@@ -1487,15 +1487,16 @@ impl JobContext {
         let encoded =
             encoded.map_err(|e| PublishError::State(format!("encoder task failed: {e}")))??;
         written.map_err(store_err(&store))?;
-        let (sha256, bytes) = encoded.ok_or_else(|| {
+        let written = encoded.ok_or_else(|| {
             PublishError::State(format!("the writer of {full} stopped before its end"))
         })?;
         Ok((
             role,
             FileRef {
                 path,
-                bytes,
-                sha256,
+                bytes: written.bytes,
+                sha256: written.sha256,
+                xxh3: Some(written.xxh3),
             },
         ))
     }

@@ -291,15 +291,24 @@ pub enum Chunk {
 
 /// Bytes an encoder writes, gathered into chunks of about [`CHUNK_BYTES`]
 /// and sent to [`Store::put_chunks`] as they fill, with the file's size and
-/// sha256 worked out on the way. Runs on a blocking thread (it blocks when
+/// hashes worked out on the way. Runs on a blocking thread (it blocks when
 /// the store is behind).
 pub struct ChunkWriter {
     tx: tokio::sync::mpsc::Sender<Chunk>,
     buffer: Vec<u8>,
     hasher: Sha256,
+    xxh3: Box<xxhash_rust::xxh3::Xxh3>,
     size: u64,
     /// The receiving writer went away (its error is the one to report).
     stopped: bool,
+}
+
+/// A file a [`ChunkWriter`] wrote: its size and hashes (hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub bytes: u64,
+    pub sha256: String,
+    pub xxh3: String,
 }
 
 /// Chunk size of a [`ChunkWriter`]: large enough that sending costs nothing,
@@ -322,6 +331,7 @@ impl ChunkWriter {
             tx,
             buffer: Vec::new(),
             hasher: Sha256::new(),
+            xxh3: Box::default(),
             size: 0,
             stopped: false,
         }
@@ -329,6 +339,7 @@ impl ChunkWriter {
 
     fn send(&mut self, bytes: Bytes) -> std::io::Result<()> {
         self.hasher.update(&bytes);
+        self.xxh3.update(&bytes);
         self.size += bytes.len() as u64;
         if self.tx.blocking_send(Chunk::Data(bytes)).is_err() {
             self.stopped = true;
@@ -353,15 +364,19 @@ impl ChunkWriter {
         self.stopped
     }
 
-    /// Sends what is left and ends the object: (hex sha256, size). Only a
-    /// whole file is ended; a writer dropped without this leaves no object.
-    pub fn finish(mut self) -> std::io::Result<(String, u64)> {
+    /// Sends what is left and ends the object. Only a whole file is ended;
+    /// a writer dropped without this leaves no object.
+    pub fn finish(mut self) -> std::io::Result<Written> {
         self.send_buffer()?;
         if self.tx.blocking_send(Chunk::End).is_err() {
             self.stopped = true;
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
-        Ok((hex::encode(self.hasher.finalize()), self.size))
+        Ok(Written {
+            bytes: self.size,
+            sha256: hex::encode(self.hasher.finalize()),
+            xxh3: format!("{:016x}", self.xxh3.digest()),
+        })
     }
 }
 
@@ -647,7 +662,7 @@ mod tests {
     }
 
     /// An encoder's writes and whole chunks arrive as one file with the size
-    /// and sha256 the writer worked out; a file cut after its first parts were
+    /// and hashes the writer worked out; a file cut after its first parts were
     /// staged leaves nothing; a writer whose store went away says so.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn chunk_writer_streams_whole_files_with_their_hash() {
@@ -673,11 +688,15 @@ mod tests {
         });
         let (written, hashed) = futures::join!(store.put_chunks("d/big.bin", rx), writing);
         written.unwrap();
-        let (sha256, size) = hashed.unwrap().unwrap();
+        let hashed = hashed.unwrap().unwrap();
         let mut whole = text;
         whole.extend_from_slice(&tail);
-        assert_eq!(size, whole.len() as u64);
-        assert_eq!(sha256, hex::encode(Sha256::digest(&whole)));
+        assert_eq!(hashed.bytes, whole.len() as u64);
+        assert_eq!(hashed.sha256, hex::encode(Sha256::digest(&whole)));
+        assert_eq!(
+            hashed.xxh3,
+            format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&whole))
+        );
         assert_eq!(store.get("d/big.bin").await.unwrap().unwrap(), whole);
 
         // Cut after 3 MB (past the first staged part): no file, nothing staged.

@@ -848,7 +848,7 @@ fn a_damaged_state_file_stops_recovery_and_says_which() {
             assert!(message.contains("damaged"), "{message}");
             assert!(message.contains("restore the state location"), "{message}");
             let differs = if damage == "flip" {
-                "SHA-256"
+                "XXH3"
             } else {
                 "bytes where"
             };
