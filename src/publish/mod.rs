@@ -1354,7 +1354,7 @@ struct JobContext {
 }
 
 /// The previous file of a part updated in place, to copy what did not change
-/// from. Any doubt (the file is gone, unreadable, or not the size and SHA-256
+/// from. Any doubt (the file is gone, unreadable, or not the size and hash
 /// its manifest says) means encoding the part whole: never an error.
 async fn previous_file(store: &Store, dataset: &str, file: &FileRef) -> Option<Bytes> {
     let path = format!("{dataset}/{}", file.path);
@@ -1430,6 +1430,39 @@ impl JobRows {
                 Box::new(std::iter::from_fn(move || rx.blocking_recv())),
             ),
         }
+    }
+}
+
+impl JobContext {
+    /// Writes a version's change files, one per format.
+    async fn write_changes(
+        &self,
+        formats: &[OutputFormat],
+        vname: &str,
+        changes: &RecordBatch,
+    ) -> Result<BTreeMap<OutputFormat, FileRef>> {
+        let jobs = formats.iter().map(|&format| FileJob {
+            role: FileRole::Changes { format },
+            // Unique like every file a commit writes: a publisher that loses
+            // the race for this version must not overwrite the winner's file.
+            path: format!(
+                "changes/{vname}-{}.{}",
+                uuid::Uuid::new_v4().simple(),
+                format.extension()
+            ),
+            rows: JobRows::Whole(changes.clone()),
+            previous: None,
+        });
+        Ok(
+            futures::future::try_join_all(jobs.map(|job| self.clone().run(job)))
+                .await?
+                .into_iter()
+                .filter_map(|(role, file)| match role {
+                    FileRole::Changes { format } => Some((format, file)),
+                    _ => None,
+                })
+                .collect(),
+        )
     }
 }
 
@@ -1517,6 +1550,69 @@ struct Plan {
     /// inserted or moved (an insert replaces an older entry).
     removed: Vec<Key>,
     added: Vec<(Key, Entry)>,
+}
+
+/// One part a version rewrites (see [`Publisher::write`]).
+struct PartJob {
+    name: String,
+    /// Its rows after the version, about: the largest jobs start first.
+    size: usize,
+    from: OldRows,
+    /// Its committed files, which an update in place writes the new ones from.
+    previous: Option<(BTreeMap<OutputFormat, FileRef>, StateFiles)>,
+    changes: PartChanges,
+}
+
+/// A part job's outcome: the part's name, its files and rows (none when the
+/// version empties it), and the rows deleted from it (for the change files).
+type PartDone = (
+    String,
+    Option<(PartFiles, RecordBatch)>,
+    Option<RecordBatch>,
+);
+
+impl PartJob {
+    /// Takes the part's committed rows (read from the state unless given),
+    /// builds its new rows on a blocking thread, and writes its files.
+    async fn run(
+        self,
+        context: JobContext,
+        formats: Vec<OutputFormat>,
+        version: u64,
+        staged: std::sync::Arc<StagedRows>,
+    ) -> Result<PartDone> {
+        let Self {
+            name,
+            from,
+            previous,
+            changes,
+            ..
+        } = self;
+        let old = match from {
+            OldRows::Rows(rows) => rows,
+            OldRows::Read(files) => {
+                read_part(&context.state_store, &context.dataset, &files).await?
+            }
+            OldRows::New => RecordBatch::new_empty(staged.target.clone()),
+        };
+        let (rows, in_place, dropped) =
+            tokio::task::spawn_blocking(move || changes.apply(&old, &staged))
+                .await
+                .map_err(|e| PublishError::State(e.to_string()))??;
+        if rows.num_rows() == 0 {
+            return Ok((name, None, dropped));
+        }
+        // A part updated in place is written from its previous files.
+        let previous = in_place
+            .zip(previous)
+            .map(|(change, (files, state))| PreviousPart {
+                change,
+                files,
+                state,
+            });
+        let files = write_part(&context, &formats, version, &name, rows.clone(), previous).await?;
+        Ok((name, Some((files, rows)), dropped))
+    }
 }
 
 /// What a version changes in one part.
@@ -1964,6 +2060,40 @@ impl Publisher {
         }))
     }
 
+    /// The jobs of a version's touched parts, their committed rows given
+    /// (`realigned` to a new schema), taken out of the cache, or to read.
+    fn part_jobs(
+        &mut self,
+        touched: BTreeMap<u32, PartChanges>,
+        mut realigned: BTreeMap<u32, RecordBatch>,
+    ) -> Vec<PartJob> {
+        let mut jobs = Vec::with_capacity(touched.len());
+        for (id, changes) in touched {
+            let name = self.names.name(id).to_string();
+            let committed = self.partitions.get_mut(&name);
+            let rows = committed.as_ref().map_or(0, |p| p.files.rows as usize);
+            let size = (rows + changes.added.len()).saturating_sub(changes.removed.len());
+            let (from, previous) = match committed {
+                Some(p) => (
+                    match realigned.remove(&id).or_else(|| p.rows.take()) {
+                        Some(rows) => OldRows::Rows(rows),
+                        None => OldRows::Read(p.state.clone()),
+                    },
+                    Some((p.files.files.clone(), p.state.clone())),
+                ),
+                None => (OldRows::New, None),
+            };
+            jobs.push(PartJob {
+                name,
+                size,
+                from,
+                previous,
+                changes,
+            });
+        }
+        jobs
+    }
+
     async fn write(
         &mut self,
         plan: Plan,
@@ -1985,7 +2115,7 @@ impl Publisher {
             removed,
             added,
         } = plan;
-        let (mut old, rebuilt) = match realigned {
+        let (old, mut rebuilt) = match realigned {
             Some(r) => (r.rows, Some(r.index)),
             None => (BTreeMap::new(), None),
         };
@@ -1999,25 +2129,8 @@ impl Publisher {
         // format encoded at once. About as many run at once as there are
         // cores, largest first; a part's rows are dropped once written unless
         // the cache keeps them, so memory holds a few parts, not the version.
-        let mut jobs = Vec::with_capacity(touched.len());
-        for (id, changes) in touched {
-            let name = self.names.name(id).to_string();
-            let committed = self.partitions.get_mut(&name);
-            let rows = committed.as_ref().map_or(0, |p| p.files.rows as usize);
-            let size = (rows + changes.added.len()).saturating_sub(changes.removed.len());
-            let (from, previous) = match committed {
-                Some(p) => (
-                    match old.remove(&id).or_else(|| p.rows.take()) {
-                        Some(rows) => OldRows::Rows(rows),
-                        None => OldRows::Read(p.state.clone()),
-                    },
-                    Some((p.files.files.clone(), p.state.clone())),
-                ),
-                None => (OldRows::New, None),
-            };
-            jobs.push((size, name, from, previous, changes));
-        }
-        jobs.sort_by_key(|job| std::cmp::Reverse(job.0));
+        let mut jobs = self.part_jobs(touched, old);
+        jobs.sort_by_key(|job| std::cmp::Reverse(job.size));
         // Locally, a part per core and a spare (while one waits for its fsync,
         // others encode). Remote stores answer in round trips, so more overlap.
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
@@ -2026,40 +2139,11 @@ impl Publisher {
         } else {
             cores * 2
         };
-        let (state_store, dataset) = (self.state_store.clone(), self.settings.dataset.clone());
-        let mut parts =
-            futures::stream::iter(jobs.into_iter().map(|(_, name, from, previous, changes)| {
-                let (context, formats, shared) = (context.clone(), formats.clone(), shared.clone());
-                let (state_store, dataset) = (state_store.clone(), dataset.clone());
-                async move {
-                    let old = match from {
-                        OldRows::Rows(rows) => rows,
-                        OldRows::Read(files) => read_part(&state_store, &dataset, &files).await?,
-                        OldRows::New => RecordBatch::new_empty(shared.target.clone()),
-                    };
-                    let built = tokio::task::spawn_blocking(move || changes.apply(&old, &shared))
-                        .await
-                        .map_err(|e| PublishError::State(e.to_string()))??;
-                    let (rows, in_place, dropped) = built;
-                    if rows.num_rows() == 0 {
-                        return Ok((name, None, dropped));
-                    }
-                    // A part updated in place is written from its previous files.
-                    let previous =
-                        in_place
-                            .zip(previous)
-                            .map(|(change, (files, state))| PreviousPart {
-                                change,
-                                files,
-                                state,
-                            });
-                    let files =
-                        write_part(&context, &formats, version, &name, rows.clone(), previous)
-                            .await?;
-                    Ok::<_, PublishError>((name, Some((files, rows)), dropped))
-                }
-            }))
-            .buffer_unordered(parallel);
+        let mut parts = futures::stream::iter(
+            jobs.into_iter()
+                .map(|job| job.run(context.clone(), formats.clone(), version, shared.clone())),
+        )
+        .buffer_unordered(parallel);
         let budget = self.settings.row_cache_bytes;
         let mut kept = 0;
         let mut written = BTreeMap::new();
@@ -2085,36 +2169,12 @@ impl Publisher {
             }
             written.insert(name, (files, rows));
         }
-        drop(parts);
         emptied.sort_unstable();
         let changes = change_rows_batch(&shared, &change_rows, initial, deleted_rows)?;
         let change_files = match changes {
-            Some(changes) => {
-                let jobs = formats.iter().map(|&format| FileJob {
-                    role: FileRole::Changes { format },
-                    // Unique like every file a commit writes: a publisher that
-                    // loses the race for this version must not overwrite the
-                    // winner's change file.
-                    path: format!(
-                        "changes/{vname}-{}.{}",
-                        uuid::Uuid::new_v4().simple(),
-                        format.extension()
-                    ),
-                    rows: JobRows::Whole(changes.clone()),
-                    previous: None,
-                });
-                futures::future::try_join_all(jobs.map(|job| context.clone().run(job)))
-                    .await?
-                    .into_iter()
-                    .filter_map(|(role, file)| match role {
-                        FileRole::Changes { format } => Some((format, file)),
-                        _ => None,
-                    })
-                    .collect()
-            }
+            Some(changes) => context.write_changes(&formats, &vname, &changes).await?,
             None => BTreeMap::new(),
         };
-        let mut rebuilt = rebuilt;
         let index = match &mut rebuilt {
             // A new schema: the refingerprinted index, with this version's changes.
             Some(index) => {
