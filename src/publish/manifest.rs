@@ -43,7 +43,7 @@ impl FileRef {
             ));
         }
         if let Some(xxh3) = &self.xxh3 {
-            let found = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(content));
+            let found = xxh3_hex(xxhash_rust::xxh3::xxh3_64(content));
             if !found.eq_ignore_ascii_case(xxh3) {
                 return Err(format!("XXH3 {found} where {xxh3} was written"));
             }
@@ -55,6 +55,11 @@ impl FileRef {
         }
         Ok(())
     }
+}
+
+/// An XXH3-64 as a [`FileRef`] records it: 16 hex digits.
+pub fn xxh3_hex(hash: u64) -> String {
+    format!("{hash:016x}")
 }
 
 /// The files of one partition.

@@ -375,7 +375,7 @@ impl ChunkWriter {
         Ok(Written {
             bytes: self.size,
             sha256: hex::encode(self.hasher.finalize()),
-            xxh3: format!("{:016x}", self.xxh3.digest()),
+            xxh3: super::manifest::xxh3_hex(self.xxh3.digest()),
         })
     }
 }
