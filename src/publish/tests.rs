@@ -473,6 +473,58 @@ proptest! {
     }
 }
 
+/// A large append goes to a new part when the partition's last part is
+/// already a quarter full, leaving that part's files as they were; a small
+/// one fills the last part (rewriting it), as a tail that small is cheap to
+/// write again.
+#[test]
+fn a_large_append_starts_a_new_part_instead_of_rewriting_the_last() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lsn = 0;
+        // Parts of at most 8 rows; a quarter is 2.
+        let mut publisher = open(dir.path(), settings(8, 1 << 20), false).await;
+        commit_image(&mut publisher, 4, &mut lsn).await;
+        let files = |dir: &std::path::Path| -> Vec<(String, String)> {
+            newest(dir)
+                .partitions
+                .iter()
+                .map(|(name, p)| (name.clone(), p.files[&OutputFormat::Parquet].path.clone()))
+                .collect()
+        };
+        let first = files(dir.path());
+        assert_eq!(first.len(), 1);
+        // Six new rows (at least a quarter) after a last part of four (at least a quarter).
+        let append = Step::Changes((4..10).map(|id| (id, Some(0))).collect());
+        stage(&mut publisher, &[(append, false)], &mut lsn).await;
+        let committed = publisher.commit().await.unwrap().unwrap();
+        assert_eq!((committed.inserts, committed.partitions_written), (6, 1));
+        let second = files(dir.path());
+        assert_eq!(second.len(), 2, "{second:?}");
+        assert_eq!(
+            second[0], first[0],
+            "the full-enough last part is not written again"
+        );
+        // One new row (less than a quarter) goes to the last part, rewriting it.
+        let append = Step::Changes(vec![(10, Some(0))]);
+        stage(&mut publisher, &[(append, false)], &mut lsn).await;
+        let committed = publisher.commit().await.unwrap().unwrap();
+        assert_eq!((committed.inserts, committed.partitions_written), (1, 1));
+        let third = files(dir.path());
+        assert_eq!(third.len(), 2);
+        assert_eq!(third[0], first[0]);
+        assert_ne!(
+            third[1], second[1],
+            "the last part is rewritten with the new row"
+        );
+        let mut got = published(dir.path());
+        got.sort();
+        let mut want: Vec<String> = (0..11).map(|id| format!("{id}|v0|")).collect();
+        want.sort();
+        assert_eq!(got, want);
+    });
+}
+
 /// A version that touches every part keeps only the rows that fit the cache,
 /// and the next versions read the others back from the state while they
 /// take the cached ones.
