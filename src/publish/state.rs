@@ -389,11 +389,14 @@ pub fn decode_state(bytes: Bytes) -> Result<RecordBatch, ArrowError> {
 /// Concatenates batches of `schema` that are not needed afterwards, one
 /// column at a time, each column's pieces dropped once copied: the peak is
 /// the batches and one column more, not twice the batches (as with
-/// `concat_batches`, which keeps every piece until it is done).
+/// `concat_batches`, which keeps every piece until it is done). Empty
+/// batches are left out, so one batch with rows is returned as it is, not
+/// copied (a new part's rows joined to its no committed rows).
 pub fn concat_owned(
     schema: &SchemaRef,
-    batches: Vec<RecordBatch>,
+    mut batches: Vec<RecordBatch>,
 ) -> Result<RecordBatch, ArrowError> {
+    batches.retain(|b| b.num_rows() > 0);
     match batches.len() {
         0 => return Ok(RecordBatch::new_empty(schema.clone())),
         1 => return Ok(batches.into_iter().next().expect("one batch")),
@@ -514,6 +517,34 @@ mod tests {
     use arrow::array::{
         ArrayRef, BooleanArray, Date32Array, Decimal128Array, Int64Array, RecordBatch, StringArray,
     };
+
+    /// Concatenated column by column, batches give what `concat_batches`
+    /// gives; empty ones are left out, so a single batch with rows comes
+    /// back as it is (its buffers shared, not copied).
+    #[test]
+    fn concat_owned_equals_concat_batches_and_keeps_a_lone_batch() {
+        let a = batch(vec![Some("a"), None], vec![Some(1), Some(2)]);
+        let b = batch(vec![Some("bb")], vec![Some(3)]);
+        let empty = a.slice(0, 0);
+        let schema = a.schema();
+        let mixes = [
+            vec![],
+            vec![empty.clone()],
+            vec![a.clone(), b.clone()],
+            vec![empty.clone(), a.clone(), empty.clone(), b],
+        ];
+        for batches in mixes {
+            let want = arrow::compute::concat_batches(&schema, &batches).unwrap();
+            assert_eq!(super::concat_owned(&schema, batches).unwrap(), want);
+        }
+        let lone = super::concat_owned(&schema, vec![empty, a.clone()]).unwrap();
+        assert_eq!(lone, a);
+        assert_eq!(
+            lone.column(0).to_data().buffers()[1].as_ptr(),
+            a.column(0).to_data().buffers()[1].as_ptr(),
+            "not copied"
+        );
+    }
 
     fn batch(texts: Vec<Option<&str>>, ints: Vec<Option<i64>>) -> RecordBatch {
         let n = texts.len();
