@@ -1670,12 +1670,14 @@ impl PartChanges {
             old.clone()
         } else {
             let keys = state::keys(old)?;
-            let keep: arrow::array::BooleanArray = (0..old.num_rows())
-                .map(|r| Some(!self.removed.contains(&state::key_at(keys, r))))
-                .collect();
-            let deleted: arrow::array::BooleanArray = (0..old.num_rows())
-                .map(|r| Some(staged.deleted.contains(&state::key_at(keys, r))))
-                .collect();
+            let mut keep = arrow::array::BooleanBuilder::with_capacity(old.num_rows());
+            let mut deleted = arrow::array::BooleanBuilder::with_capacity(old.num_rows());
+            for row in 0..old.num_rows() {
+                let key = state::key_at(keys, row);
+                keep.append_value(!self.removed.contains(&key));
+                deleted.append_value(staged.deleted.contains(&key));
+            }
+            let (keep, deleted) = (keep.finish(), deleted.finish());
             if deleted.true_count() > 0 {
                 dropped = Some(arrow::compute::filter_record_batch(old, &deleted)?);
             }
