@@ -2104,7 +2104,7 @@ impl Publisher {
 
     /// The jobs of a version's touched parts, their committed rows given
     /// (`realigned` to a new schema), taken out of the cache, or to read.
-    fn part_jobs(
+    fn rewrite_jobs(
         &mut self,
         touched: BTreeMap<u32, PartChanges>,
         mut realigned: BTreeMap<u32, RecordBatch>,
@@ -2171,7 +2171,7 @@ impl Publisher {
         // format encoded at once. About as many run at once as there are
         // cores, largest first; a part's rows are dropped once written unless
         // the cache keeps them, so memory holds a few parts, not the version.
-        let mut jobs = self.part_jobs(touched, old);
+        let mut jobs = self.rewrite_jobs(touched, old);
         jobs.sort_by_key(|job| std::cmp::Reverse(job.size));
         // Locally, a part per core and a spare (while one waits for its fsync,
         // others encode). Remote stores answer in round trips, so more overlap.
