@@ -69,6 +69,18 @@ const HEARTBEAT_PREFIX: &str = "oppen-heartbeat";
 /// How long a new stream may take to reach the heartbeat emitted at its start
 /// before it reports idle anyway (a running pipeline; `run --once` waits).
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
+/// While a new stream catches up on a backlog, a read wakes only once this
+/// many bytes wait in the socket. The server sends each message as it decodes
+/// it, and the connector reads faster than the server decodes: woken for
+/// every few messages, it spent a quarter of a catch-up's CPU in wake-ups and
+/// socket reads of about 700 bytes each (BENCHMARKS.md, issue 3).
+const CATCH_UP_WAKE_BYTES: usize = 32 * 1024;
+/// A backlog of less WAL than this is read as it comes.
+const CATCH_UP_GATHER_MIN: u64 = 4 << 20;
+/// How long a gathering read waits for [`CATCH_UP_WAKE_BYTES`] before it
+/// reads the fewer bytes that came (a pause of the server's decoding, or the
+/// backlog's end, with the heartbeat that ends the catch-up).
+const CATCH_UP_WAKE_WAIT: Duration = Duration::from_millis(10);
 
 /// `source: postgres:` in a pipeline file.
 #[derive(Clone, Deserialize)]
@@ -611,6 +623,15 @@ enum Stream {
 }
 
 impl Stream {
+    /// See [`WireConnection::wake_after`]; a shared stream's reads are the
+    /// shared reader's.
+    fn wake_after(&self, bytes: usize) -> bool {
+        match self {
+            Stream::Own(repl) => repl.wake_after(bytes),
+            Stream::Shared(_) => false,
+        }
+    }
+
     fn try_recv(&mut self) -> Result<Option<StreamMessage>> {
         match self {
             Stream::Own(repl) => repl.try_recv(),
@@ -698,6 +719,8 @@ pub struct PostgresSource {
     handed_out: bool,
     /// Where the heartbeat emitted at the stream's start is.
     catch_up_target: Option<u64>,
+    /// Reads wake only for [`CATCH_UP_WAKE_BYTES`] (a backlog is being read).
+    gathering: bool,
     /// Whether idle waits for the start's heartbeat however long the backlog
     /// takes (`run --once`), instead of at most [`CATCH_UP_LIMIT`].
     whole_backlog: bool,
@@ -791,6 +814,7 @@ impl PostgresSource {
             caught_up: false,
             handed_out: false,
             catch_up_target: None,
+            gathering: false,
             whole_backlog: false,
             stream_started: Instant::now(),
             pending_since: None,
@@ -1030,7 +1054,26 @@ impl PostgresSource {
             )));
         }
         self.caught_up = self.catch_up_target.is_none();
+        let backlog = self.catch_up_target.map_or(0, |t| t.saturating_sub(from));
+        self.gathering = backlog >= CATCH_UP_GATHER_MIN
+            && self
+                .repl
+                .as_ref()
+                .is_some_and(|r| r.wake_after(CATCH_UP_WAKE_BYTES));
+        if self.gathering {
+            tracing::debug!(table = %self.table, backlog_bytes = backlog, "catching up: reads gather the stream's bytes");
+        }
         Ok(())
+    }
+
+    /// Reads wake for any byte again (the backlog is read); a read waiting
+    /// for fewer bytes is woken now.
+    fn stop_gathering(&mut self) {
+        if std::mem::take(&mut self.gathering)
+            && let Some(repl) = &self.repl
+        {
+            repl.wake_after(1);
+        }
     }
 
     /// The next snapshot event.
@@ -1400,7 +1443,8 @@ impl PostgresSource {
             Message::Message { lsn, prefix }
                 if prefix == HEARTBEAT_PREFIX && self.catch_up_target.is_some_and(|t| lsn >= t) =>
             {
-                self.caught_up = true
+                self.caught_up = true;
+                self.stop_gathering();
             }
             // Relations are described once per session: take every description,
             // also inside transactions skipped as already handed out.
@@ -1597,7 +1641,7 @@ impl PostgresSource {
                 // wait (a `run --once` ends here).
                 break;
             }
-            if has_rows && !self.in_transaction {
+            if has_rows && !self.in_transaction && !self.gathering {
                 // Nothing more arriving right now: hand out whole transactions.
                 match self.recv_within(Duration::from_millis(1)).await? {
                     Some(msg) => self.on_stream(msg).await?,
@@ -1608,14 +1652,33 @@ impl PostgresSource {
             let wait = deadline.saturating_duration_since(Instant::now());
             let catching_up = !self.caught_up
                 && (self.whole_backlog || self.stream_started.elapsed() < CATCH_UP_LIMIT);
+            if !catching_up {
+                self.stop_gathering();
+            }
             if wait.is_zero() && !self.in_transaction && !catching_up {
                 break;
             }
-            match self
-                .recv_within(wait.max(Duration::from_millis(50)))
-                .await?
-            {
+            let limit = if self.gathering {
+                CATCH_UP_WAKE_WAIT
+            } else {
+                wait.max(Duration::from_millis(50))
+            };
+            match self.recv_within(limit).await? {
                 Some(msg) => self.on_stream(msg).await?,
+                None if self.gathering => {
+                    // Fewer bytes than a wake-up's worth came: read them now
+                    // (lowering the mark wakes the read at once), then gather
+                    // again.
+                    let wake = |source: &Self, bytes| {
+                        source.repl.as_ref().is_some_and(|r| r.wake_after(bytes))
+                    };
+                    wake(self, 1);
+                    let msg = self.recv_within(Duration::from_millis(1)).await?;
+                    wake(self, CATCH_UP_WAKE_BYTES);
+                    if let Some(msg) = msg {
+                        self.on_stream(msg).await?;
+                    }
+                }
                 None if !self.in_transaction && !catching_up => break,
                 None => {}
             }

@@ -17,6 +17,7 @@
 //! against a timer and dropped loses nothing.
 
 use std::fmt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -28,6 +29,24 @@ use tokio_postgres::config::{Host, SslMode};
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// An open socket: the stream (TLS or not) and, for TCP, a duplicate of the
+/// socket's descriptor for its options.
+type Socket = (Pin<Box<dyn Stream>>, Option<OwnedFd>);
+
+/// Socket options nix does not name, defined with its macro for those.
+mod sockopt {
+    use nix::{setsockopt_impl, sockopt_impl};
+    sockopt_impl!(
+        /// `SO_RCVLOWAT`: how many bytes must wait in the socket before a
+        /// reader is woken.
+        WakeBytes,
+        SetOnly,
+        libc::SOL_SOCKET,
+        libc::SO_RCVLOWAT,
+        usize
+    );
+}
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -127,6 +146,9 @@ pub struct CreatedSlot {
 /// session for the snapshot's copy.
 pub struct WireConnection {
     stream: Pin<Box<dyn Stream>>,
+    /// The TCP socket under `stream` (a duplicate of its descriptor, as TLS
+    /// wraps the stream), for socket options; none over a Unix socket.
+    tcp: Option<OwnedFd>,
     buf: BytesMut,
     out: BytesMut,
 }
@@ -168,7 +190,7 @@ impl WireConnection {
             .unwrap_or_else(|| "postgres".into());
         let dbname = config.get_dbname().unwrap_or(&user).to_string();
         // As libpq's `connect_timeout`, which the connector sets.
-        let stream = match config.get_connect_timeout() {
+        let (stream, tcp) = match config.get_connect_timeout() {
             Some(limit) => tokio::time::timeout(*limit, Self::open_socket(db))
                 .await
                 .map_err(|_| {
@@ -181,6 +203,7 @@ impl WireConnection {
         };
         let mut conn = WireConnection {
             stream,
+            tcp,
             buf: BytesMut::with_capacity(1 << 20),
             out: BytesMut::with_capacity(256),
         };
@@ -200,7 +223,7 @@ impl WireConnection {
         Ok(conn)
     }
 
-    async fn open_socket(db: &crate::tls::DbConfig) -> Result<Pin<Box<dyn Stream>>, Error> {
+    async fn open_socket(db: &crate::tls::DbConfig) -> Result<Socket, Error> {
         let config = &db.sql;
         let hosts = config.get_hosts();
         let ports = config.get_ports();
@@ -219,22 +242,24 @@ impl WireConnection {
                 .or_else(|| ports.first())
                 .copied()
                 .unwrap_or(5432);
-            let result: std::io::Result<Pin<Box<dyn Stream>>> = match host {
+            let result: std::io::Result<Socket> = match host {
                 Host::Tcp(h) => match match addrs.get(i) {
                     Some(addr) => tokio::net::TcpStream::connect((*addr, port)).await,
                     None => tokio::net::TcpStream::connect((h.as_str(), port)).await,
                 } {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
+                        let tcp = s.as_fd().try_clone_to_owned().ok();
                         return Self::negotiate_tls(s, h, config.get_ssl_mode(), db.tls.as_ref())
-                            .await;
+                            .await
+                            .map(|s| (s, tcp));
                     }
                     Err(e) => Err(e),
                 },
                 Host::Unix(dir) => {
                     tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
                         .await
-                        .map(|s| Box::pin(s) as Pin<Box<dyn Stream>>)
+                        .map(|s| (Box::pin(s) as Pin<Box<dyn Stream>>, None))
                 }
             };
             match result {
@@ -611,11 +636,32 @@ impl WireConnection {
         self.flush().await
     }
 
+    /// Wakes this connection's reads only once `bytes` wait in the socket
+    /// (1: as soon as any do), so that a stream read while it flows fast is
+    /// read in large pieces instead of one wake-up and one read per few
+    /// messages. Lowering it wakes a waiting read at once if bytes wait
+    /// (Linux checks on the change). False where it cannot be set (a Unix
+    /// socket, or the system refused).
+    pub fn wake_after(&self, bytes: usize) -> bool {
+        self.tcp.as_ref().is_some_and(|tcp| wake_after(tcp, bytes))
+    }
+
     /// Ends the session cleanly.
     pub async fn close(mut self) {
         frontend::terminate(&mut self.out);
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+/// Sets a socket's `SO_RCVLOWAT` (see [`WireConnection::wake_after`]).
+fn wake_after(socket: &impl AsFd, bytes: usize) -> bool {
+    match nix::sys::socket::setsockopt(socket, sockopt::WakeBytes, &bytes.max(1)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, bytes, "could not set SO_RCVLOWAT");
+            false
+        }
     }
 }
 
@@ -720,6 +766,38 @@ pub fn quote_literal(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the catch-up's gathered reads rely on: below the mark a read is
+    /// not woken, and lowering the mark wakes it for the bytes already there.
+    #[tokio::test]
+    async fn a_read_wakes_for_the_mark_or_when_it_is_lowered() {
+        use std::time::Duration;
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        assert!(wake_after(&client, 4096));
+        server.write_all(&[7; 100]).await.unwrap();
+        let mut buf = BytesMut::with_capacity(8192);
+        let early = tokio::time::timeout(Duration::from_millis(200), client.read_buf(&mut buf));
+        assert!(early.await.is_err(), "woken with 100 of 4,096 bytes");
+        assert!(wake_after(&client, 1));
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read_buf(&mut buf))
+            .await
+            .expect("lowering the mark wakes the read")
+            .unwrap();
+        assert_eq!(n, 100);
+        // At the mark, a read is woken without lowering it.
+        assert!(wake_after(&client, 4096));
+        server.write_all(&[7; 4096]).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read_buf(&mut buf))
+            .await
+            .expect("woken at the mark")
+            .unwrap();
+        assert!(n > 0);
+    }
 
     #[test]
     fn lsn_round_trip() {
