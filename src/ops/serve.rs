@@ -3,7 +3,7 @@
 //! ranges, gzip and open CORS. Only published paths are served: nothing else in
 //! the store, and never a path outside it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use axum::Router;
@@ -324,6 +324,31 @@ async fn object(store: &Store, path: &str, headers: &HeaderMap) -> Response {
 
 /// `changes?since=v`: the change files after version v, as a JSON list, or with
 /// `format=csv` concatenated into one CSV (one header).
+///
+/// A data file whose rows are all inserts (an initial version's, an inserted
+/// part's) is read as CSV and written again with `insert` before each record:
+/// a field may hold a line break, so lines are not records.
+fn as_inserts(csv_bytes: &[u8], header: bool, out: &mut Vec<u8>) -> csv::Result<()> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(csv_bytes);
+    let mut writer = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(out);
+    let mut record = csv::ByteRecord::new();
+    let mut first = true;
+    while reader.read_byte_record(&mut record)? {
+        if std::mem::take(&mut first) {
+            if header {
+                writer.write_record(std::iter::once(&b"op"[..]).chain(record.iter()))?;
+            }
+            continue;
+        }
+        writer.write_record(std::iter::once(&b"insert"[..]).chain(record.iter()))?;
+    }
+    writer.flush()?;
+    Ok(())
+}
 async fn changes(
     State(store): State<Store>,
     Path(id): Path<String>,
@@ -356,48 +381,60 @@ async fn changes(
         entries.push(version);
     }
     if query.get("format").map(String::as_str) == Some("csv") {
-        let mut out = String::new();
+        let mut out: Vec<u8> = Vec::new();
         for version in &entries {
-            // An initial version's changes are its data files.
-            let paths: Vec<String> = if version.changes.initial {
-                version
-                    .partitions
-                    .values()
-                    .filter_map(|p| p.files.iter().find(|(f, _)| f.extension() == "csv"))
-                    .map(|(_, r)| r.path.clone())
-                    .collect()
-            } else {
-                version
-                    .changes
-                    .files
+            // Change files carry their `op` column; an initial version's data
+            // files, and a later version's inserted parts, are inserts.
+            let csv_of = |files: &BTreeMap<
+                crate::config::OutputFormat,
+                crate::publish::manifest::FileRef,
+            >| {
+                files
                     .iter()
-                    .filter(|(f, _)| f.extension() == "csv")
+                    .find(|(f, _)| f.extension() == "csv")
                     .map(|(_, r)| r.path.clone())
-                    .collect()
             };
-            for path in paths {
+            let mut paths: Vec<(String, bool)> = Vec::new();
+            if version.changes.initial {
+                paths.extend(
+                    version
+                        .partitions
+                        .values()
+                        .filter_map(|p| csv_of(&p.files))
+                        .map(|p| (p, true)),
+                );
+            } else {
+                paths.extend(csv_of(&version.changes.files).map(|p| (p, false)));
+                paths.extend(
+                    version
+                        .changes
+                        .inserted
+                        .iter()
+                        .filter_map(|part| version.partitions.get(part))
+                        .filter_map(|p| csv_of(&p.files))
+                        .map(|p| (p, true)),
+                );
+            }
+            for (path, inserts) in paths {
                 let Ok(Some(bytes)) = store.get(&format!("{id}/{path}")).await else {
                     continue;
                 };
-                let text = String::from_utf8_lossy(&bytes);
-                let mut lines = text.splitn(2, '\n');
-                let header_line = lines.next().unwrap_or_default();
-                let body = lines.next().unwrap_or_default();
-                if out.is_empty() {
-                    let header_line = if version.changes.initial {
-                        format!("op,{header_line}")
-                    } else {
-                        header_line.to_string()
-                    };
-                    out.push_str(&header_line);
-                    out.push('\n');
-                }
-                if version.changes.initial {
-                    for line in body.lines() {
-                        let _ = writeln!(out, "insert,{line}");
+                let header = out.is_empty();
+                if inserts {
+                    if as_inserts(&bytes, header, &mut out).is_err() {
+                        return (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("{path} is not valid CSV\n"),
+                        )
+                            .into_response();
                     }
                 } else {
-                    out.push_str(body);
+                    let body = match memchr::memchr(b'\n', &bytes) {
+                        Some(end) if !header => &bytes[end + 1..],
+                        Some(_) => &bytes[..],
+                        None => &[][..],
+                    };
+                    out.extend_from_slice(body);
                 }
             }
         }
@@ -417,6 +454,22 @@ async fn changes(
                     )
                 })
                 .collect();
+            // The inserted parts' files, by format (see `ChangeSummary::inserted`).
+            let mut inserted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for part in &v.changes.inserted {
+                for (f, r) in v
+                    .partitions
+                    .get(part)
+                    .map(|p| &p.files)
+                    .into_iter()
+                    .flatten()
+                {
+                    inserted
+                        .entry(f.extension().to_string())
+                        .or_default()
+                        .push(format!("/datasets/{id}/{}", r.path));
+                }
+            }
             serde_json::json!({
                 "version": v.version,
                 "created": v.created,
@@ -425,6 +478,7 @@ async fn changes(
                 "deletes": v.changes.deletes,
                 "initial": v.changes.initial,
                 "files": files,
+                "inserted": inserted,
             })
         })
         .collect();
@@ -542,4 +596,22 @@ async fn index(State(store): State<Store>) -> Response {
     }
     html.push_str("</body></html>");
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn inserts_are_records_not_lines() {
+        let data = b"id,note\n1,plain\n2,\"two\nlines, and \"\"quotes\"\"\"\n";
+        let mut out = Vec::new();
+        super::as_inserts(data, true, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "op,id,note\ninsert,1,plain\ninsert,2,\"two\nlines, and \"\"quotes\"\"\"\n"
+        );
+        // Without the header, after another file's rows.
+        let mut out = b"op,id,note\n".to_vec();
+        super::as_inserts(b"id,note\n3,x\n", false, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "op,id,note\ninsert,3,x\n");
+    }
 }

@@ -96,6 +96,11 @@ pub struct ChangeSummary {
     /// files are the change files (none are written separately).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub initial: bool,
+    /// Parts (keys of `partitions`) this version started with inserted rows
+    /// only: their data files are changes too (every row an insert), and
+    /// their rows are not in `files` (a large append is not written twice).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inserted: Vec<String>,
 }
 
 /// An immutable version manifest: `versions/<v:020>.json`. A version exists

@@ -921,6 +921,7 @@ impl Publisher {
             emptied: Vec::new(),
             change_files: BTreeMap::new(),
             initial: true,
+            inserted: Vec::new(),
             index: IndexUpdate::Replace(streamed.keys()),
         };
         let position = self.pending.position.clone();
@@ -1546,6 +1547,9 @@ struct Plan {
     summary: (u64, u64, u64),
     /// The first version of an empty dataset: its data files are its changes.
     initial: bool,
+    /// Parts this version starts with inserted rows only: their data files
+    /// are changes too, and their rows are not in the change files.
+    inserted: Vec<String>,
     /// Index changes to apply after the commit: keys deleted, and keys
     /// inserted or moved (an insert replaces an older entry).
     removed: Vec<Key>,
@@ -1752,6 +1756,8 @@ struct Outcome<'a> {
     summary: (u64, u64, u64),
     /// The first version of an empty dataset: its data files are its changes.
     initial: bool,
+    /// See [`Plan::inserted`].
+    inserted: Vec<String>,
     index: IndexUpdate<'a>,
 }
 
@@ -1964,8 +1970,9 @@ impl Publisher {
         let (mut inserts, mut updates, mut deletes) = (0u64, 0u64, 0u64);
         let mut removed = Vec::new();
         let mut added = Vec::new();
-        // Rows that need a place in their partition's last part.
-        let mut placed_last: Vec<(usize, usize, Key, Entry)> = Vec::new();
+        // Rows that need a place in their partition's last part, and whether
+        // each is an insert.
+        let mut placed_last: Vec<(usize, usize, Key, Entry, bool)> = Vec::new();
         // Rows updated in place, by part: a part whose only changes these are
         // keeps its rows in order, and its files can be rewritten from the
         // previous ones (see `in_place`).
@@ -2010,26 +2017,31 @@ impl Publisher {
                     removed_from.entry(e.partition).or_default().insert(*key);
                     updates += 1;
                     change_rows.push((b, r, "update"));
-                    placed_last.push((b, r, *key, entry));
+                    placed_last.push((b, r, *key, entry, false));
                 }
                 None => {
                     inserts += 1;
                     change_rows.push((b, r, "insert"));
-                    placed_last.push((b, r, *key, entry));
+                    placed_last.push((b, r, *key, entry, true));
                 }
             }
         }
         // In source order, so parts fill in the order rows arrived.
-        placed_last.sort_unstable_by_key(|&(b, r, _, _)| (b, r));
+        placed_last.sort_unstable_by_key(|&(b, r, _, _, _)| (b, r));
         let mut adding: BTreeMap<u32, usize> = BTreeMap::new();
-        for &(_, _, _, entry) in &placed_last {
+        for &(_, _, _, entry, _) in &placed_last {
             *adding.entry(entry.partition).or_default() += 1;
         }
         for (base, rows) in adding {
             parts.before_appending(base, rows, self.settings.max_file_rows);
         }
-        for (b, r, key, entry) in placed_last {
+        // Parts that get a row other than an insert.
+        let mut not_only_inserts: HashSet<u32> = HashSet::new();
+        for (b, r, key, entry, insert) in placed_last {
             let part = parts.place(entry.partition, self.settings.max_file_rows);
+            if !insert {
+                not_only_inserts.insert(part);
+            }
             added_to.entry(part).or_default().push((b, r));
             added.push((
                 key,
@@ -2059,6 +2071,46 @@ impl Publisher {
             rows.sort_unstable();
         }
         change_rows.sort_unstable_by_key(|&(b, r, _)| (b, r));
+        // The first version of an empty dataset inserts every row: its data files
+        // are its changes, so they are not written twice (the manifest says
+        // `initial`). Later, a part the version starts with inserts only (a
+        // large append, a catch-up) is named in the manifest as inserted rows,
+        // and its rows stay out of the change files: a catch-up wrote each of
+        // them twice, its change files as large as its data files.
+        let initial = self.partitions.is_empty() && updates == 0 && deletes == 0 && !schema_changed;
+        let inserted: Vec<u32> = if initial {
+            Vec::new()
+        } else {
+            added_to
+                .keys()
+                .copied()
+                .filter(|id| {
+                    !not_only_inserts.contains(id)
+                        && !removed_from.contains_key(id)
+                        && !self.partitions.contains_key(self.names.name(*id))
+                })
+                .collect()
+        };
+        if !inserted.is_empty() {
+            let mut skip: Vec<(usize, usize)> = inserted
+                .iter()
+                .flat_map(|id| added_to[id].iter().copied())
+                .collect();
+            skip.sort_unstable();
+            // Both in source order: one walk.
+            let mut next = 0;
+            change_rows.retain(|&(b, r, _)| {
+                while next < skip.len() && skip[next] < (b, r) {
+                    next += 1;
+                }
+                skip.get(next) != Some(&(b, r))
+            });
+        }
+        let mut inserted: Vec<String> = inserted
+            .into_iter()
+            .map(|id| self.names.name(id).to_string())
+            .collect();
+        inserted.sort_unstable();
         // With a new schema every part is rewritten; otherwise those that lose
         // or gain a row.
         let mut touched: BTreeMap<u32, PartChanges> = BTreeMap::new();
@@ -2087,16 +2139,13 @@ impl Publisher {
                 }
             });
         }
-        // The first version of an empty dataset inserts every row: its data files
-        // are its changes, so they are not written twice (the manifest says
-        // `initial`). Every later version has change files.
-        let initial = self.partitions.is_empty() && updates == 0 && deletes == 0 && !schema_changed;
         Ok(Some(Plan {
             touched,
             deleted,
             change_rows,
             summary: (inserts, updates, deletes),
             initial,
+            inserted,
             removed,
             added,
         }))
@@ -2154,6 +2203,7 @@ impl Publisher {
             change_rows,
             summary,
             initial,
+            inserted,
             removed,
             added,
         } = plan;
@@ -2231,6 +2281,7 @@ impl Publisher {
             change_files,
             summary,
             initial,
+            inserted,
             index,
         };
         self.finish(
@@ -2260,6 +2311,7 @@ impl Publisher {
             change_files,
             summary,
             initial,
+            inserted,
             index,
         } = outcome;
         let mut bytes_by_format: BTreeMap<OutputFormat, u64> = BTreeMap::new();
@@ -2351,6 +2403,7 @@ impl Publisher {
                 deletes,
                 files: change_files,
                 initial,
+                inserted,
             },
             rules_digest: self.settings.rules_digest.clone(),
             source_position: position.clone(),

@@ -142,7 +142,6 @@ async fn stage(publisher: &mut Publisher, steps: &[Staged], lsn: &mut u64) {
 
 /// The published rows of the newest version, as sorted `id|v|w` lines.
 fn published(dir: &std::path::Path) -> Vec<String> {
-    use arrow::util::display::array_value_to_string;
     let root = dir.join("pub/d");
     let Ok(bytes) = std::fs::read(root.join("manifest.json")) else {
         return Vec::new();
@@ -151,26 +150,114 @@ fn published(dir: &std::path::Path) -> Vec<String> {
     let mut rows = Vec::new();
     for part in version.partitions.values() {
         let file = &part.files[&OutputFormat::Parquet];
-        let bytes = bytes::Bytes::from(std::fs::read(root.join(&file.path)).unwrap());
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .unwrap()
-            .build()
-            .unwrap();
-        for b in reader {
-            let b = b.unwrap();
-            for r in 0..b.num_rows() {
-                let cells: Vec<String> = ["id", "v", "w"]
-                    .iter()
-                    .map(|c| {
-                        b.column_by_name(c)
-                            .map(|a| array_value_to_string(a, r).unwrap())
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                rows.push(cells.join("|"));
+        rows.extend(
+            parquet_rows(&root.join(&file.path))
+                .into_iter()
+                .map(|(_, row)| row),
+        );
+    }
+    rows.sort();
+    rows
+}
+
+/// A Parquet file's rows as `id|v|w`, each with its `op` where it has one.
+fn parquet_rows(path: &std::path::Path) -> Vec<(Option<String>, String)> {
+    use arrow::util::display::array_value_to_string;
+    let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let cell = |c: &str, r: usize| {
+            b.column_by_name(c)
+                .map(|a| array_value_to_string(a, r).unwrap())
+        };
+        for r in 0..b.num_rows() {
+            let cells: Vec<String> = ["id", "v", "w"]
+                .iter()
+                .map(|c| cell(c, r).unwrap_or_default())
+                .collect();
+            rows.push((cell("op", r), cells.join("|")));
+        }
+    }
+    rows
+}
+
+/// The table a consumer that follows the changes builds: every version's
+/// changes applied in order (an initial version's data files; a later one's
+/// change files, then its inserted parts' data files, every row an insert).
+fn followed(dir: &std::path::Path) -> Vec<String> {
+    let root = dir.join("pub/d");
+    let mut versions: Vec<u64> = std::fs::read_dir(root.join("versions"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                super::manifest::parse_version_path(&format!("versions/{name}"))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    versions.sort_unstable();
+    let mut table: std::collections::BTreeMap<String, String> = Default::default();
+    for v in versions {
+        let path = root.join(format!(
+            "versions/{}.json",
+            super::manifest::version_name(v)
+        ));
+        let super::manifest::VersionManifest::V1(version) =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        // A column the version's schema no longer has is gone from every row
+        // (the change files list the rows whose kept values changed).
+        if !version.schema.iter().any(|c| c.name == "w") {
+            for row in table.values_mut() {
+                let kept: Vec<&str> = row.split('|').take(2).collect();
+                *row = format!("{}|", kept.join("|"));
+            }
+        }
+        let mut files = Vec::new();
+        if version.changes.initial {
+            files.extend(
+                version
+                    .partitions
+                    .values()
+                    .map(|p| &p.files[&OutputFormat::Parquet]),
+            );
+        } else {
+            files.extend(version.changes.files.get(&OutputFormat::Parquet));
+            for part in &version.changes.inserted {
+                files.push(&version.partitions[part].files[&OutputFormat::Parquet]);
+            }
+        }
+        for file in files {
+            for (op, row) in parquet_rows(&root.join(&file.path)) {
+                let id = row.split('|').next().unwrap().to_string();
+                match op.as_deref().unwrap_or("insert") {
+                    "delete" => {
+                        assert!(
+                            table.remove(&id).is_some(),
+                            "version {v} deletes {id}, which it does not hold"
+                        );
+                    }
+                    "insert" => {
+                        assert!(
+                            table.insert(id.clone(), row).is_none(),
+                            "version {v} inserts {id} again"
+                        );
+                    }
+                    _ => {
+                        assert!(
+                            table.insert(id.clone(), row).is_some(),
+                            "version {v} updates {id}, which it does not hold"
+                        );
+                    }
+                }
             }
         }
     }
+    let mut rows: Vec<String> = table.into_values().collect();
     rows.sort();
     rows
 }
@@ -505,6 +592,11 @@ fn a_large_append_starts_a_new_part_instead_of_rewriting_the_last() {
             second[0], first[0],
             "the full-enough last part is not written again"
         );
+        // The new part holds inserts only: the manifest names it, and its
+        // rows are not written again as change files.
+        let changes = newest(dir.path()).changes;
+        assert_eq!(changes.inserted, vec![second[1].0.clone()]);
+        assert!(changes.files.is_empty(), "{:?}", changes.files);
         // One new row (less than a quarter) goes to the last part, rewriting it.
         let append = Step::Changes(vec![(10, Some(0))]);
         stage(&mut publisher, &[(append, false)], &mut lsn).await;
@@ -516,6 +608,15 @@ fn a_large_append_starts_a_new_part_instead_of_rewriting_the_last() {
         assert_ne!(
             third[1], second[1],
             "the last part is rewritten with the new row"
+        );
+        // A part that held rows before is not an inserted part.
+        let changes = newest(dir.path()).changes;
+        assert!(changes.inserted.is_empty());
+        let file = &changes.files[&OutputFormat::Parquet];
+        let rows = parquet_rows(&dir.path().join("pub/d").join(&file.path));
+        assert_eq!(
+            rows,
+            vec![(Some("insert".to_string()), "10|v0|".to_string())]
         );
         let mut got = published(dir.path());
         got.sort();
@@ -777,8 +878,12 @@ fn model(transactions: &[(Transaction, Cuts)]) -> Vec<String> {
 
 /// Stages the emitted batches as the runtime does (a version before a schema
 /// change, after a complete image, and where the cuts say) and returns what
-/// the newest version publishes.
-fn replay(transactions: &[(Transaction, Cuts)], max_file_rows: usize, cache: usize) -> Vec<String> {
+/// the newest version publishes, and what following its changes builds.
+fn replay(
+    transactions: &[(Transaction, Cuts)],
+    max_file_rows: usize,
+    cache: usize,
+) -> (Vec<String>, Vec<String>) {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let open_now = || open(dir.path(), settings(max_file_rows, cache), true);
@@ -803,7 +908,7 @@ fn replay(transactions: &[(Transaction, Cuts)], max_file_rows: usize, cache: usi
         }
         assert!(publisher.at_boundary());
         publisher.commit().await.unwrap();
-        published(dir.path())
+        (published(dir.path()), followed(dir.path()))
     })
 }
 
@@ -817,8 +922,11 @@ proptest! {
         max_file_rows in 1usize..4,
         cache in cache_budget(),
     ) {
-        let got = replay(&transactions, max_file_rows, cache);
-        prop_assert_eq!(got, model(&transactions));
+        let (got, followed) = replay(&transactions, max_file_rows, cache);
+        let want = model(&transactions);
+        prop_assert_eq!(&got, &want);
+        // Following the change files, version by version, gives the same table.
+        prop_assert_eq!(followed, want);
     }
 }
 
