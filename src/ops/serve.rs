@@ -322,12 +322,10 @@ async fn object(store: &Store, path: &str, headers: &HeaderMap) -> Response {
     }
 }
 
-/// `changes?since=v`: the change files after version v, as a JSON list, or with
-/// `format=csv` concatenated into one CSV (one header).
-///
 /// A data file whose rows are all inserts (an initial version's, an inserted
-/// part's) is read as CSV and written again with `insert` before each record:
-/// a field may hold a line break, so lines are not records.
+/// part's) for the `changes` CSV: read as CSV and written again with `insert`
+/// before each record (a field may hold a line break, so lines are not
+/// records); `header` writes its header row first, with `op` before it.
 fn as_inserts(csv_bytes: &[u8], header: bool, out: &mut Vec<u8>) -> csv::Result<()> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
@@ -349,6 +347,11 @@ fn as_inserts(csv_bytes: &[u8], header: bool, out: &mut Vec<u8>) -> csv::Result<
     writer.flush()?;
     Ok(())
 }
+
+/// `changes?since=v`: the change files after version v, as a JSON list, or with
+/// `format=csv` concatenated into one CSV (one header). A version's inserted
+/// parts (and an initial version's data files) are listed and concatenated
+/// with its change files.
 async fn changes(
     State(store): State<Store>,
     Path(id): Path<String>,
