@@ -73,7 +73,9 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
 /// many bytes wait in the socket. The server sends each message as it decodes
 /// it, and the connector reads faster than the server decodes: woken for
 /// every few messages, it spent a quarter of a catch-up's CPU in wake-ups and
-/// socket reads of about 700 bytes each (BENCHMARKS.md, issue 3).
+/// socket reads of about 700 bytes each (BENCHMARKS.md, issue 3). Small
+/// next to a socket's receive buffer (128 KB to start with on Linux), so the
+/// server is never held back by a full buffer while the mark is not reached.
 const CATCH_UP_WAKE_BYTES: usize = 32 * 1024;
 /// A backlog of less WAL than this is read as it comes.
 const CATCH_UP_GATHER_MIN: u64 = 4 << 20;
