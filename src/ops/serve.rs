@@ -16,6 +16,7 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{Any, CorsLayer};
 
+use crate::config::OutputFormat;
 use crate::publish::catalog::DatasetMeta;
 use crate::publish::store::Store;
 
@@ -388,36 +389,11 @@ async fn changes(
         for version in &entries {
             // Change files carry their `op` column; an initial version's data
             // files, and a later version's inserted parts, are inserts.
-            let csv_of = |files: &BTreeMap<
-                crate::config::OutputFormat,
-                crate::publish::manifest::FileRef,
-            >| {
-                files
-                    .iter()
-                    .find(|(f, _)| f.extension() == "csv")
-                    .map(|(_, r)| r.path.clone())
-            };
-            let mut paths: Vec<(String, bool)> = Vec::new();
-            if version.changes.initial {
-                paths.extend(
-                    version
-                        .partitions
-                        .values()
-                        .filter_map(|p| csv_of(&p.files))
-                        .map(|p| (p, true)),
-                );
-            } else {
-                paths.extend(csv_of(&version.changes.files).map(|p| (p, false)));
-                paths.extend(
-                    version
-                        .changes
-                        .inserted
-                        .iter()
-                        .filter_map(|part| version.partitions.get(part))
-                        .filter_map(|p| csv_of(&p.files))
-                        .map(|p| (p, true)),
-                );
-            }
+            let paths: Vec<(String, bool)> = version
+                .change_files(OutputFormat::Csv)
+                .into_iter()
+                .map(|(f, inserts)| (f.path.clone(), inserts))
+                .collect();
             for (path, inserts) in paths {
                 let Ok(Some(bytes)) = store.get(&format!("{id}/{path}")).await else {
                     continue;
@@ -457,20 +433,17 @@ async fn changes(
                     )
                 })
                 .collect();
-            // The inserted parts' files, by format (see `ChangeSummary::inserted`).
+            // The inserted parts' files, by format (see `Version::change_files`;
+            // an initial version says `initial` instead).
             let mut inserted: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for part in &v.changes.inserted {
-                for (f, r) in v
-                    .partitions
-                    .get(part)
-                    .map(|p| &p.files)
-                    .into_iter()
-                    .flatten()
-                {
-                    inserted
-                        .entry(f.extension().to_string())
-                        .or_default()
-                        .push(format!("/datasets/{id}/{}", r.path));
+            if !v.changes.initial {
+                for format in [OutputFormat::Parquet, OutputFormat::Csv] {
+                    for (r, _) in v.change_files(format).into_iter().filter(|(_, i)| *i) {
+                        inserted
+                            .entry(format.extension().to_string())
+                            .or_default()
+                            .push(format!("/datasets/{id}/{}", r.path));
+                    }
                 }
             }
             serde_json::json!({
@@ -504,7 +477,7 @@ async fn preview(store: &Store, meta: &DatasetMeta) -> String {
     let Some(path) = meta
         .files
         .values()
-        .find_map(|f| f.get(&crate::config::OutputFormat::Csv))
+        .find_map(|f| f.get(&OutputFormat::Csv))
         .map(|(p, _)| p.clone())
     else {
         return String::new();

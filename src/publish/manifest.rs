@@ -197,6 +197,34 @@ impl TransportProgress {
 }
 
 impl Version {
+    /// The files that hold what the version changed, in one format, each with
+    /// whether every row in it is an insert (a data file: no `op` column): an
+    /// initial version's data files; a later version's change file, then its
+    /// inserted parts' data files. How a consumer follows changes.
+    pub fn change_files(&self, format: OutputFormat) -> Vec<(&FileRef, bool)> {
+        let data: Vec<&PartitionFiles> = if self.changes.initial {
+            self.partitions.values().collect()
+        } else {
+            let inserted = self.changes.inserted.iter();
+            inserted
+                .filter_map(|part| self.partitions.get(part))
+                .collect()
+        };
+        let changes = self
+            .changes
+            .files
+            .get(&format)
+            .filter(|_| !self.changes.initial);
+        changes
+            .map(|f| (f, false))
+            .into_iter()
+            .chain(
+                data.into_iter()
+                    .filter_map(|p| Some((p.files.get(&format)?, true))),
+            )
+            .collect()
+    }
+
     /// Every file the version references, relative to the dataset folder.
     pub fn files(&self) -> impl Iterator<Item = &FileRef> {
         self.partitions

@@ -217,21 +217,9 @@ fn followed(dir: &std::path::Path) -> Vec<String> {
                 *row = format!("{}|", kept.join("|"));
             }
         }
-        let mut files = Vec::new();
-        if version.changes.initial {
-            files.extend(
-                version
-                    .partitions
-                    .values()
-                    .map(|p| &p.files[&OutputFormat::Parquet]),
-            );
-        } else {
-            files.extend(version.changes.files.get(&OutputFormat::Parquet));
-            for part in &version.changes.inserted {
-                files.push(&version.partitions[part].files[&OutputFormat::Parquet]);
-            }
-        }
-        for file in files {
+        // Whether a file's rows are all inserts, its `op` column says too.
+        let files = version.change_files(OutputFormat::Parquet);
+        for (file, _) in files {
             for (op, row) in parquet_rows(&root.join(&file.path)) {
                 let id = row.split('|').next().unwrap().to_string();
                 match op.as_deref().unwrap_or("insert") {
