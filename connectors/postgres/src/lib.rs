@@ -1057,11 +1057,7 @@ impl PostgresSource {
         }
         self.caught_up = self.catch_up_target.is_none();
         let backlog = self.catch_up_target.map_or(0, |t| t.saturating_sub(from));
-        self.gathering = backlog >= CATCH_UP_GATHER_MIN
-            && self
-                .repl
-                .as_ref()
-                .is_some_and(|r| r.wake_after(CATCH_UP_WAKE_BYTES));
+        self.gathering = backlog >= CATCH_UP_GATHER_MIN && self.wake_after(CATCH_UP_WAKE_BYTES);
         if self.gathering {
             tracing::debug!(table = %self.table, backlog_bytes = backlog, "catching up: reads gather the stream's bytes");
         }
@@ -1071,11 +1067,14 @@ impl PostgresSource {
     /// Reads wake for any byte again (the backlog is read); a read waiting
     /// for fewer bytes is woken now.
     fn stop_gathering(&mut self) {
-        if std::mem::take(&mut self.gathering)
-            && let Some(repl) = &self.repl
-        {
-            repl.wake_after(1);
+        if std::mem::take(&mut self.gathering) {
+            self.wake_after(1);
         }
+    }
+
+    /// See [`WireConnection::wake_after`].
+    fn wake_after(&self, bytes: usize) -> bool {
+        self.repl.as_ref().is_some_and(|r| r.wake_after(bytes))
     }
 
     /// The next snapshot event.
@@ -1671,12 +1670,9 @@ impl PostgresSource {
                     // Fewer bytes than a wake-up's worth came: read them now
                     // (lowering the mark wakes the read at once), then gather
                     // again.
-                    let wake = |source: &Self, bytes| {
-                        source.repl.as_ref().is_some_and(|r| r.wake_after(bytes))
-                    };
-                    wake(self, 1);
+                    self.wake_after(1);
                     let msg = self.recv_within(Duration::from_millis(1)).await?;
-                    wake(self, CATCH_UP_WAKE_BYTES);
+                    self.wake_after(CATCH_UP_WAKE_BYTES);
                     if let Some(msg) = msg {
                         self.on_stream(msg).await?;
                     }
