@@ -66,6 +66,11 @@ unclassified: drop
 /// Rows `from..to` as one INSERT; every tenth row has a large, incompressible
 /// note, stored out of line (TOAST).
 fn insert_sql(from: i64, to: i64) -> String {
+    insert_series_sql(&from.to_string(), &format!("{to} - 1"))
+}
+
+/// [`insert_sql`] of the rows from `first` to `last` (SQL expressions).
+fn insert_series_sql(first: &str, last: &str) -> String {
     format!(
         "INSERT INTO supplier_invoices (invoice_id, supplier, supplier_orgnr, amount, vat, posted, updated_at, \
          local_time, paid, status, ref, meta, tags, ratio, small, period, attachment, notes, clerk_email, obsolete) \
@@ -78,7 +83,7 @@ fn insert_sql(from: i64, to: i64) -> String {
          CASE WHEN g % 10 = 0 THEN (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 300) i) \
               ELSE 'Faktura ' || g || ' ring 070-123 45 67' END, \
          'clerk' || g || '@exempel.se', g % 11 \
-         FROM generate_series({from}, {to} - 1) g"
+         FROM generate_series({first}, {last}) g"
     )
 }
 
@@ -196,6 +201,18 @@ impl Setup {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// `run --once` with the log at `level`; its log, once it succeeded.
+    fn run_once_logged(&self, pipeline: &str, level: &str) -> String {
+        let out = self
+            .command(&["run", "--once", pipeline])
+            .env("RUST_LOG", level)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{log}");
+        log
     }
 
     /// The pid of the walsender streaming `slot`, if one is.
@@ -824,13 +841,10 @@ fn a_snapshot_copied_in_parallel_ranges_equals_the_table() {
         "    heartbeat_seconds: 2\n",
         "    snapshot_workers: 3\n",
     );
-    let out = setup
-        .command(&["run", "--once", pipeline.to_str().unwrap()])
-        .env("RUST_LOG", "oppen=info,oppen_connector_postgres=info")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let log = setup.run_once_logged(
+        pipeline.to_str().unwrap(),
+        "oppen=info,oppen_connector_postgres=info",
+    );
     assert!(
         log.contains("workers=3"),
         "not copied by 3 connections: {log}"
@@ -1078,24 +1092,14 @@ fn a_backlog_read_in_one_go_equals_the_table() {
     // And 16,000 rows in transactions of 5 (a tenth of them TOASTed): more
     // WAL than the connector reads as it comes, so the catch-up gathers its
     // bytes before each read.
-    let rows = insert_sql(0, 5).replace(
-        "generate_series(0, 5 - 1) g",
-        "generate_series(2000000 + t * 5, 2000000 + t * 5 + 4) g",
-    );
-    assert!(rows.contains("+ t * 5"));
+    let rows = insert_series_sql("2000000 + t * 5", "2000000 + t * 5 + 4");
     // (Not as the pipelines' role: `SET ROLE` would make it one transaction.)
     Cluster::get().psql(
         &setup.db,
         &format!("DO $$ BEGIN FOR t IN 0..3199 LOOP {rows}; COMMIT; END LOOP; END $$"),
     );
     setup.psql("INSERT INTO supplier_invoices (invoice_id, supplier) VALUES (99999999, 'marker')");
-    let out = setup
-        .command(&["run", "--once", p])
-        .env("RUST_LOG", "warn,oppen_connector_postgres=debug")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let log = setup.run_once_logged(p, "warn,oppen_connector_postgres=debug");
     assert!(
         log.contains("reads gather"),
         "the backlog was read as it came, not gathered: {log}"
