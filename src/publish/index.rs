@@ -211,6 +211,57 @@ impl KeyIndex {
         old
     }
 
+    /// Removes the keys of `removed`, then sets the entries of `added`, each
+    /// key at most once in `added` (a version's index changes). Many changes
+    /// are sorted and merged into the sorted keys in one pass: through the
+    /// overlay, each of a large version's keys was hashed into it and the
+    /// vector copied at every merge as the overlay filled (BENCHMARKS.md,
+    /// issue 3).
+    pub fn apply(&mut self, removed: &[Key], added: Vec<(Key, Entry)>) {
+        if removed.len() + added.len() < MIN_OVERLAY {
+            for key in removed {
+                self.remove(key);
+            }
+            for (key, entry) in added {
+                self.insert(key, entry);
+            }
+        } else {
+            self.apply_sorted(removed, added);
+        }
+    }
+
+    /// [`KeyIndex::apply`] as one sorted merge, whatever the number of changes.
+    fn apply_sorted(&mut self, removed: &[Key], added: Vec<(Key, Entry)>) {
+        self.merge();
+        let mut changes = added;
+        changes.extend(removed.iter().map(|key| {
+            (
+                *key,
+                Entry {
+                    partition: TOMBSTONE,
+                    hash: 0,
+                },
+            )
+        }));
+        sort_entries(&mut changes);
+        // A key removed and added ends added: removals come first.
+        changes.dedup_by(|later, earlier| {
+            if later.0 != earlier.0 {
+                return false;
+            }
+            debug_assert!(
+                earlier.1.partition == TOMBSTONE || later.1.partition == TOMBSTONE,
+                "a key added twice in one change"
+            );
+            if earlier.1.partition == TOMBSTONE {
+                *earlier = *later;
+            }
+            true
+        });
+        self.merge_sorted(&changes, |_| {});
+        self.len = self.base.len();
+    }
+
     /// Keeps only the keys for which `keep` holds.
     pub fn retain(&mut self, mut keep: impl FnMut(&Key, &Entry) -> bool) {
         self.merge();
@@ -672,6 +723,37 @@ mod tests {
             let mut expected: Vec<(Key, Entry)> = model.into_iter().collect();
             expected.sort_unstable_by_key(|(k, _)| rank(k));
             prop_assert_eq!(all, expected);
+        }
+    }
+
+    proptest! {
+        /// A version's changes merged in one sorted pass leave the index as
+        /// removing and inserting them one by one does.
+        #[test]
+        fn changes_applied_sorted_as_one_by_one(
+            before in proptest::collection::vec((0u16..3000, 0u32..50), 0..400),
+            removed in proptest::collection::vec(0u16..3000, 0..200),
+            added in proptest::collection::btree_map(0u16..3000, 0u32..50, 0..400),
+            spread: bool,
+            merged: bool,
+        ) {
+            let mut one_by_one = KeyIndex::default();
+            for (n, &(k, p)) in before.iter().enumerate() {
+                one_by_one.insert(key(k, spread), entry(p, n as u64));
+            }
+            if merged {
+                one_by_one.merge();
+            }
+            let mut sorted = one_by_one.clone();
+            let removed: Vec<Key> = removed.iter().map(|&k| key(k, spread)).collect();
+            let added: Vec<(Key, Entry)> =
+                added.iter().map(|(&k, &p)| (key(k, spread), entry(p, u64::from(k)))).collect();
+            one_by_one.apply(&removed, added.clone());
+            sorted.apply_sorted(&removed, added);
+            prop_assert_eq!(sorted.len(), one_by_one.len());
+            for k in 0..3000 {
+                prop_assert_eq!(sorted.get(&key(k, spread)), one_by_one.get(&key(k, spread)));
+            }
         }
     }
 

@@ -806,6 +806,7 @@ impl Publisher {
     ) -> Result<Option<Committed>> {
         let started = std::time::Instant::now();
         let prepared = self.prepare(pending, &target)?;
+        let prepared_ms = started.elapsed().as_millis() as u64;
         // A new schema refingerprints every committed row before the plan.
         // Otherwise the plan needs only the key index, and each part it
         // touches is read while it is written (`write`), so a version that
@@ -816,7 +817,7 @@ impl Publisher {
             None
         };
         let planned = self.plan(pending, &prepared, realigned.as_ref().map(|r| &r.index))?;
-        tracing::debug!(dataset = %self.settings.dataset, ms = started.elapsed().as_millis() as u64, "planned version");
+        tracing::debug!(dataset = %self.settings.dataset, prepared_ms, ms = started.elapsed().as_millis() as u64, "planned version");
         let Some(plan) = planned else {
             tracing::debug!(dataset = %self.settings.dataset, "staged changes publish nothing new; no version");
             return Ok(None);
@@ -1733,18 +1734,6 @@ fn change_rows_batch(
     })
 }
 
-/// Applies a version's index changes: keys deleted, then keys inserted or moved.
-fn apply_index_delta(index: &mut KeyIndex, removed: &[Key], added: Vec<(Key, Entry)>) {
-    for key in removed {
-        index.remove(key);
-    }
-    // One allocation for a large first version, not one per merge.
-    index.reserve(added.len());
-    for (key, entry) in added {
-        index.insert(key, entry);
-    }
-}
-
 /// What a version wrote, ready to commit.
 struct Outcome<'a> {
     /// Parts written: their files, and their rows to keep cached.
@@ -1966,29 +1955,49 @@ impl Publisher {
         let mut removed_from: HashMap<u32, KeySet> = HashMap::new();
         let mut added_to: BTreeMap<u32, Vec<(usize, usize)>> = BTreeMap::new();
         let mut deleted = KeySet::default();
-        let mut change_rows: Vec<(usize, usize, &'static str)> = Vec::new();
+        // Sized for every staged key at once: a large version's lists grew
+        // by doubling, each step a copy into freshly faulted pages (BENCHMARKS.md,
+        // issue 3).
+        let staged = pending.latest.len();
+        let mut change_rows: Vec<(usize, usize, &'static str)> = Vec::with_capacity(staged);
         let (mut inserts, mut updates, mut deletes) = (0u64, 0u64, 0u64);
         let mut removed = Vec::new();
-        let mut added = Vec::new();
+        let mut added = Vec::with_capacity(staged);
         // Rows that need a place in their partition's last part, and whether
         // each is an insert.
-        let mut placed_last: Vec<(usize, usize, Key, Entry, bool)> = Vec::new();
+        let mut placed_last: Vec<(usize, usize, Key, Entry, bool)> = Vec::with_capacity(staged);
         // Rows updated in place, by part: a part whose only changes these are
         // keeps its rows in order, and its files can be rewritten from the
         // previous ones (see `in_place`).
         let mut in_place: HashMap<u32, KeyMap<(usize, usize)>> = HashMap::new();
+        // Deletes first; the other staged rows are then visited in source
+        // order, so every list below fills in that order and needs no sort
+        // (a large version's sorts and the table's hash order took most of
+        // its plan: BENCHMARKS.md, issue 3).
+        let mut order: Vec<u64> = Vec::with_capacity(staged);
         for (key, &(b, r, delete)) in &pending.latest {
-            let previous = index.get(key);
-            if delete {
-                if let Some(e) = previous {
-                    removed_from.entry(e.partition).or_default().insert(*key);
-                    deleted.insert(*key);
-                    removed.push(*key);
-                    deletes += 1;
-                }
-                continue;
+            if !delete {
+                order.push(u64::from(b) << 32 | u64::from(r));
+            } else if let Some(e) = index.get(key) {
+                removed_from.entry(e.partition).or_default().insert(*key);
+                deleted.insert(*key);
+                removed.push(*key);
+                deletes += 1;
             }
-            let (b, r) = (b as usize, r as usize);
+        }
+        order.sort_unstable();
+        let keys_of = prepared
+            .batches
+            .iter()
+            .map(state::keys)
+            .collect::<Result<Vec<_>, _>>()?;
+        for packed in order {
+            let (b, r) = (
+                (packed >> 32) as usize,
+                (packed & u64::from(u32::MAX)) as usize,
+            );
+            let key = &state::key_at(keys_of[b], r);
+            let previous = index.get(key);
             let entry = Entry {
                 partition: part_of[b][r],
                 hash: hash_of[b][r],
@@ -2026,8 +2035,8 @@ impl Publisher {
                 }
             }
         }
-        // In source order, so parts fill in the order rows arrived.
-        placed_last.sort_unstable_by_key(|&(b, r, _, _, _)| (b, r));
+        // In source order (as visited), so parts fill in the order rows arrived.
+        debug_assert!(placed_last.is_sorted_by_key(|&(b, r, _, _, _)| (b, r)));
         let mut adding: BTreeMap<u32, usize> = BTreeMap::new();
         for &(_, _, _, entry, _) in &placed_last {
             *adding.entry(entry.partition).or_default() += 1;
@@ -2067,10 +2076,14 @@ impl Publisher {
         }
         // Deterministic order in files (the same input gives the same bytes): new
         // rows in source order.
+        // A part's rows are in order unless it has both rows updated in place
+        // and rows placed after them.
         for rows in added_to.values_mut() {
-            rows.sort_unstable();
+            if !rows.is_sorted() {
+                rows.sort_unstable();
+            }
         }
-        change_rows.sort_unstable_by_key(|&(b, r, _)| (b, r));
+        debug_assert!(change_rows.is_sorted_by_key(|&(b, r, _)| (b, r)));
         // The first version of an empty dataset inserts every row: its data files
         // are its changes, so they are not written twice (the manifest says
         // `initial`). Later, a part the version starts with inserts only (a
@@ -2096,7 +2109,10 @@ impl Publisher {
                 .iter()
                 .flat_map(|id| added_to[id].iter().copied())
                 .collect();
-            skip.sort_unstable();
+            // Parts fill in source order, so this is mostly sorted already.
+            if !skip.is_sorted() {
+                skip.sort_unstable();
+            }
             // Both in source order: one walk.
             let mut next = 0;
             change_rows.retain(|&(b, r, _)| {
@@ -2270,7 +2286,7 @@ impl Publisher {
         let index = match &mut rebuilt {
             // A new schema: the refingerprinted index, with this version's changes.
             Some(index) => {
-                apply_index_delta(index, &removed, added);
+                index.apply(&removed, added);
                 IndexUpdate::Replace(index)
             }
             None => IndexUpdate::Delta { removed, added },
@@ -2434,9 +2450,7 @@ impl Publisher {
 
         // Committed: now the in-memory state follows.
         match index {
-            IndexUpdate::Delta { removed, added } => {
-                apply_index_delta(&mut self.index, &removed, added)
-            }
+            IndexUpdate::Delta { removed, added } => self.index.apply(&removed, added),
             IndexUpdate::Replace(keys) => self.index = std::mem::take(keys),
         }
         for name in &emptied {
