@@ -2075,9 +2075,8 @@ impl Publisher {
             return Ok(None);
         }
         // Deterministic order in files (the same input gives the same bytes): new
-        // rows in source order.
-        // A part's rows are in order unless it has both rows updated in place
-        // and rows placed after them.
+        // rows in source order, as visited, unless a part has both rows updated
+        // in place and rows placed after them.
         for rows in added_to.values_mut() {
             if !rows.is_sorted() {
                 rows.sort_unstable();
