@@ -389,12 +389,8 @@ async fn changes(
         for version in &entries {
             // Change files carry their `op` column; an initial version's data
             // files, and a later version's inserted parts, are inserts.
-            let paths: Vec<(String, bool)> = version
-                .change_files(OutputFormat::Csv)
-                .into_iter()
-                .map(|(f, inserts)| (f.path.clone(), inserts))
-                .collect();
-            for (path, inserts) in paths {
+            for (file, inserts) in version.change_files(OutputFormat::Csv) {
+                let path = &file.path;
                 let Ok(Some(bytes)) = store.get(&format!("{id}/{path}")).await else {
                     continue;
                 };

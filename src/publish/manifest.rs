@@ -202,27 +202,23 @@ impl Version {
     /// initial version's data files; a later version's change file, then its
     /// inserted parts' data files. How a consumer follows changes.
     pub fn change_files(&self, format: OutputFormat) -> Vec<(&FileRef, bool)> {
-        let data: Vec<&PartitionFiles> = if self.changes.initial {
-            self.partitions.values().collect()
-        } else {
-            let inserted = self.changes.inserted.iter();
-            inserted
-                .filter_map(|part| self.partitions.get(part))
-                .collect()
-        };
-        let changes = self
+        fn data(part: &PartitionFiles, format: OutputFormat) -> Option<(&FileRef, bool)> {
+            Some((part.files.get(&format)?, true))
+        }
+        if self.changes.initial {
+            return self
+                .partitions
+                .values()
+                .filter_map(|part| data(part, format))
+                .collect();
+        }
+        let changes = self.changes.files.get(&format).map(|f| (f, false));
+        let inserted = self
             .changes
-            .files
-            .get(&format)
-            .filter(|_| !self.changes.initial);
-        changes
-            .map(|f| (f, false))
-            .into_iter()
-            .chain(
-                data.into_iter()
-                    .filter_map(|p| Some((p.files.get(&format)?, true))),
-            )
-            .collect()
+            .inserted
+            .iter()
+            .filter_map(|part| data(self.partitions.get(part)?, format));
+        changes.into_iter().chain(inserted).collect()
     }
 
     /// Every file the version references, relative to the dataset folder.
