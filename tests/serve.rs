@@ -142,3 +142,54 @@ async fn serves_published_files_to_consumers() {
     .await
     .unwrap();
 }
+
+/// Changes that cannot be given whole are an error, never a list or CSV with
+/// a gap: a file gone after the version was listed, and versions removed by
+/// retention after the one a consumer asks from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_with_a_gap_are_an_error() {
+    let (_dir, demo, port) = support::http::demo_server().await;
+    tokio::task::spawn_blocking(move || {
+        let root = demo.join("published/leverantorsfakturor");
+        let csv = "/datasets/leverantorsfakturor/changes?since=0&format=csv";
+        assert_eq!(get(port, csv, &[]).status, 200);
+
+        // A change file (here an initial version's data file) gone.
+        let first = root.join("versions/00000000000000000001.json");
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&first).unwrap()).unwrap();
+        let partitions = manifest["partitions"].as_object().unwrap();
+        let path = partitions.values().next().unwrap()["files"]["csv"]["path"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let data = root.join(&path);
+        let kept = std::fs::read(&data).unwrap();
+        std::fs::remove_file(&data).unwrap();
+        let gone = get(port, csv, &[]);
+        assert_eq!(gone.status, 503);
+        assert!(gone.text().contains(&path), "{}", gone.text());
+        std::fs::write(&data, kept).unwrap();
+        assert_eq!(get(port, csv, &[]).status, 200);
+
+        // Version 1 removed, version 2 kept: from 0 there is a gap.
+        std::fs::copy(&first, root.join("versions/00000000000000000002.json")).unwrap();
+        std::fs::remove_file(&first).unwrap();
+        for since in ["0", "0&format=csv"] {
+            let list = get(
+                port,
+                &format!("/datasets/leverantorsfakturor/changes?since={since}"),
+                &[],
+            );
+            assert_eq!(list.status, 410, "{}", list.text());
+            assert!(list.text().contains("no longer kept"), "{}", list.text());
+        }
+        // From version 1 on, nothing is missing.
+        assert_eq!(
+            get(port, "/datasets/leverantorsfakturor/changes?since=1", &[]).status,
+            200
+        );
+    })
+    .await
+    .unwrap();
+}

@@ -349,6 +349,17 @@ fn as_inserts(csv_bytes: &[u8], header: bool, out: &mut Vec<u8>) -> csv::Result<
     Ok(())
 }
 
+/// The changes cannot be given whole (a version removed or a file gone
+/// while they were read, a store error): an error, never a list or CSV with
+/// a gap that a consumer would take for every change.
+fn incomplete(what: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{what}; the changes cannot be given whole, ask again\n"),
+    )
+        .into_response()
+}
+
 /// `changes?since=v`: the change files after version v, as a JSON list, or with
 /// `format=csv` concatenated into one CSV (one header). A version's inserted
 /// parts (and an initial version's data files) are listed and concatenated
@@ -377,12 +388,29 @@ async fn changes(
         .filter(|v| *v > since)
         .collect();
     versions.sort_unstable();
+    // Versions older than `keep_versions` are removed: a consumer behind them
+    // must start again from the latest files, not get the changes with a
+    // gap in them.
+    if let Some(&first) = versions.first()
+        && first != since + 1
+    {
+        return (
+            StatusCode::GONE,
+            format!(
+                "the versions after {since} up to {} are no longer kept; fetch the latest files \
+                 (latest/; manifest.json names their version) and follow the changes since that \
+                 version\n",
+                first - 1
+            ),
+        )
+            .into_response();
+    }
     let mut entries = Vec::new();
     for v in versions {
-        let Ok(version) = crate::publish::read_version(&store, &id, v).await else {
-            continue;
-        };
-        entries.push(version);
+        match crate::publish::read_version(&store, &id, v).await {
+            Ok(version) => entries.push(version),
+            Err(e) => return incomplete(&format!("version {v} cannot be read ({e})")),
+        }
     }
     if query.get("format").map(String::as_str) == Some("csv") {
         let mut out: Vec<u8> = Vec::new();
@@ -391,8 +419,10 @@ async fn changes(
             // files, and a later version's inserted parts, are inserts.
             for (file, inserts) in version.change_files(OutputFormat::Csv) {
                 let path = &file.path;
-                let Ok(Some(bytes)) = store.get(&format!("{id}/{path}")).await else {
-                    continue;
+                let bytes = match store.get(&format!("{id}/{path}")).await {
+                    Ok(Some(bytes)) => bytes,
+                    Ok(None) => return incomplete(&format!("{path} is gone")),
+                    Err(e) => return incomplete(&format!("{path} cannot be read ({e})")),
                 };
                 let header = out.is_empty();
                 if inserts {
