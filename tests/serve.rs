@@ -193,3 +193,37 @@ async fn changes_with_a_gap_are_an_error() {
     .await
     .unwrap();
 }
+
+/// A store that fails to answer is not a dataset that is gone: the page and
+/// the changes answer 502 (ask again), never a page without the dataset or an
+/// empty list of changes. The failure here is a name the store cannot read
+/// (not UTF-8) in the listed folders, which fails its listings as a remote
+/// store's error would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_failures_are_not_answered_as_missing() {
+    use std::os::unix::ffi::OsStrExt;
+    let (_dir, demo, port) = support::http::demo_server().await;
+    tokio::task::spawn_blocking(move || {
+        let published = demo.join("published");
+        let changes = "/datasets/leverantorsfakturor/changes?since=0";
+        for (folder, path) in [
+            (published.clone(), "/"),
+            (published.join("leverantorsfakturor/versions"), changes),
+        ] {
+            assert_eq!(get(port, path, &[]).status, 200, "{path}");
+            let bad = folder.join(std::ffi::OsStr::from_bytes(b"bad\xff"));
+            std::fs::write(&bad, b"x").unwrap();
+            let failed = get(port, path, &[]);
+            assert_eq!(failed.status, 502, "{path}: {}", failed.text());
+            assert!(
+                failed.text().contains("did not answer"),
+                "{}",
+                failed.text()
+            );
+            std::fs::remove_file(&bad).unwrap();
+            assert_eq!(get(port, path, &[]).status, 200, "{path}");
+        }
+    })
+    .await
+    .unwrap();
+}

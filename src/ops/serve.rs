@@ -58,6 +58,13 @@ fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "not found\n").into_response()
 }
 
+/// The store failed to answer (not: it has no such thing). A consumer must
+/// not take this for a dataset or file that is gone: 502, ask again later.
+fn store_failed(what: &str, error: &dyn std::fmt::Display) -> Response {
+    tracing::warn!(what, error = %error, "serving failed");
+    (StatusCode::BAD_GATEWAY, "the store did not answer\n").into_response()
+}
+
 fn content_type(path: &str) -> &'static str {
     match path.rsplit('.').next() {
         Some("csv") => "text/csv; charset=utf-8",
@@ -90,8 +97,13 @@ async fn dataset_file(
         let Some((partition, extension)) = file.rsplit_once('.') else {
             return not_found();
         };
-        let Ok(version) = crate::publish::read_version(&store, &id, v).await else {
-            return not_found();
+        let version = match crate::publish::read_version(&store, &id, v).await {
+            Ok(version) => version,
+            Err(e @ crate::publish::PublishError::Store { .. }) => {
+                return store_failed(&format!("{id}/versions/{v}"), &e);
+            }
+            // No such version (or none that can be read): nothing to serve.
+            Err(_) => return not_found(),
         };
         let found = version
             .partitions
@@ -226,10 +238,7 @@ async fn object(store: &Store, path: &str, headers: &HeaderMap) -> Response {
     let meta = match head(store, &location).await {
         Ok(meta) => meta,
         Err(object_store::Error::NotFound { .. }) => return not_found(),
-        Err(e) => {
-            tracing::warn!(path, error = %e, "serving failed");
-            return (StatusCode::BAD_GATEWAY, "the store did not answer\n").into_response();
-        }
+        Err(e) => return store_failed(path, &e),
     };
     let etag = match known_sha256(store, path).await {
         Some(sha) => format!("\"{sha}\""),
@@ -316,10 +325,7 @@ async fn object(store: &Store, path: &str, headers: &HeaderMap) -> Response {
             );
             (StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response()
         }
-        Err(e) => {
-            tracing::warn!(path, error = %e, "serving failed");
-            (StatusCode::BAD_GATEWAY, "the store did not answer\n").into_response()
-        }
+        Err(e) => store_failed(path, &e),
     }
 }
 
@@ -379,8 +385,11 @@ async fn changes(
             return (StatusCode::BAD_REQUEST, "since must be a version number\n").into_response();
         }
     };
-    let Ok(listed) = store.list(&format!("{id}/versions")).await else {
-        return not_found();
+    // A dataset without versions lists nothing; a listing that fails is the
+    // store's failure, not an empty dataset.
+    let listed = match store.list(&format!("{id}/versions")).await {
+        Ok(listed) => listed,
+        Err(e) => return store_failed(&format!("{id}/versions"), &e),
     };
     let mut versions: Vec<u64> = listed
         .iter()
@@ -539,12 +548,24 @@ async fn preview(store: &Store, meta: &DatasetMeta) -> String {
 }
 
 async fn index(State(store): State<Store>) -> Response {
+    // A store that fails gives an error, not a page that lists fewer
+    // datasets (or none) as if they were gone.
+    let dirs = match store.list_dirs().await {
+        Ok(dirs) => dirs,
+        Err(e) => return store_failed("the datasets", &e),
+    };
     let mut datasets = Vec::new();
-    for dir in store.list_dirs().await.unwrap_or_default() {
-        if let Ok(Some(bytes)) = store.get(&format!("{dir}/dataset.json")).await
-            && let Ok(meta) = serde_json::from_slice::<DatasetMeta>(&bytes)
-        {
-            datasets.push(meta);
+    for dir in dirs {
+        let path = format!("{dir}/dataset.json");
+        match store.get(&path).await {
+            Ok(Some(bytes)) => {
+                if let Ok(meta) = serde_json::from_slice::<DatasetMeta>(&bytes) {
+                    datasets.push(meta);
+                }
+            }
+            // A folder that holds no dataset.
+            Ok(None) => {}
+            Err(e) => return store_failed(&path, &e),
         }
     }
     datasets.sort_by(|a, b| a.title.cmp(&b.title));
