@@ -246,6 +246,8 @@ pub struct Publisher {
     stream_images: bool,
     /// The first version under way, written as it is staged.
     streamed: Option<stream::Streamed>,
+    /// What updates in place changed lately (see [`InPlaceColumns`]).
+    in_place: std::sync::Arc<InPlaceColumns>,
 }
 
 fn store_err(store: &Store) -> impl Fn(object_store::Error) -> PublishError + '_ {
@@ -281,6 +283,7 @@ impl Publisher {
             transport: None,
             stream_images: false,
             streamed: None,
+            in_place: std::sync::Arc::default(),
         };
         let recovered = publisher.recover().await?;
         Ok((publisher, recovered))
@@ -743,6 +746,7 @@ impl Publisher {
             store: self.store.clone(),
             state_store: self.state_store.clone(),
             dataset: self.settings.dataset.clone(),
+            in_place: self.in_place.clone(),
         }
     }
 
@@ -1005,6 +1009,27 @@ impl Publisher {
 
 /// Reads a part's rows from its state file and the updates laid over it.
 async fn read_part(store: &Store, dataset: &str, files: &StateFiles) -> Result<RecordBatch> {
+    let (base, updates) = read_state_files(store, dataset, files).await?;
+    let path = files.file.path.clone();
+    tokio::task::spawn_blocking(move || -> Result<RecordBatch> {
+        let mut rows = state::decode_state(base)?;
+        for update in updates {
+            rows = state::apply_update(&rows, &state::decode_state(update)?)
+                .map_err(|e| PublishError::State(format!("updates of state file {path}: {e}")))?;
+        }
+        Ok(rows)
+    })
+    .await
+    .map_err(|e| PublishError::State(e.to_string()))?
+}
+
+/// A part's state file and its update files, oldest first, each checked
+/// against what was written.
+async fn read_state_files(
+    store: &Store,
+    dataset: &str,
+    files: &StateFiles,
+) -> Result<(Bytes, Vec<Bytes>)> {
     let read = |file: &FileRef| {
         let path = format!("{dataset}/{}", file.path);
         async move {
@@ -1028,7 +1053,7 @@ async fn read_part(store: &Store, dataset: &str, files: &StateFiles) -> Result<R
     let files = files.clone();
     let dataset = dataset.to_string();
     let location = store.location().to_string();
-    tokio::task::spawn_blocking(move || -> Result<RecordBatch> {
+    tokio::task::spawn_blocking(move || -> Result<(Bytes, Vec<Bytes>)> {
         // A state file that is not what was written (a torn copy, a disk
         // fault, a hand edit) must not become the rows the next version
         // builds on: decoding alone would not catch every such change.
@@ -1044,14 +1069,14 @@ async fn read_part(store: &Store, dataset: &str, files: &StateFiles) -> Result<R
                     ),
                 })
         };
-        let mut rows = state::decode_state(checked(&files.file, base)?)?;
-        for (file, update) in files.updates.iter().zip(updates) {
-            rows = state::apply_update(&rows, &state::decode_state(checked(file, update)?)?)
-                .map_err(|e| {
-                    PublishError::State(format!("updates of state file {}: {e}", files.file.path))
-                })?;
-        }
-        Ok(rows)
+        let base = checked(&files.file, base)?;
+        let updates = files
+            .updates
+            .iter()
+            .zip(updates)
+            .map(|(file, bytes)| checked(file, bytes))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((base, updates))
     })
     .await
     .map_err(|e| PublishError::State(e.to_string()))?
@@ -1098,9 +1123,10 @@ async fn write_part(
         (update.is_some(), JobRows::Whole(state_rows)),
         formats,
         |format| {
-            let previous = previous
-                .as_ref()
-                .and_then(|p| Some((p.change.clone(), p.files.get(&format)?.clone())));
+            let previous = previous.as_ref().and_then(|p| {
+                let file = p.files.get(&format)?.clone();
+                Some((p.change.clone(), PreviousFile::Named(file)))
+            });
             (JobRows::Whole(rows.clone()), previous)
         },
     );
@@ -1213,7 +1239,7 @@ fn part_jobs(
     version: u64,
     state: (bool, JobRows),
     formats: &[OutputFormat],
-    mut data: impl FnMut(OutputFormat) -> (JobRows, Option<(InPlace, FileRef)>),
+    mut data: impl FnMut(OutputFormat) -> (JobRows, Option<(InPlace, PreviousFile)>),
 ) -> Vec<FileJob> {
     let stem = format!("{}-{}", version_name(version), uuid::Uuid::new_v4());
     let (update, state_rows) = state;
@@ -1334,6 +1360,16 @@ enum FileRole {
 enum JobRows {
     Whole(RecordBatch),
     Stream(tokio::sync::mpsc::Receiver<RecordBatch>, SchemaRef),
+    /// A data file of a part updated in place, read back in part (see
+    /// [`in_place_projected`]): only what its previous file lacks.
+    InPlace(std::sync::Arc<writer::InPlaceRows>),
+}
+
+/// A part's data file of the version before, to copy what did not change
+/// from: named (read when its job runs), or already read and checked.
+enum PreviousFile {
+    Named(FileRef),
+    Read(Bytes),
 }
 
 /// One file to encode and write.
@@ -1344,7 +1380,7 @@ struct FileJob {
     rows: JobRows,
     /// For a part's data file after an update in place: what changed, and
     /// the part's file of the version before (copied where unchanged).
-    previous: Option<(InPlace, FileRef)>,
+    previous: Option<(InPlace, PreviousFile)>,
 }
 
 /// Where and how file jobs write; cheap to clone.
@@ -1353,6 +1389,39 @@ struct JobContext {
     store: Store,
     state_store: Store,
     dataset: String,
+    in_place: std::sync::Arc<InPlaceColumns>,
+}
+
+/// The columns the newest update in place of a part changed: a guess at
+/// what the next one changes. A part updated in place is read back with
+/// only its keys and these columns when the guess is proven right for every
+/// changed row (see [`in_place_projected`]); the rest of the part, most of
+/// its bytes, is never decompressed.
+#[derive(Debug, Default)]
+struct InPlaceColumns {
+    changed: std::sync::Mutex<Option<Vec<String>>>,
+    /// Parts written from such a partial read (for tests and the debug log).
+    projected: std::sync::atomic::AtomicU64,
+}
+
+impl InPlaceColumns {
+    fn guess(&self) -> Option<Vec<String>> {
+        self.changed.lock().ok()?.clone()
+    }
+
+    /// Remembers the columns of an update file (its `_row` left out).
+    fn remember(&self, update: &RecordBatch) {
+        let names = update
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| n != state::ROW_COLUMN)
+            .collect();
+        if let Ok(mut changed) = self.changed.lock() {
+            *changed = Some(names);
+        }
+    }
 }
 
 /// The previous file of a part updated in place, to copy what did not change
@@ -1404,8 +1473,26 @@ fn encode_data(
     // Only a whole part has a previous file (a streamed one is a first version).
     let (rows, (change, bytes)) = match (rows, previous) {
         (JobRows::Whole(rows), Some(previous)) => (state::without_key(&rows), previous),
+        (JobRows::InPlace(rows), previous) => {
+            // Checked to line up before the part was read in part: there
+            // is no whole batch to fall back on.
+            let written = match previous {
+                Some((change, bytes)) => {
+                    let previous = change.previous_of(bytes, &rows.schema)?;
+                    writer::encode_in_place(format, &rows, &previous, sink)?
+                }
+                None => false,
+            };
+            return if written {
+                Ok(())
+            } else {
+                Err(PublishError::State(
+                    "a part read in part no longer lines up with its previous file".into(),
+                ))
+            };
+        }
         (rows, _) => {
-            let (schema, batches) = rows.batches();
+            let (schema, batches) = rows.batches()?;
             let schema = state::without_key(&RecordBatch::new_empty(schema)).schema();
             let batches = batches.map(|b| state::without_key(&b));
             return Ok(writer::encode_stream(format, &schema, batches, sink)?);
@@ -1424,14 +1511,19 @@ fn encode_data(
 impl JobRows {
     /// The rows' schema and their batches; a stream's wait for the next
     /// batch (on the blocking thread that encodes them).
-    fn batches(self) -> (SchemaRef, Box<dyn Iterator<Item = RecordBatch> + Send>) {
-        match self {
+    fn batches(self) -> Result<(SchemaRef, Box<dyn Iterator<Item = RecordBatch> + Send>)> {
+        Ok(match self {
             JobRows::Whole(rows) => (rows.schema(), Box::new(std::iter::once(rows))),
+            JobRows::InPlace(_) => {
+                return Err(PublishError::State(
+                    "a part read in part has only its changes, not whole rows".into(),
+                ));
+            }
             JobRows::Stream(mut rx, schema) => (
                 schema,
                 Box::new(std::iter::from_fn(move || rx.blocking_recv())),
             ),
-        }
+        })
     }
 }
 
@@ -1486,9 +1578,12 @@ impl JobContext {
             self.store
         };
         let previous = match previous {
-            Some((change, file)) => previous_file(&store, &self.dataset, &file)
-                .await
-                .map(|bytes| (change, bytes)),
+            Some((change, PreviousFile::Named(file))) => {
+                previous_file(&store, &self.dataset, &file)
+                    .await
+                    .map(|bytes| (change, bytes))
+            }
+            Some((change, PreviousFile::Read(bytes))) => Some((change, bytes)),
             None => None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -1496,17 +1591,15 @@ impl JobContext {
         let encoding = tokio::task::spawn_blocking(move || -> Result<Option<store::Written>> {
             let mut sink = store::ChunkWriter::new(tx);
             let encoded = match encode_role {
-                FileRole::State { .. } => {
-                    let (schema, batches) = rows.batches();
+                FileRole::State { .. } => rows.batches().and_then(|(schema, batches)| {
                     state::encode_state_stream(&schema, batches, &mut sink)
                         .map_err(PublishError::from)
-                }
+                }),
                 FileRole::Data { format, .. } => encode_data(format, rows, previous, &mut sink),
-                FileRole::Changes { format } => {
-                    let (schema, batches) = rows.batches();
+                FileRole::Changes { format } => rows.batches().and_then(|(schema, batches)| {
                     writer::encode_stream(format, &schema, batches, &mut sink)
                         .map_err(PublishError::from)
-                }
+                }),
             };
             // The store writer went away: its error is the one to report.
             if sink.stopped() {
@@ -1565,6 +1658,8 @@ struct PartJob {
     from: OldRows,
     /// Its committed files, which an update in place writes the new ones from.
     previous: Option<(BTreeMap<OutputFormat, FileRef>, StateFiles)>,
+    /// Its committed row count and date range.
+    before: (u64, Option<(i32, i32)>),
     changes: PartChanges,
 }
 
@@ -1572,7 +1667,7 @@ struct PartJob {
 /// version empties it), and the rows deleted from it (for the change files).
 type PartDone = (
     String,
-    Option<(PartFiles, RecordBatch)>,
+    Option<(PartFiles, Option<RecordBatch>)>,
     Option<RecordBatch>,
 );
 
@@ -1590,12 +1685,32 @@ impl PartJob {
             name,
             from,
             previous,
+            before,
             changes,
             ..
         } = self;
         let old = match from {
             OldRows::Rows(rows) => rows,
             OldRows::Read(files) => {
+                // Updated in place: read back only what changes, if the
+                // columns the last update changed are the ones again.
+                if let (Some(updates), Some((data, _)), Some(guess)) =
+                    (&changes.in_place, &previous, context.in_place.guess())
+                {
+                    let part = InPlacePart {
+                        name: &name,
+                        files: &files,
+                        data,
+                        before,
+                        updates,
+                    };
+                    if let Some(written) = part
+                        .write_projected(&context, &formats, version, &staged, guess)
+                        .await?
+                    {
+                        return Ok((name, Some((written, None)), None));
+                    }
+                }
                 read_part(&context.state_store, &context.dataset, &files).await?
             }
             OldRows::New => RecordBatch::new_empty(staged.target.clone()),
@@ -1607,6 +1722,9 @@ impl PartJob {
         if rows.num_rows() == 0 {
             return Ok((name, None, dropped));
         }
+        if let Some(change) = &in_place {
+            context.in_place.remember(&change.update);
+        }
         // A part updated in place is written from its previous files.
         let previous = in_place
             .zip(previous)
@@ -1616,7 +1734,7 @@ impl PartJob {
                 state,
             });
         let files = write_part(&context, &formats, version, &name, rows.clone(), previous).await?;
-        Ok((name, Some((files, rows)), dropped))
+        Ok((name, Some((files, Some(rows))), dropped))
     }
 }
 
@@ -1628,7 +1746,8 @@ struct PartChanges {
     added: Vec<(usize, usize)>,
     /// When its only changes are rows updated where they stand: key to the
     /// staged row. The part then keeps its order.
-    in_place: Option<KeyMap<(usize, usize)>>,
+    /// (Each with the fingerprint of the row it replaces.)
+    in_place: Option<KeyMap<(usize, usize, u64)>>,
 }
 
 /// The staged rows a version's part jobs build from.
@@ -1969,7 +2088,7 @@ impl Publisher {
         // Rows updated in place, by part: a part whose only changes these are
         // keeps its rows in order, and its files can be rewritten from the
         // previous ones (see `in_place`).
-        let mut in_place: HashMap<u32, KeyMap<(usize, usize)>> = HashMap::new();
+        let mut in_place: HashMap<u32, KeyMap<(usize, usize, u64)>> = HashMap::new();
         // Deletes first; the other staged rows are then visited in source
         // order, so every list below fills in that order and needs no sort
         // (a large version's sorts and the table's hash order took most of
@@ -2019,7 +2138,7 @@ impl Publisher {
                     in_place
                         .entry(entry.partition)
                         .or_default()
-                        .insert(*key, (b, r));
+                        .insert(*key, (b, r, e.hash));
                     added.push((*key, entry));
                 }
                 Some(e) => {
@@ -2179,6 +2298,9 @@ impl Publisher {
             let committed = self.partitions.get_mut(&name);
             let rows = committed.as_ref().map_or(0, |p| p.files.rows as usize);
             let size = (rows + changes.added.len()).saturating_sub(changes.removed.len());
+            let before = committed
+                .as_ref()
+                .map_or((0, None), |p| (p.files.rows, p.dates));
             let (from, previous) = match committed {
                 Some(p) => (
                     match realigned.remove(&id).or_else(|| p.rows.take()) {
@@ -2194,6 +2316,7 @@ impl Publisher {
                 size,
                 from,
                 previous,
+                before,
                 changes,
             });
         }
@@ -2265,11 +2388,14 @@ impl Publisher {
                 continue;
             };
             // The parts just written are the most recently used: their rows
-            // stay cached while they fit, older cached parts making room.
-            let bytes = rows.get_array_memory_size();
-            let rows = (kept + bytes <= budget).then(|| {
-                kept += bytes;
-                rows
+            // stay cached while they fit, older cached parts making room (a
+            // part read in part has no rows to keep).
+            let rows = rows.and_then(|rows| {
+                let bytes = rows.get_array_memory_size();
+                (kept + bytes <= budget).then(|| {
+                    kept += bytes;
+                    rows
+                })
             });
             if rows.is_some() {
                 self.trim_cache(budget - kept);
@@ -2797,11 +2923,19 @@ impl InPlace {
         bytes: Bytes,
         published: &RecordBatch,
     ) -> Result<writer::Previous, ArrowError> {
+        self.previous_of(bytes, &published.schema())
+    }
+
+    /// [`Self::previous`] for rows of the `published` schema.
+    fn previous_of(
+        &self,
+        bytes: Bytes,
+        published: &SchemaRef,
+    ) -> Result<writer::Previous, ArrowError> {
         let changed = self.update.schema();
         Ok(writer::Previous {
             bytes,
             unchanged: published
-                .schema()
                 .fields()
                 .iter()
                 .map(|f| changed.column_with_name(f.name()).is_none())
@@ -2819,7 +2953,7 @@ impl InPlace {
 /// those.
 fn update_in_place(
     old: &RecordBatch,
-    updates: &KeyMap<(usize, usize)>,
+    updates: &KeyMap<(usize, usize, u64)>,
     batches: &[&RecordBatch],
     target: &SchemaRef,
 ) -> Result<Option<(RecordBatch, InPlace)>> {
@@ -2827,9 +2961,9 @@ fn update_in_place(
     let mut at = Vec::with_capacity(updates.len());
     let mut from = Vec::with_capacity(updates.len());
     for row in 0..old.num_rows() {
-        if let Some(&staged) = updates.get(&state::key_at(keys, row)) {
+        if let Some(&(b, r, _)) = updates.get(&state::key_at(keys, row)) {
             at.push(row as u32);
-            from.push(staged);
+            from.push((b, r));
         }
     }
     if at.len() != updates.len() {
@@ -2847,6 +2981,250 @@ fn update_in_place(
     let update = state::update_batch(positions, changed)?;
     let rows = state::apply_update(old, &update)?;
     Ok(Some((rows, InPlace { update })))
+}
+
+/// A part whose only changes are rows updated in place, committed before:
+/// what writing it from a partial read needs.
+struct InPlacePart<'a> {
+    name: &'a str,
+    files: &'a StateFiles,
+    data: &'a BTreeMap<OutputFormat, FileRef>,
+    /// Its committed row count and date range.
+    before: (u64, Option<(i32, i32)>),
+    /// Key to the staged row that replaces it, with the replaced row's
+    /// fingerprint.
+    updates: &'a KeyMap<(usize, usize, u64)>,
+}
+
+impl InPlacePart<'_> {
+    /// Writes the part from its keys and the `guess`ed columns alone (see
+    /// [`in_place_projected`]): its previous data files with the changed
+    /// columns and rows laid over them, and an update file for its state.
+    /// `None` (and nothing written) when that cannot be done: the part is
+    /// then read whole.
+    async fn write_projected(
+        &self,
+        context: &JobContext,
+        formats: &[OutputFormat],
+        version: u64,
+        staged: &std::sync::Arc<StagedRows>,
+        guess: Vec<String>,
+    ) -> Result<Option<PartFiles>> {
+        let (rows, dates) = self.before;
+        // Only an update that goes to an update file: a new state file needs
+        // every column.
+        if self.files.updates.len() >= MAX_STATE_UPDATES
+            || self.updates.len() * UPDATE_SHARE > rows as usize
+        {
+            return Ok(None);
+        }
+        let mut previous = BTreeMap::new();
+        for &format in formats {
+            let Some(file) = self.data.get(&format) else {
+                return Ok(None);
+            };
+            let Some(bytes) = previous_file(&context.store, &context.dataset, file).await else {
+                return Ok(None);
+            };
+            previous.insert(format, bytes);
+        }
+        let (base, update_files) =
+            read_state_files(&context.state_store, &context.dataset, self.files).await?;
+        let (updates, shared) = (self.updates.clone(), staged.clone());
+        let projected = tokio::task::spawn_blocking(move || {
+            in_place_projected(
+                (base, update_files),
+                &updates,
+                &shared,
+                &guess,
+                dates,
+                previous,
+            )
+        })
+        .await
+        .map_err(|e| PublishError::State(e.to_string()))??;
+        let Some(Projected {
+            change,
+            rows: changed,
+            dates,
+            previous,
+        }) = projected
+        else {
+            return Ok(None);
+        };
+        let changed = std::sync::Arc::new(changed);
+        let jobs = part_jobs(
+            self.name,
+            version,
+            (true, JobRows::Whole(change.update.clone())),
+            formats,
+            |format| {
+                let previous = previous
+                    .get(&format)
+                    .map(|bytes| (change.clone(), PreviousFile::Read(bytes.clone())));
+                (JobRows::InPlace(changed.clone()), previous)
+            },
+        );
+        let written =
+            futures::future::try_join_all(jobs.into_iter().map(|job| context.clone().run(job)))
+                .await?;
+        let (written, data) = part_files(self.name, written)?;
+        let mut state = self.files.clone();
+        state.updates.push(written);
+        context.in_place.remember(&change.update);
+        context
+            .in_place
+            .projected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(PartFiles {
+            state,
+            data,
+            rows,
+            dates,
+            schema: staged.target.clone(),
+        }))
+    }
+}
+
+/// What a part updated in place and read in part writes.
+struct Projected {
+    /// Its state's update file.
+    change: InPlace,
+    /// What its data files are written from.
+    rows: writer::InPlaceRows,
+    dates: Option<(i32, i32)>,
+    /// Its previous data files, by format, each checked to line up.
+    previous: BTreeMap<OutputFormat, Bytes>,
+}
+
+/// A part updated in place, read back from its state (`base` and its update
+/// files) with only its keys and the columns `guess` names: the other
+/// columns, most of its bytes, are never decompressed. The guess holds when
+/// every updated row, with its guessed columns as they were and the rest as
+/// staged, has the fingerprint the index records for the row it replaces:
+/// then the other columns did not change (fingerprints already decide which
+/// rows changed at all). `None` when the guess fails for a row, the state is
+/// not of the version's schema, a key is not in the part, or a previous data
+/// file does not line up: the part is then read whole.
+fn in_place_projected(
+    (base, update_files): (Bytes, Vec<Bytes>),
+    updates: &KeyMap<(usize, usize, u64)>,
+    staged: &StagedRows,
+    guess: &[String],
+    dates: Option<(i32, i32)>,
+    previous: BTreeMap<OutputFormat, Bytes>,
+) -> Result<Option<Projected>> {
+    let target = &staged.target;
+    let whole = arrow::ipc::reader::FileReader::try_new(std::io::Cursor::new(base.clone()), None)?;
+    if whole.schema().fields() != target.fields() {
+        return Ok(None);
+    }
+    drop(whole);
+    let projection: Vec<usize> = target
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.name() == KEY_COLUMN || guess.contains(f.name()))
+        .map(|(i, _)| i)
+        .collect();
+    let reader =
+        arrow::ipc::reader::FileReader::try_new(std::io::Cursor::new(base), Some(projection))?;
+    let schema = reader.schema();
+    let mut old = state::concat_owned(&schema, reader.collect::<Result<Vec<_>, _>>()?)?;
+    for update in update_files {
+        old = state::apply_update_within(&old, &state::decode_state(update)?)?;
+    }
+    let keys = state::keys(&old)?;
+    let mut at = Vec::with_capacity(updates.len());
+    let mut from = Vec::with_capacity(updates.len());
+    let mut was = Vec::with_capacity(updates.len());
+    for row in 0..old.num_rows() {
+        if let Some(&(b, r, hash)) = updates.get(&state::key_at(keys, row)) {
+            at.push(row as u32);
+            from.push((b, r));
+            was.push(hash);
+        }
+    }
+    if at.len() != updates.len() {
+        return Ok(None);
+    }
+    let batches: Vec<&RecordBatch> = staged.batches.iter().collect();
+    let new = take_rows(&batches, &from, target)?;
+    let positions = arrow::array::UInt32Array::from(at);
+    // The updated rows as they were, had only the guessed columns changed.
+    let columns = target
+        .fields()
+        .iter()
+        .zip(new.columns())
+        .map(|(f, after)| match old.column_by_name(f.name()) {
+            Some(before) => arrow::compute::take(before.as_ref(), &positions, None),
+            None => Ok(after.clone()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let before = RecordBatch::try_new(target.clone(), columns)?;
+    if state::row_hashes(&before)? != was {
+        return Ok(None);
+    }
+    let mut changed = Vec::new();
+    for ((field, before), after) in target
+        .fields()
+        .iter()
+        .zip(before.columns())
+        .zip(new.columns())
+    {
+        if before.to_data() != after.to_data() {
+            changed.push((field.clone(), after.clone()));
+        }
+    }
+    if changed.is_empty() {
+        return Ok(None);
+    }
+    let update = state::update_batch(positions, changed)?;
+    let updated = state::apply_update(&old, &update)?;
+    let change = update.schema();
+    let published = state::without_key(&RecordBatch::new_empty(target.clone())).schema();
+    let rows = writer::InPlaceRows {
+        rows: old.num_rows(),
+        changed_columns: published
+            .fields()
+            .iter()
+            .map(|f| {
+                change
+                    .column_with_name(f.name())
+                    .and_then(|_| updated.column_by_name(f.name()).cloned())
+            })
+            .collect(),
+        changed_rows: state::without_key(&new),
+        schema: published.clone(),
+    };
+    // The date range is of the first date or timestamp column: unchanged
+    // unless that column changed, and then it is among those read.
+    let temporal = target.fields().iter().find(|f| {
+        matches!(
+            f.data_type(),
+            arrow::datatypes::DataType::Date32 | arrow::datatypes::DataType::Timestamp(_, _)
+        )
+    });
+    let dates = match temporal {
+        Some(f) if change.column_with_name(f.name()).is_some() => {
+            let column = updated.schema().index_of(f.name())?;
+            date_range(&updated.project(&[column])?)
+        }
+        _ => dates,
+    };
+    let change = InPlace { update };
+    for (&format, bytes) in &previous {
+        let previous = change.previous_of(bytes.clone(), &published)?;
+        if !writer::in_place_fits(format, &rows, &previous) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(Projected {
+        change,
+        rows,
+        dates,
+        previous,
+    }))
 }
 
 /// Gathers rows `(batch, row)` from several batches into one.

@@ -468,6 +468,24 @@ pub fn updated_rows(update: &RecordBatch) -> Result<&UInt32Array, ArrowError> {
         .ok_or_else(|| ArrowError::SchemaError(format!("update file has no {ROW_COLUMN} column")))
 }
 
+/// [`apply_update`] to a part read with some of its columns only: the update
+/// file's other columns are left out.
+pub fn apply_update_within(
+    base: &RecordBatch,
+    update: &RecordBatch,
+) -> Result<RecordBatch, ArrowError> {
+    let base_schema = base.schema();
+    let keep: Vec<usize> = update
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.name() == ROW_COLUMN || base_schema.column_with_name(f.name()).is_some())
+        .map(|(i, _)| i)
+        .collect();
+    apply_update(base, &update.project(&keep)?)
+}
+
 /// A state file's rows with an update file laid over them.
 pub fn apply_update(base: &RecordBatch, update: &RecordBatch) -> Result<RecordBatch, ArrowError> {
     let rows = updated_rows(update)?;

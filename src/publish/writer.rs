@@ -3,9 +3,10 @@
 
 use std::collections::HashSet;
 use std::io::Write;
+use std::sync::Arc;
 
-use arrow::array::RecordBatch;
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::datatypes::{DataType, FieldRef, Schema, SchemaRef};
 use arrow::row::{RowConverter, SortField};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
@@ -147,6 +148,66 @@ pub struct Previous {
     pub changed_rows: Vec<u32>,
 }
 
+/// A part's rows after an update in place, as the encoders that copy from
+/// the previous file need them: the columns that changed, whole, and the rows
+/// that changed, whole. Unchanged columns are never read (their Parquet
+/// chunks and CSV lines are copied), so they need not be in memory at all.
+#[derive(Debug, Clone)]
+pub struct InPlaceRows {
+    /// The published schema.
+    pub schema: SchemaRef,
+    /// Rows in the part.
+    pub rows: usize,
+    /// Per column of `schema`: the whole new column where a value changed,
+    /// `None` where none did.
+    pub changed_columns: Vec<Option<ArrayRef>>,
+    /// The changed rows' new values, in the order of
+    /// [`Previous::changed_rows`].
+    pub changed_rows: RecordBatch,
+}
+
+impl InPlaceRows {
+    /// The parts of a whole batch an update in place needs; `None` when
+    /// `previous` does not fit the batch (another column count, changed rows
+    /// out of order or beyond it).
+    pub fn of(batch: &RecordBatch, previous: &Previous) -> Result<Option<Self>, EncodeError> {
+        let rows = &previous.changed_rows;
+        let in_order = rows.windows(2).all(|w| w[0] < w[1])
+            && rows.last().is_none_or(|&r| (r as usize) < batch.num_rows());
+        if previous.unchanged.len() != batch.num_columns() || !in_order {
+            return Ok(None);
+        }
+        let positions = arrow::array::UInt32Array::from(rows.clone());
+        Ok(Some(Self {
+            schema: batch.schema(),
+            rows: batch.num_rows(),
+            changed_columns: batch
+                .columns()
+                .iter()
+                .zip(&previous.unchanged)
+                .map(|(column, &unchanged)| (!unchanged).then(|| column.clone()))
+                .collect(),
+            changed_rows: arrow::compute::take_record_batch(batch, &positions)?,
+        }))
+    }
+
+    /// Whether the rows and `previous` describe the same columns and rows.
+    fn consistent(&self, previous: &Previous) -> bool {
+        let rows = &previous.changed_rows;
+        self.changed_columns.len() == self.schema.fields().len()
+            && previous.unchanged.len() == self.changed_columns.len()
+            && previous
+                .unchanged
+                .iter()
+                .zip(&self.changed_columns)
+                .all(|(&unchanged, column)| unchanged == column.is_none())
+            && self.changed_rows.num_rows() == rows.len()
+            && self.changed_rows.schema().fields() == self.schema.fields()
+            && rows.windows(2).all(|w| w[0] < w[1])
+            && rows.last().is_none_or(|&r| (r as usize) < self.rows)
+    }
+}
+
 /// Encodes `batch` in `format` like [`encode_to`], copying from `previous`
 /// what did not change: Parquet column chunks of unchanged columns, CSV lines
 /// of unchanged rows. A 1% update of a wide table then costs the changed
@@ -160,9 +221,9 @@ pub fn encode_reusing(
     previous: &Previous,
     sink: &mut impl Sink,
 ) -> Result<bool, EncodeError> {
-    let reused = match format {
-        OutputFormat::Parquet => parquet_reusing(batch, previous, sink)?,
-        OutputFormat::Csv => csv_reusing(batch, previous, sink)?,
+    let reused = match InPlaceRows::of(batch, previous)? {
+        Some(rows) => encode_in_place(format, &rows, previous, sink)?,
+        None => false,
     };
     if !reused {
         encode_to(format, batch, sink)?;
@@ -170,29 +231,55 @@ pub fn encode_reusing(
     Ok(reused)
 }
 
+/// Encodes a part updated in place from its previous file, as
+/// [`encode_reusing`] does, from the changed columns and rows alone; `false`
+/// (and nothing written) when the previous file does not line up, which
+/// [`in_place_fits`] tells beforehand.
+pub fn encode_in_place(
+    format: OutputFormat,
+    rows: &InPlaceRows,
+    previous: &Previous,
+    sink: &mut impl Sink,
+) -> Result<bool, EncodeError> {
+    if !rows.consistent(previous) {
+        return Ok(false);
+    }
+    match format {
+        OutputFormat::Parquet => parquet_in_place(rows, previous, sink),
+        OutputFormat::Csv => csv_in_place(rows, previous, sink),
+    }
+}
+
+/// Whether [`encode_in_place`] can write `rows` from `previous`.
+pub fn in_place_fits(format: OutputFormat, rows: &InPlaceRows, previous: &Previous) -> bool {
+    rows.consistent(previous)
+        && match format {
+            OutputFormat::Parquet => {
+                rows.rows > 0
+                    && reusable_parquet(&rows.schema, rows.rows, &previous.bytes).is_some()
+            }
+            OutputFormat::Csv => csv_fits(rows, &previous.bytes).is_some(),
+        }
+}
+
 /// The previous Parquet file's metadata, if its column chunks can stand for
-/// the batch's: the same columns and types, row groups of the sizes this
+/// rows of `schema`: the same columns and types, row groups of the sizes this
 /// writer would cut, and page indexes to carry over.
-fn reusable_parquet(batch: &RecordBatch, old: &Bytes) -> Option<ParquetMetaData> {
+fn reusable_parquet(schema: &Schema, rows: usize, old: &Bytes) -> Option<ParquetMetaData> {
     let metadata = ParquetMetaDataReader::new()
         .with_page_index_policy(PageIndexPolicy::Required)
         .parse_and_finish(old)
         .ok()?;
     let file = metadata.file_metadata();
-    let schema =
+    let found =
         parquet::arrow::parquet_to_arrow_schema(file.schema_descr(), file.key_value_metadata())
             .ok()?;
-    let same_columns = schema.fields().len() == batch.num_columns()
-        && schema
-            .fields()
-            .iter()
-            .zip(batch.schema().fields())
-            .all(|(a, b)| {
-                a.name() == b.name()
-                    && a.data_type() == b.data_type()
-                    && a.is_nullable() == b.is_nullable()
-            });
-    let rows = batch.num_rows();
+    let same_columns = found.fields().len() == schema.fields().len()
+        && found.fields().iter().zip(schema.fields()).all(|(a, b)| {
+            a.name() == b.name()
+                && a.data_type() == b.data_type()
+                && a.is_nullable() == b.is_nullable()
+        });
     let groups = rows.div_ceil(ROW_GROUP_ROWS).max(1);
     let same_groups = metadata.num_row_groups() == groups
         && metadata.row_groups().iter().enumerate().all(|(g, group)| {
@@ -201,23 +288,36 @@ fn reusable_parquet(batch: &RecordBatch, old: &Bytes) -> Option<ParquetMetaData>
     (same_columns && same_groups && metadata.page_index().is_some()).then_some(metadata)
 }
 
-/// Writes `batch` as Parquet with the unchanged columns' chunks copied from
+/// Writes the rows as Parquet with the unchanged columns' chunks copied from
 /// the previous file; `false` (and nothing written) if it does not line up.
-fn parquet_reusing(
-    batch: &RecordBatch,
+fn parquet_in_place(
+    rows: &InPlaceRows,
     previous: &Previous,
     sink: &mut impl Sink,
 ) -> Result<bool, EncodeError> {
-    if previous.unchanged.len() != batch.num_columns() || batch.num_rows() == 0 {
+    if rows.rows == 0 {
         return Ok(false);
     }
-    let Some(old) = reusable_parquet(batch, &previous.bytes) else {
+    let Some(old) = reusable_parquet(&rows.schema, rows.rows, &previous.bytes) else {
         return Ok(false);
     };
-    let schema = batch.schema();
-    let mut properties = parquet_properties(batch)?;
+    let schema = rows.schema.clone();
+    // Only the changed columns are encoded: their values decide their
+    // encoding (the copied chunks keep theirs).
+    let (fields, columns): (Vec<FieldRef>, Vec<ArrayRef>) = schema
+        .fields()
+        .iter()
+        .zip(&rows.changed_columns)
+        .filter_map(|(f, c)| Some((f.clone(), c.clone()?)))
+        .unzip();
+    let changed = RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        columns,
+        &arrow::array::RecordBatchOptions::new().with_row_count(Some(rows.rows)),
+    )?;
+    let mut properties = parquet_properties(&changed)?;
     parquet::arrow::add_encoded_arrow_schema_to_metadata(&schema, &mut properties);
-    let properties = std::sync::Arc::new(properties);
+    let properties = Arc::new(properties);
     let descriptor = parquet::arrow::ArrowSchemaConverter::new()
         .with_coerce_types(properties.coerce_types())
         .convert(&schema)?;
@@ -228,39 +328,43 @@ fn parquet_reusing(
     )?;
     let factory = ArrowRowGroupWriterFactory::new(&writer, schema.clone());
     for (g, group) in old.row_groups().iter().enumerate() {
-        let slice = batch.slice(g * ROW_GROUP_ROWS, group.num_rows() as usize);
+        let (offset, length) = (g * ROW_GROUP_ROWS, group.num_rows() as usize);
         let mut encoders = factory.create_column_writers(g)?.into_iter();
         let pages = old.page_index_for_row_group(g);
         let mut row_group = writer.next_row_group()?;
         let mut leaf = 0;
-        for (c, (field, column)) in schema.fields().iter().zip(slice.columns()).enumerate() {
+        for (c, field) in schema.fields().iter().enumerate() {
             let leaves = (leaf..descriptor.num_columns())
                 .take_while(|&l| descriptor.get_column_root_idx(l) == c)
                 .count();
-            if previous.unchanged[c] {
-                for l in leaf..leaf + leaves {
-                    encoders.next();
-                    let chunk = group.column(l);
-                    let close = ColumnCloseResult {
-                        bytes_written: chunk.compressed_size() as u64,
-                        rows_written: group.num_rows() as u64,
-                        metadata: chunk.clone(),
-                        bloom_filter: None,
-                        column_index: pages.column_index(l).cloned(),
-                        offset_index: pages.offset_index(l).cloned(),
-                    };
-                    row_group.append_column(&previous.bytes, close)?;
+            match &rows.changed_columns[c] {
+                None => {
+                    for l in leaf..leaf + leaves {
+                        encoders.next();
+                        let chunk = group.column(l);
+                        let close = ColumnCloseResult {
+                            bytes_written: chunk.compressed_size() as u64,
+                            rows_written: group.num_rows() as u64,
+                            metadata: chunk.clone(),
+                            bloom_filter: None,
+                            column_index: pages.column_index(l).cloned(),
+                            offset_index: pages.offset_index(l).cloned(),
+                        };
+                        row_group.append_column(&previous.bytes, close)?;
+                    }
                 }
-            } else {
-                for values in compute_leaves(field, column)? {
-                    let mut encoder = encoders.next().ok_or_else(|| {
-                        parquet::errors::ParquetError::General(format!(
-                            "no column writer left for {}",
-                            field.name()
-                        ))
-                    })?;
-                    encoder.write(&values)?;
-                    encoder.close()?.append_to_row_group(&mut row_group)?;
+                Some(column) => {
+                    let column = column.slice(offset, length);
+                    for values in compute_leaves(field, &column)? {
+                        let mut encoder = encoders.next().ok_or_else(|| {
+                            parquet::errors::ParquetError::General(format!(
+                                "no column writer left for {}",
+                                field.name()
+                            ))
+                        })?;
+                        encoder.write(&values)?;
+                        encoder.close()?.append_to_row_group(&mut row_group)?;
+                    }
                 }
             }
             leaf += leaves;
@@ -288,40 +392,43 @@ fn csv_lines(text: &[u8]) -> Option<Vec<usize>> {
     (!quoted && starts.last() == Some(&text.len())).then_some(starts)
 }
 
-/// Writes `batch` as CSV with the unchanged rows' lines copied from the
+/// The previous CSV file's line starts, if its lines can stand for the
+/// rows: a header as this writer writes it and a line per row.
+fn csv_fits(rows: &InPlaceRows, old: &[u8]) -> Option<Vec<usize>> {
+    let lines = csv_lines(old)?;
+    // The header and one line per row.
+    if lines.len() != rows.rows + 2 {
+        return None;
+    }
+    let mut header = Vec::new();
+    super::csv::encode_rows(
+        &RecordBatch::new_empty(rows.schema.clone()),
+        true,
+        &mut header,
+    )
+    .ok()?;
+    (old[..lines[1]] == header[..]).then_some(lines)
+}
+
+/// Writes the rows as CSV with the unchanged rows' lines copied from the
 /// previous file; `false` (and nothing written) if it does not line up.
-fn csv_reusing(
-    batch: &RecordBatch,
+fn csv_in_place(
+    rows: &InPlaceRows,
     previous: &Previous,
     sink: &mut impl Sink,
 ) -> Result<bool, EncodeError> {
     let old = &previous.bytes;
-    let rows = &previous.changed_rows;
-    let in_order = rows.windows(2).all(|w| w[0] < w[1])
-        && rows.last().is_none_or(|&r| (r as usize) < batch.num_rows());
-    if !in_order {
-        return Ok(false);
-    }
-    let Some(lines) = csv_lines(old) else {
+    let Some(lines) = csv_fits(rows, old) else {
         return Ok(false);
     };
-    // The header and one line per row.
-    if lines.len() != batch.num_rows() + 2 {
-        return Ok(false);
-    }
-    let mut header = Vec::new();
-    super::csv::encode_rows(&batch.slice(0, 0), true, &mut header)?;
-    if old[..lines[1]] != header[..] {
-        return Ok(false);
-    }
     let mut from = 0;
     let mut line = Vec::new();
-    for &row in rows {
+    for (i, &row) in previous.changed_rows.iter().enumerate() {
         let row = row as usize;
         // Everything before this row's line as it was (with the header).
         sink.write_all(&old[from..lines[row + 1]])?;
         line.clear();
-        super::csv::encode_rows(&batch.slice(row, 1), false, &mut line)?;
+        super::csv::encode_rows(&rows.changed_rows.slice(i, 1), false, &mut line)?;
         sink.write_all(&line)?;
         from = lines[row + 2];
     }
