@@ -17,7 +17,9 @@ pub struct FileRef {
     pub path: String,
     /// Size in bytes.
     pub bytes: u64,
-    /// SHA-256 of the content, hex: what consumers check (and `oppen serve`'s ETag).
+    /// SHA-256 of the content, hex: what consumers check (and `oppen serve`'s
+    /// ETag). Empty for a private state file, which has its XXH3.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
     /// XXH3-64 of the content, hex: what oppen checks when it reads one of
     /// its own files back (a previous file reused by an update in place, a
@@ -48,6 +50,9 @@ impl FileRef {
                 return Err(format!("XXH3 {found} where {xxh3} was written"));
             }
             return Ok(());
+        }
+        if self.sha256.is_empty() {
+            return Err("no checksum was recorded".into());
         }
         let found = hex::encode(sha2::Sha256::digest(content));
         if !found.eq_ignore_ascii_case(&self.sha256) {
@@ -347,5 +352,23 @@ mod tests {
         let read: FileRef = serde_json::from_str(json).unwrap();
         assert_eq!(read.xxh3, None);
         assert!(!serde_json::to_string(&read).unwrap().contains("xxh3"));
+        // A private file has no SHA-256: written and read without the field,
+        // checked by its XXH3; with neither there is nothing to trust.
+        let private = FileRef {
+            sha256: String::new(),
+            ..wrong_sha
+        };
+        let json = serde_json::to_string(&private).unwrap();
+        assert!(!json.contains("sha256"), "{json}");
+        let read: FileRef = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, private);
+        assert_eq!(read.check(&content), Ok(()));
+        let unchecked = FileRef { xxh3: None, ..read };
+        assert!(
+            unchecked
+                .check(&content)
+                .unwrap_err()
+                .contains("no checksum")
+        );
     }
 }

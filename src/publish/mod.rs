@@ -1589,7 +1589,10 @@ impl JobContext {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let encode_role = role.clone();
         let encoding = tokio::task::spawn_blocking(move || -> Result<Option<store::Written>> {
-            let mut sink = store::ChunkWriter::new(tx);
+            let mut sink = match encode_role {
+                FileRole::State { .. } => store::ChunkWriter::private(tx),
+                _ => store::ChunkWriter::new(tx),
+            };
             let encoded = match encode_role {
                 FileRole::State { .. } => rows.batches().and_then(|(schema, batches)| {
                     state::encode_state_stream(&schema, batches, &mut sink)

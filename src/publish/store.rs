@@ -296,14 +296,16 @@ pub enum Chunk {
 pub struct ChunkWriter {
     tx: tokio::sync::mpsc::Sender<Chunk>,
     buffer: Vec<u8>,
-    hasher: Sha256,
+    /// `None` for a private file (see [`ChunkWriter::private`]).
+    hasher: Option<Sha256>,
     xxh3: Box<xxhash_rust::xxh3::Xxh3>,
     size: u64,
     /// The receiving writer went away (its error is the one to report).
     stopped: bool,
 }
 
-/// A file a [`ChunkWriter`] wrote: its size and hashes (hex).
+/// A file a [`ChunkWriter`] wrote: its size and hashes (hex); no SHA-256
+/// (empty) for a private file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
     pub bytes: u64,
@@ -330,15 +332,28 @@ impl ChunkWriter {
         Self {
             tx,
             buffer: Vec::new(),
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             xxh3: Box::default(),
             size: 0,
             stopped: false,
         }
     }
 
+    /// A writer of a file only oppen reads back (the private state), which
+    /// checks it by size and XXH3 alone ([`super::manifest::FileRef::check`]):
+    /// no SHA-256, which consumers need of published files only. It was a
+    /// third of the SHA-256 work of a first version (BENCHMARKS.md, issue 3).
+    pub fn private(tx: tokio::sync::mpsc::Sender<Chunk>) -> Self {
+        Self {
+            hasher: None,
+            ..Self::new(tx)
+        }
+    }
+
     fn send(&mut self, bytes: Bytes) -> std::io::Result<()> {
-        self.hasher.update(&bytes);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&bytes);
+        }
         self.xxh3.update(&bytes);
         self.size += bytes.len() as u64;
         if self.tx.blocking_send(Chunk::Data(bytes)).is_err() {
@@ -374,7 +389,10 @@ impl ChunkWriter {
         }
         Ok(Written {
             bytes: self.size,
-            sha256: hex::encode(self.hasher.finalize()),
+            sha256: self
+                .hasher
+                .map(|h| hex::encode(h.finalize()))
+                .unwrap_or_default(),
             xxh3: super::manifest::xxh3_hex(self.xxh3.digest()),
         })
     }
@@ -698,6 +716,21 @@ mod tests {
             format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&whole))
         );
         assert_eq!(store.get("d/big.bin").await.unwrap().unwrap(), whole);
+
+        // A private file: the same bytes and XXH3, no SHA-256.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let data = whole.clone();
+        let writing = tokio::task::spawn_blocking(move || {
+            let mut sink = ChunkWriter::private(tx);
+            sink.write_all(&data)?;
+            sink.finish()
+        });
+        let (written, private) = futures::join!(store.put_chunks("e/private.bin", rx), writing);
+        written.unwrap();
+        let private = private.unwrap().unwrap();
+        assert_eq!((private.bytes, &private.xxh3), (hashed.bytes, &hashed.xxh3));
+        assert_eq!(private.sha256, "");
+        assert_eq!(store.get("e/private.bin").await.unwrap().unwrap(), whole);
 
         // Cut after 3 MB (past the first staged part): no file, nothing staged.
         let (tx, rx) = tokio::sync::mpsc::channel(2);

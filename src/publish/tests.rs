@@ -1105,6 +1105,14 @@ fn parts_read_in_part_publish_what_a_whole_read_does() {
             )
             .unwrap();
         publisher.commit().await.unwrap();
+        // The private state files carry XXH3 alone; published files SHA-256 too.
+        let state = newest_state(dir.path()).into_state();
+        for file in state.partitions.values() {
+            assert!(file.sha256.is_empty() && file.xxh3.is_some(), "{file:?}");
+            let bytes = std::fs::read(dir.path().join("state/d").join(&file.path)).unwrap();
+            file.check(&bytes).unwrap();
+        }
+        assert!(newest(dir.path()).files().all(|f| f.sha256.len() == 64));
         let projected = |p: &Publisher| {
             p.in_place
                 .projected
