@@ -1084,15 +1084,20 @@ async fn read_state_files(
 
 /// First and last day in a batch's first date or timestamp column.
 fn date_range(rows: &RecordBatch) -> Option<(i32, i32)> {
-    let (i, _) = rows.schema().fields().iter().enumerate().find(|(_, f)| {
+    let i = dates_column(&rows.schema())?;
+    let days = arrow::compute::cast(rows.column(i), &arrow::datatypes::DataType::Date32).ok()?;
+    let days = days.as_any().downcast_ref::<arrow::array::Date32Array>()?;
+    Some((arrow::compute::min(days)?, arrow::compute::max(days)?))
+}
+
+/// The column a part's date range is of: its first date or timestamp column.
+fn dates_column(schema: &arrow::datatypes::Schema) -> Option<usize> {
+    schema.fields().iter().position(|f| {
         matches!(
             f.data_type(),
             arrow::datatypes::DataType::Date32 | arrow::datatypes::DataType::Timestamp(_, _)
         )
-    })?;
-    let days = arrow::compute::cast(rows.column(i), &arrow::datatypes::DataType::Date32).ok()?;
-    let days = days.as_any().downcast_ref::<arrow::array::Date32Array>()?;
-    Some((arrow::compute::min(days)?, arrow::compute::max(days)?))
+    })
 }
 
 /// The days two ranges of days cover together.
@@ -2960,30 +2965,89 @@ fn update_in_place(
     batches: &[&RecordBatch],
     target: &SchemaRef,
 ) -> Result<Option<(RecordBatch, InPlace)>> {
-    let keys = state::keys(old)?;
-    let mut at = Vec::with_capacity(updates.len());
-    let mut from = Vec::with_capacity(updates.len());
-    for row in 0..old.num_rows() {
-        if let Some(&(b, r, _)) = updates.get(&state::key_at(keys, row)) {
-            at.push(row as u32);
-            from.push((b, r));
-        }
-    }
-    if at.len() != updates.len() {
+    let Some(located) = Located::find(old, updates, batches, target)? else {
         return Ok(None);
-    }
-    let new = take_rows(batches, &from, target)?;
-    let positions = arrow::array::UInt32Array::from(at);
-    let mut changed = Vec::new();
-    for ((field, before), after) in target.fields().iter().zip(old.columns()).zip(new.columns()) {
-        let was = arrow::compute::take(before.as_ref(), &positions, None)?;
-        if was.to_data() != after.to_data() {
-            changed.push((field.clone(), after.clone()));
-        }
-    }
-    let update = state::update_batch(positions, changed)?;
+    };
+    let update = located.update()?;
     let rows = state::apply_update(old, &update)?;
     Ok(Some((rows, InPlace { update })))
+}
+
+/// The rows of a part that staged updates replace where they stand.
+struct Located {
+    /// Their rows in the part, ascending.
+    positions: arrow::array::UInt32Array,
+    /// Their new values, in that order.
+    new: RecordBatch,
+    /// The fingerprints the index holds for them.
+    was: Vec<u64>,
+    /// What they were, in the version's schema: a column the part was read
+    /// with from the part, any other as staged (taken not to change).
+    before: RecordBatch,
+}
+
+impl Located {
+    /// Where `updates` (key to its staged row, with the replaced row's
+    /// fingerprint) stand in `old`, a part's rows read whole or with some of
+    /// their columns; `None` if a key is not in it.
+    fn find(
+        old: &RecordBatch,
+        updates: &KeyMap<(usize, usize, u64)>,
+        batches: &[&RecordBatch],
+        target: &SchemaRef,
+    ) -> Result<Option<Self>> {
+        let keys = state::keys(old)?;
+        let mut at = Vec::with_capacity(updates.len());
+        let mut from = Vec::with_capacity(updates.len());
+        let mut was = Vec::with_capacity(updates.len());
+        for row in 0..old.num_rows() {
+            if let Some(&(b, r, hash)) = updates.get(&state::key_at(keys, row)) {
+                at.push(row as u32);
+                from.push((b, r));
+                was.push(hash);
+            }
+        }
+        if at.len() != updates.len() {
+            return Ok(None);
+        }
+        let new = take_rows(batches, &from, target)?;
+        let positions = arrow::array::UInt32Array::from(at);
+        let columns = target
+            .fields()
+            .iter()
+            .zip(new.columns())
+            .map(|(f, after)| match old.column_by_name(f.name()) {
+                Some(before) => arrow::compute::take(before.as_ref(), &positions, None),
+                None => Ok(after.clone()),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let before = RecordBatch::try_new(target.clone(), columns)?;
+        Ok(Some(Self {
+            positions,
+            new,
+            was,
+            before,
+        }))
+    }
+
+    /// The state update file of the change: the rows' positions and the new
+    /// values of the columns where one of them differs.
+    fn update(&self) -> Result<RecordBatch> {
+        let mut changed = Vec::new();
+        for ((field, before), after) in self
+            .new
+            .schema()
+            .fields()
+            .iter()
+            .zip(self.before.columns())
+            .zip(self.new.columns())
+        {
+            if before.to_data() != after.to_data() {
+                changed.push((field.clone(), after.clone()));
+            }
+        }
+        Ok(state::update_batch(self.positions.clone(), changed)?)
+    }
 }
 
 /// A part whose only changes are rows updated in place, committed before:
@@ -3137,52 +3201,20 @@ fn in_place_projected(
     for update in update_files {
         old = state::apply_update_within(&old, &state::decode_state(update)?)?;
     }
-    let keys = state::keys(&old)?;
-    let mut at = Vec::with_capacity(updates.len());
-    let mut from = Vec::with_capacity(updates.len());
-    let mut was = Vec::with_capacity(updates.len());
-    for row in 0..old.num_rows() {
-        if let Some(&(b, r, hash)) = updates.get(&state::key_at(keys, row)) {
-            at.push(row as u32);
-            from.push((b, r));
-            was.push(hash);
-        }
-    }
-    if at.len() != updates.len() {
-        return Ok(None);
-    }
     let batches: Vec<&RecordBatch> = staged.batches.iter().collect();
-    let new = take_rows(&batches, &from, target)?;
-    let positions = arrow::array::UInt32Array::from(at);
-    // The updated rows as they were, had only the guessed columns changed.
-    let columns = target
-        .fields()
-        .iter()
-        .zip(new.columns())
-        .map(|(f, after)| match old.column_by_name(f.name()) {
-            Some(before) => arrow::compute::take(before.as_ref(), &positions, None),
-            None => Ok(after.clone()),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let before = RecordBatch::try_new(target.clone(), columns)?;
-    if state::row_hashes(&before)? != was {
+    let Some(located) = Located::find(&old, updates, &batches, target)? else {
+        return Ok(None);
+    };
+    // The rows as they were, had only the guessed columns changed, must be
+    // the rows the index knows.
+    if state::row_hashes(&located.before)? != located.was {
         return Ok(None);
     }
-    let mut changed = Vec::new();
-    for ((field, before), after) in target
-        .fields()
-        .iter()
-        .zip(before.columns())
-        .zip(new.columns())
-    {
-        if before.to_data() != after.to_data() {
-            changed.push((field.clone(), after.clone()));
-        }
-    }
-    if changed.is_empty() {
+    let update = located.update()?;
+    // Only `_row`: nothing changed after all (fingerprints that collided).
+    if update.num_columns() < 2 {
         return Ok(None);
     }
-    let update = state::update_batch(positions, changed)?;
     let updated = state::apply_update(&old, &update)?;
     let change = update.schema();
     let published = state::without_key(&RecordBatch::new_empty(target.clone())).schema();
@@ -3197,20 +3229,14 @@ fn in_place_projected(
                     .and_then(|_| updated.column_by_name(f.name()).cloned())
             })
             .collect(),
-        changed_rows: state::without_key(&new),
+        changed_rows: state::without_key(&located.new),
         schema: published.clone(),
     };
-    // The date range is of the first date or timestamp column: unchanged
-    // unless that column changed, and then it is among those read.
-    let temporal = target.fields().iter().find(|f| {
-        matches!(
-            f.data_type(),
-            arrow::datatypes::DataType::Date32 | arrow::datatypes::DataType::Timestamp(_, _)
-        )
-    });
-    let dates = match temporal {
-        Some(f) if change.column_with_name(f.name()).is_some() => {
-            let column = updated.schema().index_of(f.name())?;
+    // The date range is unchanged unless its column changed, and then that
+    // column is among those read.
+    let dates = match dates_column(target).map(|i| target.field(i).name()) {
+        Some(name) if change.column_with_name(name).is_some() => {
+            let column = updated.schema().index_of(name)?;
             date_range(&updated.project(&[column])?)
         }
         _ => dates,
