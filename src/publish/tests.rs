@@ -431,30 +431,7 @@ fn parts_updated_in_place_keep_their_order_in_every_format() {
                     publisher = open(dir.path(), s.clone(), false).await;
                 }
             }
-            let root = dir.path().join("pub/d");
-            let version = newest(dir.path());
-            let mut parts = Vec::new();
-            for (name, part) in &version.partitions {
-                let csv = std::fs::read_to_string(root.join(&part.files[&OutputFormat::Csv].path))
-                    .unwrap();
-                let lines: Vec<String> = csv.lines().skip(1).map(String::from).collect();
-                let bytes = bytes::Bytes::from(
-                    std::fs::read(root.join(&part.files[&OutputFormat::Parquet].path)).unwrap(),
-                );
-                let reader =
-                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-                        .unwrap()
-                        .build()
-                        .unwrap();
-                let mut from_parquet = Vec::new();
-                for b in reader {
-                    let mut out = Vec::new();
-                    super::csv::encode_rows(&b.unwrap(), false, &mut out).unwrap();
-                    from_parquet.extend(String::from_utf8(out).unwrap().lines().map(String::from));
-                }
-                assert_eq!(lines, from_parquet, "part {name}: CSV and Parquet agree");
-                parts.extend(lines);
-            }
+            let parts = part_lines(dir.path());
             let want: Vec<String> = expected
                 .iter()
                 .enumerate()
@@ -1048,6 +1025,31 @@ fn a_damaged_previous_file_is_not_copied_into_the_next_version() {
     });
 }
 
+/// Stages `(id, a, b)` rows (see [`ab_batch`]) as one transaction, or as an
+/// image, and commits them.
+async fn commit_ab(
+    publisher: &mut Publisher,
+    rows: &[(u8, String, i64)],
+    kind: BatchKind,
+    lsn: &mut u64,
+) {
+    *lsn += 1;
+    let op = match kind {
+        BatchKind::Snapshot => Op::Insert,
+        _ => Op::Update,
+    };
+    publisher
+        .stage(
+            ab_batch(rows, op),
+            kind,
+            true,
+            Position::Lsn { lsn: *lsn },
+            None,
+        )
+        .unwrap();
+    publisher.commit().await.unwrap();
+}
+
 /// A part of `(id, a, b)` rows for [`parts_read_in_part_publish_what_a_whole_read_does`].
 fn ab_batch(rows: &[(u8, String, i64)], kind: Op) -> Classified {
     let fields = vec![
@@ -1094,17 +1096,8 @@ fn parts_read_in_part_publish_what_a_whole_read_does() {
         s.formats = vec![OutputFormat::Parquet, OutputFormat::Csv];
         let mut publisher = open(dir.path(), s.clone(), false).await;
         let mut model: Vec<(u8, String, i64)> = (0..60).map(|id| (id, "a0".into(), 0)).collect();
-        let mut lsn = 1;
-        publisher
-            .stage(
-                ab_batch(&model, Op::Insert),
-                BatchKind::Snapshot,
-                true,
-                Position::Lsn { lsn },
-                None,
-            )
-            .unwrap();
-        publisher.commit().await.unwrap();
+        let mut lsn = 0;
+        commit_ab(&mut publisher, &model, BatchKind::Snapshot, &mut lsn).await;
         // The private state files carry XXH3 alone; published files SHA-256 too.
         let state = newest_state(dir.path()).into_state();
         for file in state.partitions.values() {
@@ -1151,18 +1144,8 @@ fn parts_read_in_part_publish_what_a_whole_read_does() {
                 }
                 rows.push(row.clone());
             }
-            lsn += 1;
             let before = projected(&publisher);
-            publisher
-                .stage(
-                    ab_batch(&rows, Op::Update),
-                    BatchKind::Changes,
-                    true,
-                    Position::Lsn { lsn },
-                    None,
-                )
-                .unwrap();
-            publisher.commit().await.unwrap();
+            commit_ab(&mut publisher, &rows, BatchKind::Changes, &mut lsn).await;
             assert_eq!(
                 projected(&publisher) - before,
                 expected,
@@ -1175,17 +1158,8 @@ fn parts_read_in_part_publish_what_a_whole_read_does() {
         let mut publisher = open(dir.path(), s.clone(), false).await;
         for (id, a) in [(10u8, "a8"), (11, "a9")] {
             model[id as usize].1 = a.to_string();
-            lsn += 1;
-            publisher
-                .stage(
-                    ab_batch(&[model[id as usize].clone()], Op::Update),
-                    BatchKind::Changes,
-                    true,
-                    Position::Lsn { lsn },
-                    None,
-                )
-                .unwrap();
-            publisher.commit().await.unwrap();
+            let row = [model[id as usize].clone()];
+            commit_ab(&mut publisher, &row, BatchKind::Changes, &mut lsn).await;
         }
         assert_eq!(projected(&publisher), 1, "the second read in part");
         assert_eq!(ab_published(dir.path()), ab_lines(&model));
@@ -1216,9 +1190,10 @@ fn ab_lines(model: &[(u8, String, i64)]) -> Vec<String> {
     lines
 }
 
-/// The newest version's rows as `id,a,b` lines, sorted, after checking that
-/// each part's Parquet and CSV files hold the same lines in the same order.
-fn ab_published(dir: &std::path::Path) -> Vec<String> {
+/// The newest version's rows as CSV lines, part after part in their order,
+/// after checking that each part's Parquet and CSV files hold the same lines
+/// in the same order.
+fn part_lines(dir: &std::path::Path) -> Vec<String> {
     let root = dir.join("pub/d");
     let mut lines = Vec::new();
     for (name, part) in &newest(dir).partitions {
@@ -1240,6 +1215,12 @@ fn ab_published(dir: &std::path::Path) -> Vec<String> {
         assert_eq!(from_csv, from_parquet, "part {name}: CSV and Parquet agree");
         lines.extend(from_csv);
     }
+    lines
+}
+
+/// [`part_lines`], sorted.
+fn ab_published(dir: &std::path::Path) -> Vec<String> {
+    let mut lines = part_lines(dir);
     lines.sort();
     lines
 }
