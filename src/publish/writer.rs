@@ -171,13 +171,12 @@ impl InPlaceRows {
     /// `previous` does not fit the batch (another column count, changed rows
     /// out of order or beyond it).
     pub fn of(batch: &RecordBatch, previous: &Previous) -> Result<Option<Self>, EncodeError> {
-        let rows = &previous.changed_rows;
-        let in_order = rows.windows(2).all(|w| w[0] < w[1])
-            && rows.last().is_none_or(|&r| (r as usize) < batch.num_rows());
-        if previous.unchanged.len() != batch.num_columns() || !in_order {
+        if previous.unchanged.len() != batch.num_columns()
+            || !rows_ascending_within(&previous.changed_rows, batch.num_rows())
+        {
             return Ok(None);
         }
-        let positions = arrow::array::UInt32Array::from(rows.clone());
+        let positions = arrow::array::UInt32Array::from(previous.changed_rows.clone());
         Ok(Some(Self {
             schema: batch.schema(),
             rows: batch.num_rows(),
@@ -203,9 +202,14 @@ impl InPlaceRows {
                 .all(|(&unchanged, column)| unchanged == column.is_none())
             && self.changed_rows.num_rows() == rows.len()
             && self.changed_rows.schema().fields() == self.schema.fields()
-            && rows.windows(2).all(|w| w[0] < w[1])
-            && rows.last().is_none_or(|&r| (r as usize) < self.rows)
+            && rows_ascending_within(rows, self.rows)
     }
+}
+
+/// Whether changed rows are ascending and all below `len`, as the encoders
+/// that copy from a previous file walk them.
+fn rows_ascending_within(rows: &[u32], len: usize) -> bool {
+    rows.windows(2).all(|w| w[0] < w[1]) && rows.last().is_none_or(|&r| (r as usize) < len)
 }
 
 /// Encodes `batch` in `format` like [`encode_to`], copying from `previous`
