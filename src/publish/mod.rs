@@ -1483,7 +1483,7 @@ fn encode_data(
             // is no whole batch to fall back on.
             let written = match previous {
                 Some((change, bytes)) => {
-                    let previous = change.previous_of(bytes, &rows.schema)?;
+                    let previous = change.previous(bytes, &rows.schema)?;
                     writer::encode_in_place(format, &rows, &previous, sink)?
                 }
                 None => false,
@@ -1503,7 +1503,7 @@ fn encode_data(
             return Ok(writer::encode_stream(format, &schema, batches, sink)?);
         }
     };
-    let previous = change.previous(bytes, &rows)?;
+    let previous = change.previous(bytes, &rows.schema())?;
     if !writer::encode_reusing(format, &rows, &previous, sink)? {
         tracing::debug!(
             ?format,
@@ -2924,18 +2924,9 @@ struct InPlace {
 }
 
 impl InPlace {
-    /// What a previous data file of the part is reused for when `published`
-    /// (the new rows without `_key`) are encoded.
+    /// What a previous data file of the part is reused for when rows of the
+    /// `published` schema (the new rows without `_key`) are encoded.
     fn previous(
-        &self,
-        bytes: Bytes,
-        published: &RecordBatch,
-    ) -> Result<writer::Previous, ArrowError> {
-        self.previous_of(bytes, &published.schema())
-    }
-
-    /// [`Self::previous`] for rows of the `published` schema.
-    fn previous_of(
         &self,
         bytes: Bytes,
         published: &SchemaRef,
@@ -3243,7 +3234,7 @@ fn in_place_projected(
     };
     let change = InPlace { update };
     for (&format, bytes) in &previous {
-        let previous = change.previous_of(bytes.clone(), &published)?;
+        let previous = change.previous(bytes.clone(), &published)?;
         if !writer::in_place_fits(format, &rows, &previous) {
             return Ok(None);
         }
