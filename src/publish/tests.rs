@@ -160,17 +160,33 @@ fn published(dir: &std::path::Path) -> Vec<String> {
     rows
 }
 
+/// A Parquet file's record batches.
+fn parquet_batches(path: &std::path::Path) -> Vec<RecordBatch> {
+    let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Rows as the CSV writer's lines, without a header.
+fn csv_body_lines(rows: &RecordBatch) -> Vec<String> {
+    let mut out = Vec::new();
+    super::csv::encode_rows(rows, false, &mut out).unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 /// A Parquet file's rows as `id|v|w`, each with its `op` where it has one.
 fn parquet_rows(path: &std::path::Path) -> Vec<(Option<String>, String)> {
     use arrow::util::display::array_value_to_string;
-    let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .unwrap()
-        .build()
-        .unwrap();
     let mut rows = Vec::new();
-    for b in reader {
-        let b = b.unwrap();
+    for b in parquet_batches(path) {
         let cell = |c: &str, r: usize| {
             b.column_by_name(c)
                 .map(|a| array_value_to_string(a, r).unwrap())
@@ -1171,9 +1187,7 @@ fn parts_read_in_part_publish_what_a_whole_read_does() {
             let rows = super::read_part(&publisher.state_store, "d", &partition.state)
                 .await
                 .unwrap();
-            let mut out = Vec::new();
-            super::csv::encode_rows(&super::state::without_key(&rows), false, &mut out).unwrap();
-            recovered.extend(String::from_utf8(out).unwrap().lines().map(String::from));
+            recovered.extend(csv_body_lines(&super::state::without_key(&rows)));
         }
         recovered.sort();
         assert_eq!(recovered, ab_lines(&model));
@@ -1199,19 +1213,11 @@ fn part_lines(dir: &std::path::Path) -> Vec<String> {
     for (name, part) in &newest(dir).partitions {
         let csv = std::fs::read_to_string(root.join(&part.files[&OutputFormat::Csv].path)).unwrap();
         let from_csv: Vec<String> = csv.lines().skip(1).map(String::from).collect();
-        let bytes = bytes::Bytes::from(
-            std::fs::read(root.join(&part.files[&OutputFormat::Parquet].path)).unwrap(),
-        );
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .unwrap()
-            .build()
-            .unwrap();
-        let mut from_parquet = Vec::new();
-        for b in reader {
-            let mut out = Vec::new();
-            super::csv::encode_rows(&b.unwrap(), false, &mut out).unwrap();
-            from_parquet.extend(String::from_utf8(out).unwrap().lines().map(String::from));
-        }
+        let from_parquet: Vec<String> =
+            parquet_batches(&root.join(&part.files[&OutputFormat::Parquet].path))
+                .iter()
+                .flat_map(csv_body_lines)
+                .collect();
         assert_eq!(from_csv, from_parquet, "part {name}: CSV and Parquet agree");
         lines.extend(from_csv);
     }
