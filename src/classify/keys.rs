@@ -12,8 +12,12 @@ use sha2::Sha256;
 /// The name of the private key column. It lives in state only, never in a
 /// published file: a pseudonym is still personal data.
 pub const KEY_COLUMN: &str = "_key";
-/// Bytes in a `_key`.
-pub const KEY_BYTES: usize = 32;
+/// Bytes in a `_key`: the HMAC-SHA-256 truncated to its first 128 bits (RFC
+/// 2104, section 5). The key index always told rows apart by these 16 bytes
+/// (128 bits keep collisions out of reach, `publish::state::Key`); keeping
+/// all 32 made the state files a third larger and every classified batch
+/// carry 16 bytes a row for nothing (BENCHMARKS.md, issue 3).
+pub const KEY_BYTES: usize = 16;
 /// Bytes of a `hash` token (hex-encoded to twice as many characters).
 const TOKEN_BYTES: usize = 16;
 /// Shortest secret accepted.
@@ -208,7 +212,7 @@ impl Keyer {
     }
 
     /// The `_key` of every row: HMAC-SHA-256 over the key columns' text, joined by
-    /// the unit separator.
+    /// the unit separator, its first [`KEY_BYTES`] bytes.
     pub fn keys(
         &self,
         batch: &RecordBatch,
@@ -252,7 +256,7 @@ impl Keyer {
                 }
                 column.append(row, &mut text, &mut digits);
             }
-            out.extend_from_slice(&self.rows.mac(&text));
+            out.extend_from_slice(&self.rows.mac(&text)[..KEY_BYTES]);
         }
         FixedSizeBinaryArray::try_new(KEY_BYTES as i32, out.into(), None)
     }
@@ -321,19 +325,20 @@ mod tests {
     /// `_key`s, the key's fingerprint and `hash` tokens must never change
     /// between releases (the state is keyed by them): these are HMAC-SHA-256
     /// as Python's `hmac` module computes it, e.g. for a `_key`
-    /// `hmac.new(hmac.new(secret, b"oppen/_key/v1", sha256).digest(), text, sha256)`.
+    /// `hmac.new(hmac.new(secret, b"oppen/_key/v1", sha256).digest(), text, sha256).digest()[:16]`
+    /// (the first half of what a `_key` was before it was cut to 16 bytes).
     #[test]
     fn keys_are_hmac_sha256_of_the_key_text() {
         let ids: ArrayRef = std::sync::Arc::new(Int64Array::from(vec![42]));
         assert_eq!(
             keys_of(vec![ids]),
-            ["e95bdc1e90346b93b4645894402bd7a109042c392facde5e6afeaf3868d09b31"]
+            ["e95bdc1e90346b93b4645894402bd7a1"]
         );
         let ids: ArrayRef = std::sync::Arc::new(Int32Array::from(vec![-7]));
         let names: ArrayRef = std::sync::Arc::new(StringArray::from(vec![" ab c "]));
         assert_eq!(
             keys_of(vec![ids, names]),
-            ["1e0dfc1f81dfe0f833adebc256f65b756e183c0eb7d165f68f2fe522b6a52bc4"]
+            ["1e0dfc1f81dfe0f833adebc256f65b75"]
         );
         // The key's fingerprint (recorded with every state) and a `hash`
         // token (published) are pinned the same way.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-pub use keys::{KEY_COLUMN, Keyer, PseudonymKey};
+pub use keys::{KEY_BYTES, KEY_COLUMN, Keyer, PseudonymKey};
 use oppen_connector_api::{ChangeBatch, Op};
 
 use crate::config::rules::{Detected, RowRule};

@@ -513,6 +513,7 @@ impl Publisher {
         commit_time: Option<DateTime<Utc>>,
     ) -> Result<()> {
         let Classified { data, ops, .. } = batch;
+        let data = state::narrow_keys(data)?;
         // A snapshot batch after change batches starts a new image (a second
         // TRUNCATE before the first one's transaction boundary was seen): the
         // image under way is replaced, not extended.

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use chrono::Datelike;
 
 use super::index::KeyIndex;
-use crate::classify::KEY_COLUMN;
+use crate::classify::{KEY_BYTES, KEY_COLUMN};
 use crate::config::PartitionGrain;
 
 /// A row's `_key` in the index: its first 16 bytes. Keys are HMAC-SHA256
@@ -131,6 +131,56 @@ pub fn keys(batch: &RecordBatch) -> Result<&FixedSizeBinaryArray, ArrowError> {
         .column_by_name(KEY_COLUMN)
         .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
         .ok_or_else(|| ArrowError::SchemaError(format!("batch has no {KEY_COLUMN} column")))
+}
+
+/// A `_key` is as wide as the index's [`Key`].
+const _: () = assert!(KEY_BYTES == size_of::<Key>());
+
+/// `batch` with its `_key` column cut to [`KEY_BYTES`] bytes a key, the bytes
+/// the index always used. State files and transport messages written before
+/// `_key` was truncated carry all 32 bytes of the HMAC; rows read from them
+/// or staged from an older connector are cut here, so a dataset never holds
+/// keys of two widths. A batch of narrow keys is returned as it is.
+pub fn narrow_keys(batch: RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    let Ok(at) = schema.index_of(KEY_COLUMN) else {
+        return Ok(batch);
+    };
+    let &DataType::FixedSizeBinary(width) = schema.field(at).data_type() else {
+        return Err(ArrowError::SchemaError(format!(
+            "{KEY_COLUMN} is {}, not fixed-size binary",
+            schema.field(at).data_type()
+        )));
+    };
+    match usize::try_from(width) {
+        Ok(KEY_BYTES) => return Ok(batch),
+        Ok(w) if w > KEY_BYTES => {}
+        _ => {
+            return Err(ArrowError::SchemaError(format!(
+                "{KEY_COLUMN} has {width} bytes a key; at least {KEY_BYTES} are needed"
+            )));
+        }
+    }
+    let wide = keys(&batch)?;
+    let mut narrow = Vec::with_capacity(wide.len() * KEY_BYTES);
+    for row in 0..wide.len() {
+        narrow.extend_from_slice(&wide.value(row)[..KEY_BYTES]);
+    }
+    let narrow =
+        FixedSizeBinaryArray::try_new(KEY_BYTES as i32, narrow.into(), wide.logical_nulls())?;
+    let mut fields: Vec<FieldRef> = schema.fields().iter().cloned().collect();
+    fields[at] = Arc::new(
+        fields[at]
+            .as_ref()
+            .clone()
+            .with_data_type(DataType::FixedSizeBinary(KEY_BYTES as i32)),
+    );
+    let mut columns = batch.columns().to_vec();
+    columns[at] = Arc::new(narrow);
+    RecordBatch::try_new(
+        Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
+        columns,
+    )
 }
 
 /// The index key of a row (see [`Key`]).
@@ -383,7 +433,7 @@ pub fn decode_state(bytes: Bytes) -> Result<RecordBatch, ArrowError> {
     let reader = arrow::ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), None)?;
     let schema = reader.schema();
     let batches = reader.collect::<Result<Vec<_>, _>>()?;
-    concat_owned(&schema, batches)
+    narrow_keys(concat_owned(&schema, batches)?)
 }
 
 /// Concatenates batches of `schema` that are not needed afterwards, one
@@ -649,6 +699,60 @@ mod tests {
         );
         let short = base.slice(0, 50);
         assert!(super::apply_update(&short, &stored).is_err());
+    }
+
+    /// Keys of 32 bytes are cut to their first 16 (what the index always
+    /// used), the other columns untouched; narrow keys and batches without
+    /// keys come back as they are; keys too short or not binary are refused.
+    #[test]
+    fn wide_keys_are_cut_to_the_index_bytes() {
+        use arrow::array::{AsArray, FixedSizeBinaryArray};
+        use arrow::datatypes::DataType;
+        let with_keys = |width: i32| {
+            let keys: Vec<Vec<u8>> = (0..3u8)
+                .map(|r| (0..width as u8).map(|i| i.wrapping_mul(7) ^ r).collect())
+                .collect();
+            let rest = batch(
+                vec![Some("a"), None, Some("c")],
+                vec![Some(1), None, Some(3)],
+            );
+            let keys = FixedSizeBinaryArray::try_from_iter(keys.into_iter()).unwrap();
+            let schema = rest.schema();
+            let names = schema.fields().iter().map(|f| f.name().as_str());
+            let columns = [(super::KEY_COLUMN, Arc::new(keys) as ArrayRef)]
+                .into_iter()
+                .chain(names.zip(rest.columns().iter().cloned()));
+            RecordBatch::try_from_iter(columns).unwrap()
+        };
+        let wide = with_keys(32);
+        let narrow = super::narrow_keys(wide.clone()).unwrap();
+        assert_eq!(
+            narrow.schema().field(0).data_type(),
+            &DataType::FixedSizeBinary(super::KEY_BYTES as i32)
+        );
+        let (w, n) = (
+            wide.column(0).as_fixed_size_binary(),
+            narrow.column(0).as_fixed_size_binary(),
+        );
+        for r in 0..3 {
+            assert_eq!(n.value(r), &w.value(r)[..super::KEY_BYTES]);
+            assert_eq!(super::key_at(n, r), super::key_at(w, r));
+        }
+        assert_eq!(narrow.columns()[1..], wide.columns()[1..]);
+        let same = with_keys(super::KEY_BYTES as i32);
+        assert_eq!(super::narrow_keys(same.clone()).unwrap(), same);
+        let keyless = batch(vec![Some("a")], vec![Some(1)]);
+        assert_eq!(super::narrow_keys(keyless.clone()).unwrap(), keyless);
+        assert!(super::narrow_keys(with_keys(8)).is_err());
+        let text = RecordBatch::try_from_iter([(
+            super::KEY_COLUMN,
+            Arc::new(StringArray::from(vec!["k"])) as ArrayRef,
+        )])
+        .unwrap();
+        assert!(super::narrow_keys(text).is_err());
+        // A state file of wide keys reads back narrow.
+        let read = super::decode_state(super::encode_state(&wide).unwrap()).unwrap();
+        assert_eq!(read, narrow);
     }
 
     /// A state file is written in slices and reads back as the one batch it

@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use super::state::KeyScope;
 use super::store::{Store, StoreLocation};
 use super::{Committed, Publisher, Settings};
-use crate::classify::{Classified, KEY_COLUMN};
+use crate::classify::{Classified, KEY_BYTES, KEY_COLUMN};
 use crate::config::OutputFormat;
 
 /// One staged step: an image (rows, in batches; of the keys of one of two
@@ -35,17 +35,22 @@ fn key(id: u8) -> [u8; 32] {
 }
 
 fn batch(rows: &[(u8, Option<u8>)], wide: bool) -> Classified {
+    batch_keyed(rows, wide, KEY_BYTES)
+}
+
+/// [`batch`] with `_key`s of `width` bytes (32 before keys were cut to 16).
+fn batch_keyed(rows: &[(u8, Option<u8>)], wide: bool, width: usize) -> Classified {
     let mut fields = vec![
-        Field::new(KEY_COLUMN, DataType::FixedSizeBinary(32), false),
+        Field::new(KEY_COLUMN, DataType::FixedSizeBinary(width as i32), false),
         Field::new("id", DataType::Int64, true),
         Field::new("v", DataType::Utf8, true),
     ];
     if wide {
         fields.push(Field::new("w", DataType::Utf8, true));
     }
-    let mut keys = FixedSizeBinaryBuilder::with_capacity(rows.len(), 32);
+    let mut keys = FixedSizeBinaryBuilder::with_capacity(rows.len(), width as i32);
     for (id, _) in rows {
-        keys.append_value(key(*id)).unwrap();
+        keys.append_value(&key(*id)[..width]).unwrap();
     }
     let ids: Int64Array = rows
         .iter()
@@ -1069,14 +1074,18 @@ async fn commit_ab(
 /// A part of `(id, a, b)` rows for [`parts_read_in_part_publish_what_a_whole_read_does`].
 fn ab_batch(rows: &[(u8, String, i64)], kind: Op) -> Classified {
     let fields = vec![
-        Field::new(KEY_COLUMN, DataType::FixedSizeBinary(32), false),
+        Field::new(
+            KEY_COLUMN,
+            DataType::FixedSizeBinary(KEY_BYTES as i32),
+            false,
+        ),
         Field::new("id", DataType::Int64, true),
         Field::new("a", DataType::Utf8, true),
         Field::new("b", DataType::Int64, true),
     ];
-    let mut keys = FixedSizeBinaryBuilder::with_capacity(rows.len(), 32);
+    let mut keys = FixedSizeBinaryBuilder::with_capacity(rows.len(), KEY_BYTES as i32);
     for (id, _, _) in rows {
-        keys.append_value(key(*id)).unwrap();
+        keys.append_value(&key(*id)[..KEY_BYTES]).unwrap();
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(keys.finish()),
@@ -1229,4 +1238,180 @@ fn ab_published(dir: &std::path::Path) -> Vec<String> {
     let mut lines = part_lines(dir);
     lines.sort();
     lines
+}
+
+/// Rewrites every state file of the newest version with 32-byte `_key`s
+/// (each id's whole [`key`]), as publishers wrote them before keys were cut
+/// to 16 bytes, and records their new sizes and XXH3 in the state manifest.
+/// Returns how many files it rewrote.
+fn widen_state_keys(dir: &std::path::Path) -> usize {
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int64Type;
+    /// Calls `f` on every file reference (an object with a path and a size).
+    fn each_file(v: &mut serde_json::Value, f: &mut dyn FnMut(&mut serde_json::Value)) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if map.get("path").is_some_and(|p| p.is_string()) && map.contains_key("bytes") {
+                    f(v);
+                    return;
+                }
+                map.values_mut().for_each(|v| each_file(v, f));
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| each_file(v, f)),
+            _ => {}
+        }
+    }
+    let root = dir.join("state/d");
+    let manifest_path = root.join(super::manifest::state_manifest_path(&newest(dir)));
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let mut widened = 0;
+    each_file(&mut manifest, &mut |file| {
+        let path = root.join(file["path"].as_str().unwrap());
+        let rows = super::state::decode_state(std::fs::read(&path).unwrap().into()).unwrap();
+        let ids = rows
+            .column_by_name("id")
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        let mut keys = FixedSizeBinaryBuilder::with_capacity(rows.num_rows(), 32);
+        for id in ids.values() {
+            keys.append_value(key(u8::try_from(*id).unwrap())).unwrap();
+        }
+        let schema = rows.schema();
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let at = schema.index_of(KEY_COLUMN).unwrap();
+        fields[at] = Field::new(KEY_COLUMN, DataType::FixedSizeBinary(32), false);
+        let mut columns = rows.columns().to_vec();
+        columns[at] = Arc::new(keys.finish());
+        let wide = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+        let bytes = super::state::encode_state(&wide).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        file["bytes"] = bytes.len().into();
+        file["xxh3"] = super::manifest::xxh3_hex(xxhash_rust::xxh3::xxh3_64(&bytes)).into();
+        widened += 1;
+    });
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    widened
+}
+
+/// The width of `_key` in a state file, as written.
+fn state_key_width(path: &std::path::Path) -> i32 {
+    let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+    let reader =
+        arrow::ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), None).unwrap();
+    match reader
+        .schema()
+        .field_with_name(KEY_COLUMN)
+        .unwrap()
+        .data_type()
+    {
+        DataType::FixedSizeBinary(width) => *width,
+        other => panic!("{KEY_COLUMN} is {other}"),
+    }
+}
+
+/// A dataset whose state holds the 32-byte `_key`s written before keys were
+/// cut to 16 bytes carries on after the upgrade: its rows are the same rows
+/// (an unchanged row is no update), changes from a connector still staging
+/// wide keys count once, parts written since hold narrow keys, and a
+/// publisher recovering from the mixed state publishes the same.
+#[test]
+fn a_state_of_wide_keys_carries_on_with_narrow_ones() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lsn = 0;
+        {
+            let mut publisher = open(dir.path(), settings(4, 0), true).await;
+            commit_image(&mut publisher, 10, &mut lsn).await;
+        }
+        assert!(
+            widen_state_keys(dir.path()) >= 3,
+            "ten rows in parts of four"
+        );
+        let mut model: std::collections::BTreeMap<u8, u8> = (0..10).map(|id| (id, 0)).collect();
+        let changes = |rows: &[(u8, Option<u8>)],
+                       model: &mut std::collections::BTreeMap<u8, u8>| {
+            for &(id, v) in rows {
+                match v {
+                    Some(v) => model.insert(id, v),
+                    None => model.remove(&id),
+                };
+            }
+        };
+        let lines = |model: &std::collections::BTreeMap<u8, u8>| {
+            let mut lines: Vec<String> =
+                model.iter().map(|(id, v)| format!("{id}|v{v}|")).collect();
+            lines.sort();
+            lines
+        };
+        // Narrow keys on the wide state, then wide keys again (a connector
+        // not yet upgraded, over the transport): each change counts once.
+        let steps: [(&[(u8, Option<u8>)], usize, (u64, u64, u64, u64)); 2] = [
+            (
+                &[(1, Some(5)), (2, None), (20, Some(1)), (3, Some(0))],
+                KEY_BYTES,
+                (10, 1, 1, 1),
+            ),
+            (
+                &[(1, Some(6)), (20, None), (4, Some(0)), (21, Some(2))],
+                32,
+                (10, 1, 1, 1),
+            ),
+        ];
+        for (rows, width, counts) in steps {
+            let mut publisher = open(dir.path(), settings(4, 0), true).await;
+            lsn += 1;
+            publisher
+                .stage(
+                    batch_keyed(rows, false, width),
+                    BatchKind::Changes,
+                    true,
+                    Position::Lsn { lsn },
+                    None,
+                )
+                .unwrap();
+            let committed = publisher.commit().await.unwrap();
+            assert_eq!(summary(&committed), Some(counts), "keys of {width} bytes");
+            changes(rows, &mut model);
+            assert_eq!(published(dir.path()), lines(&model));
+        }
+        // The parts written since hold narrow keys.
+        let state = newest_state(dir.path());
+        let json = serde_json::to_value(&state).unwrap();
+        let mut widths = Vec::new();
+        let mut stack = vec![&json];
+        while let Some(v) = stack.pop() {
+            match v {
+                serde_json::Value::Object(map) => {
+                    if let Some(path) = map.get("path").and_then(|p| p.as_str())
+                        && map.contains_key("bytes")
+                        && path.ends_with(".arrow")
+                    {
+                        widths.push(state_key_width(&dir.path().join("state/d").join(path)));
+                    }
+                    stack.extend(map.values());
+                }
+                serde_json::Value::Array(items) => stack.extend(items),
+                _ => {}
+            }
+        }
+        assert!(widths.contains(&(KEY_BYTES as i32)), "{widths:?}");
+        // A publisher recovering from the state carries on the same.
+        let mut publisher = open(dir.path(), settings(4, 0), true).await;
+        let rows: &[(u8, Option<u8>)] = &[(0, Some(9)), (21, None)];
+        lsn += 1;
+        publisher
+            .stage(
+                batch(rows, false),
+                BatchKind::Changes,
+                true,
+                Position::Lsn { lsn },
+                None,
+            )
+            .unwrap();
+        let committed = publisher.commit().await.unwrap();
+        assert_eq!(summary(&committed), Some((9, 0, 1, 1)));
+        changes(rows, &mut model);
+        assert_eq!(published(dir.path()), lines(&model));
+    });
 }
