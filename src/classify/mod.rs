@@ -194,7 +194,7 @@ impl Classifier {
         let mut columns = Vec::new();
         let mut fields = vec![Field::new(
             KEY_COLUMN,
-            DataType::FixedSizeBinary(keys::KEY_BYTES as i32),
+            DataType::FixedSizeBinary(KEY_BYTES as i32),
             false,
         )];
         let mut unclassified = Vec::new();
