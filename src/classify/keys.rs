@@ -330,10 +330,7 @@ mod tests {
     #[test]
     fn keys_are_hmac_sha256_of_the_key_text() {
         let ids: ArrayRef = std::sync::Arc::new(Int64Array::from(vec![42]));
-        assert_eq!(
-            keys_of(vec![ids]),
-            ["e95bdc1e90346b93b4645894402bd7a1"]
-        );
+        assert_eq!(keys_of(vec![ids]), ["e95bdc1e90346b93b4645894402bd7a1"]);
         let ids: ArrayRef = std::sync::Arc::new(Int32Array::from(vec![-7]));
         let names: ArrayRef = std::sync::Arc::new(StringArray::from(vec![" ab c "]));
         assert_eq!(
