@@ -568,9 +568,53 @@ impl KeyLog {
 /// buckets (the first version of this) missed the caches on almost every
 /// move. Uniform keys need two levels for millions of entries; skewed ones
 /// only go deeper where they bunch.
+///
+/// A large vector's buckets after the first level are sorted on several
+/// threads: a first version's keys are put in order at its commit, after
+/// the source has ended and its files are nearly written, so the sort alone
+/// decided the last tenth of a second of a 2,000,000-row snapshot with the
+/// other core idle (BENCHMARKS.md, issue 3).
 fn sort_entries(entries: &mut [(Key, Entry)]) {
-    radix_sort(entries, 0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_SORT_THREADS));
+    if threads < 2 || entries.len() < PARALLEL_SORT_ENTRIES {
+        radix_sort(entries, 0);
+        return;
+    }
+    let starts = partition(entries, 0);
+    // Runs of whole buckets, about the same number of entries each.
+    let share = entries.len().div_ceil(threads);
+    let mut runs = Vec::with_capacity(threads);
+    let mut rest: &mut [(Key, Entry)] = entries;
+    let mut taken = 0;
+    let mut bucket = 0;
+    while bucket < 256 {
+        let first = bucket;
+        while bucket < 256 && (starts[bucket + 1] - taken < share || bucket == first) {
+            bucket += 1;
+        }
+        let (run, tail) = rest.split_at_mut(starts[bucket] - taken);
+        runs.push((run, &starts[first..=bucket]));
+        rest = tail;
+        taken = starts[bucket];
+    }
+    std::thread::scope(|scope| {
+        for (run, bounds) in runs {
+            scope.spawn(move || {
+                let base = bounds[0];
+                for b in bounds.windows(2) {
+                    radix_sort(&mut run[b[0] - base..b[1] - base], 1);
+                }
+            });
+        }
+    });
 }
+
+/// Threads [`sort_entries`] uses at most.
+const MAX_SORT_THREADS: usize = 4;
+
+/// Entries from which [`sort_entries`] sorts on several threads: below, the
+/// threads' start costs more than they save.
+const PARALLEL_SORT_ENTRIES: usize = 1 << 16;
 
 /// Below this many entries a bucket is sorted by comparison.
 const RADIX_SMALL: usize = 64;
@@ -580,7 +624,15 @@ fn radix_sort(entries: &mut [(Key, Entry)], byte: usize) {
         entries.sort_unstable_by_key(|(key, _)| rank(key));
         return;
     }
-    // starts[b] is where bucket b begins.
+    let starts = partition(entries, byte);
+    for b in starts.windows(2) {
+        radix_sort(&mut entries[b[0]..b[1]], byte + 1);
+    }
+}
+
+/// Moves the entries into 256 buckets by key byte `byte`, in place;
+/// returns where each bucket begins (and, last, the end).
+fn partition(entries: &mut [(Key, Entry)], byte: usize) -> [usize; 257] {
     let mut starts = [0usize; 257];
     for (key, _) in entries.iter() {
         starts[usize::from(key[byte]) + 1] += 1;
@@ -604,9 +656,7 @@ fn radix_sort(entries: &mut [(Key, Entry)], byte: usize) {
             next[b] += 1;
         }
     }
-    for b in starts.windows(2) {
-        radix_sort(&mut entries[b[0]..b[1]], byte + 1);
-    }
+    starts
 }
 
 /// The overlay's changes sorted by key. Keys are uniform, so scattering
@@ -795,6 +845,32 @@ mod tests {
             );
         }
         assert_eq!(index.iter().count(), index.len());
+    }
+
+    /// A vector large enough to be sorted on several threads comes out as a
+    /// comparison sort puts it: keys uniform, all in one first-byte bucket,
+    /// and half of them in one bucket (runs of whole buckets split unevenly).
+    #[test]
+    fn a_large_vector_sorts_as_a_comparison_sort_would() {
+        let n = PARALLEL_SORT_ENTRIES as u32 * 3 + 17;
+        for bunched in [0, 1, 2] {
+            let mut entries: Vec<(Key, Entry)> = (0..n)
+                .map(|i| {
+                    let mut k = [0u8; 16];
+                    let h = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    k[..8].copy_from_slice(&h.to_be_bytes());
+                    k[8..12].copy_from_slice(&i.to_be_bytes());
+                    if bunched == 1 || (bunched == 2 && i % 2 == 0) {
+                        k[0] = 0x80;
+                    }
+                    (k, entry(i, u64::from(i)))
+                })
+                .collect();
+            let mut expected = entries.clone();
+            expected.sort_unstable_by_key(|(k, _)| rank(k));
+            sort_entries(&mut entries);
+            assert!(entries == expected, "bunched: {bunched}");
+        }
     }
 
     /// The bucket sort of a merge gives the order of a comparison sort, for
