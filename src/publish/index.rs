@@ -575,38 +575,49 @@ impl KeyLog {
 /// decided the last tenth of a second of a 2,000,000-row snapshot with the
 /// other core idle (BENCHMARKS.md, issue 3).
 fn sort_entries(entries: &mut [(Key, Entry)]) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_SORT_THREADS));
-    if threads < 2 || entries.len() < PARALLEL_SORT_ENTRIES {
+    let threads = sort_threads(entries.len());
+    if threads < 2 {
         radix_sort(entries, 0);
         return;
     }
     let starts = partition(entries, 0);
-    // Runs of whole buckets, about the same number of entries each.
-    let share = entries.len().div_ceil(threads);
-    let mut runs = Vec::with_capacity(threads);
-    let mut rest: &mut [(Key, Entry)] = entries;
-    let mut taken = 0;
-    let mut bucket = 0;
-    while bucket < 256 {
-        let first = bucket;
-        while bucket < 256 && (starts[bucket + 1] - taken < share || bucket == first) {
-            bucket += 1;
-        }
-        let (run, tail) = rest.split_at_mut(starts[bucket] - taken);
-        runs.push((run, &starts[first..=bucket]));
+    let mut buckets = Vec::with_capacity(256);
+    let mut rest = entries;
+    for b in starts.windows(2) {
+        let (bucket, tail) = rest.split_at_mut(b[1] - b[0]);
+        buckets.push(bucket);
         rest = tail;
-        taken = starts[bucket];
     }
+    // Runs of whole buckets, about the same number of entries each.
+    let share = starts[256].div_ceil(threads);
     std::thread::scope(|scope| {
-        for (run, bounds) in runs {
+        let mut rest = buckets.as_mut_slice();
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut size = 0;
+            while take < rest.len() && (take == 0 || size + rest[take].len() <= share) {
+                size += rest[take].len();
+                take += 1;
+            }
+            let (run, tail) = std::mem::take(&mut rest).split_at_mut(take);
+            rest = tail;
             scope.spawn(move || {
-                let base = bounds[0];
-                for b in bounds.windows(2) {
-                    radix_sort(&mut run[b[0] - base..b[1] - base], 1);
+                for bucket in run {
+                    radix_sort(bucket, 1);
                 }
             });
         }
     });
+}
+
+/// Threads to sort `entries` entries on: one below
+/// [`PARALLEL_SORT_ENTRIES`], where starting threads costs more than they
+/// save.
+fn sort_threads(entries: usize) -> usize {
+    if entries < PARALLEL_SORT_ENTRIES {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_SORT_THREADS))
 }
 
 /// Threads [`sort_entries`] uses at most.
