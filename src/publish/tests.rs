@@ -1240,6 +1240,22 @@ fn ab_published(dir: &std::path::Path) -> Vec<String> {
     lines
 }
 
+/// Calls `f` on every file reference (an object with a path and a size) of
+/// a manifest's JSON.
+fn each_file(v: &mut serde_json::Value, f: &mut dyn FnMut(&mut serde_json::Value)) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if map.get("path").is_some_and(|p| p.is_string()) && map.contains_key("bytes") {
+                f(v);
+                return;
+            }
+            map.values_mut().for_each(|v| each_file(v, f));
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| each_file(v, f)),
+        _ => {}
+    }
+}
+
 /// Rewrites every state file of the newest version with 32-byte `_key`s
 /// (each id's whole [`key`]), as publishers wrote them before keys were cut
 /// to 16 bytes, and records their new sizes and XXH3 in the state manifest.
@@ -1247,20 +1263,6 @@ fn ab_published(dir: &std::path::Path) -> Vec<String> {
 fn widen_state_keys(dir: &std::path::Path) -> usize {
     use arrow::array::AsArray;
     use arrow::datatypes::Int64Type;
-    /// Calls `f` on every file reference (an object with a path and a size).
-    fn each_file(v: &mut serde_json::Value, f: &mut dyn FnMut(&mut serde_json::Value)) {
-        match v {
-            serde_json::Value::Object(map) => {
-                if map.get("path").is_some_and(|p| p.is_string()) && map.contains_key("bytes") {
-                    f(v);
-                    return;
-                }
-                map.values_mut().for_each(|v| each_file(v, f));
-            }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| each_file(v, f)),
-            _ => {}
-        }
-    }
     let root = dir.join("state/d");
     let manifest_path = root.join(super::manifest::state_manifest_path(&newest(dir)));
     let mut manifest: serde_json::Value =
@@ -1346,24 +1348,22 @@ fn a_state_of_wide_keys_carries_on_with_narrow_ones() {
         };
         // Narrow keys on the wide state, then wide keys again (a connector
         // not yet upgraded, over the transport): each change counts once.
-        let steps: [(&[(u8, Option<u8>)], usize, (u64, u64, u64, u64)); 2] = [
+        let steps = [
             (
-                &[(1, Some(5)), (2, None), (20, Some(1)), (3, Some(0))],
+                vec![(1, Some(5)), (2, None), (20, Some(1)), (3, Some(0))],
                 KEY_BYTES,
-                (10, 1, 1, 1),
             ),
             (
-                &[(1, Some(6)), (20, None), (4, Some(0)), (21, Some(2))],
+                vec![(1, Some(6)), (20, None), (4, Some(0)), (21, Some(2))],
                 32,
-                (10, 1, 1, 1),
             ),
         ];
-        for (rows, width, counts) in steps {
+        for (rows, width) in steps {
             let mut publisher = open(dir.path(), settings(4, 0), true).await;
             lsn += 1;
             publisher
                 .stage(
-                    batch_keyed(rows, false, width),
+                    batch_keyed(&rows, false, width),
                     BatchKind::Changes,
                     true,
                     Position::Lsn { lsn },
@@ -1371,30 +1371,24 @@ fn a_state_of_wide_keys_carries_on_with_narrow_ones() {
                 )
                 .unwrap();
             let committed = publisher.commit().await.unwrap();
-            assert_eq!(summary(&committed), Some(counts), "keys of {width} bytes");
-            changes(rows, &mut model);
+            assert_eq!(
+                summary(&committed),
+                Some((10, 1, 1, 1)),
+                "keys of {width} bytes"
+            );
+            changes(&rows, &mut model);
             assert_eq!(published(dir.path()), lines(&model));
         }
         // The parts written since hold narrow keys.
-        let state = newest_state(dir.path());
-        let json = serde_json::to_value(&state).unwrap();
+        let mut state = serde_json::to_value(newest_state(dir.path())).unwrap();
         let mut widths = Vec::new();
-        let mut stack = vec![&json];
-        while let Some(v) = stack.pop() {
-            match v {
-                serde_json::Value::Object(map) => {
-                    if let Some(path) = map.get("path").and_then(|p| p.as_str())
-                        && map.contains_key("bytes")
-                        && path.ends_with(".arrow")
-                    {
-                        widths.push(state_key_width(&dir.path().join("state/d").join(path)));
-                    }
-                    stack.extend(map.values());
-                }
-                serde_json::Value::Array(items) => stack.extend(items),
-                _ => {}
-            }
-        }
+        each_file(&mut state, &mut |file| {
+            let path = dir
+                .path()
+                .join("state/d")
+                .join(file["path"].as_str().unwrap());
+            widths.push(state_key_width(&path));
+        });
         assert!(widths.contains(&(KEY_BYTES as i32)), "{widths:?}");
         // A publisher recovering from the state carries on the same.
         let mut publisher = open(dir.path(), settings(4, 0), true).await;
