@@ -18,9 +18,9 @@ use super::index::KeyIndex;
 use crate::classify::{KEY_BYTES, KEY_COLUMN};
 use crate::config::PartitionGrain;
 
-/// A row's `_key` in the index: its first 16 bytes. Keys are HMAC-SHA256
-/// outputs, so 128 bits keep collisions out of reach (about 1 in 10^20 for a
-/// billion keys) and halve the index's memory next to the full 32 bytes.
+/// A row's `_key`: HMAC-SHA-256 truncated to 16 bytes. 128 bits keep
+/// collisions out of reach (about 1 in 10^20 for a billion keys) at half the
+/// memory of the full 32 bytes, in the index and in every batch and state file.
 pub type Key = [u8; 16];
 
 /// Hashes a `_key` by taking 8 of its bytes: keys are HMAC outputs, already
