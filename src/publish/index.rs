@@ -575,8 +575,7 @@ impl KeyLog {
 /// decided the last tenth of a second of a 2,000,000-row snapshot with the
 /// other core idle (BENCHMARKS.md, issue 3).
 fn sort_entries(entries: &mut [(Key, Entry)]) {
-    let threads = sort_threads(entries.len());
-    if threads < 2 {
+    if entries.len() < PARALLEL_SORT_ENTRIES {
         radix_sort(entries, 0);
         return;
     }
@@ -588,40 +587,8 @@ fn sort_entries(entries: &mut [(Key, Entry)]) {
         buckets.push(bucket);
         rest = tail;
     }
-    // Runs of whole buckets, about the same number of entries each.
-    let share = starts[256].div_ceil(threads);
-    std::thread::scope(|scope| {
-        let mut rest = buckets.as_mut_slice();
-        while !rest.is_empty() {
-            let mut take = 0;
-            let mut size = 0;
-            while take < rest.len() && (take == 0 || size + rest[take].len() <= share) {
-                size += rest[take].len();
-                take += 1;
-            }
-            let (run, tail) = std::mem::take(&mut rest).split_at_mut(take);
-            rest = tail;
-            scope.spawn(move || {
-                for bucket in run {
-                    radix_sort(bucket, 1);
-                }
-            });
-        }
-    });
+    super::parallel_for_each(&mut buckets, |bucket| radix_sort(bucket, 1));
 }
-
-/// Threads to sort `entries` entries on: one below
-/// [`PARALLEL_SORT_ENTRIES`], where starting threads costs more than they
-/// save.
-fn sort_threads(entries: usize) -> usize {
-    if entries < PARALLEL_SORT_ENTRIES {
-        return 1;
-    }
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_SORT_THREADS))
-}
-
-/// Threads [`sort_entries`] uses at most.
-const MAX_SORT_THREADS: usize = 4;
 
 /// Entries from which [`sort_entries`] sorts on several threads: below, the
 /// threads' start costs more than they save.

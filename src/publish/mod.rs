@@ -2886,7 +2886,7 @@ impl Publisher {
 
 /// `f` over `items` on every core, results in order.
 fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = parallel_threads();
     if threads < 2 || items.len() < 2 {
         return items.iter().map(f).collect();
     }
@@ -2904,6 +2904,27 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
             })
             .collect()
     })
+}
+
+/// `f` on each of `items` on every core, each thread taking a run of them.
+fn parallel_for_each<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
+    let threads = parallel_threads();
+    if threads < 2 || items.len() < 2 {
+        items.iter_mut().for_each(f);
+        return;
+    }
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        for part in items.chunks_mut(chunk) {
+            scope.spawn(move || part.iter_mut().for_each(f));
+        }
+    });
+}
+
+/// Threads for [`parallel_map`] and [`parallel_for_each`]: one per core.
+fn parallel_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// A part updated in place, as committed before: its files, to write the
