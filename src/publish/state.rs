@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, FixedSizeBinaryArray, RecordBatch, StringArray, UInt32Array, new_null_array,
+    Array, ArrayRef, AsArray, FixedSizeBinaryArray, RecordBatch, StringArray, UInt32Array,
+    new_null_array,
 };
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
@@ -161,7 +162,7 @@ pub fn narrow_keys(batch: RecordBatch) -> Result<RecordBatch, ArrowError> {
             )));
         }
     }
-    let wide = keys(&batch)?;
+    let wide = batch.column(at).as_fixed_size_binary();
     let mut narrow = Vec::with_capacity(wide.len() * KEY_BYTES);
     for row in 0..wide.len() {
         narrow.extend_from_slice(&wide.value(row)[..KEY_BYTES]);
