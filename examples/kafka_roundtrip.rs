@@ -4,7 +4,9 @@
 //!
 //! usage: kafka_roundtrip BROKERS SOURCE_TOPIC [COMPRESSION]
 //! (COMPRESSION as librdkafka's compression.type; default lz4, as the connector)
-//! prints: messages bytes produce_seconds roundtrip_seconds
+//! prints: messages bytes produce_seconds roundtrip_seconds own_cpu_ticks broker_cpu_ticks
+//! (CPU over the timed round trip in clock ticks, user + system: this process's,
+//! and the broker's when `BROKER_PID` names it, else 0)
 
 use std::time::{Duration, Instant};
 
@@ -54,6 +56,25 @@ fn read_all(brokers: &str, topic: &str, expect: Option<usize>) -> Vec<(i32, Vec<
     out
 }
 
+/// A process's CPU time so far in clock ticks (user + system), from
+/// `/proc/PID/stat`; 0 where that cannot be read.
+fn cpu_ticks(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (brokers, source, compression) = match &args[..] {
@@ -84,6 +105,9 @@ fn main() {
         ))
         .expect("create topic");
 
+    let broker = std::env::var("BROKER_PID").ok();
+    let broker_ticks = || broker.as_deref().map_or(0, cpu_ticks);
+    let (own_before, broker_before) = (cpu_ticks("self"), broker_ticks());
     let started = Instant::now();
     let producer: BaseProducer = config(brokers)
         .set("enable.idempotence", "true")
@@ -112,9 +136,13 @@ fn main() {
     let produced = started.elapsed();
     let back = read_all(brokers, &topic, Some(messages.len()));
     let roundtrip = started.elapsed();
+    let (own, broker) = (
+        cpu_ticks("self").saturating_sub(own_before),
+        broker_ticks().saturating_sub(broker_before),
+    );
     assert_eq!(back.len(), messages.len(), "consumed back every message");
     println!(
-        "{} {} {:.3} {:.3}",
+        "{} {} {:.3} {:.3} {own} {broker}",
         messages.len(),
         bytes,
         produced.as_secs_f64(),
