@@ -464,8 +464,16 @@ pub async fn run(
                             continue; // read again from the newest version
                         }
                     }
+                    let (messages, started) = (buffered.len(), Instant::now());
                     stage(&mut publisher, &mut reader.schema, p, buffered)?;
                     publisher.settle().await;
+                    tracing::trace!(
+                        dataset,
+                        partition = p,
+                        messages,
+                        ms = started.elapsed().as_millis() as u64,
+                        "staged a transaction from the transport"
+                    );
                     first_pending.get_or_insert_with(Instant::now);
                     if let Some(state) = reader.partitions.get_mut(&p) {
                         state.staged_next = offset + 1;
