@@ -528,6 +528,11 @@ impl KeyLog {
         self.entries.reserve_exact(more);
     }
 
+    /// Every key appended, removals included, a key appended twice twice.
+    pub fn keys(&self) -> impl Iterator<Item = &Key> + '_ {
+        self.entries.iter().map(|(key, _)| key)
+    }
+
     /// Appends the removal of `key`: it ends any entry appended before, and
     /// removes the key from the index that absorbs the log.
     pub fn remove(&mut self, key: Key) {

@@ -192,8 +192,16 @@ impl Streamed {
 
     /// A new image of the keys in `scope` starts (after the first): it
     /// replaces what was staged of them.
+    ///
+    /// Where nothing of `scope` was staged (a publisher on a transport stages
+    /// the images of its partitions one after another) the image replaces
+    /// nothing: its keys are not tracked, and its end puts no keys in order
+    /// and looks none up. One look at the keys staged so far costs less than
+    /// a set of the image's keys and a pass over the version's at its end.
     pub fn start_image(&mut self, scope: KeyScope) {
-        self.seen = Some((scope, KeySet::default()));
+        let staged = self.keys.iter().any(|(key, _)| scope.contains(key))
+            || self.log.keys().any(|key| scope.contains(key));
+        self.seen = staged.then(|| (scope, KeySet::default()));
     }
 
     /// Every key of the version with the part of its current row and its
