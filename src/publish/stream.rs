@@ -150,8 +150,9 @@ pub(super) struct Streamed {
     keys: KeyIndex,
     /// Keys staged since, in the order they came ([`KeyLog`]).
     log: KeyLog,
-    /// Keys seen by an image under way that is not the first, and the keys
-    /// it covers: when it ends, the keys of its scope it lacks are deleted (a
+    /// Keys seen by an image under way that is not the first and replaces
+    /// keys staged before it (see [`Streamed::start_image`]), and the keys it
+    /// covers: when it ends, the keys of its scope it lacks are deleted (a
     /// newer image replaces the older).
     seen: Option<(KeyScope, KeySet)>,
     filling: BTreeMap<u32, Filling>,
