@@ -1259,17 +1259,18 @@ fn each_file(v: &mut serde_json::Value, f: &mut dyn FnMut(&mut serde_json::Value
 /// Rewrites every state file of the newest version with 32-byte `_key`s
 /// (each id's whole [`key`]), as publishers wrote them before keys were cut
 /// to 16 bytes, and records their new sizes and XXH3 in the state manifest.
-/// Returns how many files it rewrote.
-fn widen_state_keys(dir: &std::path::Path) -> usize {
+/// Returns the paths it rewrote, as the manifest names them.
+fn widen_state_keys(dir: &std::path::Path) -> Vec<String> {
     use arrow::array::AsArray;
     use arrow::datatypes::Int64Type;
     let root = dir.join("state/d");
     let manifest_path = root.join(super::manifest::state_manifest_path(&newest(dir)));
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
-    let mut widened = 0;
+    let mut widened = Vec::new();
     each_file(&mut manifest, &mut |file| {
-        let path = root.join(file["path"].as_str().unwrap());
+        let name = file["path"].as_str().unwrap().to_owned();
+        let path = root.join(&name);
         let rows = super::state::decode_state(std::fs::read(&path).unwrap().into()).unwrap();
         let ids = rows
             .column_by_name("id")
@@ -1290,7 +1291,7 @@ fn widen_state_keys(dir: &std::path::Path) -> usize {
         std::fs::write(&path, &bytes).unwrap();
         file["bytes"] = bytes.len().into();
         file["xxh3"] = super::manifest::xxh3_hex(xxhash_rust::xxh3::xxh3_64(&bytes)).into();
-        widened += 1;
+        widened.push(name);
     });
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
     widened
@@ -1326,10 +1327,8 @@ fn a_state_of_wide_keys_carries_on_with_narrow_ones() {
             let mut publisher = open(dir.path(), settings(4, 0), true).await;
             commit_image(&mut publisher, 10, &mut lsn).await;
         }
-        assert!(
-            widen_state_keys(dir.path()) >= 3,
-            "ten rows in parts of four"
-        );
+        let widened = widen_state_keys(dir.path());
+        assert!(widened.len() >= 3, "ten rows in parts of four");
         let mut model: std::collections::BTreeMap<u8, u8> = (0..10).map(|id| (id, 0)).collect();
         let changes = |rows: &[(u8, Option<u8>)],
                        model: &mut std::collections::BTreeMap<u8, u8>| {
@@ -1380,16 +1379,23 @@ fn a_state_of_wide_keys_carries_on_with_narrow_ones() {
             changes(&rows, &mut model);
             assert_eq!(published(dir.path()), lines(&model));
         }
-        // The parts written since hold narrow keys.
+        // Every state file written since holds narrow keys (wide keys staged
+        // included); a part no step touched keeps its wide file, read narrow.
         let mut state = serde_json::to_value(newest_state(dir.path())).unwrap();
-        let mut widths = Vec::new();
+        let mut written_since = 0;
         each_file(&mut state, &mut |file| {
-            let path = dir
-                .path()
-                .join("state/d")
-                .join(file["path"].as_str().unwrap());
-            widths.push(state_key_width(&path));
+            let name = file["path"].as_str().unwrap();
+            let width = state_key_width(&dir.path().join("state/d").join(name));
+            if widened.iter().any(|w| w == name) {
+                assert_eq!(width, 32, "{name}: a widened file no step rewrote");
+            } else {
+                assert_eq!(
+                    width, KEY_BYTES as i32,
+                    "{name}: written since the widening"
+                );
+                written_since += 1;
+            }
         });
-        assert!(widths.contains(&(KEY_BYTES as i32)), "{widths:?}");
+        assert!(written_since > 0, "the steps wrote state files");
     });
 }
