@@ -36,3 +36,8 @@ cpu_of() {  # pid [reaped]
   [[ ${2:-} == reaped ]] && fields='$14 + $15'
   sed 's/.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" "{ printf \"%.2f\\n\", ($fields) / hz }"
 }
+
+# CPU seconds process `pid` spent since `before`, a reading of cpu_of.
+cpu_since() {  # pid before
+  echo "$(cpu_of "$1") - $2" | bc -l | xargs printf '%.2f\n'
+}
