@@ -142,7 +142,7 @@ pub struct OpsOptions {
     /// How long a stop signal may take before the process exits anyway.
     pub grace: std::time::Duration,
     /// Which part of the pipelines runs here.
-    pub role: crate::transport::Role,
+    pub role: runtime::Role,
 }
 
 /// Starts the metrics and health endpoints. At the default address a port in
@@ -668,7 +668,7 @@ pub async fn status(files: &[PathBuf]) -> Result<ExitCode> {
 pub async fn serve(store: &str, addr: std::net::SocketAddr) -> Result<ExitCode> {
     let cwd = std::env::current_dir().map_err(|e| CommandError::Message(e.to_string()))?;
     let location =
-        crate::publish::store::StoreLocation::parse(store, &cwd).map_err(CommandError::Message)?;
+        crate::store::StoreLocation::parse(store, &cwd).map_err(CommandError::Message)?;
     let store = location.open().map_err(RunError::from)?;
     crate::ops::serve::serve(store, addr)
         .await

@@ -53,8 +53,8 @@ enum Command {
         /// Which part of the pipelines runs here: `all` (embedded), or with a
         /// Kafka transport `connector` (capture and classify, produce to the
         /// topic) or `publisher` (consume the topic, commit versions).
-        #[arg(long, value_enum, default_value_t = oppen::transport::Role::All, env = "OPPEN_ROLE")]
-        role: oppen::transport::Role,
+        #[arg(long, value_enum, default_value_t = oppen::runtime::Role::All, env = "OPPEN_ROLE")]
+        role: oppen::runtime::Role,
     },
     /// Validate pipeline and rules files without connecting to any source.
     /// Exits 1 if anything is wrong; every problem is listed with file:line:column.

@@ -180,21 +180,18 @@ async fn large_files_go_up_in_parts() {
     let moto = Moto::start();
     moto.create_bucket("big");
     // moto takes unsigned requests, so the in-process store needs no credentials.
-    let options = oppen::publish::store::S3Options {
+    let options = oppen::store::S3Options {
         endpoint: Some(moto.endpoint.clone()),
         region: Some("us-east-1".into()),
         path_style: Some(true),
         allow_http: Some(true),
         anonymous: Some(true),
     };
-    let store = oppen::publish::store::StoreLocation::parse_with(
-        "s3://big/p",
-        std::path::Path::new("."),
-        &options,
-    )
-    .unwrap()
-    .open()
-    .unwrap();
+    let store =
+        oppen::store::StoreLocation::parse_with("s3://big/p", std::path::Path::new("."), &options)
+            .unwrap()
+            .open()
+            .unwrap();
     let data: Vec<u8> = (0..40u32 << 20).map(|i| (i % 251) as u8).collect();
     store
         .put("large.bin", bytes::Bytes::from(data.clone()))
@@ -216,7 +213,7 @@ async fn large_files_go_up_in_parts() {
     // The same bytes produced chunk by chunk (as CSV files are written): in
     // parts once past the threshold, in one put below it, and nothing at all
     // when the producer stops before the end.
-    use oppen::publish::store::Chunk;
+    use oppen::store::Chunk;
     let streamed = |bytes: &[u8], end: bool| {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let chunks: Vec<bytes::Bytes> = bytes

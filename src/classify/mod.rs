@@ -20,7 +20,9 @@ pub use keys::{KEY_BYTES, KEY_COLUMN, Keyer, PseudonymKey};
 use oppen_connector_api::{ChangeBatch, Op};
 
 use crate::config::rules::{Detected, RowRule};
-use crate::config::{Action, Diagnostic, Diagnostics, Pipeline, Place, Unclassified};
+use crate::config::{
+    Action, Diagnostic, Diagnostics, Pipeline, Place, Problem, Severity, Unclassified,
+};
 
 /// Errors while classifying a batch.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,20 @@ pub enum ClassifyError {
         #[source]
         source: arrow::error::ArrowError,
     },
+}
+
+/// What the classifier reports when the source's schema changed: the
+/// source's column types, the columns no rule names, and the key to describe
+/// when the source found it itself.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SourceInfo {
+    /// The source's column types.
+    pub types: std::collections::BTreeMap<String, oppen_connector_api::ColumnType>,
+    /// Source columns no rule classifies (dropped).
+    pub unclassified: Vec<String>,
+    /// The published primary key, when the source found its key itself (a
+    /// table's primary key, a Debezium record key).
+    pub primary_key: Option<Vec<String>>,
 }
 
 /// Batches smaller than this are classified on one thread.
@@ -182,13 +198,14 @@ impl Classifier {
             .collect();
         let mut problems = crate::config::check_against_columns(pipeline, &names);
         if !strict {
-            problems.0.retain(|d| {
-                let column_rule = d.message.starts_with("rule for column");
-                if column_rule {
-                    tracing::warn!(dataset = pipeline.id(), problem = %d.message, "a ruled column is gone from the source; it is no longer published");
+            for d in &mut problems.0 {
+                if d.problem == Problem::RuledColumnMissing {
+                    d.severity = Severity::Warning;
                 }
-                !column_rule
-            });
+            }
+            for d in problems.take_warnings() {
+                tracing::warn!(dataset = pipeline.id(), problem = %d.message, "a ruled column is gone from the source; it is no longer published");
+            }
         }
         let rules_file = &pipeline.rules_file;
         let mut columns = Vec::new();

@@ -54,11 +54,44 @@ impl fmt::Display for Place {
     }
 }
 
+/// How much a problem matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// Worth saying; nothing stops.
+    Warning,
+    /// The files cannot be used as they are.
+    Error,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        })
+    }
+}
+
+/// What kind of problem a diagnostic is, where a caller treats some kinds
+/// apart (a streaming source that lost a ruled column warns instead of
+/// stopping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// A column rule names a column the source does not have.
+    RuledColumnMissing,
+    /// Any other problem.
+    Other,
+}
+
 /// One problem in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
     /// Where.
     pub place: Place,
+    /// Whether it stops the files from being used.
+    pub severity: Severity,
+    /// What kind of problem it is.
+    pub problem: Problem,
     /// What is wrong.
     pub message: String,
     /// What to do about it.
@@ -70,9 +103,25 @@ impl Diagnostic {
     pub fn new(place: Place, message: impl Into<String>) -> Self {
         Self {
             place,
+            severity: Severity::Error,
+            problem: Problem::Other,
             message: message.into(),
             hint: None,
         }
+    }
+
+    /// Says what kind of problem it is.
+    #[must_use]
+    pub fn problem(mut self, problem: Problem) -> Self {
+        self.problem = problem;
+        self
+    }
+
+    /// Lowers it to a warning.
+    #[must_use]
+    pub fn warning(mut self) -> Self {
+        self.severity = Severity::Warning;
+        self
     }
 
     /// Adds what to do.
@@ -85,7 +134,7 @@ impl Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: error: {}", self.place, self.message)?;
+        write!(f, "{}: {}: {}", self.place, self.severity, self.message)?;
         if let Some(hint) = &self.hint {
             write!(f, "\n  hint: {hint}")?;
         }
@@ -106,6 +155,15 @@ impl Diagnostics {
     /// True when nothing is wrong.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Takes out the warnings, leaving the errors.
+    pub fn take_warnings(&mut self) -> Vec<Diagnostic> {
+        let (warnings, errors) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition(|d| d.severity == Severity::Warning);
+        self.0 = errors;
+        warnings
     }
 
     /// `Ok(value)` when nothing is wrong.

@@ -4,17 +4,19 @@
 pub mod diagnostic;
 pub mod pipeline;
 pub mod rules;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-pub use diagnostic::{Diagnostic, Diagnostics, Place};
+pub use diagnostic::{Diagnostic, Diagnostics, Place, Problem, Severity};
 use oppen_connector_api::ColumnType;
 pub use pipeline::{Access, OutputFormat, PartitionGrain, PipelineFile, SourceConfig};
 pub use rules::{Action, ColumnRule, RulesFile, Unclassified};
 use serde::de::DeserializeOwned;
+pub use transport::{KafkaTransport, TransportConfig};
 
-use crate::publish::store::StoreLocation;
+use crate::store::StoreLocation;
 
 /// A loaded and validated pipeline, with paths resolved.
 #[derive(Debug)]
@@ -234,7 +236,7 @@ fn validate_pipeline(file: &Path, spec: &PipelineFile, problems: &mut Diagnostic
         }
     }
     if let Some(transport) = &spec.transport {
-        let crate::transport::TransportConfig::Kafka(kafka) = &transport.value;
+        let TransportConfig::Kafka(kafka) = &transport.value;
         for problem in kafka.validate() {
             problems.push(Diagnostic::new(
                 Place::of(file, transport),
@@ -371,6 +373,7 @@ pub fn check_against_columns(pipeline: &Pipeline, columns: &[String]) -> Diagnos
                         name.value
                     ),
                 )
+                .problem(Problem::RuledColumnMissing)
                 .hint(hint.clone()),
             );
         }

@@ -50,7 +50,7 @@ pub struct PipelineFile {
     pub health: HealthLimits,
     /// A Kafka topic between connector and publishers (`oppen run --role`).
     #[serde(default)]
-    pub transport: Option<Spanned<crate::transport::TransportConfig>>,
+    pub transport: Option<Spanned<super::TransportConfig>>,
 }
 
 /// When `/readyz` reports a pipeline as not ready.
@@ -253,7 +253,7 @@ pub struct Publish {
     /// Settings for `s3://` store and state locations (credentials come from
     /// the standard AWS environment variables).
     #[serde(default)]
-    pub s3: Option<crate::publish::store::S3Options>,
+    pub s3: Option<crate::store::S3Options>,
     /// The absolute URL where the store is served to consumers (for the
     /// catalog's links); the store's own location when absent.
     #[serde(default)]

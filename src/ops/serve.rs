@@ -18,7 +18,7 @@ use tower_http::cors::{Any, CorsLayer};
 
 use crate::config::OutputFormat;
 use crate::publish::catalog::DatasetMeta;
-use crate::publish::store::Store;
+use crate::store::Store;
 
 /// What a dataset folder may serve, by first path segment.
 const PUBLIC: [&str; 7] = [

@@ -16,8 +16,8 @@ use oxrdf::{BlankNode, Literal, NamedNode, NamedOrBlankNode, Term, Triple};
 use serde::{Deserialize, Serialize};
 
 use super::manifest::Version;
-use super::store::Store;
 use crate::config::OutputFormat;
+use crate::store::Store;
 
 const DCAT: &str = "http://www.w3.org/ns/dcat#";
 const DCT: &str = "http://purl.org/dc/terms/";

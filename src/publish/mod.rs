@@ -12,8 +12,8 @@ pub mod catalog;
 mod csv;
 pub mod index;
 pub mod manifest;
+pub mod sink;
 pub mod state;
-pub mod store;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -31,13 +31,13 @@ use oppen_connector_api::{BatchKind, ColumnType, Op, Position};
 
 use crate::classify::{Classified, KEY_COLUMN};
 use crate::config::{OutputFormat, PartitionGrain};
+use crate::store::Store;
 use index::KeyIndex;
 use manifest::{
     ChangeSummary, ColumnInfo, FileRef, PartitionFiles, State, StateManifest, Version,
     VersionManifest, parse_version_path, version_name,
 };
 use state::{Entry, Key, KeyHash, KeyMap, KeyScope, KeySet, Partitions};
-use store::Store;
 
 /// Files written to a store at once.
 const UPLOAD_CONCURRENCY: usize = 8;
@@ -1173,7 +1173,7 @@ fn spawn_part(
 ) -> stream::PartTask {
     tokio::spawn(async move {
         let written = write_part(&context, &formats, version, &name, rows.clone(), None).await;
-        crate::runtime::failpoint("streamed-part-written");
+        crate::failpoint::hit("streamed-part-written");
         written.map_err(|e| (e, Some(rows)))
     })
 }
@@ -1230,7 +1230,7 @@ fn stream_part(
                 schema,
             })
         });
-        crate::runtime::failpoint("streamed-part-written");
+        crate::failpoint::hit("streamed-part-written");
         written.map_err(|e| (e, None))
     });
     stream::PartStream::new(senders, task)
@@ -1474,7 +1474,7 @@ fn encode_data(
     format: OutputFormat,
     rows: JobRows,
     previous: Option<(InPlace, Bytes)>,
-    sink: &mut store::ChunkWriter,
+    sink: &mut sink::ChunkWriter,
 ) -> Result<()> {
     // Only a whole part has a previous file (a streamed one is a first version).
     let (rows, (change, bytes)) = match (rows, previous) {
@@ -1594,10 +1594,10 @@ impl JobContext {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let encode_role = role.clone();
-        let encoding = tokio::task::spawn_blocking(move || -> Result<Option<store::Written>> {
+        let encoding = tokio::task::spawn_blocking(move || -> Result<Option<sink::Written>> {
             let mut sink = match encode_role {
-                FileRole::State { .. } => store::ChunkWriter::private(tx),
-                _ => store::ChunkWriter::new(tx),
+                FileRole::State { .. } => sink::ChunkWriter::private(tx),
+                _ => sink::ChunkWriter::new(tx),
             };
             let encoded = match encode_role {
                 FileRole::State { .. } => rows.batches().and_then(|(schema, batches)| {
@@ -2525,7 +2525,7 @@ impl Publisher {
             )
             .await
             .map_err(store_err(&self.state_store))?;
-        crate::runtime::failpoint("before-version-manifest");
+        crate::failpoint::hit("before-version-manifest");
 
         let (inserts, updates, deletes) = summary;
         let rows: u64 = all.values().map(|(_, p)| p.rows).sum();
@@ -2580,7 +2580,7 @@ impl Publisher {
             }
             Err(e) => return Err(store_err(&self.store)(e)),
         }
-        crate::runtime::failpoint("after-version-manifest");
+        crate::failpoint::hit("after-version-manifest");
 
         // Committed: now the in-memory state follows.
         match index {

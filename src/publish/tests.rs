@@ -9,10 +9,10 @@ use oppen_connector_api::{BatchKind, Op, Position};
 use proptest::prelude::*;
 
 use super::state::KeyScope;
-use super::store::{Store, StoreLocation};
 use super::{Committed, Publisher, Settings};
 use crate::classify::{Classified, KEY_BYTES, KEY_COLUMN};
 use crate::config::OutputFormat;
+use crate::store::{Store, StoreLocation};
 
 /// One staged step: an image (rows, in batches; of the keys of one of two
 /// transport partitions, or of all) or changes (`None` deletes).

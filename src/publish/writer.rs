@@ -39,7 +39,7 @@ pub enum EncodeError {
 }
 
 /// Where an encoder's bytes go: any writer, and whole chunks an encoder made
-/// itself are handed over as they are (see [`crate::publish::store::ChunkWriter`]).
+/// itself are handed over as they are (see [`crate::store::ChunkWriter`]).
 pub trait Sink: Write + Send {
     /// Takes a whole chunk of the file.
     fn put(&mut self, bytes: Bytes) -> std::io::Result<()> {

@@ -1,9 +1,13 @@
-//! The Kafka transport: connectors and publishers in separate processes.
+//! The Kafka transport's codec and topic: how classified rows travel between a
+//! connector and its publishers when they run in separate processes.
 //!
 //! A connector (`oppen run --role connector`) captures and classifies, then
 //! produces the classified rows to the transport topic, partitioned by `_key`.
 //! Publishers (`--role publisher`) consume the topic in a consumer group and
-//! commit versions. Only classified rows ever reach the topic.
+//! commit versions. Only classified rows ever reach the topic. The two role
+//! loops live in the runtime; this module holds what they share: the message
+//! format ([`Meta`], [`encode`], [`decode`]), the partitioning of rows by key,
+//! and the topic's creation.
 //!
 //! The handshake (DESIGN.md "Transport and scale"):
 //! - Every message carries the source position, whether it ends a source
@@ -21,11 +25,6 @@
 //!   there; what it sends again after a crash is recognised by its position and
 //!   skipped by the publishers.
 
-pub mod connector;
-pub mod publisher;
-
-use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,17 +33,14 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::error::ArrowError;
 use chrono::{DateTime, Utc};
 use oppen_connector_api::{BatchKind, Op, Position};
-use oppen_connector_debezium::Property;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::runtime::{RunError, SourceInfo};
-
-/// Partitions of a transport topic the connector creates, unless set.
-pub const DEFAULT_PARTITIONS: i32 = 6;
+use crate::classify::SourceInfo;
+use crate::config::KafkaTransport;
 
 /// The column that carries each row's operation in a transport message.
 const OP_COLUMN: &str = "_op";
@@ -53,127 +49,6 @@ const OP_COLUMN: &str = "_op";
 pub const HEADER_META: &str = "oppen.meta";
 /// The schema fingerprint header.
 pub const HEADER_SCHEMA: &str = "oppen.schema";
-
-/// Which part of a pipeline a process runs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    /// Source, classifier and publisher in one process (the embedded mode).
-    #[default]
-    All,
-    /// Capture and classify, then produce to the pipeline's transport topic.
-    Connector,
-    /// Consume the transport topic and commit versions.
-    Publisher,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::All => "all",
-            Role::Connector => "connector",
-            Role::Publisher => "publisher",
-        })
-    }
-}
-
-/// `transport` in a pipeline file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum TransportConfig {
-    /// A Kafka topic between connector and publishers.
-    Kafka(KafkaTransport),
-}
-
-/// `transport.kafka`.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaTransport {
-    /// Bootstrap brokers, `host:port[,host:port]`.
-    pub brokers: String,
-    /// The topic (default `oppen.<dataset id>`).
-    #[serde(default)]
-    pub topic: Option<String>,
-    /// Partitions when the connector creates the topic: the most publishers
-    /// that can share the dataset.
-    #[serde(default = "default_partitions")]
-    pub partitions: i32,
-    /// The publishers' consumer group (default `oppen.<dataset id>`).
-    #[serde(default)]
-    pub group: Option<String>,
-    /// librdkafka properties passed through (security.protocol, sasl.*, ssl.*,
-    /// compression.type, ...).
-    #[serde(default)]
-    pub properties: BTreeMap<String, Property>,
-}
-
-fn default_partitions() -> i32 {
-    DEFAULT_PARTITIONS
-}
-
-impl fmt::Debug for KafkaTransport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Properties may hold SASL passwords: only their names are shown.
-        f.debug_struct("KafkaTransport")
-            .field("brokers", &self.brokers)
-            .field("topic", &self.topic)
-            .field("partitions", &self.partitions)
-            .field("properties", &self.properties.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
-    }
-}
-
-impl KafkaTransport {
-    /// Problems with the settings, said plainly.
-    pub fn validate(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        if self.brokers.trim().is_empty() {
-            problems.push("brokers is empty; give host:port of at least one broker".to_string());
-        }
-        if self.topic.as_ref().is_some_and(|t| t.trim().is_empty()) {
-            problems.push("topic is empty; name the topic or leave topic out".to_string());
-        }
-        if !(1..=10_000).contains(&self.partitions) {
-            problems.push(format!(
-                "partitions is {}; give a number from 1 to 10000",
-                self.partitions
-            ));
-        }
-        for reserved in [
-            "bootstrap.servers",
-            "group.id",
-            "enable.auto.commit",
-            "enable.auto.offset.store",
-            "enable.idempotence",
-            "acks",
-        ] {
-            if self.properties.contains_key(reserved) {
-                problems.push(format!(
-                    "properties.{reserved} is set by oppen (the handshake depends on it)"
-                ));
-            }
-        }
-        problems
-    }
-
-    /// The topic of a dataset.
-    pub fn topic(&self, dataset: &str) -> String {
-        self.topic
-            .clone()
-            .unwrap_or_else(|| format!("oppen.{dataset}"))
-    }
-
-    /// The publishers' consumer group of a dataset.
-    pub fn group(&self, dataset: &str) -> String {
-        self.group
-            .clone()
-            .unwrap_or_else(|| format!("oppen.{dataset}"))
-    }
-
-    /// A client configuration with the brokers and the passed-through properties.
-    fn client(&self) -> rdkafka::ClientConfig {
-        oppen_connector_debezium::client_config(&self.brokers, &self.properties)
-    }
-}
 
 /// What a transport message says besides its rows (the `oppen.meta` header).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -303,21 +178,64 @@ pub fn take_rows(
     Ok((taken, rows.iter().map(|&r| ops[r as usize]).collect()))
 }
 
+/// Why the transport failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A Kafka client could not be made from the pipeline's settings.
+    #[error("Kafka {what}: {source}")]
+    Client {
+        what: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The brokers could not be reached, or did not do what was asked;
+    /// retrying may help.
+    #[error(transparent)]
+    Brokers(oppen_connector_api::Error),
+    /// The brokers refused a message for good.
+    #[error("the brokers refused a message for {topic}: {reason}")]
+    Refused { topic: String, reason: String },
+    /// The producer stopped before every message was acknowledged.
+    #[error("the producer for {topic} stopped")]
+    ProducerStopped { topic: String },
+    /// No partition of the topic was assigned to this publisher.
+    #[error(
+        "no partition of {topic} was assigned to this publisher within {seconds} s; are \
+         there more publishers than partitions?"
+    )]
+    NoPartition { topic: String, seconds: u64 },
+}
+
+impl TransportError {
+    /// Whether retrying may help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, TransportError::Brokers(e) if e.is_retryable())
+    }
+}
+
+/// A client configuration with the brokers and the passed-through properties.
+pub fn client(config: &KafkaTransport) -> rdkafka::ClientConfig {
+    oppen_connector_debezium::client_config(&config.brokers, &config.properties)
+}
+
 /// How long broker requests (metadata, topic creation) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Creates the topic unless it exists (connector and publishers each do, so
 /// whichever starts first creates it with the configured partitions); returns
 /// its partition count.
-pub(crate) async fn ensure_topic<C: rdkafka::client::ClientContext>(
+pub async fn ensure_topic<C: rdkafka::client::ClientContext>(
     config: &KafkaTransport,
     client: &rdkafka::client::Client<C>,
     topic: &str,
-) -> Result<u32, RunError> {
-    let admin: AdminClient<DefaultClientContext> = config
-        .client()
-        .create()
-        .map_err(|e| RunError::Config(format!("Kafka admin client: {e}")))?;
+) -> Result<u32, TransportError> {
+    let admin: AdminClient<DefaultClientContext> =
+        self::client(config)
+            .create()
+            .map_err(|source| TransportError::Client {
+                what: "admin client".into(),
+                source,
+            })?;
     let results = admin
         .create_topics(
             &[NewTopic::new(
@@ -338,10 +256,12 @@ pub(crate) async fn ensure_topic<C: rdkafka::client::ClientContext>(
             ),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => {
-                return Err(RunError::Source(oppen_connector_api::Error::Transient {
-                    message: format!("create the transport topic {topic}: {code}"),
-                    source: None,
-                }));
+                return Err(TransportError::Brokers(
+                    oppen_connector_api::Error::Transient {
+                        message: format!("create the transport topic {topic}: {code}"),
+                        source: None,
+                    },
+                ));
             }
         }
     }
@@ -354,7 +274,7 @@ async fn partition_count<C: rdkafka::client::ClientContext>(
     client: &rdkafka::client::Client<C>,
     topic: &str,
     brokers: &str,
-) -> Result<u32, RunError> {
+) -> Result<u32, TransportError> {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     loop {
         let metadata =
@@ -373,21 +293,23 @@ async fn partition_count<C: rdkafka::client::ClientContext>(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             None => {
-                return Err(RunError::Source(oppen_connector_api::Error::Transient {
-                    message: format!("topic {topic} does not exist (yet) on {brokers}"),
-                    source: None,
-                }));
+                return Err(TransportError::Brokers(
+                    oppen_connector_api::Error::Transient {
+                        message: format!("topic {topic} does not exist (yet) on {brokers}"),
+                        source: None,
+                    },
+                ));
             }
         }
     }
 }
 
-fn transient(what: &str, e: rdkafka::error::KafkaError) -> RunError {
-    RunError::Source(oppen_connector_debezium::transient(what, e))
+fn transient(what: &str, e: rdkafka::error::KafkaError) -> TransportError {
+    TransportError::Brokers(oppen_connector_debezium::transient(what, e))
 }
 
 /// Reads a header's value as text.
-fn header<'a>(
+pub fn header<'a>(
     headers: Option<&'a rdkafka::message::BorrowedHeaders>,
     name: &str,
 ) -> Option<&'a [u8]> {

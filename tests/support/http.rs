@@ -101,7 +101,7 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 /// folder and the port.
 pub async fn demo_server() -> (tempfile::TempDir, std::path::PathBuf, u16) {
     let (dir, demo) = super::demo_once();
-    let store = oppen::publish::store::StoreLocation::local(demo.join("published"))
+    let store = oppen::store::StoreLocation::local(demo.join("published"))
         .open()
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

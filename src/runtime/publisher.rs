@@ -14,15 +14,19 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{HEADER_META, HEADER_SCHEMA, KafkaTransport, Meta};
+use super::commit::{self, OnConflict, Outcome, Resolve};
+use super::open::open_described;
+use super::source::retry_policy;
+use super::{RunError, RunOptions, RunSummary};
 use crate::classify::Classified;
+use crate::config::KafkaTransport;
 use crate::config::Pipeline;
 use crate::ops::telemetry::PipelineTelemetry;
+use crate::publish::Publisher;
 use crate::publish::manifest::{PartitionProgress, TransportProgress};
 use crate::publish::state::KeyScope;
-use crate::publish::store::Store;
-use crate::publish::{self, Publisher};
-use crate::runtime::{self, RunError, RunOptions, RunSummary};
+use crate::store::Store;
+use crate::transport::{self, HEADER_META, HEADER_SCHEMA, Meta, TransportError};
 
 /// How often a publisher renews its membership record.
 const RENEW_EVERY: Duration = Duration::from_secs(2);
@@ -58,7 +62,7 @@ impl Membership {
     fn new(state: Store, dataset: &str, partitions: u32) -> Result<Self, RunError> {
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed)
-            .map_err(|e| RunError::Config(format!("no randomness for a publisher id: {e}")))?;
+            .map_err(|e| RunError::System(format!("no randomness for a publisher id: {e}")))?;
         Ok(Membership {
             state,
             prefix: format!("{dataset}/publishers"),
@@ -82,7 +86,8 @@ impl Membership {
             id: self.id.clone(),
             expires: now + ttl,
         };
-        let bytes = serde_json::to_vec(&record).map_err(|e| RunError::Config(e.to_string()))?;
+        let bytes = serde_json::to_vec(&record)
+            .map_err(|e| RunError::System(format!("encoding a record: {e}")))?;
         self.state
             .put(&format!("{}/{}.json", self.prefix, self.id), bytes.into())
             .await?;
@@ -187,11 +192,17 @@ impl Reader {
                 Offset::Beginning
             };
             list.add_partition_offset(&self.topic, *p, offset)
-                .map_err(|e| RunError::Config(format!("assign {}/{p}: {e}", self.topic)))?;
+                .map_err(|source| TransportError::Client {
+                    what: format!("assign {}/{p}", self.topic),
+                    source,
+                })?;
         }
         self.consumer
             .assign(&list)
-            .map_err(|e| RunError::Config(format!("assign partitions of {}: {e}", self.topic)))?;
+            .map_err(|source| TransportError::Client {
+                what: format!("assign partitions of {}", self.topic),
+                source,
+            })?;
         Ok(())
     }
 
@@ -258,13 +269,13 @@ fn read_message(
     message: &BorrowedMessage<'_>,
 ) -> Result<(Meta, String, RecordBatch, Vec<Op>), String> {
     let headers = message.headers();
-    let meta = super::header(headers, HEADER_META).ok_or("no oppen.meta header")?;
+    let meta = transport::header(headers, HEADER_META).ok_or("no oppen.meta header")?;
     let meta: Meta = serde_json::from_slice(meta).map_err(|e| format!("oppen.meta: {e}"))?;
-    let schema = super::header(headers, HEADER_SCHEMA)
+    let schema = transport::header(headers, HEADER_SCHEMA)
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .unwrap_or_default();
     let (rows, ops) =
-        super::decode(message.payload().unwrap_or_default()).map_err(|e| e.to_string())?;
+        transport::decode(message.payload().unwrap_or_default()).map_err(|e| e.to_string())?;
     Ok((meta, schema, rows, ops))
 }
 
@@ -279,10 +290,10 @@ pub async fn run(
 ) -> Result<RunSummary, RunError> {
     let dataset = pipeline.id().to_string();
     let topic = config.topic(&dataset);
-    let (mut publisher, recovered, _keyer, _key) = runtime::open_described(pipeline, tel).await?;
+    let (mut publisher, recovered, _keyer, _key) = open_described(pipeline, tel).await?;
     // The first version is encoded while the topic is still read.
     publisher.stream_images(true);
-    let mut client = config.client();
+    let mut client = transport::client(config);
     client
         .set("group.id", config.group(&dataset))
         .set("enable.auto.commit", "false")
@@ -302,24 +313,25 @@ pub async fn run(
             client.set(name, value);
         }
     }
-    let consumer: StreamConsumer = client
-        .create()
-        .map_err(|e| RunError::Config(format!("Kafka consumer for {topic}: {e}")))?;
+    let consumer: StreamConsumer = client.create().map_err(|source| TransportError::Client {
+        what: format!("consumer for {topic}"),
+        source,
+    })?;
     // Publishers may start before the connector: whichever comes first
     // creates the topic.
-    let mut delays = runtime::retry_policy().build();
+    let mut delays = retry_policy().build();
     let partitions = loop {
-        match super::ensure_topic(config, consumer.client(), &topic).await {
+        match transport::ensure_topic(config, consumer.client(), &topic).await {
             Ok(n) => break n,
-            Err(RunError::Source(e)) if e.is_retryable() => {
+            Err(e) if e.is_retryable() => {
                 let Some(delay) = delays.next() else {
-                    return Err(RunError::Source(e));
+                    return Err(e.into());
                 };
                 tel.retry("transport");
                 tracing::warn!(dataset, error = %e, retry_in = ?delay, "the transport topic is not reachable; retrying");
                 tokio::time::sleep(delay).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     };
     let mut membership = Membership::new(pipeline.state.open()?, &dataset, partitions)?;
@@ -515,10 +527,11 @@ pub async fn run(
                 tracing::info!(topic, "records wait that have not arrived yet; reading on");
                 quiet_since = Instant::now();
             } else if quiet_since.elapsed() >= Duration::from_secs(60) {
-                return Err(RunError::Config(format!(
-                    "no partition of {topic} was assigned to this publisher within 60 s; are \
-                     there more publishers than partitions?"
-                )));
+                return Err(TransportError::NoPartition {
+                    topic: topic.clone(),
+                    seconds: 60,
+                }
+                .into());
             }
         }
     }
@@ -580,90 +593,92 @@ async fn commit(
     summary: &mut RunSummary,
     tel: &mut PipelineTelemetry,
 ) -> Result<bool, RunError> {
-    tel.turned("committing a version");
-    let started = Instant::now();
-    let mut delays = runtime::retry_policy().build();
-    loop {
-        let progress = reader.progress();
-        publisher.set_transport(Some(progress.clone()));
-        match publisher.commit().await {
-            Ok(committed) => {
-                if let Some(c) = committed {
-                    runtime::published(tel, &c, started.elapsed());
-                    summary.versions.push(c);
-                    reader.committed = progress.clone();
-                }
-                // Nothing published changed, or it is committed: either way the
-                // offsets are done with.
-                reader.commit_offsets(&progress);
-                return Ok(false);
+    let mut resolve = ReadOn {
+        reader,
+        progress: TransportProgress::default(),
+    };
+    match commit::commit(publisher, &mut resolve, tel).await? {
+        Outcome::Dropped => Ok(true),
+        Outcome::Committed(committed) => {
+            let ReadOn { reader, progress } = resolve;
+            if let Some(c) = committed {
+                summary.versions.push(c);
+                reader.committed = progress.clone();
             }
-            Err(publish::PublishError::Conflict { version, .. }) => {
-                tel.error("conflict");
-                let before = reader.committed.clone();
-                // A first version written while it was staged cannot be put on
-                // top of another: it is read from the topic again (`restart`
-                // reads the winner's version).
-                if publisher.is_streaming() {
-                    tracing::info!(
-                        dataset = tel.dataset(),
-                        version,
-                        "another publisher committed first; reading the topic again from its version"
-                    );
-                    reader.restart(publisher).await?;
-                    return Ok(true);
-                }
-                let recovered = publisher.reload().await?;
-                let theirs = recovered.transport.unwrap_or_default();
-                // Another publisher moved on a partition this one staged from:
-                // the group gave it away. What is staged is not ours to commit.
-                let taken = reader.partitions.keys().any(|p| {
-                    theirs.get(*p).map_or(0, |t| t.next_offset)
-                        > before.get(*p).map_or(0, |b| b.next_offset)
-                });
-                if taken {
-                    tracing::info!(
-                        dataset = tel.dataset(),
-                        version,
-                        "another publisher took a partition; reading on from its version"
-                    );
-                    reader.restart(publisher).await?;
-                    return Ok(true);
-                }
-                reader.committed = TransportProgress {
-                    topic: reader.topic.clone(),
-                    ..theirs
-                };
-                let Some(delay) = delays.next() else {
-                    return Err(RunError::Config(format!(
-                        "{}: version {version} kept being committed by another publisher",
-                        tel.dataset()
-                    )));
-                };
-                tel.retry("commit");
-                tracing::debug!(
-                    dataset = tel.dataset(),
-                    version,
-                    "another publisher committed first; committing on top of it"
-                );
-                tokio::time::sleep(delay / 4).await;
-            }
-            Err(e) if e.is_retryable() => {
-                tel.error("publish");
-                let Some(delay) = delays.next() else {
-                    return Err(e.into());
-                };
-                tel.retry("commit");
-                tracing::warn!(dataset = tel.dataset(), error = %e, retry_in = ?delay, "commit failed; retrying");
-                tokio::time::sleep(delay).await;
-                if matches!(e, publish::PublishError::PartLost { .. }) {
-                    // A streamed part's rows are gone: the version is read
-                    // from the topic again.
-                    reader.restart(publisher).await?;
-                    return Ok(true);
-                }
-            }
-            Err(e) => return Err(e.into()),
+            // Nothing published changed, or it is committed: either way the
+            // offsets are done with.
+            reader.commit_offsets(&progress);
+            Ok(false)
         }
+    }
+}
+
+/// The publisher role's answer to a commit that cannot land: commit on top
+/// of another publisher's version unless it took one of this publisher's
+/// partitions, else read on from the newest version.
+struct ReadOn<'a> {
+    reader: &'a mut Reader,
+    /// The progress the version being committed records.
+    progress: TransportProgress,
+}
+
+impl Resolve for ReadOn<'_> {
+    fn before_attempt(&mut self, publisher: &mut Publisher) {
+        self.progress = self.reader.progress();
+        publisher.set_transport(Some(self.progress.clone()));
+    }
+
+    async fn conflict(
+        &mut self,
+        publisher: &mut Publisher,
+        version: u64,
+        tel: &mut PipelineTelemetry,
+    ) -> Result<OnConflict, RunError> {
+        let reader = &mut *self.reader;
+        let before = reader.committed.clone();
+        // A first version written while it was staged cannot be put on
+        // top of another: it is read from the topic again (`restart`
+        // reads the winner's version).
+        if publisher.is_streaming() {
+            tracing::info!(
+                dataset = tel.dataset(),
+                version,
+                "another publisher committed first; reading the topic again from its version"
+            );
+            reader.restart(publisher).await?;
+            return Ok(OnConflict::Dropped);
+        }
+        let recovered = publisher.reload().await?;
+        let theirs = recovered.transport.unwrap_or_default();
+        // Another publisher moved on a partition this one staged from:
+        // the group gave it away. What is staged is not ours to commit.
+        let taken = reader.partitions.keys().any(|p| {
+            theirs.get(*p).map_or(0, |t| t.next_offset)
+                > before.get(*p).map_or(0, |b| b.next_offset)
+        });
+        if taken {
+            tracing::info!(
+                dataset = tel.dataset(),
+                version,
+                "another publisher took a partition; reading on from its version"
+            );
+            reader.restart(publisher).await?;
+            return Ok(OnConflict::Dropped);
+        }
+        reader.committed = TransportProgress {
+            topic: reader.topic.clone(),
+            ..theirs
+        };
+        Ok(OnConflict::CommitOnTop)
+    }
+
+    async fn reread(
+        &mut self,
+        publisher: &mut Publisher,
+        _tel: &mut PipelineTelemetry,
+    ) -> Result<(), RunError> {
+        // A streamed part's rows are gone: the version is read from the
+        // topic again.
+        self.reader.restart(publisher).await
     }
 }

@@ -16,13 +16,18 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{HEADER_META, HEADER_SCHEMA, KafkaTransport, Meta};
+use super::capture::Capture;
+use super::open::{pseudonym_key, resume_at};
+use super::source::{PipelineSource, next_event, source, start_source};
+use super::{RunError, RunOptions, RunSummary};
 use crate::classify::Classified;
+use crate::classify::SourceInfo;
+use crate::config::KafkaTransport;
 use crate::config::Pipeline;
 use crate::ops::telemetry::PipelineTelemetry;
 use crate::publish::manifest::TransportProgress;
-use crate::publish::store::Store;
-use crate::runtime::{self, Capture, RunError, RunOptions, RunSummary, SourceInfo};
+use crate::store::Store;
+use crate::transport::{self, HEADER_META, HEADER_SCHEMA, Meta, TransportError};
 
 /// Where the connector keeps the source position it acknowledged last
 /// (in the state location, beside the dataset's private state).
@@ -79,13 +84,15 @@ impl Sender {
         topic: String,
         group: String,
     ) -> Result<Self, RunError> {
-        let watcher: BaseConsumer = config
-            .client()
+        let watcher: BaseConsumer = transport::client(config)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .create()
-            .map_err(|e| RunError::Config(format!("Kafka consumer for {topic}: {e}")))?;
-        let mut client = config.client();
+            .map_err(|source| TransportError::Client {
+                what: format!("consumer for {topic}"),
+                source,
+            })?;
+        let mut client = transport::client(config);
         client
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -99,13 +106,15 @@ impl Sender {
                 client.set(name, value);
             }
         }
-        let producer: FutureProducer = client
-            .create()
-            .map_err(|e| RunError::Config(format!("Kafka producer for {topic}: {e}")))?;
-        let partitions = super::ensure_topic(config, producer.client(), &topic).await?;
+        let producer: FutureProducer =
+            client.create().map_err(|source| TransportError::Client {
+                what: format!("producer for {topic}"),
+                source,
+            })?;
+        let partitions = transport::ensure_topic(config, producer.client(), &topic).await?;
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed)
-            .map_err(|e| RunError::Config(format!("no randomness for a session id: {e}")))?;
+            .map_err(|e| RunError::System(format!("no randomness for a session id: {e}")))?;
         let session = u64::from_le_bytes(seed);
         tracing::info!(
             topic,
@@ -137,8 +146,9 @@ impl Sender {
         ops: &[Op],
         batch: &oppen_connector_api::ChangeBatch,
     ) -> Result<(), RunError> {
-        let rows = tokio::task::block_in_place(|| super::split_by_partition(data, self.partitions))
-            .map_err(crate::publish::PublishError::from)?;
+        let rows =
+            tokio::task::block_in_place(|| transport::split_by_partition(data, self.partitions))
+                .map_err(crate::publish::PublishError::from)?;
         let snapshot = batch.kind == BatchKind::Snapshot;
         let end = batch.end_of_transaction;
         for (p, rows) in rows.iter().enumerate() {
@@ -150,8 +160,8 @@ impl Sender {
             if !needed {
                 continue;
             }
-            let (part, part_ops) =
-                super::take_rows(data, ops, rows).map_err(crate::publish::PublishError::from)?;
+            let (part, part_ops) = transport::take_rows(data, ops, rows)
+                .map_err(crate::publish::PublishError::from)?;
             let per_row = part.get_array_memory_size() / part.num_rows().max(1);
             let chunk = (MESSAGE_BYTES / per_row.max(1)).max(1);
             let mut offset = 0;
@@ -194,7 +204,7 @@ impl Sender {
         snapshot: bool,
         end: bool,
     ) -> Result<(), RunError> {
-        let payload = super::encode(rows, ops).map_err(crate::publish::PublishError::from)?;
+        let payload = transport::encode(rows, ops).map_err(crate::publish::PublishError::from)?;
         let meta = Meta {
             position: batch.position.clone(),
             snapshot,
@@ -204,7 +214,8 @@ impl Sender {
             partitions: self.partitions,
             source: self.info.clone(),
         };
-        let meta = serde_json::to_vec(&meta).map_err(|e| RunError::Config(e.to_string()))?;
+        let meta = serde_json::to_vec(&meta)
+            .map_err(|e| RunError::System(format!("encoding a record: {e}")))?;
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: HEADER_META,
@@ -233,10 +244,11 @@ impl Sender {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((e, _)) => {
-                    return Err(RunError::Config(format!(
-                        "produce to {}/{partition}: {e}",
-                        self.topic
-                    )));
+                    return Err(TransportError::Refused {
+                        topic: format!("{}/{partition}", self.topic),
+                        reason: e.to_string(),
+                    }
+                    .into());
                 }
             }
         }
@@ -277,13 +289,17 @@ impl Sender {
                                 .insert(delivery.partition, delivery.offset + 1);
                         }
                         Ok(Err((e, _))) => {
-                            return Err(RunError::Config(format!(
-                                "the brokers refused a message for {}: {e}",
-                                self.topic
-                            )));
+                            return Err(TransportError::Refused {
+                                topic: self.topic.clone(),
+                                reason: e.to_string(),
+                            }
+                            .into());
                         }
                         Err(_) => {
-                            return Err(RunError::Config("the producer stopped".into()));
+                            return Err(TransportError::ProducerStopped {
+                                topic: self.topic.clone(),
+                            }
+                            .into());
                         }
                     }
                 }
@@ -356,12 +372,13 @@ async fn read_checkpoint(state: &Store, dataset: &str) -> Result<Option<Position
     let Some(bytes) = state.get(&path).await? else {
         return Ok(None);
     };
-    let checkpoint: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| {
-        RunError::Config(format!(
-            "{path} in {} is unreadable ({e}); remove it to start the source from a fresh snapshot",
-            state.location()
-        ))
-    })?;
+    let checkpoint: Checkpoint =
+        serde_json::from_slice(&bytes).map_err(|e| RunError::StateFile {
+            path: path.clone(),
+            location: state.location().to_string(),
+            reason: e.to_string(),
+            hint: "remove it to start the source from a fresh snapshot",
+        })?;
     Ok(Some(checkpoint.position))
 }
 
@@ -376,13 +393,13 @@ pub async fn run(
     let dataset = pipeline.id().to_string();
     let store = pipeline.store.open()?;
     let state = pipeline.state.open()?;
-    let key = runtime::pseudonym_key(pipeline, &state).await?;
-    let resume = runtime::resume_at(options, read_checkpoint(&state, &dataset).await?);
+    let key = pseudonym_key(pipeline, &state).await?;
+    let resume = resume_at(options, read_checkpoint(&state, &dataset).await?);
     if let Some(position) = &resume {
         tracing::info!(dataset, %position, "resuming the source where publishers last committed");
     }
-    let mut source = runtime::source(pipeline, BTreeMap::new(), options)?;
-    runtime::start_source(&mut source, resume, tel, &mut stop).await?;
+    let mut source = source(pipeline, BTreeMap::new(), options)?;
+    start_source(&mut source, resume, tel, &mut stop).await?;
     // The brokers are reached (metadata, the topic, the producer's id) while
     // the source reads its first batch: a large export takes a second to
     // parse, and nothing needs the producer before it is parsed.
@@ -391,11 +408,11 @@ pub async fn run(
         let (topic, group) = (config.topic(&dataset), config.group(&dataset));
         async move { Sender::connect(&config, topic, group).await }
     });
-    let first = runtime::next_event(&mut source, tel)
+    let first = next_event(&mut source, tel)
         .await
         .inspect_err(|_| connecting.abort())?;
     let mut sender = connecting.await.map_err(|e| {
-        RunError::Config(format!(
+        RunError::System(format!(
             "connecting to the Kafka brokers did not finish: {e}"
         ))
     })??;
@@ -408,7 +425,7 @@ pub async fn run(
         }
         let (event, behind) = match first.take() {
             Some(event) => event,
-            None => runtime::next_event(&mut source, tel).await?,
+            None => next_event(&mut source, tel).await?,
         };
         match event {
             SourceEvent::Batch(batch) => {
@@ -417,7 +434,7 @@ pub async fn run(
                 // acknowledged only with all of the batch's rows.
                 let classified = Classified::join(pieces)?;
                 if let Some(info) = info {
-                    sender.schema = super::fingerprint(&classified.data.schema());
+                    sender.schema = transport::fingerprint(&classified.data.schema());
                     sender.info = info;
                 }
                 sender
@@ -459,7 +476,7 @@ pub async fn run(
 /// Acknowledges the source as far as the newest version covers what was sent.
 async fn acknowledge(
     sender: &mut Sender,
-    source: &mut runtime::PipelineSource,
+    source: &mut PipelineSource,
     store: &Store,
     state: &Store,
     dataset: &str,
@@ -482,7 +499,7 @@ async fn acknowledge(
     let checkpoint = serde_json::to_vec(&Checkpoint {
         position: position.clone(),
     })
-    .map_err(|e| RunError::Config(e.to_string()))?;
+    .map_err(|e| RunError::System(format!("encoding a record: {e}")))?;
     state
         .put(
             &format!("{dataset}/{CHECKPOINT_FILE}"),
