@@ -92,9 +92,7 @@ impl Reach<'_> {
                 let ups = segments.iter().take_while(|s| *s == "super").count();
                 let base = here.len().saturating_sub(ups);
                 here.truncate(base);
-                here.first()
-                    .cloned()
-                    .or_else(|| segments.get(ups).cloned())
+                here.first().cloned().or_else(|| segments.get(ups).cloned())
             }
             _ => None,
         };
@@ -153,8 +151,7 @@ impl<'ast> Visit<'ast> for Reach<'_> {
         let mut tokens = Vec::new();
         flatten(mac.tokens.clone(), &mut tokens);
         for (i, token) in tokens.iter().enumerate() {
-            if (token == "crate" || token == "super")
-                && tokens.get(i + 1).is_some_and(|t| t == ":")
+            if (token == "crate" || token == "super") && tokens.get(i + 1).is_some_and(|t| t == ":")
             {
                 let mut segments = vec![token.clone()];
                 let mut j = i + 1;

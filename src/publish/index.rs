@@ -592,7 +592,7 @@ fn sort_entries(entries: &mut [(Key, Entry)]) {
         buckets.push(bucket);
         rest = tail;
     }
-    super::parallel_for_each(&mut buckets, |bucket| radix_sort(bucket, 1));
+    super::parallel::parallel_for_each(&mut buckets, |bucket| radix_sort(bucket, 1));
 }
 
 /// Entries from which [`sort_entries`] sorts on several threads: below, the

@@ -25,8 +25,10 @@ use std::time::Duration;
 use oppen_connector_api::{Error, Result};
 use tokio::sync::{Notify, mpsc};
 
+use crate::config::{PostgresConfig, Table};
+use crate::wire::{SESSION_OPTIONS, STATUS_INTERVAL};
 use crate::wire::{StreamMessage, WireConnection, transient};
-use crate::{PostgresConfig, SESSION_OPTIONS, STATUS_INTERVAL, Table, pgoutput, tls};
+use crate::{pgoutput, tls};
 
 /// Messages buffered per member: the stream goes at the pace of the slowest
 /// member, which this much lets it run ahead of.

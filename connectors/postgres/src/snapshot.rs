@@ -9,9 +9,10 @@ use arrow::datatypes::SchemaRef;
 use oppen_connector_api::Error;
 use tokio::sync::{mpsc, watch};
 
+use crate::catalog::ColumnInfo;
+use crate::config::Table;
 use crate::types::{ColumnBuilder, Kind};
 use crate::wire::{WireConnection, quote_ident, quote_literal, transient};
-use crate::{ColumnInfo, Table};
 
 /// The binary COPY signature and header length (signature, flags, extension length).
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
@@ -129,7 +130,7 @@ async fn copy_range(
     tx: &mpsc::Sender<SnapshotItem>,
     importing: &watch::Sender<usize>,
 ) -> Result<(), Error> {
-    let mut session = WireConnection::session(&plan.config, crate::SESSION_OPTIONS).await?;
+    let mut session = WireConnection::session(&plan.config, crate::wire::SESSION_OPTIONS).await?;
     session
         .simple_query(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -354,7 +355,7 @@ mod tests {
             .collect();
         CopyDecoder::new(
             &columns,
-            crate::PostgresSource::schema_of(&columns),
+            crate::source::PostgresSource::schema_of(&columns),
             batch_rows,
         )
     }

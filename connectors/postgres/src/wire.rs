@@ -27,6 +27,12 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::{Host, SslMode};
 
+/// Server settings for both connections, so values arrive in the forms decoded here.
+pub(crate) const SESSION_OPTIONS: &str =
+    "-c datestyle=ISO -c intervalstyle=iso_8601 -c timezone=UTC -c extra_float_digits=3";
+/// How often a status update goes to the server even when it does not ask.
+pub(crate) const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
