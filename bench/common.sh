@@ -1,5 +1,5 @@
 # Shell helpers of the benchmark scripts (bench/postgres, bench/s3,
-# bench/transport), sourced from the repository's root.
+# bench/transport, bench/export_drop), sourced from the repository's root.
 
 # Builds with cargo for `profile` (release or debug) what the arguments name.
 cargo_build() {  # profile cargo-args...

@@ -129,9 +129,8 @@ fn init_logging(format: LogFormat) {
 /// glibc gives each thread that allocates its own arena, up to eight per
 /// core, and keeps what they free there for reuse: the encoders' part buffers,
 /// allocated and freed on the blocking pool's threads, then add up to a much
-/// higher peak RSS. One arena per core brought a 2,000,000-row export from
-/// about 645 MB to about 520 MB, no slower (BENCHMARKS.md, issue 7; mimalloc
-/// was slower and larger). glibc reads `MALLOC_ARENA_MAX` only when a process
+/// higher peak RSS. One arena per core keeps the peak down at no cost in
+/// time. glibc reads `MALLOC_ARENA_MAX` only when a process
 /// starts, so the process starts itself again with it set, unless the
 /// environment sets it already.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

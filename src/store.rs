@@ -275,8 +275,7 @@ const MULTIPART_PART: usize = 8 << 20;
 
 /// Size of each staged write when a file is streamed to a local store. Up
 /// to three are in memory per file being written (one filling, two being
-/// written); 1 MB instead of 2 MB took 5-6 MB off a first version's peak
-/// (BENCHMARKS.md, issue 7).
+/// written), so a smaller part is less memory per file in flight.
 const LOCAL_PART: usize = 1 << 20;
 
 /// A piece of an object written as it is produced (see [`Store::put_chunks`]).

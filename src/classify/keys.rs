@@ -15,8 +15,8 @@ pub const KEY_COLUMN: &str = "_key";
 /// Bytes in a `_key`: the HMAC-SHA-256 truncated to its first 128 bits (RFC
 /// 2104, section 5). The key index always told rows apart by these 16 bytes
 /// (128 bits keep collisions out of reach, `publish::state::Key`); keeping
-/// all 32 made the state files a third larger and every classified batch
-/// carry 16 bytes a row for nothing (BENCHMARKS.md, issue 3).
+/// all 32 would make the state files a third larger and every classified
+/// batch carry 16 bytes a row for nothing.
 pub const KEY_BYTES: usize = 16;
 /// Bytes of a `hash` token (hex-encoded to twice as many characters).
 const TOKEN_BYTES: usize = 16;

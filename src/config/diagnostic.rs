@@ -198,11 +198,11 @@ pub fn from_yaml_error(file: &Path, error: &serde_saphyr::Error) -> Diagnostic {
         .map_or_else(|| Place::file(file), |l| Place::at(file, l));
     let message = yaml_message(error);
     let hint = if message.contains("unknown field") {
-        Some("check the spelling; the README lists every field")
+        Some("check the spelling; docs/pipelines.md and docs/rules.md list every field")
     } else if message.contains("unknown variant") {
         Some("use one of the values the message lists")
     } else if message.contains("missing field") {
-        Some("add the field; the README shows a complete example")
+        Some("add the field; docs/pipelines.md shows a complete example")
     } else if message.contains("property") || message.contains("${") {
         Some("set the environment variable before starting oppen")
     } else {

@@ -18,15 +18,12 @@ pub const DEFAULT_MAX_CHANGES: usize = 1_000_000;
 /// none, so that a running pipeline's memory is the key index and the few
 /// parts being written, not the table. A cache makes a version that touches
 /// many parts faster (it reads fewer of them back) for memory that stays
-/// taken; 256 MB on a 2,000,000-row table: versions touching every part in
-/// 0.27-0.29 s instead of 0.50-0.56 s, 580 MB peak instead of 190 MB
-/// (BENCHMARKS.md, issue 7).
+/// taken.
 pub const DEFAULT_CACHE_MB: usize = 0;
-/// Most rows in one published file, when `max_file_rows` is not set: about
-/// 7-9 MB of CSV and 2-3 MB of Parquet for an invoice table. A version writes
-/// a touched part whole and a few at once, so the part size bounds its memory
-/// (200,000 rows took a 1% update of a 2,000,000-row table to 580 MB, 50,000
-/// to 190 MB); a tail part is rewritten in a few milliseconds.
+/// Most rows in one published file, when `max_file_rows` is not set: a few
+/// megabytes of CSV or Parquet for an invoice table. A version writes a
+/// touched part whole and a few at once, so the part size bounds its memory,
+/// and a tail part is rewritten in a few milliseconds.
 pub const DEFAULT_MAX_FILE_ROWS: usize = 50_000;
 
 /// A whole pipeline file.

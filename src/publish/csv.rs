@@ -3,8 +3,8 @@
 //! field. Byte for byte what arrow's CSV writer writes (a test compares them),
 //! but the common column types are formatted straight into the output: arrow
 //! formats every cell through a dynamic formatter and a second buffer, which
-//! made CSV the slowest file of a version (78 ms against Parquet's 52 ms for
-//! 200,000 invoice rows). Other types go through arrow's own formatter.
+//! makes CSV the slowest file of a version. Other types go through arrow's
+//! own formatter.
 
 use arrow::array::{
     Array, AsArray, BooleanArray, Date32Array, Decimal128Array, GenericStringArray, PrimitiveArray,

@@ -3,14 +3,13 @@
 //!
 //! It holds one entry per published row, so its size is most of a large
 //! dataset's memory after the rows themselves. A hash table sized by powers of
-//! two is between 44% and 88% full: 2,000,000 keys took 4,194,304 slots of 29
-//! bytes (121.6 MB), and growing to that size held the old table beside the
-//! new one. Here the keys live in a vector sorted by key, 28 bytes an entry and
+//! two is between 44% and 88% full, and growing it holds the old table beside
+//! the new one. Here the keys live in a vector sorted by key, 28 bytes an entry and
 //! nothing empty, with a small hash table of the changes since the vector was
 //! last merged. Keys are HMAC outputs, uniform, so a directory of where each
 //! run of leading bits starts finds a key in the vector among about eight.
-//! The price is CPU: a new key is looked up in the overlay and in the vector
-//! (BENCHMARKS.md, issue 7). A Bloom filter of the vector's keys, about a
+//! The price is CPU: a new key is looked up in the overlay and in the vector.
+//! A Bloom filter of the vector's keys, about a
 //! byte a key and small enough to stay in the caches, answers most lookups of
 //! a key the vector does not hold without touching the vector.
 //!
@@ -214,9 +213,8 @@ impl KeyIndex {
     /// Removes the keys of `removed`, then sets the entries of `added`, each
     /// key at most once in `added` (a version's index changes). Many changes
     /// are sorted and merged into the sorted keys in one pass: through the
-    /// overlay, each of a large version's keys was hashed into it and the
-    /// vector copied at every merge as the overlay filled (BENCHMARKS.md,
-    /// issue 3).
+    /// overlay, each of a large version's keys would be hashed into it and the
+    /// vector copied at every merge as the overlay filled.
     pub fn apply(&mut self, removed: &[Key], added: Vec<(Key, Entry)>) {
         if removed.len() + added.len() < MIN_OVERLAY {
             for key in removed {
@@ -484,9 +482,9 @@ impl KeyIndex {
 /// The keys of a first version in the order they arrive; see
 /// [`KeyIndex::absorb`], which puts them in order once.
 ///
-/// Looking every new key up as it arrived and merging them into the sorted
-/// vector as it grew cost more than sorting them all once: the vector was
-/// copied at every eighth of growth (BENCHMARKS.md, issue 7). A lookup is
+/// Looking every new key up as it arrives and merging them into the sorted
+/// vector as it grows costs more than sorting them all once: the vector is
+/// copied at every eighth of growth. A lookup is
 /// still needed for a key that comes twice (a duplicate key in a source, an
 /// update within the first version), to know which entry is the last: a
 /// Bloom filter of the keys appended passes every such key, and the keys it
@@ -576,9 +574,8 @@ impl KeyLog {
 ///
 /// A large vector's buckets after the first level are sorted on several
 /// threads: a first version's keys are put in order at its commit, after
-/// the source has ended and its files are nearly written, so the sort alone
-/// decided the last tenth of a second of a 2,000,000-row snapshot with the
-/// other core idle (BENCHMARKS.md, issue 3).
+/// the source has ended and its files are nearly written, so on one thread
+/// the sort alone would end the snapshot with the other cores idle.
 fn sort_entries(entries: &mut [(Key, Entry)]) {
     if entries.len() < PARALLEL_SORT_ENTRIES {
         radix_sort(entries, 0);

@@ -343,9 +343,8 @@ impl Publisher {
         let mut removed_from: HashMap<u32, KeySet> = HashMap::new();
         let mut added_to: BTreeMap<u32, Vec<(usize, usize)>> = BTreeMap::new();
         let mut deleted = KeySet::default();
-        // Sized for every staged key at once: a large version's lists grew
-        // by doubling, each step a copy into freshly faulted pages (BENCHMARKS.md,
-        // issue 3).
+        // Sized for every staged key at once: grown by doubling, a large
+        // version's lists would be copied into freshly faulted pages each step.
         let staged = pending.latest.len();
         let mut change_rows: Vec<(usize, usize, &'static str)> = Vec::with_capacity(staged);
         let (mut inserts, mut updates, mut deletes) = (0u64, 0u64, 0u64);
@@ -360,8 +359,8 @@ impl Publisher {
         let mut in_place: HashMap<u32, KeyMap<(usize, usize, u64)>> = HashMap::new();
         // Deletes first; the other staged rows are then visited in source
         // order, so every list below fills in that order and needs no sort
-        // (a large version's sorts and the table's hash order took most of
-        // its plan: BENCHMARKS.md, issue 3).
+        // (sorting them, or visiting the table in hash order, would be most of
+        // a large version's plan).
         let mut order: Vec<u64> = Vec::with_capacity(staged);
         for (key, &(b, r, delete)) in &pending.latest {
             if !delete {

@@ -63,8 +63,7 @@ impl ChunkWriter {
 
     /// A writer of a file only oppen reads back (the private state), which
     /// checks it by size and XXH3 alone ([`super::manifest::FileRef::check`]):
-    /// no SHA-256, which consumers need of published files only. It was a
-    /// third of the SHA-256 work of a first version (BENCHMARKS.md, issue 3).
+    /// no SHA-256, which consumers need of published files only.
     pub fn private(tx: tokio::sync::mpsc::Sender<Chunk>) -> Self {
         Self {
             hasher: None,

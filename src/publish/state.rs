@@ -374,16 +374,14 @@ pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, Arr
 }
 
 /// zstd level 1 for the private state, not the library's 3: the state is
-/// written for every part of every version and read only by oppen, and on
-/// a part of 200,000 invoice rows level 1 encodes in 55-68 ms instead of
-/// 95 ms for 10% more bytes (7.3 MB against 6.6 MB; `cargo bench --bench
-/// encode`). Published Parquet keeps level 3: consumers download it.
+/// written for every part of every version and read only by oppen, and
+/// level 1 encodes it much faster for a tenth more bytes (`cargo bench
+/// --bench encode`). Published Parquet keeps level 3: consumers download it.
 const STATE_ZSTD_LEVEL: i32 = 1;
 
 /// Rows per record batch of a state file. The IPC writer compresses a whole
 /// batch into one buffer before writing it: in slices, a part's state is never
-/// whole in memory twice (as one 200,000-row batch it held about 60 MB of a
-/// large first version's peak).
+/// whole in memory twice.
 const STATE_BATCH_ROWS: usize = 32 * 1024;
 
 /// Encodes a state batch as Arrow IPC (zstd): fast to read back, and small on

@@ -7,9 +7,7 @@
 //! for it goes straight to its encoders (one per file, each on its own
 //! thread), while the source is still read. Only the keys (with the part and
 //! fingerprint of their row) stay in memory: encoding overlaps the read, and
-//! no part is ever whole in memory. (Parts were first gathered whole and
-//! encoded when full; gathering and concatenating them was about half the
-//! peak memory of a large snapshot, BENCHMARKS.md.)
+//! no part is ever whole in memory.
 //!
 //! A few parts stream at once ([`MAX_STREAMS`]); the rows of further parts
 //! (a dataset partitioned by month fills many at once) are gathered and

@@ -76,8 +76,8 @@ pub(super) fn spawn_part(
 }
 
 /// Batches waiting for each encoder of a streaming part. A batch lives until
-/// the slowest encoder is done with it, so every batch of depth is memory;
-/// one more queued was no faster (BENCHMARKS.md, issue 7).
+/// the slowest encoder is done with it, so every batch of depth is memory,
+/// and one more queued does not make the encoders faster.
 pub(super) const STREAM_DEPTH: usize = 1;
 
 /// Opens a part's files and writes the rows sent to the returned stream as

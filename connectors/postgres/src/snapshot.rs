@@ -29,9 +29,7 @@ pub type SnapshotItem = Result<RecordBatch, Error>;
 ///
 /// Each connection keeps a server backend busy: a server on this machine
 /// (`server_here`) takes those cores from oppen's own decoding and
-/// encoding, so it gets half of them. (2 cores, 2,000,000 rows, eight
-/// alternating pairs: one connection instead of two took 4.87 s instead of
-/// 5.06 s, and about 400 MB instead of 435 MB at the peak.)
+/// encoding, so it gets half of them.
 pub fn connections(pages: i64, set: Option<usize>, cores: usize, server_here: bool) -> usize {
     match set {
         Some(workers) => workers.clamp(1, pages.max(1) as usize),
@@ -59,9 +57,7 @@ pub struct SnapshotPlan {
 
 /// Decoded batches waiting for the publisher. The publisher is the slower
 /// side (it classifies and encodes), so the queue is nearly always full: each
-/// batch queued is ~10 MB of peak memory for nothing. Two keep the publisher
-/// fed (2,000,000 rows: peak 294-317 MB with four, 273-284 MB with two, no
-/// slower; BENCHMARKS.md, issue 7).
+/// batch queued is peak memory for nothing. Two keep the publisher fed.
 const QUEUED_BATCHES: usize = 2;
 
 /// Starts the copy; batches arrive on the returned channel, which closes when

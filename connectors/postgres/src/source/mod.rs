@@ -35,10 +35,8 @@ pub const BATCH_ROWS: usize = 64 * 1024;
 /// Rows per batch of a snapshot's COPY. The publisher streams a first
 /// version's batches to its encoders, and every batch queued or being
 /// encoded stays whole in memory until the slowest encoder is done with it:
-/// 2,000,000 rows took 251 MB at peak in batches of 65,536 rows, 178 MB in
-/// batches of 16,384 and 164 MB in batches of 8,192, for Parquet and CSV; the
-/// smaller batches' cost in time is within this machine's noise (from 0.05 s
-/// faster to 0.3 s slower across sets; BENCHMARKS.md, issue 7).
+/// smaller batches lower a snapshot's peak memory, at a cost in time too small
+/// to measure here.
 pub const SNAPSHOT_BATCH_ROWS: usize = 8 * 1024;
 
 /// How long whole transactions gather before they are handed out even while
@@ -63,8 +61,8 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
 /// While a new stream catches up on a backlog, a read wakes only once this
 /// many bytes wait in the socket. The server sends each message as it decodes
 /// it, and the connector reads faster than the server decodes: woken for
-/// every few messages, it spent a quarter of a catch-up's CPU in wake-ups and
-/// socket reads of about 700 bytes each (BENCHMARKS.md, issue 3). Small
+/// every few messages, it would spend much of a catch-up's CPU in wake-ups and
+/// socket reads of a few hundred bytes each. Small
 /// next to a socket's receive buffer (128 KB to start with on Linux), so the
 /// server is never held back by a full buffer while the mark is not reached.
 const CATCH_UP_WAKE_BYTES: usize = 32 * 1024;
