@@ -4,7 +4,7 @@
 use super::*;
 
 /// What a version wrote, ready to commit.
-pub(super) struct Outcome<'a> {
+pub(super) struct FilesWritten<'a> {
     /// Parts written: their files, and their rows to keep cached.
     pub(super) written: BTreeMap<String, (PartFiles, Option<RecordBatch>)>,
     /// Parts the version empties.
@@ -184,7 +184,7 @@ impl Publisher {
             // An empty image publishes nothing; the source still moved on.
             return Ok(None);
         }
-        let outcome = Outcome {
+        let written_files = FilesWritten {
             summary: (streamed.keys().len() as u64, 0, 0),
             written,
             emptied: Vec::new(),
@@ -195,7 +195,7 @@ impl Publisher {
         };
         let position = self.pending.position.clone();
         let source_time = self.pending.source_time;
-        self.finish(outcome, position, source_time, target)
+        self.finish(written_files, position, source_time, target)
             .await
             .map(Some)
     }
@@ -205,14 +205,14 @@ impl Publisher {
     /// tidy-up.
     pub(super) async fn finish(
         &mut self,
-        outcome: Outcome<'_>,
+        written_files: FilesWritten<'_>,
         position: Option<Position>,
         source_time: Option<DateTime<Utc>>,
         target: SchemaRef,
     ) -> Result<Committed> {
         let version = self.version + 1;
         let vname = version_name(version);
-        let Outcome {
+        let FilesWritten {
             written,
             emptied,
             change_files,
@@ -220,7 +220,7 @@ impl Publisher {
             initial,
             inserted,
             index,
-        } = outcome;
+        } = written_files;
         let mut bytes_by_format: BTreeMap<OutputFormat, u64> = BTreeMap::new();
         let mut latest_files = Vec::new();
         for (name, (files, _)) in &written {

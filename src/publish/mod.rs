@@ -1,6 +1,24 @@
 //! The publisher: keyed state, partitions, versions, Parquet/CSV files, manifests,
 //! `latest/`, retention, and recovery from the newest committed version.
 //!
+//! A version goes through phases, each a file of this module and each handing
+//! the next a type that only it makes, so no phase can be skipped:
+//!
+//! ```text
+//!  stage         prepare + plan          write                finish             after_commit
+//!  (stage.rs) ─► (plan.rs)        ─►     (write.rs,      ─►   (commit.rs)   ─►   (commit.rs),
+//!                                         jobs.rs,                               retention.rs
+//!                                         in_place.rs)
+//!  Pending       Prepared, Plan          FilesWritten         Committed
+//!  staged rows   which keys go where,    every part's files   the version manifest created:
+//!  by `_key`     from the key index      written, unnamed     the commit point
+//! ```
+//!
+//! A first version streams instead: its parts are written while they are
+//! staged (`stream.rs`), and its commit writes what is left before `finish`.
+//! Opening a dataset (`recover.rs`) rebuilds the key index from the newest
+//! committed version.
+//!
 //! Commit order (DESIGN.md "Guarantees"): private state files and the state
 //! manifest, then immutable data and change files under unique names, then the
 //! version manifest with a conditional create (the commit point), then the

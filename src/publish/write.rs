@@ -492,7 +492,7 @@ impl Publisher {
             }
             None => IndexUpdate::Delta { removed, added },
         };
-        let outcome = Outcome {
+        let written_files = FilesWritten {
             written,
             emptied,
             change_files,
@@ -502,7 +502,7 @@ impl Publisher {
             index,
         };
         self.finish(
-            outcome,
+            written_files,
             pending.position.clone(),
             pending.source_time,
             target,
