@@ -1,7 +1,32 @@
 //! The commit point: the version manifest created with a conditional put, then
 //! the pointer, `latest/` and the catalog.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use oppen_connector_api::Position;
+
+use super::index::KeyIndex;
+use super::jobs::StoreOp;
+use super::manifest::{
+    ChangeSummary, ColumnInfo, FileRef, PartitionFiles, State, StateManifest, Version,
+    VersionManifest, version_name,
+};
+use super::part::{PartFiles, Partition, StateFiles, span};
+use super::recover::read_part;
+use super::stage::Pending;
+use super::state::{Entry, Key};
+use super::write::{finish_part, spawn_part};
+use super::{
+    Committed, PublishError, Publisher, Result, UPLOAD_CONCURRENCY, catalog, manifest, store_err,
+    stream,
+};
+use crate::classify::KEY_COLUMN;
+use crate::config::OutputFormat;
 
 /// What a version wrote, ready to commit.
 pub(super) struct FilesWritten<'a> {

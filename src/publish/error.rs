@@ -1,6 +1,8 @@
 //! Why publishing failed.
 
-use super::*;
+use arrow::error::ArrowError;
+
+use super::writer;
 
 /// Errors while publishing.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,25 @@
 //! stand is written from its previous files (unchanged columns copied), and
 //! read in part when the columns it changed can be proven.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use arrow::array::{Array, RecordBatch};
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
+use bytes::Bytes;
+
+use super::jobs::{JobContext, JobRows, PreviousFile, previous_file};
+use super::manifest::FileRef;
+use super::part::{
+    MAX_STATE_UPDATES, PartFiles, StateFiles, UPDATE_SHARE, date_range, dates_column,
+};
+use super::plan::StagedRows;
+use super::recover::read_state_files;
+use super::state::KeyMap;
+use super::write::{part_files, part_jobs};
+use super::{PublishError, Result, state, writer};
+use crate::classify::KEY_COLUMN;
+use crate::config::OutputFormat;
 
 /// The columns the newest update in place of a part changed: a guess at
 /// what the next one changes. A part updated in place is read back with

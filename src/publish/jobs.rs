@@ -1,7 +1,17 @@
 //! File jobs: one file of a part (state, Parquet or CSV), encoded straight into
 //! the store through a chunked sink.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use bytes::Bytes;
+
+use super::in_place::{InPlace, InPlaceColumns};
+use super::manifest::FileRef;
+use super::{PublishError, Result, sink, state, store_err, writer};
+use crate::config::OutputFormat;
+use crate::store::Store;
 
 /// One independent write of the tidy-up after a commit.
 pub(super) enum StoreOp<'a> {

@@ -48,37 +48,20 @@ mod tests;
 mod write;
 pub mod writer;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 
-use arrow::array::{Array, RecordBatch};
 use arrow::datatypes::SchemaRef;
-use arrow::error::ArrowError;
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::{StreamExt, TryStreamExt};
-use oppen_connector_api::{BatchKind, ColumnType, Op, Position};
+use oppen_connector_api::{ColumnType, Position};
 
-use crate::classify::{Classified, KEY_COLUMN};
 use crate::config::{OutputFormat, PartitionGrain};
 use crate::store::Store;
 use index::KeyIndex;
-use manifest::{
-    ChangeSummary, ColumnInfo, FileRef, PartitionFiles, State, StateManifest, Version,
-    VersionManifest, parse_version_path, version_name,
-};
-use state::{Entry, Key, KeyHash, KeyMap, KeyScope, KeySet, Partitions};
+use state::{KeyScope, Partitions};
 
-// The phases share one vocabulary: each file of this module sees the
-// others' types through this module, as it sees `Publisher`'s fields.
-use self::commit::*;
-use self::in_place::*;
-use self::jobs::*;
-use self::parallel::*;
-use self::part::*;
-use self::plan::*;
-use self::recover::{read_part, read_state_files};
-use self::stage::*;
-use self::write::*;
+use self::in_place::InPlaceColumns;
+use self::part::Partition;
+use self::stage::Pending;
 
 pub use self::error::PublishError;
 pub use self::recover::{newest_version, read_pointer, read_version};

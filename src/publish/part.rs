@@ -1,7 +1,13 @@
 //! A part: a run of at most `max_file_rows` rows of one partition, its files, its
 //! name (`<partition>`, `<partition>@0001`, ...) and the dates it covers.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+
+use super::manifest::{FileRef, PartitionFiles};
+use crate::config::OutputFormat;
 
 /// A committed part.
 #[derive(Debug, Clone)]

@@ -1,7 +1,20 @@
 //! Planning a version from the key index alone: which keys leave which part,
 //! which staged rows join which part, which parts only change in place.
 
-use super::*;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use futures::{StreamExt, TryStreamExt};
+
+use super::in_place::{InPlace, take_rows, update_in_place};
+use super::index::KeyIndex;
+use super::parallel::parallel_map;
+use super::part::{Partition, StateFiles, part_name, split_part_name};
+use super::recover::read_part;
+use super::stage::Pending;
+use super::state::{Entry, Key, KeyMap, KeySet, Partitions};
+use super::{PublishError, Publisher, Result, UPLOAD_CONCURRENCY, state};
 
 /// What a version changes, worked out from the key index.
 pub(super) struct Plan {

@@ -2,7 +2,24 @@
 //! the private state files (each checked against its recorded size and hash),
 //! and a pointer a crash left behind repaired.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use arrow::array::RecordBatch;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use super::index::KeyIndex;
+use super::manifest::{
+    FileRef, StateManifest, Version, VersionManifest, parse_version_path, version_name,
+};
+use super::part::{Partition, StateFiles, date_range};
+use super::stage::Pending;
+use super::state::{KeyScope, Partitions};
+use super::{
+    PublishError, Publisher, Recovered, Result, Settings, UPLOAD_CONCURRENCY, manifest, state,
+    store_err,
+};
+use crate::store::Store;
 
 /// Reads a part's rows from its state file and the updates laid over it.
 pub(super) async fn read_part(

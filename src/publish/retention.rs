@@ -1,6 +1,9 @@
 //! Retention: keep N versions, delete the files no kept version references.
 
-use super::*;
+use std::collections::HashSet;
+
+use super::manifest::{StateManifest, version_name};
+use super::{PublishError, Publisher, Result, manifest, store_err};
 
 impl Publisher {
     pub(super) async fn kept_versions(&self) -> Result<Vec<u64>> {

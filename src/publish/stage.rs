@@ -1,7 +1,17 @@
 //! Staging: classified changes gathered for the next version, keyed by `_key`;
 //! a first version's parts streamed to their encoders as they fill.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use chrono::{DateTime, Utc};
+use oppen_connector_api::{BatchKind, Op, Position};
+
+use super::state::{KeyHash, KeyMap, KeyScope, KeySet};
+use super::write::{finish_part, spawn_part, stream_part};
+use super::{Publisher, Result, state, stream};
+use crate::classify::Classified;
 
 /// Changes staged for the next version.
 #[derive(Debug, Default)]

@@ -35,8 +35,9 @@ use oppen_connector_api::Op;
 use tokio::task::JoinHandle;
 
 use super::index::{KeyIndex, KeyLog};
+use super::part::{PartFiles, part_name};
 use super::state::{self, Entry, KeyScope, KeySet, Partitions};
-use super::{PartFiles, PublishError, Result, part_name};
+use super::{PublishError, Result};
 use crate::config::PartitionGrain;
 
 /// What a part's write task gives back: its files, or the error and its rows

@@ -1193,7 +1193,7 @@ fn parts_read_in_part_publish_what_a_whole_read_does() {
         let publisher = open(dir.path(), s, false).await;
         let mut recovered = Vec::new();
         for partition in publisher.partitions.values() {
-            let rows = super::read_part(&publisher.state_store, "d", &partition.state)
+            let rows = super::recover::read_part(&publisher.state_store, "d", &partition.state)
                 .await
                 .unwrap();
             recovered.extend(csv_body_lines(&super::state::without_key(&rows)));

@@ -1,7 +1,22 @@
 //! Writing a version's parts: each touched part is a job that takes its rows,
 //! builds its new rows and writes its files, a few at a time, largest first.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use futures::{StreamExt, TryStreamExt};
+
+use super::commit::{FilesWritten, IndexUpdate};
+use super::in_place::{InPlace, InPlacePart, PreviousPart, take_rows};
+use super::jobs::{FileJob, FileRole, JobContext, JobRows, PreviousFile};
+use super::manifest::{FileRef, version_name};
+use super::part::{MAX_STATE_UPDATES, PartFiles, StateFiles, UPDATE_SHARE, date_range, span};
+use super::plan::{OldRows, PartChanges, Plan, Prepared, Realigned, StagedRows};
+use super::recover::read_part;
+use super::stage::Pending;
+use super::{Committed, PublishError, Publisher, Result, state, stream};
+use crate::config::OutputFormat;
 
 /// Encodes and writes one part: its private state and one file per format,
 /// named for `version` and unique.
