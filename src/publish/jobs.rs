@@ -79,6 +79,9 @@ pub(super) struct JobContext {
     pub(super) state_store: Store,
     pub(super) dataset: String,
     pub(super) in_place: std::sync::Arc<InPlaceColumns>,
+    /// The guess of [`InPlaceColumns`] as the version started: every part of
+    /// a version goes by the same guess, whichever of them is written first.
+    pub(super) guess: Option<Vec<String>>,
 }
 
 /// The previous file of a part updated in place, to copy what did not change

@@ -287,7 +287,7 @@ impl PartJob {
                 // Updated in place: read back only what changes, if the
                 // columns the last update changed are the ones again.
                 if let (Some(updates), Some((data, _)), Some(guess)) =
-                    (&changes.in_place, &previous, context.in_place.guess())
+                    (&changes.in_place, &previous, context.guess.clone())
                 {
                     let part = InPlacePart {
                         name: &name,
@@ -373,6 +373,7 @@ impl Publisher {
             state_store: self.state_store.clone(),
             dataset: self.settings.dataset.clone(),
             in_place: self.in_place.clone(),
+            guess: self.in_place.guess(),
         }
     }
 
