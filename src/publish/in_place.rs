@@ -2,7 +2,7 @@
 //! stand is written from its previous files (unchanged columns copied), and
 //! read in part when the columns it changed can be proven.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use arrow::array::{Array, RecordBatch};
 use arrow::datatypes::SchemaRef;
@@ -22,34 +22,50 @@ use super::{PublishError, Result, state, writer};
 use crate::classify::KEY_COLUMN;
 use crate::config::OutputFormat;
 
-/// The columns the newest update in place of a part changed: a guess at
-/// what the next one changes. A part updated in place is read back with
+/// The columns the newest version's updates in place changed: a guess at
+/// what the next version changes. A part updated in place is read back with
 /// only its keys and these columns when the guess is proven right for every
 /// changed row (see [`in_place_projected`]); the rest of the part, most of
 /// its bytes, is never decompressed.
+///
+/// Every part of a version goes by the guess as the version started
+/// ([`InPlaceColumns::start_version`]), and the columns its parts' update
+/// files changed, all of them, are the next version's guess: what a part
+/// reads never depends on which of the parts written at once ended first.
 #[derive(Debug, Default)]
 pub(super) struct InPlaceColumns {
+    /// The guess of the version being written.
     pub(super) changed: std::sync::Mutex<Option<Vec<String>>>,
+    /// The columns of the update files written since the version started.
+    pub(super) gathered: std::sync::Mutex<BTreeSet<String>>,
     /// Parts written from such a partial read (for tests and the debug log).
     pub(super) projected: std::sync::atomic::AtomicU64,
 }
 
 impl InPlaceColumns {
-    pub(super) fn guess(&self) -> Option<Vec<String>> {
-        self.changed.lock().ok()?.clone()
+    /// The guess for a version about to be written: the columns the update
+    /// files of the newest version that wrote any changed.
+    pub(super) fn start_version(&self) -> Option<Vec<String>> {
+        let mut changed = self.changed.lock().ok()?;
+        if let Ok(mut gathered) = self.gathered.lock()
+            && !gathered.is_empty()
+        {
+            *changed = Some(std::mem::take(&mut *gathered).into_iter().collect());
+        }
+        changed.clone()
     }
 
-    /// Remembers the columns of an update file (its `_row` left out).
+    /// Gathers the columns of an update file (its `_row` left out).
     pub(super) fn remember(&self, update: &RecordBatch) {
-        let names = update
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .filter(|n| n != state::ROW_COLUMN)
-            .collect();
-        if let Ok(mut changed) = self.changed.lock() {
-            *changed = Some(names);
+        if let Ok(mut gathered) = self.gathered.lock() {
+            gathered.extend(
+                update
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .filter(|n| n != state::ROW_COLUMN),
+            );
         }
     }
 }

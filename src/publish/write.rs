@@ -373,7 +373,7 @@ impl Publisher {
             state_store: self.state_store.clone(),
             dataset: self.settings.dataset.clone(),
             in_place: self.in_place.clone(),
-            guess: self.in_place.guess(),
+            guess: self.in_place.start_version(),
         }
     }
 
