@@ -168,7 +168,10 @@ fn deployment_artifacts_name_metrics_that_exist() {
         "OppenPipelineStalled",
         "OppenReplicationSlotWalRetained",
         "OppenDeadLetters",
+        "OppenErrors",
         "OppenNoRecentVersion",
+        "OppenTargetDown",
+        "OppenMetricsAbsent",
     ] {
         assert!(alert_names.iter().any(|a| a == wanted), "no alert {wanted}");
     }
@@ -212,6 +215,37 @@ fn metric_refs(expr: &str) -> Vec<String> {
         i = end;
     }
     out
+}
+
+/// The alert rules are valid and fire as their unit tests say
+/// (`deploy/prometheus/alerts.test.yaml`, run by promtool): the first dead
+/// letter and fatal error after a start, a target that cannot be scraped, no
+/// target at all.
+#[test]
+fn the_alert_rules_pass_their_unit_tests() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    for args in [
+        &["check", "rules", "alerts.yaml"][..],
+        &["test", "rules", "alerts.test.yaml"][..],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "promtool could not be run ({e}); scripts/test installs it \
+                     (Debian: apt-get install prometheus)"
+                )
+            });
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]

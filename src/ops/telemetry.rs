@@ -32,6 +32,30 @@ struct DatasetLabels {
     dataset: String,
 }
 
+/// Every `kind` the errors counter is labelled with: the failures retried
+/// (source, publish, conflict, transport) and the class of an error that
+/// stopped a pipeline (`runtime::RunError::kind`). Each pipeline's series start
+/// at 0.
+pub const ERROR_KINDS: &[&str] = &[
+    "config",
+    "rules",
+    "pseudonym_key",
+    "source",
+    "classify",
+    "publish",
+    "store",
+    "transport",
+    "conflict",
+    "state",
+    "system",
+];
+
+/// Every `edge` a retry is counted on.
+pub const RETRY_EDGES: &[&str] = &["source_start", "source", "commit", "transport"];
+
+/// The `op`s of published changes.
+const PUBLISHED_OPS: [&str; 3] = ["insert", "update", "delete"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CapturedLabels {
     dataset: String,
@@ -324,6 +348,7 @@ impl Telemetry {
     ) -> PipelineTelemetry {
         let health = Arc::new(Mutex::new(Health::new(limits)));
         lock(&self.inner.pipelines).insert(dataset.to_string(), health.clone());
+        self.zero_counters(dataset, source);
         PipelineTelemetry {
             inner: self.inner.clone(),
             dataset: DatasetLabels {
@@ -332,6 +357,52 @@ impl Telemetry {
             source: source.to_string(),
             health,
             freshness_pending: Vec::new(),
+        }
+    }
+
+    /// Creates a pipeline's counters at 0. A counter that first appears at 1
+    /// has no earlier sample, and Prometheus's `increase()` sees no increase in
+    /// it: the first dead letter or error after a start would raise no alert.
+    fn zero_counters(&self, dataset: &str, source: &str) {
+        let m = &self.inner.m;
+        let labels = DatasetLabels {
+            dataset: dataset.to_string(),
+        };
+        m.dead_letters.get_or_create(&labels).inc_by(0);
+        m.versions.get_or_create(&labels).inc_by(0);
+        m.redacted.get_or_create(&labels).inc_by(0);
+        for kind in ERROR_KINDS {
+            m.errors
+                .get_or_create(&KindLabels {
+                    dataset: dataset.to_string(),
+                    kind: kind.to_string(),
+                })
+                .inc_by(0);
+        }
+        for edge in RETRY_EDGES {
+            m.retries
+                .get_or_create(&EdgeLabels {
+                    dataset: dataset.to_string(),
+                    edge: edge.to_string(),
+                })
+                .inc_by(0);
+        }
+        for op in [Op::Insert, Op::Update, Op::Delete, Op::Read] {
+            m.captured
+                .get_or_create(&CapturedLabels {
+                    dataset: dataset.to_string(),
+                    source: source.to_string(),
+                    op: op.as_str().to_string(),
+                })
+                .inc_by(0);
+        }
+        for op in PUBLISHED_OPS {
+            m.published
+                .get_or_create(&OpLabels {
+                    dataset: dataset.to_string(),
+                    op: op.to_string(),
+                })
+                .inc_by(0);
         }
     }
 
@@ -842,6 +913,30 @@ mod tests {
             assert!(line.starts_with("oppen_"), "{line}");
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// A new pipeline's counters are there at 0, so the first dead letter or
+    /// error after a start is an increase Prometheus sees.
+    #[test]
+    fn every_counter_starts_at_zero() {
+        let t = Telemetry::new();
+        let _p = t.pipeline("skolmat", "files", &limits(300.0));
+        let text = t.encode();
+        for series in [
+            "oppen_dead_letters_total{dataset=\"skolmat\"} 0",
+            "oppen_versions_committed_total{dataset=\"skolmat\"} 0",
+            "oppen_changes_captured_total{dataset=\"skolmat\",source=\"files\",op=\"update\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+        for kind in ERROR_KINDS {
+            let series = format!("oppen_errors_total{{dataset=\"skolmat\",kind=\"{kind}\"}} 0");
+            assert!(text.contains(&series), "{series}");
+        }
+        for edge in RETRY_EDGES {
+            let series = format!("oppen_retries_total{{dataset=\"skolmat\",edge=\"{edge}\"}} 0");
+            assert!(text.contains(&series), "{series}");
+        }
     }
 
     #[test]
