@@ -56,6 +56,50 @@ async fn serves_published_files_to_consumers() {
             Some(format!("bytes 0-9/{}", on_disk.len()).as_str())
         );
         assert_eq!(get(port, path, &[("Range", "bytes=99999999-")]).status, 416);
+        // RFC 9110: an empty suffix names no byte (416 with the size); several
+        // ranges and other units may be answered whole (200); the last bytes
+        // of a suffix longer than the file are the whole file (206).
+        let size = on_disk.len();
+        let empty = get(port, path, &[("Range", "bytes=-0")]);
+        assert_eq!(empty.status, 416);
+        assert_eq!(
+            empty.header("content-range"),
+            Some(format!("bytes */{size}").as_str())
+        );
+        for whole in ["bytes=0-1,5-6", "items=0-5", "bytes=abc", "bytes=9-3"] {
+            let answer = get(port, path, &[("Range", whole)]);
+            assert_eq!((whole, answer.status), (whole, 200));
+            assert_eq!(answer.body, on_disk);
+        }
+        let tail = get(port, path, &[("Range", "bytes=-99999999")]);
+        assert_eq!(tail.status, 206);
+        assert_eq!(tail.body, on_disk);
+        assert_eq!(
+            tail.header("content-range"),
+            Some(format!("bytes 0-{}/{size}", size - 1).as_str())
+        );
+        // A name longer than any a store holds names nothing: 404, not the
+        // store's error (clients retry a 502).
+        let long = format!(
+            "/datasets/leverantorsfakturor/latest/{}.csv",
+            "x".repeat(300)
+        );
+        assert_eq!(get(port, &long, &[]).status, 404);
+        // The change feed of a dataset that does not exist, and a format it
+        // does not serve, are errors, not an empty feed.
+        assert_eq!(
+            get(port, "/datasets/no-such-dataset/changes", &[]).status,
+            404
+        );
+        assert_eq!(
+            get(
+                port,
+                "/datasets/leverantorsfakturor/changes?format=xml",
+                &[]
+            )
+            .status,
+            400
+        );
         let gz = get(port, path, &[("Accept-Encoding", "gzip")]);
         assert_eq!(gz.header("content-encoding"), Some("gzip"));
         assert!(gz.body.len() < on_disk.len());

@@ -76,9 +76,18 @@ fn content_type(path: &str) -> &'static str {
     }
 }
 
+/// Longest file or folder name a store holds (the limit of local file systems):
+/// a longer segment names nothing, and asking a store for it is an error of the
+/// store's own, not an answer.
+const MAX_SEGMENT_BYTES: usize = 255;
+
 /// A dataset id or path segment that can only name something inside the store.
 fn safe(segment: &str) -> bool {
-    !segment.is_empty() && segment != "." && segment != ".." && !segment.contains(['\\', '\0'])
+    !segment.is_empty()
+        && segment != "."
+        && segment != ".."
+        && !segment.contains(['\\', '\0'])
+        && segment.len() <= MAX_SEGMENT_BYTES
 }
 
 async fn dataset_file(
@@ -213,20 +222,64 @@ async fn head(
     }
 }
 
-/// Parses a single `bytes=` range.
-fn parse_range(value: &str) -> Option<GetRange> {
-    let spec = value.strip_prefix("bytes=")?;
+/// What a `Range` header asks of an object of `size` bytes (RFC 9110,
+/// section 14).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ranged {
+    /// The whole object, 200: no range, a unit other than `bytes`, several
+    /// ranges (a server may answer those whole), or a range that does not
+    /// parse.
+    Whole,
+    /// These bytes, 206.
+    Part(std::ops::Range<u64>),
+    /// No byte of the object is in the range, 416.
+    Unsatisfiable,
+}
+
+/// Resolves a `Range` header against an object of `size` bytes.
+fn resolve_range(value: Option<&str>, size: u64) -> Ranged {
+    let Some(spec) = value.and_then(|v| v.trim().strip_prefix("bytes=")) else {
+        return Ranged::Whole;
+    };
+    let Some((first, last)) = spec.split_once('-') else {
+        return Ranged::Whole;
+    };
     if spec.contains(',') {
-        return None;
+        return Ranged::Whole;
     }
-    let (start, end) = spec.split_once('-')?;
-    match (start.trim(), end.trim()) {
-        ("", suffix) => suffix.parse().ok().map(GetRange::Suffix),
-        (start, "") => start.parse().ok().map(GetRange::Offset),
-        (start, end) => {
-            let (s, e): (u64, u64) = (start.parse().ok()?, end.parse().ok()?);
-            (e >= s).then_some(GetRange::Bounded(s..e + 1))
+    let number = |text: &str| {
+        let text = text.trim();
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
         }
+        text.parse::<u64>().ok()
+    };
+    let (first, last) = (first.trim(), last.trim());
+    if first.is_empty() {
+        // `-N`: the last N bytes; none asked, or none there, is unsatisfiable.
+        return match number(last).map(|n| n.min(size)) {
+            None => Ranged::Whole,
+            Some(0) => Ranged::Unsatisfiable,
+            Some(n) => Ranged::Part(size - n..size),
+        };
+    }
+    let Some(start) = number(first) else {
+        return Ranged::Whole;
+    };
+    let end = if last.is_empty() {
+        size
+    } else {
+        match number(last) {
+            Some(last) if last >= start => last.saturating_add(1).min(size),
+            _ => return Ranged::Whole,
+        }
+    };
+    // `N-` and `N-M`: from N to M or the end; N at or past the end is
+    // unsatisfiable.
+    if start >= size {
+        Ranged::Unsatisfiable
+    } else {
+        Ranged::Part(start..end)
     }
 }
 
@@ -276,10 +329,10 @@ async fn object(store: &Store, path: &str, headers: &HeaderMap) -> Response {
         return (StatusCode::NOT_MODIFIED, response_headers).into_response();
     }
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    let (status, range) = match range.map(parse_range) {
-        None => (StatusCode::OK, None),
-        Some(Some(r)) => (StatusCode::PARTIAL_CONTENT, Some(r)),
-        Some(None) => {
+    let (status, range) = match resolve_range(range, meta.size) {
+        Ranged::Whole => (StatusCode::OK, None),
+        Ranged::Part(bytes) => (StatusCode::PARTIAL_CONTENT, Some(GetRange::Bounded(bytes))),
+        Ranged::Unsatisfiable => {
             set(
                 &mut response_headers,
                 header::CONTENT_RANGE,
@@ -378,6 +431,17 @@ async fn changes(
     if !safe(&id) {
         return not_found();
     }
+    let csv = match query.get("format").map(String::as_str) {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("format {other:?} is not served here; ask for format=json or format=csv\n"),
+            )
+                .into_response();
+        }
+    };
     let since: u64 = match query.get("since").map(|s| s.parse()) {
         None => 0,
         Some(Ok(v)) => v,
@@ -391,6 +455,13 @@ async fn changes(
         Ok(listed) => listed,
         Err(e) => return store_failed(&format!("{id}/versions"), &e),
     };
+    // Retention keeps at least one version of a dataset: none is no dataset.
+    if !listed
+        .iter()
+        .any(|p| crate::publish::manifest::parse_version_path(p).is_some())
+    {
+        return not_found();
+    }
     let mut versions: Vec<u64> = listed
         .iter()
         .filter_map(|p| crate::publish::manifest::parse_version_path(p))
@@ -421,7 +492,7 @@ async fn changes(
             Err(e) => return incomplete(&format!("version {v} cannot be read ({e})")),
         }
     }
-    if query.get("format").map(String::as_str) == Some("csv") {
+    if csv {
         let mut out: Vec<u8> = Vec::new();
         for version in &entries {
             // Change files carry their `op` column; an initial version's data
@@ -623,6 +694,64 @@ async fn index(State(store): State<Store>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    use super::{Ranged, resolve_range};
+
+    #[test]
+    fn ranges_resolve_as_rfc_9110_says() {
+        let r = |v: &str, size| resolve_range(Some(v), size);
+        assert_eq!(resolve_range(None, 10), Ranged::Whole);
+        assert_eq!(r("bytes=0-9", 63), Ranged::Part(0..10));
+        assert_eq!(r("bytes=60-99", 63), Ranged::Part(60..63));
+        assert_eq!(r("bytes=10-", 63), Ranged::Part(10..63));
+        assert_eq!(r("bytes=-5", 63), Ranged::Part(58..63));
+        assert_eq!(r("bytes=-500", 63), Ranged::Part(0..63));
+        assert_eq!(r("bytes=-0", 63), Ranged::Unsatisfiable);
+        assert_eq!(r("bytes=63-", 63), Ranged::Unsatisfiable);
+        assert_eq!(r("bytes=0-", 0), Ranged::Unsatisfiable);
+        assert_eq!(r("bytes=-5", 0), Ranged::Unsatisfiable);
+        for whole in [
+            "bytes=0-1,4-5",
+            "items=0-5",
+            "bytes=x-",
+            "bytes=5-2",
+            "bytes=5",
+            "bytes=+1-2",
+        ] {
+            assert_eq!(r(whole, 63), Ranged::Whole, "{whole}");
+        }
+    }
+
+    proptest! {
+        /// Whatever a client sends, a part served lies inside the object and
+        /// is not empty, and a range that starts inside the object is served.
+        #[test]
+        fn a_part_is_always_inside_the_object(
+            size in 0u64..10_000,
+            first in proptest::option::of(0u64..12_000),
+            last in proptest::option::of(0u64..12_000),
+            noise in "[ -~]{0,6}",
+        ) {
+            let spec = format!(
+                "bytes={}-{}",
+                first.map(|f| f.to_string()).unwrap_or_default(),
+                last.map(|l| l.to_string()).unwrap_or_default(),
+            );
+            for value in [spec.clone(), format!("{spec}{noise}"), noise] {
+                if let Ranged::Part(bytes) = resolve_range(Some(&value), size) {
+                    prop_assert!(bytes.start < bytes.end && bytes.end <= size, "{value}: {bytes:?}");
+                }
+            }
+            if let (Some(f), last) = (first, last)
+                && f < size
+                && last.is_none_or(|l| l >= f)
+            {
+                prop_assert!(matches!(resolve_range(Some(&spec), size), Ranged::Part(_)), "{spec}");
+            }
+        }
+    }
+
     #[test]
     fn inserts_are_records_not_lines() {
         let data = b"id,note\n1,plain\n2,\"two\nlines, and \"\"quotes\"\"\"\n";
